@@ -1,0 +1,11 @@
+"""mlx_unet: the Stable Diffusion / SDXL UNet in MLX, exact against diffusers."""
+
+from . import linux_blas
+
+linux_blas.preload()
+
+from .config import PRESETS, ConfigError, UNetConfig  # noqa: E402
+from .unet import InputError, UNet2DConditionModel  # noqa: E402
+from .weights import WeightsError  # noqa: E402
+
+__all__ = ["PRESETS", "ConfigError", "InputError", "UNet2DConditionModel", "UNetConfig", "WeightsError"]

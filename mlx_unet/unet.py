@@ -1,0 +1,220 @@
+"""UNet2DConditionModel: diffusers' conditional UNet in MLX, NHWC, driven by a UNetConfig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .blocks import DownBlock, MidBlock, UpBlock
+from .config import UNetConfig
+from .embeddings import TimestepEmbedding, Timesteps
+from .norm import GroupNorm
+
+
+class InputError(ValueError):
+    """A UNet call with arguments of the wrong shape or kind."""
+
+
+def _shape(x) -> str:
+    return str(tuple(x.shape))
+
+
+class UNet2DConditionModel(nn.Module):
+    """The SD / SDXL UNet. Parameter names are diffusers' checkpoint names.
+
+    Call: ``unet(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None)`` with
+    ``sample`` (B, H, W, C) NHWC; returns (B, H, W, out_channels) in the model's dtype.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        channels = c.block_out_channels
+        self.conv_in = nn.Conv2d(c.in_channels, channels[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
+
+        self.time_proj = Timesteps(channels[0], c.flip_sin_to_cos, c.freq_shift)
+        self.time_embedding = TimestepEmbedding(channels[0], c.time_embed_dim)
+        if c.has_text_time_embedding:
+            self.add_time_proj = Timesteps(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, c.time_embed_dim)
+
+        self.down_blocks = []
+        for level, kind in enumerate(c.down_block_types):
+            in_channels = channels[max(level - 1, 0)]
+            self.down_blocks.append(DownBlock(c, level, in_channels, kind == "CrossAttnDownBlock2D"))
+        if c.mid_block_type is not None:
+            self.mid_block = MidBlock(c)
+        self.up_blocks = []
+        prev = channels[-1]
+        for index, kind in enumerate(c.up_block_types):
+            self.up_blocks.append(UpBlock(c, index, prev, kind == "CrossAttnUpBlock2D"))
+            prev = tuple(reversed(channels))[index]
+
+        self.conv_norm_out = GroupNorm(c.norm_num_groups, channels[0], c.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
+
+    # ------------------------------------------------------------------ forward
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.conv_in.weight.dtype
+
+    def __call__(
+        self,
+        sample: mx.array,
+        timestep: mx.array | float | int,
+        encoder_hidden_states: mx.array,
+        text_embeds: mx.array | None = None,
+        time_ids: mx.array | None = None,
+    ) -> mx.array:
+        sample, timesteps, context, added = self._check_inputs(
+            sample, timestep, encoder_hidden_states, text_embeds, time_ids
+        )
+        c = self.config
+        dtype = self.dtype
+
+        # diffusers casts the float32 sinusoid to the activation dtype before the MLP.
+        emb = self.time_embedding(self.time_proj(timesteps).astype(dtype))
+        if added is not None:
+            text_embeds, time_ids = added
+            batch = sample.shape[0]
+            time_embeds = self.add_time_proj(time_ids.reshape(-1)).reshape(batch, -1)
+            emb = emb + self.add_embedding(mx.concatenate([text_embeds, time_embeds.astype(dtype)], axis=-1))
+        temb_silu = nn.silu(emb)
+
+        if c.center_input_sample:
+            sample = 2 * sample - 1.0
+        x = self.conv_in(sample)
+
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb_silu, context)
+            skips.extend(block_skips)
+
+        if "mid_block" in self:
+            x = self.mid_block(x, temb_silu, context)
+
+        # When the latent is not a multiple of the total downsampling, the stride-2 convolutions
+        # rounded up; each upsampler then targets the size of the skip it will be joined with
+        # instead of doubling (diffusers' forward_upsample_size).
+        f = c.downsample_factor
+        forward_size = sample.shape[1] % f != 0 or sample.shape[2] % f != 0
+        for block in self.up_blocks:
+            size = None
+            if forward_size and block.upsamplers:
+                remaining = len(block.resnets)
+                size = tuple(skips[-remaining - 1].shape[1:3])
+            x = block(x, temb_silu, context, skips, size)
+
+        x = nn.silu(self.conv_norm_out(x))
+        return self.conv_out(x)
+
+    # ------------------------------------------------------------------ input checks
+
+    def _check_inputs(self, sample, timestep, context, text_embeds, time_ids):
+        c = self.config
+        dtype = self.dtype
+        if not isinstance(sample, mx.array):
+            raise InputError(f"sample must be an mlx array, got {type(sample).__name__}.")
+        if sample.ndim != 4:
+            raise InputError(f"sample must be (batch, height, width, {c.in_channels}) NHWC, got shape {_shape(sample)}.")
+        batch, height, width, channels = sample.shape
+        if channels != c.in_channels:
+            hint = (
+                "; it looks like NCHW, transpose it with sample.transpose(0, 2, 3, 1)"
+                if sample.shape[1] == c.in_channels
+                else ""
+            )
+            raise InputError(
+                f"sample has {channels} channels in its last axis but this UNet takes {c.in_channels} "
+                f"(NHWC, got shape {_shape(sample)}){hint}."
+            )
+
+        timesteps = timestep if isinstance(timestep, mx.array) else mx.array(timestep)
+        if timesteps.ndim == 0 or timesteps.shape == (1,):
+            timesteps = mx.broadcast_to(timesteps.reshape(1), (batch,))
+        elif timesteps.shape != (batch,):
+            raise InputError(
+                f"timestep must be a scalar, shape (1,) or shape ({batch},) for a batch of {batch}, "
+                f"got shape {_shape(timesteps)}."
+            )
+
+        if not isinstance(context, mx.array) or context.ndim != 3:
+            got = _shape(context) if isinstance(context, mx.array) else type(context).__name__
+            raise InputError(
+                f"encoder_hidden_states must be (batch, tokens, {c.cross_attention_dim}), got {got}."
+            )
+        if context.shape[-1] != c.cross_attention_dim:
+            raise InputError(
+                f"encoder_hidden_states has width {context.shape[-1]} but this UNet's cross-attention "
+                f"takes {c.cross_attention_dim}."
+            )
+        if context.shape[0] != batch:
+            raise InputError(
+                f"encoder_hidden_states has batch {context.shape[0]} but sample has batch {batch}."
+            )
+
+        added = None
+        if c.has_text_time_embedding:
+            added = self._check_added_conditioning(batch, text_embeds, time_ids)
+            added = (added[0].astype(dtype), added[1])
+        elif text_embeds is not None or time_ids is not None:
+            raise InputError("text_embeds/time_ids were given but this UNet has no added conditioning (not SDXL).")
+        return sample.astype(dtype), timesteps, context.astype(dtype), added
+
+    def _check_added_conditioning(self, batch, text_embeds, time_ids):
+        c = self.config
+        if text_embeds is None or time_ids is None:
+            missing = " and ".join(
+                n for n, v in (("text_embeds", text_embeds), ("time_ids", time_ids)) if v is None
+            )
+            raise InputError(
+                f"this SDXL-style UNet needs {missing}: the pooled text embedding (batch, width) "
+                "and the micro-conditioning ids (batch, n), e.g. 6 for SDXL base, 5 for the refiner."
+            )
+        if not isinstance(time_ids, mx.array):
+            time_ids = mx.array(time_ids)
+        if text_embeds.ndim != 2 or text_embeds.shape[0] != batch:
+            raise InputError(f"text_embeds must be ({batch}, width) for a batch of {batch}, got {_shape(text_embeds)}.")
+        if time_ids.ndim == 1:
+            time_ids = time_ids[None]
+        if time_ids.ndim != 2 or time_ids.shape[0] not in (1, batch):
+            raise InputError(f"time_ids must be ({batch}, n) for a batch of {batch}, got {_shape(time_ids)}.")
+        time_ids = mx.broadcast_to(time_ids, (batch, time_ids.shape[1]))
+        width = text_embeds.shape[1] + time_ids.shape[1] * c.addition_time_embed_dim
+        if width != c.projection_class_embeddings_input_dim:
+            raise InputError(
+                f"text_embeds width {text_embeds.shape[1]} + {time_ids.shape[1]} time ids x "
+                f"{c.addition_time_embed_dim} = {width}, but add_embedding takes "
+                f"{c.projection_class_embeddings_input_dim} (projection_class_embeddings_input_dim)."
+            )
+        return text_embeds, time_ids
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: mx.Dtype | None = None) -> "UNet2DConditionModel":
+        """Load ``config.json`` and the MLX ``*.safetensors`` weights of an MLX UNet folder.
+
+        ``dtype`` casts the weights (default: as stored).
+        """
+        from .weights import load_weights_folder
+
+        folder = Path(folder)
+        config = UNetConfig.from_json(folder)
+        model = cls(config)
+        load_weights_folder(model, folder, dtype)
+        return model
+
+    @classmethod
+    def from_config(cls, config: UNetConfig | dict[str, Any] | str | Path) -> "UNet2DConditionModel":
+        """A randomly initialised model from a UNetConfig, a diffusers config dict or a config.json path."""
+        if isinstance(config, dict):
+            config = UNetConfig.from_dict(config)
+        elif not isinstance(config, UNetConfig):
+            config = UNetConfig.from_json(config)
+        return cls(config)

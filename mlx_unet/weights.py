@@ -1,0 +1,87 @@
+"""Weights: PyTorch <-> MLX layout, and loading an MLX weights folder into a model by key.
+
+The only layout difference between a diffusers checkpoint and ours is the convolution kernel:
+PyTorch stores (out, in, kh, kw), MLX (out, kh, kw, in). Names are identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+
+class WeightsError(ValueError):
+    """Weights that do not fit the model: missing, unexpected or mis-shaped tensors, bad files."""
+
+
+def torch_to_mlx_layout(array: np.ndarray) -> np.ndarray:
+    """A PyTorch-layout parameter in MLX layout: conv kernels OIHW -> OHWI, all else unchanged."""
+    return array.transpose(0, 2, 3, 1) if array.ndim == 4 else array
+
+
+def _names(keys, limit: int = 5) -> str:
+    keys = sorted(keys)
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_weights(model: nn.Module, weights: Mapping[str, mx.array]) -> None:
+    """Raise WeightsError unless ``weights`` has exactly the model's parameter names and shapes."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = expected.keys() - weights.keys()
+    unexpected = weights.keys() - expected.keys()
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({_names(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
+    misshaped = [k for k in expected.keys() & weights.keys() if weights[k].shape != expected[k].shape]
+    if misshaped:
+        first = sorted(misshaped)[0]
+        got, want = tuple(weights[first].shape), tuple(expected[first].shape)
+        hint = ""
+        if len(got) == 4 and (got[0], got[2], got[3], got[1]) == want:
+            hint = "; the convolutions are in PyTorch's OIHW layout, convert the checkpoint with convert.py first"
+        problems.append(
+            f"{len(misshaped)} with the wrong shape ({_names(misshaped)}; {first} is {got}, expected {want}{hint})"
+        )
+    if problems:
+        raise WeightsError(
+            f"the weights do not match this UNet's config: {'; '.join(problems)}. "
+            "Check that config.json belongs to these weights."
+        )
+
+
+def load_weights(model: nn.Module, weights: Mapping[str, mx.array], dtype: mx.Dtype | None = None) -> None:
+    """Put ``weights`` (MLX layout, diffusers names) into ``model`` after checking every key and shape."""
+    check_weights(model, weights)
+    if dtype is not None:
+        weights = {k: v.astype(dtype) for k, v in weights.items()}
+    model.update(tree_unflatten(list(weights.items())))
+
+
+def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None = None) -> None:
+    """Load every ``*.safetensors`` file in ``folder`` into ``model``."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(
+            f"no .safetensors weights in {folder}; an MLX UNet folder holds config.json and the "
+            "weights convert.py writes."
+        )
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        try:
+            part = mx.load(str(file))
+        except Exception as e:  # MLX raises RuntimeError/ValueError with a terse message
+            raise WeightsError(f"{file} is not a readable safetensors file ({e}); re-create it with convert.py.") from None
+        duplicated = weights.keys() & part.keys()
+        if duplicated:
+            raise WeightsError(f"{file} repeats tensors already loaded from another file ({_names(duplicated)}).")
+        weights.update(part)
+    load_weights(model, weights, dtype)
+    mx.eval(model.parameters())

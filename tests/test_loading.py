@@ -1,0 +1,120 @@
+"""from_pretrained on MLX weight folders, and the errors for weights that do not fit."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+from reference import make_inputs, relative_error, run_mlx, run_torch, tiny_config, torch_unet
+
+from mlx_unet import ConfigError, UNet2DConditionModel, WeightsError
+from mlx_unet.weights import torch_to_mlx_layout
+
+
+@pytest.fixture(scope="module")
+def reference():
+    config = tiny_config("sd15")
+    return config, torch_unet(config, seed=11)
+
+
+def mlx_weights(model) -> dict[str, mx.array]:
+    return {k: mx.array(torch_to_mlx_layout(v.numpy())) for k, v in model.state_dict().items()}
+
+
+def write_folder(path, config, weights, shards=1):
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config.to_diffusers_dict()))
+    names = sorted(weights)
+    for i in range(shards):
+        part = {k: weights[k] for k in names[i::shards]}
+        mx.save_safetensors(str(path / f"model-{i:05d}.safetensors"), part)
+    return path
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_from_pretrained_matches_diffusers(tmp_path, reference, shards):
+    config, model = reference
+    folder = write_folder(tmp_path / "unet", config, mlx_weights(model), shards)
+    ours = UNet2DConditionModel.from_pretrained(folder)
+    inputs = make_inputs(config, 2, 16, 16, timesteps=[5.0, 800.0])
+    assert relative_error(run_mlx(ours, inputs), run_torch(model, inputs)) <= 1e-4
+
+
+def test_from_pretrained_casts_dtype(tmp_path, reference):
+    config, model = reference
+    folder = write_folder(tmp_path / "unet", config, mlx_weights(model))
+    ours = UNet2DConditionModel.from_pretrained(folder, dtype=mx.float16)
+    assert {v.dtype for _, v in tree_flatten(ours.parameters())} == {mx.float16}
+
+
+def test_loaded_parameters_all_reach_the_output(tmp_path, reference):
+    """Perturb one loaded tensor at a time: each must change the output (no dead parameters)."""
+    config, model = reference
+    weights = mlx_weights(model)
+    ours = UNet2DConditionModel(config)
+    inputs = make_inputs(config, 1, 8, 8)
+    base = run_mlx(UNet2DConditionModel.from_pretrained(write_folder(tmp_path / "u", config, weights)), inputs)
+    rng = np.random.default_rng(0)
+    for name in rng.choice(sorted(weights), 25, replace=False):
+        changed = dict(weights, **{name: weights[name] + 0.5})
+        ours.update(tree_unflatten(list(changed.items())))
+        assert np.abs(run_mlx(ours, inputs) - base).max() > 0, name
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, reference):
+    config, model = reference
+    weights = mlx_weights(model)
+    del weights["conv_in.bias"]
+    del weights["mid_block.resnets.1.norm2.weight"]
+    weights["down_blocks.9.resnets.0.conv1.weight"] = mx.zeros((1,))
+    weights["conv_out.bias"] = mx.zeros((5,))
+    folder = write_folder(tmp_path / "unet", config, weights)
+    with pytest.raises(WeightsError) as err:
+        UNet2DConditionModel.from_pretrained(folder)
+    text = str(err.value)
+    assert "2 missing (conv_in.bias, mid_block.resnets.1.norm2.weight)" in text
+    assert "1 unexpected (down_blocks.9.resnets.0.conv1.weight)" in text
+    assert "1 with the wrong shape (conv_out.bias; conv_out.bias is (5,), expected (4,))" in text
+
+
+def test_many_missing_keys_are_counted_not_all_listed(tmp_path, reference):
+    config, model = reference
+    weights = {k: v for k, v in mlx_weights(model).items() if not k.startswith("up_blocks")}
+    with pytest.raises(WeightsError, match=r"\d+ missing \(up_blocks.*, \.\.\. \(\d+ more\)\)"):
+        UNet2DConditionModel.from_pretrained(write_folder(tmp_path / "u", config, weights))
+
+
+def test_pytorch_layout_checkpoint_gets_a_hint(tmp_path, reference):
+    config, model = reference
+    raw = {k: mx.array(v.numpy()) for k, v in model.state_dict().items()}  # OIHW convolutions
+    with pytest.raises(WeightsError, match="OIHW layout, convert the checkpoint with convert.py"):
+        UNet2DConditionModel.from_pretrained(write_folder(tmp_path / "u", config, raw))
+
+
+def test_config_of_another_model_is_caught(tmp_path, reference):
+    _, model = reference
+    other = tiny_config("sd2")
+    with pytest.raises(WeightsError, match="Check that config.json belongs to these weights"):
+        UNet2DConditionModel.from_pretrained(write_folder(tmp_path / "u", other, mlx_weights(model)))
+
+
+def test_bad_folders(tmp_path, reference):
+    config, model = reference
+    with pytest.raises(ConfigError, match="no UNet config at"):
+        UNet2DConditionModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_diffusers_dict()))
+    with pytest.raises(WeightsError, match="no .safetensors weights in"):
+        UNet2DConditionModel.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": garbage")
+    with pytest.raises(WeightsError, match="is not a readable safetensors file"):
+        UNet2DConditionModel.from_pretrained(tmp_path)
+
+
+def test_tensor_repeated_across_shards_is_refused(tmp_path, reference):
+    config, model = reference
+    weights = mlx_weights(model)
+    folder = write_folder(tmp_path / "u", config, weights)
+    mx.save_safetensors(str(folder / "extra.safetensors"), {"conv_in.bias": weights["conv_in.bias"]})
+    with pytest.raises(WeightsError, match=r"repeats tensors already loaded from another file \(conv_in.bias\)"):
+        UNet2DConditionModel.from_pretrained(folder)
