@@ -18,8 +18,7 @@ class ResnetBlock2D(nn.Module):
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = GroupNorm(groups, out_channels, eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
 
     def __call__(self, x: mx.array, temb_silu: mx.array) -> mx.array:
@@ -28,7 +27,7 @@ class ResnetBlock2D(nn.Module):
         h = self.conv1(nn.silu(self.norm1(x)))
         h = h + self.time_emb_proj(temb_silu)[:, None, None, :]
         h = self.conv2(nn.silu(self.norm2(h)))
-        skip = self.conv_shortcut(x) if "conv_shortcut" in self else x
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = skip + h
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -38,6 +36,7 @@ class UNet2DConditionModel(nn.Module):
 
         self.time_proj = Timesteps(channels[0], c.flip_sin_to_cos, c.freq_shift)
         self.time_embedding = TimestepEmbedding(channels[0], c.time_embed_dim)
+        self.add_time_proj = self.add_embedding = None
         if c.has_text_time_embedding:
             self.add_time_proj = Timesteps(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, c.time_embed_dim)
@@ -46,8 +45,7 @@ class UNet2DConditionModel(nn.Module):
         for level, kind in enumerate(c.down_block_types):
             in_channels = channels[max(level - 1, 0)]
             self.down_blocks.append(DownBlock(c, level, in_channels, kind == "CrossAttnDownBlock2D"))
-        if c.mid_block_type is not None:
-            self.mid_block = MidBlock(c)
+        self.mid_block = MidBlock(c) if c.mid_block_type is not None else None
         self.up_blocks = []
         prev = channels[-1]
         for index, kind in enumerate(c.up_block_types):
@@ -95,7 +93,7 @@ class UNet2DConditionModel(nn.Module):
             x, block_skips = block(x, temb_silu, context)
             skips.extend(block_skips)
 
-        if "mid_block" in self:
+        if self.mid_block is not None:
             x = self.mid_block(x, temb_silu, context)
 
         # When the latent is not a multiple of the total downsampling, the stride-2 convolutions
@@ -161,7 +159,6 @@ class UNet2DConditionModel(nn.Module):
         added = None
         if c.has_text_time_embedding:
             added = self._check_added_conditioning(batch, text_embeds, time_ids)
-            added = (added[0].astype(dtype), added[1])
         elif text_embeds is not None or time_ids is not None:
             raise InputError("text_embeds/time_ids were given but this UNet has no added conditioning (not SDXL).")
         return sample.astype(dtype), timesteps, context.astype(dtype), added
@@ -192,7 +189,7 @@ class UNet2DConditionModel(nn.Module):
                 f"{c.addition_time_embed_dim} = {width}, but add_embedding takes "
                 f"{c.projection_class_embeddings_input_dim} (projection_class_embeddings_input_dim)."
             )
-        return text_embeds, time_ids
+        return text_embeds.astype(self.dtype), time_ids
 
     # ------------------------------------------------------------------ loading
 
@@ -209,12 +206,3 @@ class UNet2DConditionModel(nn.Module):
         model = cls(config)
         load_weights_folder(model, folder, dtype)
         return model
-
-    @classmethod
-    def from_config(cls, config: UNetConfig | dict[str, Any] | str | Path) -> "UNet2DConditionModel":
-        """A randomly initialised model from a UNetConfig, a diffusers config dict or a config.json path."""
-        if isinstance(config, dict):
-            config = UNetConfig.from_dict(config)
-        elif not isinstance(config, UNetConfig):
-            config = UNetConfig.from_json(config)
-        return cls(config)

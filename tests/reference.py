@@ -58,13 +58,19 @@ def mlx_from_torch(model: TorchUNet, config: UNetConfig, dtype=mx.float32) -> UN
     return ours
 
 
+def _timesteps(value) -> np.ndarray:
+    """Keep ints as ints (both models must accept them), floats as float32."""
+    array = np.asarray(value)
+    return array.astype(np.float32) if array.dtype.kind == "f" else array
+
+
 def make_inputs(config: UNetConfig, batch: int, height: int, width: int, seed: int = 0, tokens: int = 7,
                 timesteps=None, n_time_ids: int | None = None) -> dict[str, np.ndarray]:
     """Seeded NCHW-free inputs in numpy (NHWC sample), valid for ``config``."""
     rng = np.random.default_rng(seed)
     inputs = {
         "sample": rng.standard_normal((batch, height, width, config.in_channels), dtype=np.float32),
-        "timestep": np.asarray(timesteps if timesteps is not None else 999.0, dtype=np.float32),
+        "timestep": _timesteps(999.0 if timesteps is None else timesteps),
         "encoder_hidden_states": rng.standard_normal((batch, tokens, config.cross_attention_dim), dtype=np.float32),
     }
     if config.has_text_time_embedding:
@@ -88,7 +94,7 @@ def run_torch(model: TorchUNet, inputs: dict[str, np.ndarray]) -> np.ndarray:
         }
     out = model(
         torch.from_numpy(inputs["sample"]).permute(0, 3, 1, 2),
-        torch.from_numpy(t) if t.ndim else float(t),
+        torch.from_numpy(t) if t.ndim else t.item(),
         torch.from_numpy(inputs["encoder_hidden_states"]),
         **kwargs,
     ).sample
@@ -99,7 +105,7 @@ def run_mlx(model: UNet2DConditionModel, inputs: dict[str, np.ndarray]) -> np.nd
     t = inputs["timestep"]
     out = model(
         mx.array(inputs["sample"]),
-        mx.array(t) if t.ndim else float(t),
+        mx.array(t) if t.ndim else t.item(),
         mx.array(inputs["encoder_hidden_states"]),
         text_embeds=mx.array(inputs["text_embeds"]) if "text_embeds" in inputs else None,
         time_ids=mx.array(inputs["time_ids"]) if "time_ids" in inputs else None,

@@ -6,20 +6,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
-from reference import make_inputs, relative_error, run_mlx, run_torch, tiny_config, torch_unet
+from reference import make_inputs, mlx_weights, relative_error, run_mlx, run_torch, tiny_config, torch_unet
 
 from mlx_unet import ConfigError, UNet2DConditionModel, WeightsError
-from mlx_unet.weights import torch_to_mlx_layout
 
 
 @pytest.fixture(scope="module")
 def reference():
     config = tiny_config("sd15")
     return config, torch_unet(config, seed=11)
-
-
-def mlx_weights(model) -> dict[str, mx.array]:
-    return {k: mx.array(torch_to_mlx_layout(v.numpy())) for k, v in model.state_dict().items()}
 
 
 def write_folder(path, config, weights, shards=1):
@@ -35,7 +30,7 @@ def write_folder(path, config, weights, shards=1):
 @pytest.mark.parametrize("shards", [1, 3])
 def test_from_pretrained_matches_diffusers(tmp_path, reference, shards):
     config, model = reference
-    folder = write_folder(tmp_path / "unet", config, mlx_weights(model), shards)
+    folder = write_folder(tmp_path / "unet", config, mlx_weights(model.state_dict()), shards)
     ours = UNet2DConditionModel.from_pretrained(folder)
     inputs = make_inputs(config, 2, 16, 16, timesteps=[5.0, 800.0])
     assert relative_error(run_mlx(ours, inputs), run_torch(model, inputs)) <= 1e-4
@@ -43,7 +38,7 @@ def test_from_pretrained_matches_diffusers(tmp_path, reference, shards):
 
 def test_from_pretrained_casts_dtype(tmp_path, reference):
     config, model = reference
-    folder = write_folder(tmp_path / "unet", config, mlx_weights(model))
+    folder = write_folder(tmp_path / "unet", config, mlx_weights(model.state_dict()))
     ours = UNet2DConditionModel.from_pretrained(folder, dtype=mx.float16)
     assert {v.dtype for _, v in tree_flatten(ours.parameters())} == {mx.float16}
 
@@ -51,7 +46,7 @@ def test_from_pretrained_casts_dtype(tmp_path, reference):
 def test_loaded_parameters_all_reach_the_output(tmp_path, reference):
     """Perturb one loaded tensor at a time: each must change the output (no dead parameters)."""
     config, model = reference
-    weights = mlx_weights(model)
+    weights = mlx_weights(model.state_dict())
     ours = UNet2DConditionModel(config)
     inputs = make_inputs(config, 1, 8, 8)
     base = run_mlx(UNet2DConditionModel.from_pretrained(write_folder(tmp_path / "u", config, weights)), inputs)
@@ -64,7 +59,7 @@ def test_loaded_parameters_all_reach_the_output(tmp_path, reference):
 
 def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, reference):
     config, model = reference
-    weights = mlx_weights(model)
+    weights = mlx_weights(model.state_dict())
     del weights["conv_in.bias"]
     del weights["mid_block.resnets.1.norm2.weight"]
     weights["down_blocks.9.resnets.0.conv1.weight"] = mx.zeros((1,))
@@ -80,7 +75,7 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, reference):
 
 def test_many_missing_keys_are_counted_not_all_listed(tmp_path, reference):
     config, model = reference
-    weights = {k: v for k, v in mlx_weights(model).items() if not k.startswith("up_blocks")}
+    weights = {k: v for k, v in mlx_weights(model.state_dict()).items() if not k.startswith("up_blocks")}
     with pytest.raises(WeightsError, match=r"\d+ missing \(up_blocks.*, \.\.\. \(\d+ more\)\)"):
         UNet2DConditionModel.from_pretrained(write_folder(tmp_path / "u", config, weights))
 
@@ -96,7 +91,7 @@ def test_config_of_another_model_is_caught(tmp_path, reference):
     _, model = reference
     other = tiny_config("sd2")
     with pytest.raises(WeightsError, match="Check that config.json belongs to these weights"):
-        UNet2DConditionModel.from_pretrained(write_folder(tmp_path / "u", other, mlx_weights(model)))
+        UNet2DConditionModel.from_pretrained(write_folder(tmp_path / "u", other, mlx_weights(model.state_dict())))
 
 
 def test_bad_folders(tmp_path, reference):
@@ -113,7 +108,7 @@ def test_bad_folders(tmp_path, reference):
 
 def test_tensor_repeated_across_shards_is_refused(tmp_path, reference):
     config, model = reference
-    weights = mlx_weights(model)
+    weights = mlx_weights(model.state_dict())
     folder = write_folder(tmp_path / "u", config, weights)
     mx.save_safetensors(str(folder / "extra.safetensors"), {"conv_in.bias": weights["conv_in.bias"]})
     with pytest.raises(WeightsError, match=r"repeats tensors already loaded from another file \(conv_in.bias\)"):
