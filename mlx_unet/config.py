@@ -119,6 +119,9 @@ class UNetConfig:
         """Parse a diffusers config dict (as in a ``unet/config.json``)."""
         if not isinstance(raw, dict):
             raise ConfigError(f"a UNet config must be a JSON object, got {type(raw).__name__}.")
+        kind = raw.get("_class_name", "UNet2DConditionModel")
+        if kind != "UNet2DConditionModel":
+            raise ConfigError(f"this config describes a {kind}, not a UNet2DConditionModel.")
         raw = {k: v for k, v in raw.items() if not k.startswith("_")}  # _class_name, _diffusers_version
         known = {f.name for f in fields(_DiffusersFields)}
         unknown = sorted(set(raw) - known)
@@ -178,6 +181,11 @@ class UNetConfig:
         d["attention_head_dim"] = list(d.pop("num_attention_heads"))  # diffusers' naming quirk
         for key in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block"):
             d[key] = list(d[key])
+        # One value for all levels is written as an int, as the published configs do (and as
+        # diffusers' single-file loader requires for layers_per_block).
+        for key in ("layers_per_block", "attention_head_dim"):
+            if len(set(d[key])) == 1:
+                d[key] = d[key][0]
         return {"_class_name": "UNet2DConditionModel", **d}
 
 

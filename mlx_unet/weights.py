@@ -11,7 +11,6 @@ from typing import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 
@@ -19,9 +18,14 @@ class WeightsError(ValueError):
     """Weights that do not fit the model: missing, unexpected or mis-shaped tensors, bad files."""
 
 
-def torch_to_mlx_layout(array: np.ndarray) -> np.ndarray:
-    """A PyTorch-layout parameter in MLX layout: conv kernels OIHW -> OHWI, all else unchanged."""
+def torch_to_mlx_layout(array):
+    """A PyTorch-layout parameter (numpy or MLX array) in MLX layout: conv kernels OIHW -> OHWI."""
     return array.transpose(0, 2, 3, 1) if array.ndim == 4 else array
+
+
+def torch_to_mlx_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape ``torch_to_mlx_layout`` gives a tensor of ``shape``."""
+    return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else tuple(shape)
 
 
 def _names(keys, limit: int = 5) -> str:
@@ -30,20 +34,24 @@ def _names(keys, limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def check_weights(model: nn.Module, weights: Mapping[str, mx.array]) -> None:
-    """Raise WeightsError unless ``weights`` has exactly the model's parameter names and shapes."""
-    expected = dict(tree_flatten(model.parameters()))
-    missing = expected.keys() - weights.keys()
-    unexpected = weights.keys() - expected.keys()
+def model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape. Reading shapes evaluates nothing, so this is free even for SDXL."""
+    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+
+
+def check_shapes(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise WeightsError unless ``given`` has exactly the ``expected`` names and (MLX-layout) shapes."""
+    missing = expected.keys() - given.keys()
+    unexpected = given.keys() - expected.keys()
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing ({_names(missing)})")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
-    misshaped = [k for k in expected.keys() & weights.keys() if weights[k].shape != expected[k].shape]
+    misshaped = [k for k in expected.keys() & given.keys() if tuple(given[k]) != tuple(expected[k])]
     if misshaped:
         first = sorted(misshaped)[0]
-        got, want = tuple(weights[first].shape), tuple(expected[first].shape)
+        got, want = tuple(given[first]), tuple(expected[first])
         hint = ""
         if len(got) == 4 and (got[0], got[2], got[3], got[1]) == want:
             hint = "; the convolutions are in PyTorch's OIHW layout, convert the checkpoint with convert.py first"
@@ -55,6 +63,11 @@ def check_weights(model: nn.Module, weights: Mapping[str, mx.array]) -> None:
             f"the weights do not match this UNet's config: {'; '.join(problems)}. "
             "Check that config.json belongs to these weights."
         )
+
+
+def check_weights(model: nn.Module, weights: Mapping[str, mx.array]) -> None:
+    """Raise WeightsError unless ``weights`` has exactly the model's parameter names and shapes."""
+    check_shapes(model_shapes(model), {k: tuple(v.shape) for k, v in weights.items()})
 
 
 def load_weights(model: nn.Module, weights: Mapping[str, mx.array], dtype: mx.Dtype | None = None) -> None:
@@ -84,4 +97,7 @@ def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None =
             raise WeightsError(f"{file} repeats tensors already loaded from another file ({_names(duplicated)}).")
         weights.update(part)
     load_weights(model, weights, dtype)
-    mx.eval(model.parameters())
+    # One tensor at a time: a single eval of everything would hold the file's dtype and the cast
+    # copy of every tensor at once.
+    for _, value in tree_flatten(model.parameters()):
+        mx.eval(value)

@@ -16,10 +16,14 @@ from mlx_unet.weights import load_weights, torch_to_mlx_layout
 
 
 def init_every_parameter(model: torch.nn.Module, seed: int) -> None:
-    """Uniform draws (numpy's generator fills 2.6 B floats in seconds), scaled per kind of tensor."""
+    """Uniform draws (numpy's generator fills 2.6 B floats in seconds), scaled per kind of tensor.
+
+    Values are drawn in float32 whatever the parameter dtype, so a float16 model holds exactly the
+    float16 rounding of the float32 model with the same seed.
+    """
     rng = np.random.default_rng(seed)
     for name, p in model.named_parameters():
-        values = p.detach().numpy()  # shares the parameter's memory
+        values = np.empty(p.shape, dtype=np.float32)
         rng.random(out=values, dtype=np.float32)
         if p.ndim >= 2:  # linear and conv weights: unit-variance outputs for unit-variance inputs
             half_width, centre = (3.0 / p[0].numel()) ** 0.5, 0.0
@@ -29,12 +33,15 @@ def init_every_parameter(model: torch.nn.Module, seed: int) -> None:
             half_width, centre = 0.35, 0.0
         values *= 2 * half_width
         values += centre - half_width
+        with torch.no_grad():
+            p.copy_(torch.from_numpy(values))
 
 
-def torch_unet(config: UNetConfig, seed: int = 0) -> TorchUNet:
+def torch_unet(config: UNetConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> TorchUNet:
+    """diffusers' UNet with every parameter drawn from ``seed``; allocated once, in ``dtype``."""
     with torch.device("meta"):
         model = TorchUNet(**config.to_diffusers_dict())
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device="cpu").to(dtype)
     init_every_parameter(model, seed)
     return model.eval()
 

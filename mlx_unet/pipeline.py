@@ -1,0 +1,219 @@
+"""The denoising loop around the UNet: SDXL (and SD 1.x/2.x) sampling from prompt embeddings.
+
+Mirrors diffusers' StableDiffusionXLPipeline / ...Img2ImgPipeline between "prompt embeddings in"
+and "latents out": classifier-free guidance as one batch of two (negative first), guidance
+rescale, the micro-conditioning time ids, img2img strength, and the base -> refiner hand-off
+(``denoising_end`` on the base, ``denoising_start`` on the refiner). Latents are NHWC.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import mlx.core as mx
+
+from .unet import UNet2DConditionModel
+
+VAE_SCALE_FACTOR = 8  # pixels per latent cell in every SD / SDXL VAE
+
+
+@dataclass(frozen=True)
+class Step:
+    """Progress of one denoising step, yielded by ``Sampler.steps`` after the step is evaluated."""
+
+    index: int  # 0-based
+    total: int
+    timestep: float
+    latents: mx.array
+    seconds: float  # wall time of this step
+
+
+class Sampler:
+    """A UNet and a scheduler; ``sampler(...)`` returns the final latents, ``sampler.steps(...)``
+    yields a ``Step`` after each one (the last one's latents are the result)."""
+
+    def __init__(self, unet: UNet2DConditionModel, scheduler):
+        self.unet = unet
+        self.scheduler = scheduler
+
+    def __call__(self, *args, **kwargs) -> mx.array:
+        step = None
+        for step in self.steps(*args, **kwargs):
+            pass
+        if step is None:  # no step to run (e.g. denoising_start past the last timestep)
+            raise ValueError("the schedule leaves no denoising step to run; check denoising_start/strength.")
+        return step.latents
+
+    def steps(
+        self,
+        prompt_embeds: mx.array,
+        pooled_prompt_embeds: mx.array | None = None,
+        *,
+        negative_prompt_embeds: mx.array | None = None,
+        negative_pooled_prompt_embeds: mx.array | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        guidance_rescale: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        seed: int | None = None,
+        latents: mx.array | None = None,
+        image_latents: mx.array | None = None,
+        strength: float = 0.3,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+    ) -> Iterator[Step]:
+        """Denoise; see the class docstring.
+
+        Sizes are in pixels (the latent is 8x smaller); they default to the UNet's sample_size.
+        ``latents``: initial noise (B, h, w, C) instead of drawing it from ``seed``.
+        ``image_latents``: img2img / refiner input, already in latent space (the VAE's scaled
+        latents). With it, ``strength`` picks how much of the schedule runs, or ``denoising_start``
+        where it starts (the refiner half of a hand-off: no noise is added then).
+        Without a negative prompt, classifier-free guidance uses zeros (SDXL's
+        ``force_zeros_for_empty_prompt``).
+        """
+        unet, sched = self.unet, self.scheduler
+        config = unet.config
+        dtype = unet.dtype
+        batch = prompt_embeds.shape[0]
+        key = mx.random.key(seed if seed is not None else int(time.time_ns() % 2**31))
+        noise_key, step_key = mx.random.split(key)
+
+        if image_latents is not None:
+            _, h, w, _ = image_latents.shape
+            height, width = h * VAE_SCALE_FACTOR, w * VAE_SCALE_FACTOR
+        elif latents is not None:
+            height, width = latents.shape[1] * VAE_SCALE_FACTOR, latents.shape[2] * VAE_SCALE_FACTOR
+        default = (config.sample_size or 128) * VAE_SCALE_FACTOR
+        height, width = height or default, width or default
+        if height % VAE_SCALE_FACTOR or width % VAE_SCALE_FACTOR:
+            raise ValueError(f"height and width must be multiples of {VAE_SCALE_FACTOR}, got {height}x{width}.")
+        shape = (batch, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR, config.in_channels)
+
+        # --- conditioning, negative half first as diffusers concatenates it
+        guided = guidance_scale > 1.0
+        context = prompt_embeds
+        added = {}
+        if config.has_text_time_embedding:
+            if pooled_prompt_embeds is None:
+                raise ValueError("this SDXL UNet needs pooled_prompt_embeds (the pooled text embedding).")
+            time_ids, negative_time_ids = self._time_ids(
+                pooled_prompt_embeds.shape[-1], (height, width), original_size, crops_coords_top_left, target_size,
+                negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                aesthetic_score, negative_aesthetic_score,
+            )
+            text_embeds = pooled_prompt_embeds
+            time_ids = mx.broadcast_to(time_ids, (batch, time_ids.shape[0]))
+            if guided:
+                negative_pooled = (
+                    mx.zeros_like(pooled_prompt_embeds) if negative_pooled_prompt_embeds is None
+                    else negative_pooled_prompt_embeds
+                )
+                text_embeds = mx.concatenate([negative_pooled, text_embeds])
+                time_ids = mx.concatenate([mx.broadcast_to(negative_time_ids, time_ids.shape), time_ids])
+            added = {"text_embeds": text_embeds.astype(dtype), "time_ids": time_ids}
+        if guided:
+            negative = mx.zeros_like(prompt_embeds) if negative_prompt_embeds is None else negative_prompt_embeds
+            context = mx.concatenate([negative, prompt_embeds])
+        context = context.astype(dtype)
+
+        # --- schedule and starting latents
+        sched.set_timesteps(num_inference_steps)
+        timesteps = sched.timesteps
+        train_steps = sched.config.num_train_timesteps
+        if image_latents is None:
+            if denoising_start is not None:
+                raise ValueError("denoising_start needs image_latents (the base model's output to refine).")
+            begin = 0
+            noise = latents if latents is not None else mx.random.normal(shape, key=noise_key)
+            x = noise.astype(mx.float32) * sched.init_noise_sigma
+        else:
+            begin = self._start_index(timesteps, num_inference_steps, strength, denoising_start, train_steps)
+            x = image_latents.astype(mx.float32)
+            if denoising_start is None:  # img2img: noise the image up to the first timestep
+                noise = latents if latents is not None else mx.random.normal(shape, key=noise_key)
+                x = sched.add_noise(x, noise.astype(mx.float32), timesteps[begin:begin + 1])
+        sched.set_begin_index(begin)
+        timesteps = timesteps[begin:]
+        if denoising_end is not None and 0 < denoising_end < 1:
+            # The base half of a hand-off stops at the same cutoff the refiner starts from.
+            cutoff = int(round(train_steps - denoising_end * train_steps))
+            timesteps = timesteps[: int((timesteps >= cutoff).sum().item())]
+
+        # --- the loop: one evaluation per step
+        total = timesteps.shape[0]
+        step_keys = mx.random.split(step_key, max(total, 1))
+        for i in range(total):
+            start = time.perf_counter()
+            t = timesteps[i]
+            model_input = mx.concatenate([x, x]) if guided else x
+            model_input = sched.scale_model_input(model_input, t)
+            prediction = unet(model_input.astype(dtype), t, context, **added).astype(mx.float32)
+            if guided:
+                uncond, cond = mx.split(prediction, 2)
+                prediction = uncond + guidance_scale * (cond - uncond)
+                if guidance_rescale > 0:
+                    prediction = _rescale_guidance(prediction, cond, guidance_rescale)
+            noise = mx.random.normal(x.shape, key=step_keys[i]) if getattr(sched, "stochastic", False) else None
+            x = sched.step(prediction, t, x, noise=noise).prev_sample
+            mx.eval(x)
+            yield Step(i, total, float(t.item()), x, time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _time_ids(self, pooled_width, size, original_size, crops, target_size, negative_original_size,
+                  negative_crops, negative_target_size, aesthetic_score, negative_aesthetic_score):
+        """SDXL's micro-conditioning: (original h, w, crop top, left, target h, w), or for the
+        refiner, whose add_embedding takes one id less, the aesthetic score instead of the target."""
+        config = self.unet.config
+        n_ids, remainder = divmod(config.projection_class_embeddings_input_dim - pooled_width, config.addition_time_embed_dim)
+        if remainder or n_ids not in (5, 6):
+            raise ValueError(
+                f"pooled_prompt_embeds of width {pooled_width} leave {config.projection_class_embeddings_input_dim - pooled_width} "
+                f"features for time ids of width {config.addition_time_embed_dim}: not SDXL's 6 (base) or 5 (refiner)."
+            )
+        original_size = tuple(original_size or size)
+        target_size = tuple(target_size or size)
+        negative_original_size = tuple(negative_original_size or original_size)
+        negative_target_size = tuple(negative_target_size or target_size)
+        negative_crops = tuple(negative_crops if negative_crops is not None else crops)
+        if n_ids == 5:
+            ids = [*original_size, *crops, aesthetic_score]
+            negative = [*negative_original_size, *negative_crops, negative_aesthetic_score]
+        else:
+            ids = [*original_size, *crops, *target_size]
+            negative = [*negative_original_size, *negative_crops, *negative_target_size]
+        return mx.array(ids, dtype=mx.float32), mx.array(negative, dtype=mx.float32)
+
+    def _start_index(self, timesteps, steps, strength, denoising_start, train_steps) -> int:
+        """Where img2img starts in the schedule (diffusers' get_timesteps)."""
+        order = getattr(self.scheduler, "order", 1)
+        if denoising_start is None:
+            if not 0 <= strength <= 1:
+                raise ValueError(f"strength must be between 0 and 1, got {strength}.")
+            init = min(int(steps * strength), steps)
+            return max(steps - init, 0) * order
+        cutoff = int(round(train_steps - denoising_start * train_steps))
+        remaining = int((timesteps < cutoff).sum().item())
+        if order == 2 and remaining % 2 == 0:
+            remaining += 1  # do not start between the two evaluations of a second-order step
+        return timesteps.shape[0] - remaining
+
+
+def _rescale_guidance(guided: mx.array, cond: mx.array, factor: float) -> mx.array:
+    """Rescale the guided prediction to the conditional one's spread (Lin et al. 2023, 3.4), mixed
+    by ``factor``. Standard deviations are per sample; diffusers' Bessel correction cancels in the ratio."""
+    axes = tuple(range(1, guided.ndim))
+    rescaled = guided * (mx.std(cond, axis=axes, keepdims=True) / mx.std(guided, axis=axes, keepdims=True))
+    return factor * rescaled + (1 - factor) * guided

@@ -1,0 +1,396 @@
+"""What every sampler shares: config parsing, the training noise table, step-index bookkeeping.
+
+Each sampler is a diffusers scheduler re-derived in MLX. The schedule tables (betas, cumulative
+alphas, sigmas, timesteps) are computed once per ``set_timesteps`` in numpy, in the precision and
+order of operations diffusers uses, so that ``timesteps`` and ``sigmas`` agree with diffusers' to
+a float32 rounding. ``step()`` then only looks a few precomputed float32 scalars up by step index
+and issues a handful of elementwise MLX ops: no per-element Python work, nothing copied to the
+host but the current timestep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import mlx.core as mx
+import numpy as np
+
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+
+
+class SchedulerConfigError(ValueError):
+    """A scheduler config that is malformed or asks for behaviour these samplers do not implement."""
+
+
+class StepOutput(NamedTuple):
+    """What ``step`` returns; unpacks as a tuple too, like diffusers' ``return_dict=False``."""
+
+    prev_sample: mx.array
+    pred_original_sample: mx.array | None = None
+
+
+# Config keys that diffusers' schedulers of the SD / SDXL families write (the KarrasDiffusionSchedulers
+# set, plus LCM and TCD, whose configs ship with SDXL distillations). A pipeline's
+# scheduler_config.json is written by one of those classes, and loading it into another class is
+# how samplers are switched, in diffusers as here. A key that the *receiving* class does not take
+# is dropped by diffusers' ``from_config`` without being read, so it cannot change that class's
+# math: such keys are accepted and ignored. A key outside this list is refused, because it may
+# belong to a newer diffusers feature we would otherwise run without.
+KNOWN_SCHEDULER_KEYS = frozenset({
+    # every class
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+    "prediction_type", "timestep_spacing", "steps_offset", "rescale_betas_zero_snr",
+    # DDIM / DDPM / PNDM / LCM / TCD / Heun
+    "clip_sample", "clip_sample_range", "set_alpha_to_one", "skip_prk_steps", "variance_type",
+    "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+    "original_inference_steps", "timestep_scaling",
+    # Euler / LMS / Heun / KDPM2 / EDM
+    "interpolation_type", "timestep_type", "use_karras_sigmas", "use_exponential_sigmas",
+    "use_beta_sigmas", "sigma_min", "sigma_max", "final_sigmas_type", "sigma_data",
+    "sigma_schedule", "rho",
+    # DPM-Solver / DEIS / UniPC
+    "solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final",
+    "use_lu_lambdas", "use_flow_sigmas", "flow_shift", "lambda_min_clipped",
+    "use_dynamic_shifting", "time_shift_type", "predict_x0", "solver_p", "disable_corrector",
+    "shift_terminal",
+})
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+def _refuse(owner: str, name: str, value: Any, supported: str) -> SchedulerConfigError:
+    return SchedulerConfigError(
+        f"{owner}: config field {name!r} = {value!r} is not supported by mlx_unet (supported: {supported})."
+    )
+
+
+def check_choice(owner: str, name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if not any(value == a and type(value) is type(a) for a in allowed):
+        raise _refuse(owner, name, value, " or ".join(repr(a) for a in allowed))
+
+
+def check_flag(owner: str, name: str, value: Any, supported: tuple[bool, ...] = (False, True)) -> bool:
+    """A boolean field; diffusers treats null like false, so do we."""
+    flag = False if value is None else value
+    if not isinstance(flag, bool) or flag not in supported:
+        raise _refuse(owner, name, value, " or ".join(repr(a) for a in supported))
+    return flag
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SchedulerConfigError(f"{owner}: config field {name!r} must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_number(owner: str, name: str, value: Any, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SchedulerConfigError(f"{owner}: config field {name!r} must be a finite number, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class BetaScheduleConfig:
+    """The fields every sampler shares: the training noise schedule and how it is subsampled.
+
+    Field names and defaults are diffusers'. Subclasses add their own fields and validate the
+    whole in ``__post_init__``, so a config object that exists is one we can run exactly.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+    rescale_betas_zero_snr: bool = False
+
+    def _check_common(self, prediction_types: tuple[str, ...]) -> None:
+        owner = type(self).__name__
+        check_int(owner, "num_train_timesteps", self.num_train_timesteps, 1)
+        check_number(owner, "beta_start", self.beta_start)
+        check_number(owner, "beta_end", self.beta_end)
+        if self.trained_betas is not None:
+            betas = self.trained_betas
+            if not isinstance(betas, (list, tuple, np.ndarray)) or len(betas) != self.num_train_timesteps:
+                raise SchedulerConfigError(
+                    f"{owner}: config field 'trained_betas' must list num_train_timesteps = "
+                    f"{self.num_train_timesteps} betas."
+                )
+            # Frozen dataclasses should hold immutable values; a tuple also keeps the config hashable.
+            object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
+        else:
+            # squaredcos_cap_v2 (cosine) is not implemented; the SD/SDXL families all train on the others.
+            check_choice(owner, "beta_schedule", self.beta_schedule, ("scaled_linear", "linear"))
+        check_choice(owner, "prediction_type", self.prediction_type, prediction_types)
+        check_choice(owner, "timestep_spacing", self.timestep_spacing, ("leading", "trailing", "linspace"))
+        check_int(owner, "steps_offset", self.steps_offset, 0)
+        # Zero-terminal-SNR rescaling changes the table and the last timestep's handling.
+        flag = check_flag(owner, "rescale_betas_zero_snr", self.rescale_betas_zero_snr, (False,))
+        object.__setattr__(self, "rescale_betas_zero_snr", flag)
+
+
+def read_config(source: Any) -> dict[str, Any]:
+    """A config as a plain dict, from a dict, a config dataclass, a JSON file, or a folder.
+
+    A folder is read as diffusers does with ``from_pretrained``: its ``scheduler_config.json``;
+    a whole pipeline folder works too (its ``scheduler/`` subfolder).
+    """
+    if is_dataclass(source) and not isinstance(source, type):
+        return asdict(source)
+    if isinstance(source, Mapping):
+        return dict(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise SchedulerConfigError(
+            f"a scheduler config must be a dict, a JSON file or a folder, got {type(source).__name__}."
+        )
+    path = Path(source)
+    if path.is_dir():
+        for candidate in (path / SCHEDULER_CONFIG_NAME, path / "scheduler" / SCHEDULER_CONFIG_NAME):
+            if candidate.is_file():
+                path = candidate
+                break
+        else:
+            raise SchedulerConfigError(f"no {SCHEDULER_CONFIG_NAME} in {source} (nor in its scheduler/ folder).")
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SchedulerConfigError(f"no scheduler config at {path}.") from None
+    except json.JSONDecodeError as e:
+        raise SchedulerConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    if not isinstance(raw, dict):
+        raise SchedulerConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}.")
+    return raw
+
+
+def parse_config(config_cls: type, source: Any, overrides: Mapping[str, Any]) -> Any:
+    """Build ``config_cls`` from ``source`` with ``overrides`` on top.
+
+    Keys starting with ``_`` (``_class_name``, ``_diffusers_version``) are metadata; which class
+    wrote the config does not matter, as with diffusers' ``from_config``.
+    """
+    raw = {**read_config(source), **overrides}
+    own = {f.name for f in fields(config_cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key.startswith("_"):
+            continue
+        if key in own:
+            kwargs[key] = value
+        elif key not in KNOWN_SCHEDULER_KEYS:
+            raise SchedulerConfigError(
+                f"{config_cls.__name__}: unknown scheduler config field {key!r} = {value!r}; it is not a "
+                "field of any diffusers scheduler mlx_unet knows, so its effect cannot be reproduced."
+            )
+    return config_cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------- tables
+
+
+def alphas_cumprod(config: BetaScheduleConfig) -> np.ndarray:
+    """The training schedule's cumulative alpha product, float32, exactly as diffusers builds it.
+
+    diffusers makes float32 betas with ``torch.linspace`` and takes ``torch.cumprod`` of the float32
+    alphas, which on the CPU accumulates in float64 and rounds each partial product to float32. A
+    float64 linspace rounded to float32 lands within an ulp of torch's; float64 accumulation is
+    reproduced exactly.
+    """
+    if config.trained_betas is not None:
+        betas = np.asarray(config.trained_betas, dtype=np.float32)
+    elif config.beta_schedule == "linear":
+        betas = np.linspace(config.beta_start, config.beta_end, config.num_train_timesteps).astype(np.float32)
+    else:  # scaled_linear: linear in sqrt(beta), squared in float32 as diffusers does
+        roots = np.linspace(config.beta_start**0.5, config.beta_end**0.5, config.num_train_timesteps).astype(np.float32)
+        betas = roots * roots
+    alphas = np.float32(1.0) - betas
+    return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+
+
+def sigma_table(alphas_cumprod_: np.ndarray) -> np.ndarray:
+    """Training sigmas sqrt((1 - a) / a), float32, index = training timestep (ascending)."""
+    return np.sqrt((np.float32(1.0) - alphas_cumprod_) / alphas_cumprod_)
+
+
+def spaced_timesteps(spacing: str, num_train: int, steps: int, steps_offset: int) -> np.ndarray:
+    """Descending inference timesteps (float64) as Euler and DDIM space them.
+
+    "linspace" is left unrounded (Euler keeps fractional timesteps; DDIM rounds). "trailing"
+    keeps diffusers' float ``arange``, which for some step counts (61, 103, ...) yields one extra
+    timestep, -1; reproduced rather than fixed, so that schedules stay identical.
+    """
+    if spacing == "linspace":
+        return np.linspace(0, num_train - 1, steps)[::-1].copy()
+    if spacing == "leading":
+        ratio = num_train // steps
+        return (np.arange(0, steps) * ratio).round()[::-1].astype(np.float64) + steps_offset
+    ratio = num_train / steps  # trailing
+    return np.arange(num_train, 0, -ratio).round() - 1
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int) -> np.ndarray:
+    """Karras et al. (2022) schedule: uniform in sigma ** (1 / 7), float64, descending."""
+    rho = 7.0
+    ramp = np.linspace(0, 1, steps)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_table: np.ndarray) -> np.ndarray:
+    """Fractional training timesteps whose sigma is ``sigmas``, by linear interpolation in log sigma.
+
+    ``log_table`` is the float32 log of the ascending sigma table. As diffusers: the bracketing pair
+    is the last table entry <= log sigma (clamped to the table), and the weight is clipped to [0, 1].
+    """
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    low = np.clip(np.searchsorted(log_table, log_sigma, side="right") - 1, 0, len(log_table) - 2)
+    lo, hi = log_table[low], log_table[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+# ---------------------------------------------------------------------------------- runtime
+
+
+def check_steps(num_inference_steps: Any) -> None:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+
+
+def as_scalar(value: Any) -> float | int:
+    """A timestep (Python number, numpy scalar, or one-element mx.array) as a Python number."""
+    if isinstance(value, (mx.array, np.ndarray, np.generic)):
+        if value.size != 1:
+            raise ValueError(f"expected one timestep, got an array of shape {tuple(value.shape)}.")
+        return value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"a timestep must be a number or a one-element array, got {type(value).__name__}.")
+    return value
+
+
+def timestep_list(timesteps: Any) -> np.ndarray:
+    """``add_noise``'s timesteps (scalar, list, numpy or mx array) as a flat numpy array."""
+    return np.asarray(np.array(timesteps) if isinstance(timesteps, mx.array) else timesteps).reshape(-1)
+
+
+def per_item(values: np.ndarray, like: mx.array) -> mx.array:
+    """One value per batch item, shaped to broadcast over the rest of ``like`` (NHWC or NCHW)."""
+    return mx.array(values.astype(np.float32)).reshape((-1,) + (1,) * (like.ndim - 1)).astype(like.dtype)
+
+
+class Scheduler:
+    """Config loading and diffusers' step-index bookkeeping.
+
+    diffusers' samplers do not trust the timestep passed to ``step`` beyond the first call: the
+    first call (to ``scale_model_input`` or ``step``) fixes ``step_index``, either from
+    ``begin_index`` when a pipeline set one (img2img, refiner hand-off) or by finding the timestep
+    in the schedule, and every ``step`` then advances it by one. Reproducing this exactly matters
+    when a schedule holds a timestep twice (Karras schedules can), and when a loop starts midway.
+    """
+
+    config_class: type = BetaScheduleConfig
+    order = 1  # what diffusers reports for all four samplers (DPMSolverMultistep included)
+    # Whether step() consumes noise: a loop that seeds per step passes it only to those that do.
+    stochastic = False
+
+    def __init__(self, config: BetaScheduleConfig | None = None):
+        if config is None:
+            config = self.config_class()
+        elif not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.config_class.__name__}; "
+                f"use {type(self).__name__}.from_config(...) for a dict or a scheduler_config.json."
+            )
+        self.config = config
+        self.alphas_cumprod_np = alphas_cumprod(config)
+        self.num_inference_steps: int | None = None
+        self._timesteps_np = np.zeros(0)
+        self.timesteps = mx.array([])
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Any = None, **overrides: Any) -> "Scheduler":
+        """From a diffusers config dict, a ``scheduler_config.json`` (or its folder), or a config object."""
+        return cls(parse_config(cls.config_class, {} if config is None else config, overrides))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    @property
+    def alphas_cumprod(self) -> mx.array:
+        return mx.array(self.alphas_cumprod_np)
+
+    # ----------------------------------------------------------------- step index
+
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at this index of ``timesteps`` (call after ``set_timesteps``, which clears it)."""
+        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
+            raise ValueError(f"begin_index must be a non-negative integer, got {begin_index!r}.")
+        if self.num_inference_steps is not None and begin_index >= len(self._timesteps_np):
+            raise ValueError(f"begin_index {begin_index} is past the {len(self._timesteps_np)} timesteps.")
+        self._begin_index = begin_index
+
+    def _missing_timestep(self, timestep: float) -> int:
+        raise ValueError(
+            f"timestep {timestep!r} is not in this scheduler's timesteps; pass values from "
+            "scheduler.timesteps, or call set_begin_index."
+        )
+
+    def index_for_timestep(self, timestep: Any, schedule_timesteps: Any = None) -> int:
+        """Where ``timestep`` is in the schedule; if it occurs twice, the second occurrence.
+
+        The second, as in diffusers: a schedule entered midway then does not skip a sigma.
+        """
+        schedule = self._timesteps_np if schedule_timesteps is None else np.asarray(schedule_timesteps)
+        value = as_scalar(timestep)
+        matches = np.flatnonzero(schedule == value)
+        if len(matches) == 0:
+            return self._missing_timestep(value)
+        return int(matches[1] if len(matches) > 1 else matches[0])
+
+    def _init_step_index(self, timestep: Any) -> None:
+        if self._begin_index is None:
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def _current_index(self, timestep: Any) -> int:
+        if self.num_inference_steps is None:
+            raise RuntimeError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) first.")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        if self._step_index >= len(self._timesteps_np):
+            raise RuntimeError(
+                f"{type(self).__name__}: step() called more times than there are timesteps "
+                f"({len(self._timesteps_np)}); call set_timesteps again to restart."
+            )
+        return self._step_index
+
+    def _reset_index(self) -> None:
+        self._step_index = None
+        self._begin_index = None
+
+    def _add_noise_indices(self, timesteps: Any) -> list[int]:
+        """diffusers' choice of sigma for ``add_noise``: by lookup, or the current / begin index."""
+        ts = timestep_list(timesteps)
+        if self._begin_index is None:
+            return [self.index_for_timestep(t) for t in ts]
+        index = self._step_index if self._step_index is not None else self._begin_index
+        return [index] * len(ts)

@@ -1,0 +1,438 @@
+"""convert.py: diffusers folders, Hub snapshots, original single files and pickles -> MLX folders
+that load and match diffusers; and every kind of bad input refused cleanly."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+import torch
+from original_layout import SINGLE_FILE_FAMILIES, ema_key, to_original_layout
+from reference import TIME_IDS, TINY_FAMILIES, make_inputs, relative_error, run_mlx, run_torch, tiny_config, torch_unet
+from safetensors.torch import save_file
+
+import mlx_unet.conversion as conversion
+from mlx_unet import UNet2DConditionModel
+from mlx_unet.conversion import ConversionError, convert
+from mlx_unet.safetensors_io import SafetensorsReader
+
+ROOT = Path(__file__).resolve().parent.parent
+FP32 = 1e-4
+
+
+def run_cli(*args, env=None):
+    """convert.py as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "convert.py"), *map(str, args)],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT,
+    )
+
+
+def assert_matches(out_dir, reference, config, family="", seed=0):
+    ours = UNet2DConditionModel.from_pretrained(out_dir, dtype=mx.float32)
+    inputs = make_inputs(config, 2, 16, 16, seed=seed, timesteps=[20.0, 700.0], n_time_ids=TIME_IDS.get(family))
+    assert relative_error(run_mlx(ours, inputs), run_torch(reference, inputs)) <= FP32
+
+
+def rounded_to_fp16(model):
+    """The model with float16-representable weights, kept in float32 (the reference for fp16 files)."""
+    return model.half().float()
+
+
+def save_fp16_variant(model, folder):
+    """diffusers' fp16 variant, as Hub repos ship it; ``model`` stays float32."""
+    model.half().save_pretrained(folder, variant="fp16")
+    model.float()
+
+
+# ---------------------------------------------------------------------- diffusers folders
+
+
+@pytest.fixture(scope="module", params=list(TINY_FAMILIES))
+def family(request):
+    config = tiny_config(request.param)
+    return request.param, config, torch_unet(config, seed=30)
+
+
+@pytest.mark.parametrize("form", ["plain", "fp16-variant", "sharded"])
+def test_diffusers_folder_converts_and_matches(tmp_path, family, form):
+    name, config, reference = family
+    folder = tmp_path / "unet"
+    if form == "fp16-variant":
+        reference = rounded_to_fp16(torch_unet(config, seed=30))
+        save_fp16_variant(reference, folder)
+    else:
+        reference.save_pretrained(folder, max_shard_size="200KB" if form == "sharded" else "10GB")
+    if form == "sharded":
+        assert len(list(folder.glob("*.safetensors"))) > 3
+    result = convert(folder, tmp_path / "mlx", dtype="float32", progress=False)
+    assert result.config == config
+    assert_matches(tmp_path / "mlx", reference, config, name)
+
+
+def test_pipeline_root_uses_its_unet_folder_and_default_float16(tmp_path):
+    config = tiny_config("sdxl-base")
+    reference = rounded_to_fp16(torch_unet(config, seed=31))
+    reference.save_pretrained(tmp_path / "pipe" / "unet")
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    proc = run_cli(tmp_path / "pipe", tmp_path / "mlx")
+    assert proc.returncode == 0, proc.stderr
+    assert "converting: 100%" in proc.stderr  # progress is shown
+    reader = SafetensorsReader(tmp_path / "mlx" / "model.safetensors")
+    assert {i.dtype for i in reader.tensors.values()} == {"F16"}
+    assert reader.metadata["dtype"] == "float16" and reader.metadata["mlx_unet_format_version"] == "1"
+    assert str(tmp_path / "pipe" / "unet") in reader.metadata["source"]
+    assert json.loads((tmp_path / "mlx" / "config.json").read_text())["cross_attention_dim"] == config.cross_attention_dim
+    assert_matches(tmp_path / "mlx", reference, config)
+
+
+def _two_variants(tmp_path):
+    """A folder whose fp32 and fp16 files hold different models, to see which one was read."""
+    config = tiny_config("sd15")
+    full, half = torch_unet(config, seed=32), rounded_to_fp16(torch_unet(config, seed=33))
+    full.save_pretrained(tmp_path / "unet")
+    save_fp16_variant(half, tmp_path / "unet")
+    return config, full, half
+
+
+def test_variant_choice(tmp_path):
+    config, full, half = _two_variants(tmp_path)
+    convert(tmp_path / "unet", tmp_path / "a", dtype="float16", progress=False)  # prefers the fp16 file
+    convert(tmp_path / "unet", tmp_path / "b", dtype="float32", progress=False)  # prefers full precision
+    convert(tmp_path / "unet", tmp_path / "c", dtype="float32", variant="fp16", progress=False)
+    assert_matches(tmp_path / "a", half, config)
+    assert_matches(tmp_path / "b", full, config)
+    assert_matches(tmp_path / "c", half, config)
+    with pytest.raises(ConversionError, match="expected diffusion_pytorch_model.bf16.safetensors"):
+        convert(tmp_path / "unet", tmp_path / "d", variant="bf16", progress=False)
+
+
+# ---------------------------------------------------------------------- the Hub
+
+
+def _hub_cache(root: Path, repo: str, files: dict[str, Path]) -> Path:
+    """A huggingface_hub cache holding ``repo`` at revision main (blobs linked from a snapshot)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    for i, (name, source) in enumerate(files.items()):
+        blob = repo_dir / "blobs" / f"blob{i}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(source.read_bytes())
+        link = repo_dir / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return root
+
+
+def test_hub_repo_from_the_offline_cache(tmp_path):
+    config = tiny_config("sdxl-base")
+    reference = rounded_to_fp16(torch_unet(config, seed=34))
+    save_fp16_variant(reference, tmp_path / "saved")
+    cache = _hub_cache(tmp_path / "hub", "someone/tiny-sdxl", {
+        "model_index.json": tmp_path / "saved" / "config.json",
+        "unet/config.json": tmp_path / "saved" / "config.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors": tmp_path / "saved" / "diffusion_pytorch_model.fp16.safetensors",
+    })
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    proc = run_cli("someone/tiny-sdxl", tmp_path / "mlx", "--dtype", "float32", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Hub repo someone/tiny-sdxl" in proc.stderr
+    assert_matches(tmp_path / "mlx", reference, config)
+
+    missing = run_cli("someone/other", tmp_path / "mlx2", env=env)
+    assert missing.returncode == 2 and "is not in the Hugging Face cache" in missing.stderr
+    assert not (tmp_path / "mlx2").exists()
+
+
+def test_hub_offline_cache_without_weights_names_what_is_missing(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config("sd15").to_diffusers_dict()))
+    cache = _hub_cache(tmp_path / "hub", "someone/partial", {"unet/config.json": tmp_path / "config.json"})
+    proc = run_cli("someone/partial", tmp_path / "mlx", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
+    assert proc.returncode == 2
+    assert "cached snapshot of someone/partial is incomplete" in proc.stderr
+    assert "diffusion_pytorch_model.safetensors" in proc.stderr
+
+
+def test_hub_download_fetches_only_the_unet_preferring_fp16(tmp_path, monkeypatch):
+    """The online path with huggingface_hub's two calls stood in for (no network here)."""
+    import huggingface_hub
+
+    config = tiny_config("sd15")
+    reference = rounded_to_fp16(torch_unet(config, seed=35))
+    snapshot = tmp_path / "snapshot"
+    save_fp16_variant(reference, snapshot / "unet")
+    listing = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+               "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors",
+               "text_encoder/model.safetensors"]
+    requested = {}
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, revision=None: listing)
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        requested.update(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    convert("org/sd15-tiny", tmp_path / "mlx", revision="v1", progress=False)
+    assert requested == {"repo_id": "org/sd15-tiny", "revision": "v1",
+                         "allow_patterns": ["unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors"]}
+    assert_matches(tmp_path / "mlx", reference, config)
+
+
+# ---------------------------------------------------------------------- original single files
+
+
+def _other_components():
+    """Stand-ins for what a full checkpoint carries besides the UNet (left alone by convert)."""
+    return {
+        "first_stage_model.decoder.conv_in.weight": torch.ones(4, 4, 3, 3),
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.ones(8, 4),
+        "alphas_cumprod": torch.linspace(0, 1, 10),
+    }
+
+
+def write_single_file(path, model, config, ema_model=None):
+    tensors = to_original_layout(model.state_dict(), config)
+    if ema_model is not None:
+        ema = to_original_layout(ema_model.state_dict(), config)
+        tensors.update({ema_key(k): v for k, v in ema.items()})
+        tensors["model_ema.decay"] = torch.tensor(0.9999)
+    save_file({**tensors, **_other_components()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("name", list(SINGLE_FILE_FAMILIES))
+def test_single_file_with_inferred_config(tmp_path, name):
+    config = SINGLE_FILE_FAMILIES[name]
+    reference = torch_unet(config, seed=36)
+    path = write_single_file(tmp_path / "model.safetensors", reference, config)
+    proc = run_cli(path, tmp_path / "mlx", "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr
+    assert "left alone: VAE (1 tensors), text encoders (1 tensors), other (1 tensors)" in proc.stderr
+    inferred = UNet2DConditionModel.from_pretrained(tmp_path / "mlx").config
+    assert inferred == config
+    assert_matches(tmp_path / "mlx", reference, config, name)
+
+
+def test_single_file_ema_weights(tmp_path):
+    config = SINGLE_FILE_FAMILIES["sd15"]
+    live, ema = torch_unet(config, seed=37), torch_unet(config, seed=38)
+    path = write_single_file(tmp_path / "v1.safetensors", live, config, ema_model=ema)
+    convert(path, tmp_path / "ema", dtype="float32", ema=True, progress=False)
+    convert(path, tmp_path / "live", dtype="float32", progress=False)
+    assert_matches(tmp_path / "ema", ema, config)
+    assert_matches(tmp_path / "live", live, config)
+    no_ema = write_single_file(tmp_path / "plain.safetensors", live, config)
+    result = convert(no_ema, tmp_path / "fallback", dtype="float32", ema=True, progress=False)
+    assert any("has no EMA weights" in note for note in result.notes)
+
+
+def test_lone_diffusers_weights_file_uses_the_config_beside_it(tmp_path):
+    config = tiny_config("sd2")
+    reference = torch_unet(config, seed=39)
+    reference.save_pretrained(tmp_path / "unet")
+    convert(tmp_path / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "mlx", dtype="float32", progress=False)
+    assert_matches(tmp_path / "mlx", reference, config)
+
+
+def test_explicit_config_overrides_inference(tmp_path):
+    config = SINGLE_FILE_FAMILIES["sd2"].to_diffusers_dict()
+    config["upcast_attention"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reference = torch_unet(SINGLE_FILE_FAMILIES["sd2"], seed=40)
+    path = write_single_file(tmp_path / "sd2.safetensors", reference, SINGLE_FILE_FAMILIES["sd2"])
+    result = convert(path, tmp_path / "mlx", config=tmp_path / "config.json", progress=False)
+    assert result.config.upcast_attention is False
+
+
+# ---------------------------------------------------------------------- pickles
+
+
+def test_pickles_are_refused_unless_allowed(tmp_path):
+    config = SINGLE_FILE_FAMILIES["sd15"]
+    reference = torch_unet(config, seed=41)
+    ckpt = tmp_path / "v1.ckpt"
+    torch.save({"state_dict": to_original_layout(reference.state_dict(), config), "global_step": 10}, ckpt)
+    refused = run_cli(ckpt, tmp_path / "mlx")
+    assert refused.returncode == 2 and "is a PyTorch pickle" in refused.stderr and "--allow-pickle" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "mlx").exists()
+    accepted = run_cli(ckpt, tmp_path / "mlx", "--allow-pickle", "--dtype", "float32")
+    assert accepted.returncode == 0, accepted.stderr
+    assert_matches(tmp_path / "mlx", reference, config)
+
+
+def test_diffusers_bin_folder_needs_allow_pickle(tmp_path):
+    config = tiny_config("sd15")
+    reference = torch_unet(config, seed=42)
+    reference.save_pretrained(tmp_path / "unet", safe_serialization=False)
+    with pytest.raises(ConversionError, match="is a PyTorch pickle"):
+        convert(tmp_path / "unet", tmp_path / "mlx", progress=False)
+    convert(tmp_path / "unet", tmp_path / "mlx", dtype="float32", allow_pickle=True, progress=False)
+    assert_matches(tmp_path / "mlx", reference, config)
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def sd15_file(tmp_path_factory):
+    config = SINGLE_FILE_FAMILIES["sd15"]
+    path = tmp_path_factory.mktemp("src") / "sd15.safetensors"
+    return write_single_file(path, torch_unet(config, seed=43), config)
+
+
+def _bad_files(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    data = good.read_bytes()
+    files = {}
+
+    def put(name, content, message):
+        path = tmp / name
+        path.write_bytes(content) if isinstance(content, bytes) else save_file(content, str(path))
+        files[name] = (path, message)
+
+    put("text.safetensors", b"this is not a checkpoint at all, just text", "is not a safetensors file")
+    put("truncated.safetensors", data[: len(data) // 2], "is truncated: tensor")
+    put("header.safetensors", data[:8] + b"{" + b"\x00" * (int.from_bytes(data[:8], "little") - 1) + data[8 + int.from_bytes(data[:8], "little"):],
+        "corrupt safetensors header")
+    put("vae.safetensors", {"first_stage_model.encoder.down.0.block.0.conv1.weight": torch.ones(2, 2, 3, 3),
+                            "first_stage_model.quant_conv.weight": torch.ones(8, 8, 1, 1)}, "holds a VAE, not a UNet")
+    put("clip.safetensors", {"text_model.encoder.layers.0.mlp.fc1.weight": torch.ones(4, 4)}, "holds a text encoder, not a UNet")
+    put("unknown.safetensors", {"model.diffusion_model.blocks.0.weight": torch.ones(2)}, "do not fit the original SD/SDXL layout")
+    return files
+
+
+@pytest.mark.parametrize("case", ["text", "truncated", "header", "vae", "clip", "unknown"])
+def test_bad_files_exit_2_with_one_clear_line(tmp_path, sd15_file, case):
+    path, message = _bad_files(tmp_path, sd15_file)[f"{case}.safetensors"]
+    proc = run_cli(path, tmp_path / "out")
+    assert proc.returncode == 2
+    assert message in proc.stderr and proc.stderr.startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_cross_attention_width_asks_for_a_config(tmp_path):
+    config = tiny_config("sd15")  # cross-attention width 24: no known family
+    reference = torch_unet(config, seed=44)
+    path = tmp_path / "odd.safetensors"
+    save_file(to_original_layout(reference.state_dict(), config), str(path))
+    proc = run_cli(path, tmp_path / "out")
+    assert proc.returncode == 2 and "cross-attention width 24 matches no SD family" in proc.stderr
+    assert "--config" in proc.stderr
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("drop", "1 missing (down_blocks.0.attentions.0.proj_in.bias)"),
+    ("extra", "1 unexpected (not_a_unet_tensor)"),
+    ("reshape", "1 with the wrong shape (conv_in.bias; conv_in.bias is (7,), expected (32,))"),
+])
+def test_missing_unexpected_and_misshaped_tensors(tmp_path, damage, message):
+    config = tiny_config("sd15")
+    state = dict(torch_unet(config, seed=45).state_dict())
+    if damage == "drop":
+        del state["down_blocks.0.attentions.0.proj_in.bias"]
+    elif damage == "extra":
+        state["not_a_unet_tensor"] = torch.ones(3)
+    else:
+        state["conv_in.bias"] = torch.ones(7)
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config.to_diffusers_dict()))
+    save_file(state, str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    proc = run_cli(tmp_path / "unet", tmp_path / "out")
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_and_inf_weights_are_named_in_a_warning(tmp_path):
+    config = tiny_config("sd15")
+    state = dict(torch_unet(config, seed=46).state_dict())
+    state["conv_in.bias"][3] = float("nan")
+    state["conv_out.weight"][0, 0, 0, 0] = float("inf")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config.to_diffusers_dict()))
+    save_file(state, str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    proc = run_cli(tmp_path / "unet", tmp_path / "out")
+    assert proc.returncode == 0
+    assert "warning: 2 tensors hold NaN or inf values after conversion to float16 (conv_in.bias, conv_out.weight)" in proc.stderr
+
+
+def test_other_bad_sources(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for source, message in [
+        (tmp_path / "empty", "is not a diffusers model: expected unet/config.json"),
+        (tmp_path / "nothing-here", "is neither a file, a folder nor a Hub repo id"),
+    ]:
+        proc = run_cli(source, tmp_path / "out")
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "in_channels": 3}))
+    proc = run_cli(vae, tmp_path / "out")
+    assert proc.returncode == 2 and "describes a AutoencoderKL, not a UNet2DConditionModel" in proc.stderr
+    assert run_cli("--help").returncode == 0
+
+
+# ---------------------------------------------------------------------- atomic output
+
+
+def test_existing_output_needs_force_and_is_replaced_whole(tmp_path, sd15_file):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run_cli(sd15_file, out)
+    assert proc.returncode == 2 and "exists and is not empty; pass --force" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    proc = run_cli(sd15_file, out, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
+
+
+@pytest.mark.parametrize("failure", [OSError("disk full"), KeyboardInterrupt()])
+def test_failure_midway_leaves_nothing_and_keeps_the_old_output(tmp_path, sd15_file, monkeypatch, failure):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous conversion")
+    calls = {"n": 0}
+    real_read = SafetensorsReader.read
+
+    def failing_read(self, name):
+        calls["n"] += 1
+        if calls["n"] == 50:
+            raise failure
+        return real_read(self, name)
+
+    monkeypatch.setattr(SafetensorsReader, "read", failing_read)
+    with pytest.raises(type(failure)):
+        convert(sd15_file, out, force=True, progress=False)
+    assert calls["n"] == 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+    fresh = tmp_path / "fresh"
+    calls["n"] = 0
+    with pytest.raises(type(failure)):
+        convert(sd15_file, fresh, progress=False)
+    assert not fresh.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_output_inside_the_source_is_refused(tmp_path):
+    config = tiny_config("sd15")
+    torch_unet(config, seed=47).save_pretrained(tmp_path / "unet")
+    with pytest.raises(ConversionError, match="would replace the source"):
+        convert(tmp_path / "unet", tmp_path / "unet", force=True, progress=False)
+    assert (tmp_path / "unet" / "config.json").exists()
+
+
+def test_importable_as_a_function():
+    sys.path.insert(0, str(ROOT))
+    try:
+        import convert as convert_script
+    finally:
+        sys.path.remove(str(ROOT))
+    assert convert_script.convert is conversion.convert

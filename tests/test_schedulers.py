@@ -1,0 +1,392 @@
+"""Samplers against diffusers' own schedulers, built from the same config dict in the same process.
+
+Nothing here is a hard-coded number: every schedule, scaled input, step and noised latent is
+compared with what diffusers computes for the same inputs. Ours run on NHWC arrays, diffusers'
+on the NCHW transpose (the samplers are elementwise, but add_noise broadcasts per batch item).
+"""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler as TorchDDIM,
+    DPMSolverMultistepScheduler as TorchDPM,
+    EulerAncestralDiscreteScheduler as TorchEulerA,
+    EulerDiscreteScheduler as TorchEuler,
+)
+from diffusers.schedulers import scheduling_euler_ancestral_discrete
+
+from mlx_unet.schedulers import (
+    SAMPLERS,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    SchedulerConfigError,
+    make_scheduler,
+)
+
+# stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json
+SDXL = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+TORCH_CLASS = {
+    EulerDiscreteScheduler: TorchEuler,
+    EulerAncestralDiscreteScheduler: TorchEulerA,
+    DPMSolverMultistepScheduler: TorchDPM,
+    DDIMScheduler: TorchDDIM,
+}
+STEP_COUNTS = (1, 4, 25, 37, 50)
+SHAPE = (2, 8, 8, 4)  # NHWC; diffusers gets (2, 4, 8, 8)
+
+# diffusers' np.array(torch_tensor) calls trip a numpy 2 deprecation notice; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def pair(sampler, **changes):
+    """(ours, diffusers') for a sampler name or class, from the SDXL config with ``changes``."""
+    if isinstance(sampler, str):
+        ours = make_scheduler(sampler, SDXL, **changes)
+        cls, implied = SAMPLERS[sampler]
+    else:
+        cls, implied = sampler, {}
+        ours = cls.from_config(SDXL, **changes)
+    theirs = TORCH_CLASS[cls].from_config(SDXL, **implied, **changes)
+    return ours, theirs
+
+
+def nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def nhwc(t):
+    return t.numpy().transpose(0, 2, 3, 1)
+
+
+def rel(ours, theirs):
+    ours, theirs = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+    return np.abs(ours - theirs).max() / np.abs(theirs).max()
+
+
+# --------------------------------------------------------------------------- schedules
+
+SCHEDULE_CASES = [
+    (sampler, spacing)
+    for sampler in ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim")
+    for spacing in ("leading", "trailing", "linspace")
+] + [("euler", spacing + "+karras") for spacing in ("leading", "trailing", "linspace")]
+
+
+@pytest.mark.parametrize("sampler,spacing", SCHEDULE_CASES)
+def test_schedule_matches_diffusers(sampler, spacing):
+    karras = spacing.endswith("+karras")
+    changes = {"timestep_spacing": spacing.removesuffix("+karras")}
+    if karras:
+        changes["use_karras_sigmas"] = True
+    for beta_schedule in ("scaled_linear", "linear"):
+        ours, theirs = pair(sampler, beta_schedule=beta_schedule, **changes)
+        assert ours.order == theirs.order
+        # 61 "trailing" steps: diffusers' float arange yields 62 timesteps, the last one -1.
+        for steps in STEP_COUNTS + (61,):
+            ours.set_timesteps(steps)
+            theirs.set_timesteps(steps)
+            t_ours, t_theirs = np.array(ours.timesteps), theirs.timesteps.numpy()
+            assert t_ours.shape == t_theirs.shape, (steps, t_ours, t_theirs)
+            # Same kind: float32 for the Euler samplers, integers for DPM-Solver and DDIM.
+            assert t_ours.dtype.kind == t_theirs.dtype.kind
+            if t_ours.dtype.kind == "i":
+                np.testing.assert_array_equal(t_ours, t_theirs)
+            else:
+                np.testing.assert_allclose(t_ours, t_theirs, rtol=1e-5, atol=0)
+            if not isinstance(ours, DDIMScheduler):
+                assert ours.sigmas.dtype == mx.float32
+                np.testing.assert_allclose(np.array(ours.sigmas), theirs.sigmas.numpy(), rtol=1e-5, atol=0)
+            assert isinstance(ours.init_noise_sigma, float)
+            assert ours.init_noise_sigma == pytest.approx(float(theirs.init_noise_sigma), rel=1e-5)
+
+
+# lambda_min_clipped -2.5 cuts the last 31 training timesteps off SDXL's table (log-SNR below -2.5).
+SCHEDULE_EXTRAS = [
+    (DPMSolverMultistepScheduler, {"lambda_min_clipped": -2.5, "timestep_spacing": "linspace"}),
+    (DPMSolverMultistepScheduler, {"lambda_min_clipped": -2.5, "timestep_spacing": "trailing"}),
+    (EulerDiscreteScheduler, {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
+    (EulerDiscreteScheduler, {"trained_betas": list(np.linspace(1e-4, 0.02, 1000) ** 1.5)}),
+    (DDIMScheduler, {"trained_betas": list(np.linspace(1e-4, 0.02, 1000) ** 1.5), "prediction_type": "v_prediction"}),
+]
+
+
+def case_id(value):
+    if isinstance(value, dict):
+        return "-".join(f"{k}={v}" if k != "trained_betas" else k for k, v in value.items()) or "as-configured"
+    return getattr(value, "__name__", value)
+
+
+@pytest.mark.parametrize("cls,changes", SCHEDULE_EXTRAS, ids=case_id)
+def test_schedule_options_match_diffusers(cls, changes):
+    ours, theirs = pair(cls, **changes)
+    for steps in (7, 30):
+        ours.set_timesteps(steps)
+        theirs.set_timesteps(steps)
+        np.testing.assert_allclose(np.array(ours.timesteps), theirs.timesteps.numpy(), rtol=1e-5, atol=0)
+        if hasattr(ours, "sigmas"):
+            np.testing.assert_allclose(np.array(ours.sigmas), theirs.sigmas.numpy(), rtol=1e-5, atol=0)
+    x = np.random.default_rng(3).standard_normal(SHAPE).astype(np.float32)
+    t = ours.timesteps[2]
+    out_ours = ours.step(mx.array(x), t, mx.array(x))
+    out_theirs = theirs.step(nchw(x), theirs.timesteps[2], nchw(x))
+    assert rel(out_ours.prev_sample, nhwc(out_theirs.prev_sample)) < 1e-5
+
+
+def test_trailing_61_steps_reproduces_diffusers_extra_timestep():
+    ours, _ = pair("euler", timestep_spacing="trailing")
+    ours.set_timesteps(61)
+    assert len(np.array(ours.timesteps)) == 62 and float(ours.timesteps[-1]) == -1.0
+
+
+# --------------------------------------------------------------------------- trajectories
+
+TRAJECTORY_CASES = [
+    ("euler", {}),
+    ("euler", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    ("euler", {"use_karras_sigmas": True, "timestep_spacing": "linspace"}),
+    ("euler_a", {}),
+    ("euler_a", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    ("dpmpp_2m", {}),
+    ("dpmpp_2m", {"prediction_type": "v_prediction", "timestep_spacing": "linspace"}),
+    ("dpmpp_2m_karras", {}),
+    ("dpmpp_2m_karras", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    (DPMSolverMultistepScheduler, {"solver_order": 1, "use_karras_sigmas": True}),
+    # Inert with a final sigma of zero and order <= 2: accepted, and diffusers agrees.
+    ("dpmpp_2m", {"lower_order_final": False, "euler_at_final": True}),
+    ("ddim", {}),
+    ("ddim", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    ("ddim", {"clip_sample": True, "set_alpha_to_one": True, "timestep_spacing": "linspace"}),
+]
+
+
+class NoiseFeed:
+    """Stands in for diffusers' randn_tensor in Euler ancestral: returns the noise given to ours."""
+
+    def __init__(self):
+        self.next = None
+
+    def __call__(self, shape, **kwargs):
+        assert tuple(shape) == tuple(self.next.shape)
+        return self.next
+
+
+@pytest.fixture
+def noise_feed(monkeypatch):
+    feed = NoiseFeed()
+    monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", feed)
+    return feed
+
+
+def run_both(ours, theirs, start, rng, noise_feed, sample):
+    """Step both from index ``start`` to the end on the same model outputs; check each step."""
+    x_ours, x_theirs = mx.array(sample), nchw(sample)
+    timesteps = np.array(ours.timesteps)
+    for i in range(start, len(timesteps)):
+        t_ours, t_theirs = ours.timesteps[i], theirs.timesteps[i]
+        in_ours = ours.scale_model_input(x_ours, t_ours)
+        in_theirs = theirs.scale_model_input(x_theirs, t_theirs)
+        assert rel(in_ours, nhwc(in_theirs)) < 1e-5, ("scale_model_input", i)
+        model_output = rng.standard_normal(SHAPE).astype(np.float32)
+        noise = rng.standard_normal(SHAPE).astype(np.float32)
+        noise_feed.next = nchw(noise)
+        out_ours = ours.step(mx.array(model_output), t_ours, x_ours, noise=mx.array(noise))
+        out_theirs = theirs.step(nchw(model_output), t_theirs, x_theirs)
+        assert rel(out_ours.prev_sample, nhwc(out_theirs.prev_sample)) < 1e-5, ("prev_sample", i)
+        if getattr(out_theirs, "pred_original_sample", None) is not None:
+            assert rel(out_ours.pred_original_sample, nhwc(out_theirs.pred_original_sample)) < 1e-5, ("x0", i)
+        if hasattr(theirs, "step_index"):  # diffusers' DDIM keeps none
+            assert ours.step_index == theirs.step_index
+        x_ours, x_theirs = out_ours.prev_sample, out_theirs.prev_sample
+    assert x_ours.dtype == mx.float32
+
+
+@pytest.mark.parametrize("sampler,changes", TRAJECTORY_CASES, ids=case_id)
+def test_trajectory_matches_diffusers(sampler, changes, noise_feed):
+    ours, theirs = pair(sampler, **changes)
+    rng = np.random.default_rng(0)
+    for steps in (4, 20):  # 20 >= 15: past diffusers' lower_order_final threshold for DPM-Solver
+        ours.set_timesteps(steps)
+        theirs.set_timesteps(steps)
+        sample = rng.standard_normal(SHAPE).astype(np.float32) * ours.init_noise_sigma
+        run_both(ours, theirs, 0, rng, noise_feed, sample)
+
+
+@pytest.mark.parametrize("use_begin_index", [True, False], ids=["set_begin_index", "by_timestep"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_img2img_start_midway(sampler, use_begin_index, noise_feed):
+    """Noise an image latent to timesteps[k] and denoise from there, as img2img / the refiner do."""
+    ours, theirs = pair(sampler)
+    ours.set_timesteps(25)
+    theirs.set_timesteps(25)
+    k = 9
+    if use_begin_index:
+        ours.set_begin_index(k)
+        if hasattr(theirs, "set_begin_index"):  # diffusers' DDIM has none (it needs none)
+            theirs.set_begin_index(k)
+    rng = np.random.default_rng(1)
+    image = rng.standard_normal(SHAPE).astype(np.float32)
+    noise = rng.standard_normal(SHAPE).astype(np.float32)
+    t_ours = mx.repeat(ours.timesteps[k : k + 1], SHAPE[0])
+    t_theirs = theirs.timesteps[k : k + 1].repeat(SHAPE[0])
+    noisy_ours = ours.add_noise(mx.array(image), mx.array(noise), t_ours)
+    noisy_theirs = theirs.add_noise(nchw(image), nchw(noise), t_theirs)
+    assert rel(noisy_ours, nhwc(noisy_theirs)) < 1e-5
+    run_both(ours, theirs, k, rng, noise_feed, np.array(noisy_ours))
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_add_noise_per_item_timesteps(sampler):
+    ours, theirs = pair(sampler, timestep_spacing="trailing")
+    ours.set_timesteps(30)
+    theirs.set_timesteps(30)
+    rng = np.random.default_rng(2)
+    image = rng.standard_normal(SHAPE).astype(np.float32)
+    noise = rng.standard_normal(SHAPE).astype(np.float32)
+    index = np.array([3, 17])
+    noisy_ours = ours.add_noise(mx.array(image), mx.array(noise), ours.timesteps[mx.array(index)])
+    noisy_theirs = theirs.add_noise(nchw(image), nchw(noise), theirs.timesteps[torch.from_numpy(index)])
+    assert rel(noisy_ours, nhwc(noisy_theirs)) < 1e-5
+    # The two items really got different noise levels.
+    assert not np.allclose(np.array(noisy_ours[0] - image[0]), np.array(noisy_ours[1] - image[1]))
+
+
+# --------------------------------------------------------------------------- step-index quirks
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])
+def test_index_for_timestep_takes_the_second_of_duplicates(sampler):
+    ours, theirs = pair(sampler)
+    schedule = [999.0, 500.0, 500.0, 1.0] if sampler.startswith("euler") else [999, 500, 500, 1]
+    ts_theirs = torch.tensor(schedule)
+    for t in schedule:
+        assert ours.index_for_timestep(t, np.array(schedule)) == theirs.index_for_timestep(t, ts_theirs)
+
+
+def test_dpm_unknown_timestep_falls_back_to_last_step_but_euler_refuses():
+    ours, theirs = pair("dpmpp_2m")
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    assert ours.index_for_timestep(3) == theirs.index_for_timestep(3) == 9
+    euler, _ = pair("euler")
+    euler.set_timesteps(10)
+    with pytest.raises(ValueError, match="not in this scheduler's timesteps"):
+        euler.step(mx.zeros(SHAPE), 3.5, mx.zeros(SHAPE))
+
+
+def test_euler_refuses_integer_timestep_like_diffusers():
+    ours, _ = pair("euler")
+    ours.set_timesteps(10)
+    with pytest.raises(ValueError, match="integer timestep"):
+        ours.step(mx.zeros(SHAPE), int(ours.timesteps[0].item()), mx.zeros(SHAPE))
+
+
+def test_euler_ancestral_draws_noise_with_mx_random_when_none_given():
+    def run(seed):
+        sched = make_scheduler("euler_a", SDXL)
+        sched.set_timesteps(4)
+        mx.random.seed(seed)
+        x = mx.ones(SHAPE)
+        return np.array(sched.step(mx.zeros(SHAPE), sched.timesteps[0], x).prev_sample)
+
+    assert np.array_equal(run(0), run(0)) and not np.array_equal(run(0), run(1))
+    assert [make_scheduler(name).stochastic for name in SAMPLERS] == [name == "euler_a" for name in SAMPLERS]
+
+
+def test_half_precision_sample_keeps_its_dtype():
+    sched = make_scheduler("dpmpp_2m_karras", SDXL)
+    sched.set_timesteps(5)
+    x = mx.ones(SHAPE, dtype=mx.float16)
+    for t in sched.timesteps:
+        x = sched.step(mx.zeros(SHAPE, dtype=mx.float16), t, x).prev_sample
+        assert x.dtype == mx.float16
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_make_scheduler_names_classes_and_settings():
+    assert type(make_scheduler("euler", SDXL)) is EulerDiscreteScheduler
+    assert type(make_scheduler("euler_a", SDXL)) is EulerAncestralDiscreteScheduler
+    assert type(make_scheduler("ddim", SDXL)) is DDIMScheduler
+    plain, karras = make_scheduler("dpmpp_2m", SDXL), make_scheduler("dpmpp_2m_karras", SDXL)
+    assert not plain.config.use_karras_sigmas and karras.config.use_karras_sigmas
+    assert plain.config.solver_order == 2 and plain.config.algorithm_type == "dpmsolver++"
+    assert make_scheduler("euler", SDXL, timestep_spacing="trailing").config.timestep_spacing == "trailing"
+    default, reference = make_scheduler("ddim"), TorchDDIM()  # no config: diffusers' defaults
+    assert default.config.clip_sample and default.config.timestep_spacing == reference.config.timestep_spacing
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        make_scheduler("dpmpp_2m", SDXL, use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_scheduler("heun", SDXL)
+
+
+def test_config_sources(tmp_path):
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(SDXL))
+    pipeline = tmp_path / "pipe"
+    (pipeline / "scheduler" / "empty").mkdir(parents=True)
+    (pipeline / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL))
+    from_dict = EulerDiscreteScheduler.from_config(SDXL)
+    for source in (tmp_path, tmp_path / "scheduler_config.json", str(tmp_path), pipeline, from_dict.config):
+        assert EulerDiscreteScheduler.from_config(source).config == from_dict.config
+    assert from_dict.config.num_train_timesteps == 1000 and from_dict.config.steps_offset == 1
+    with pytest.raises(SchedulerConfigError, match="no scheduler_config.json"):
+        EulerDiscreteScheduler.from_config(pipeline / "scheduler" / "empty")
+    # Keys another scheduler wrote (SDXL's config carries PNDM/DDIM ones) are accepted everywhere.
+    for sampler in SAMPLERS:
+        make_scheduler(sampler, {**SDXL, "solver_order": 2, "clip_sample_range": 1.0, "original_inference_steps": 50})
+
+
+REFUSED = [
+    (EulerDiscreteScheduler, "use_exponential_sigmas", True),
+    (EulerDiscreteScheduler, "use_beta_sigmas", True),
+    (EulerDiscreteScheduler, "rescale_betas_zero_snr", True),
+    (EulerDiscreteScheduler, "timestep_type", "continuous"),
+    (EulerDiscreteScheduler, "prediction_type", "sample"),
+    (EulerDiscreteScheduler, "interpolation_type", "log_linear"),
+    (EulerDiscreteScheduler, "final_sigmas_type", "sigma_min"),
+    (EulerDiscreteScheduler, "beta_schedule", "squaredcos_cap_v2"),
+    (EulerDiscreteScheduler, "timestep_spacing", "uniform"),
+    (EulerDiscreteScheduler, "some_new_option", 3),
+    (EulerAncestralDiscreteScheduler, "prediction_type", "sample"),
+    (EulerAncestralDiscreteScheduler, "rescale_betas_zero_snr", True),
+    (DPMSolverMultistepScheduler, "solver_order", 3),
+    (DPMSolverMultistepScheduler, "algorithm_type", "sde-dpmsolver++"),
+    (DPMSolverMultistepScheduler, "solver_type", "heun"),
+    (DPMSolverMultistepScheduler, "thresholding", True),
+    (DPMSolverMultistepScheduler, "use_lu_lambdas", True),
+    (DPMSolverMultistepScheduler, "final_sigmas_type", "sigma_min"),
+    (DPMSolverMultistepScheduler, "variance_type", "learned_range"),
+    (DDIMScheduler, "thresholding", True),
+    (DDIMScheduler, "prediction_type", "sample"),
+]
+
+
+@pytest.mark.parametrize("cls,field,value", REFUSED, ids=lambda v: str(getattr(v, "__name__", v)))
+def test_unsupported_config_value_is_refused_by_name(cls, field, value):
+    with pytest.raises(SchedulerConfigError) as e:
+        cls.from_config(SDXL, **{field: value})
+    assert isinstance(e.value, ValueError)
+    assert repr(field) in str(e.value) and repr(value) in str(e.value)
