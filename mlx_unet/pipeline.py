@@ -111,7 +111,7 @@ class Sampler:
             time_ids, negative_time_ids = self._time_ids(
                 pooled_prompt_embeds.shape[-1], (height, width), original_size, crops_coords_top_left, target_size,
                 negative_original_size, negative_crops_coords_top_left, negative_target_size,
-                aesthetic_score, negative_aesthetic_score,
+                aesthetic_score, negative_aesthetic_score, img2img=image_latents is not None,
             )
             text_embeds = pooled_prompt_embeds
             time_ids = mx.broadcast_to(time_ids, (batch, time_ids.shape[0]))
@@ -173,9 +173,15 @@ class Sampler:
     # ------------------------------------------------------------------ helpers
 
     def _time_ids(self, pooled_width, size, original_size, crops, target_size, negative_original_size,
-                  negative_crops, negative_target_size, aesthetic_score, negative_aesthetic_score):
+                  negative_crops, negative_target_size, aesthetic_score, negative_aesthetic_score, img2img):
         """SDXL's micro-conditioning: (original h, w, crop top, left, target h, w), or for the
-        refiner, whose add_embedding takes one id less, the aesthetic score instead of the target."""
+        refiner, whose add_embedding takes one id less, the aesthetic score instead of the target.
+
+        The negative ids follow diffusers' two pipelines exactly, quirks included: text-to-image
+        uses them only when both negative sizes are given (crops default (0, 0)), else repeats the
+        positive ids; img2img defaults the negative sizes to the positive ones and, with 6 ids,
+        uses the positive crops.
+        """
         config = self.unet.config
         n_ids, remainder = divmod(config.projection_class_embeddings_input_dim - pooled_width, config.addition_time_embed_dim)
         if remainder or n_ids not in (5, 6):
@@ -183,17 +189,19 @@ class Sampler:
                 f"pooled_prompt_embeds of width {pooled_width} leave {config.projection_class_embeddings_input_dim - pooled_width} "
                 f"features for time ids of width {config.addition_time_embed_dim}: not SDXL's 6 (base) or 5 (refiner)."
             )
-        original_size = tuple(original_size or size)
-        target_size = tuple(target_size or size)
-        negative_original_size = tuple(negative_original_size or original_size)
-        negative_target_size = tuple(negative_target_size or target_size)
-        negative_crops = tuple(negative_crops if negative_crops is not None else crops)
+        original_size, target_size = tuple(original_size or size), tuple(target_size or size)
+        negative_crops = tuple(negative_crops if negative_crops is not None else (0, 0))
         if n_ids == 5:
             ids = [*original_size, *crops, aesthetic_score]
-            negative = [*negative_original_size, *negative_crops, negative_aesthetic_score]
+            negative = [*(negative_original_size or original_size), *negative_crops, negative_aesthetic_score]
         else:
             ids = [*original_size, *crops, *target_size]
-            negative = [*negative_original_size, *negative_crops, *negative_target_size]
+            if img2img:
+                negative = [*(negative_original_size or original_size), *crops, *(negative_target_size or target_size)]
+            elif negative_original_size is not None and negative_target_size is not None:
+                negative = [*negative_original_size, *negative_crops, *negative_target_size]
+            else:
+                negative = ids
         return mx.array(ids, dtype=mx.float32), mx.array(negative, dtype=mx.float32)
 
     def _start_index(self, timesteps, steps, strength, denoising_start, train_steps) -> int:
