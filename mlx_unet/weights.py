@@ -101,3 +101,5 @@ def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None =
     # copy of every tensor at once.
     for _, value in tree_flatten(model.parameters()):
         mx.eval(value)
+    if dtype is not None:
+        mx.clear_cache()  # the file-dtype copies just freed would otherwise stay in MLX's cache

@@ -6,6 +6,10 @@ scales at exactly 1 and shifts at 0, so a swapped or ignored norm parameter woul
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+
 import mlx.core as mx
 import numpy as np
 import torch
@@ -63,6 +67,19 @@ def mlx_from_torch(model: TorchUNet, config: UNetConfig, dtype=mx.float32) -> UN
     ours = UNet2DConditionModel(config)
     load_weights(ours, mlx_weights(model.state_dict(), dtype))
     return ours
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def release_memory() -> None:
+    """Return freed memory to the OS between the phases of a full-size test: Python's garbage,
+    MLX's buffer cache, and glibc's heap (torch frees its many mid-size tensors there, and glibc
+    keeps them; without the trim the next 10 GB model lands on top of them)."""
+    gc.collect()
+    mx.clear_cache()
+    if hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 def _timesteps(value) -> np.ndarray:

@@ -1,19 +1,20 @@
 """A full-size SDXL base single-file checkpoint (fp16, 5.1 GB): proven with diffusers' own loader,
 converted by convert.py within its memory bound, and matching diffusers after conversion."""
 
-import gc
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from original_layout import to_original_layout
-from reference import make_inputs, relative_error, run_mlx, run_torch, torch_unet
+from safetensors import safe_open
+from reference import make_inputs, relative_error, release_memory, run_torch, torch_unet
 
-from mlx_unet import UNet2DConditionModel, UNetConfig
+from mlx_unet import UNetConfig
 from mlx_unet.safetensors_io import TensorSpec, write_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +28,20 @@ MEASURE = (
 )
 
 
+# Our forward on the converted folder, in a process of its own so that torch's and MLX's 10 GB
+# float32 models are never resident in the same process.
+RUN_OURS = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import mlx_unet, mlx.core as mx
+from reference import run_mlx
+model = mlx_unet.UNet2DConditionModel.from_pretrained(sys.argv[2], dtype=mx.float32)
+assert model.config == mlx_unet.UNetConfig.from_preset("sdxl-base")
+np.save(sys.argv[4], run_mlx(model, dict(np.load(sys.argv[3]))))
+"""
+
+
 def rss_gib() -> float:
     return int([line for line in open("/proc/self/status") if line.startswith("VmRSS")][0].split()[1]) / 2**20
 
@@ -36,32 +51,35 @@ def test_sdxl_base_single_file_fp16_full_size(tmp_path):
     source = torch_unet(config, seed=50, dtype=torch.float16)
     checkpoint = tmp_path / "sd_xl_base_random.safetensors"
     original = to_original_layout(source.state_dict(), config)
+    names = dict(zip(source.state_dict(), original))  # diffusers name -> original name (same order)
     # Streamed to disk: safetensors' own writer would hold a second copy of all 5 GB.
     write_safetensors(checkpoint, [
         TensorSpec(name, tuple(t.shape), mx.float16, lambda t=t: mx.array(t.numpy()))
         for name, t in original.items()
     ])
-    del original
+    del original, source  # the file now holds the source model; diffusers' loader needs the room
+    release_memory()
 
     # diffusers' own single-file loader must read the file back as exactly the source model.
     (tmp_path / "cfg" / "unet").mkdir(parents=True)
     (tmp_path / "cfg" / "unet" / "config.json").write_text(json.dumps(config.to_diffusers_dict()))
     theirs = TorchUNet.from_single_file(str(checkpoint), config=str(tmp_path / "cfg"), subfolder="unet",
                                         local_files_only=True, torch_dtype=torch.float16)
-    loaded, expected_weights = theirs.state_dict(), source.state_dict()
-    assert loaded.keys() == expected_weights.keys()
-    for name, tensor in expected_weights.items():
-        assert torch.equal(loaded[name], tensor), name
-    del loaded, expected_weights, theirs
-    gc.collect()
+    loaded = theirs.state_dict()
+    assert loaded.keys() == names.keys()
+    with safe_open(str(checkpoint), framework="pt") as f:
+        for name, original_name in names.items():
+            assert torch.equal(loaded[name], f.get_tensor(original_name)), name
+    del loaded
+    release_memory()
     print(f"RSS after diffusers' from_single_file check: {rss_gib():.1f} GiB")
 
-    reference = source.float()
-    del source
+    reference = theirs.float()  # proven equal to the source model above
+    del theirs
     inputs = make_inputs(config, 2, 32, 32, seed=51, tokens=77, timesteps=[901.0, 45.0])
     expected = run_torch(reference, inputs)
     del reference
-    gc.collect()
+    release_memory()
     print(f"RSS after the reference forward: {rss_gib():.1f} GiB")
 
     out = tmp_path / "mlx"
@@ -74,7 +92,9 @@ def test_sdxl_base_single_file_fp16_full_size(tmp_path):
     print(f"convert.py peak RSS {peak / 2**30:.2f} GiB for {output_bytes / 2**30:.2f} GiB of output")
     assert peak < 1.5 * output_bytes
 
-    ours = UNet2DConditionModel.from_pretrained(out, dtype=mx.float32)
-    print(f"RSS with our model loaded: {rss_gib():.1f} GiB")
-    assert ours.config == config
-    assert relative_error(run_mlx(ours, inputs), expected) <= 1e-4
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    ours = subprocess.run([sys.executable, "-c", RUN_OURS, str(Path(__file__).parent), str(out),
+                           str(tmp_path / "inputs.npz"), str(tmp_path / "ours.npy")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert ours.returncode == 0, ours.stderr
+    assert relative_error(np.load(tmp_path / "ours.npy"), expected) <= 1e-4

@@ -4,10 +4,9 @@ Both copies of the weights (10.3 GB each in float32) do not fit beside each othe
 machine, so diffusers runs first and its weights are handed over to MLX tensor by tensor.
 """
 
-import gc
 
 import numpy as np
-from reference import make_inputs, mlx_weights, relative_error, run_mlx, run_torch, torch_unet
+from reference import make_inputs, mlx_weights, relative_error, release_memory, run_mlx, run_torch, torch_unet
 
 from mlx_unet import UNet2DConditionModel, UNetConfig
 from mlx_unet.weights import load_weights
@@ -21,7 +20,7 @@ def test_sdxl_base_full_size_fp32_batch2():
     expected = run_torch(reference, inputs)
     state = reference.state_dict()
     del reference
-    gc.collect()
+    release_memory()
 
     ours = UNet2DConditionModel(config)
     load_weights(ours, mlx_weights(state, consume=True))

@@ -1,0 +1,224 @@
+"""Our UNet forward against diffusers' (torch), side by side in one process.
+
+    python benchmarks/bench_unet.py                                  # SDXL base, 32 and 64 latents, fp32, batch 1
+    python benchmarks/bench_unet.py --latent 128 --batch 2 --dtype float16
+    python benchmarks/bench_unet.py --quick                          # tiny model: checks the benchmark runs
+
+Both sides get the same weights (diffusers' model, handed to MLX tensor by tensor), the same
+inputs and the same thread count. Reported per case: median seconds per forward after warm-up
+(ours, diffusers, ratio), the FLOPs of one forward counted from the model's own layers and the
+input shapes, the GFLOP/s that gives, that as a share of this machine's measured sgemm GFLOP/s,
+and MLX's peak memory. The torch model is timed first and freed before ours is built, so a
+full-size SDXL fits twice over in 24 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+
+import mlx_unet  # noqa: E402  (before mlx: the fast BLAS on Linux)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from mlx_unet import PRESETS, UNet2DConditionModel, UNetConfig  # noqa: E402
+from mlx_unet.weights import load_weights, torch_to_mlx_layout  # noqa: E402
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+# ---------------------------------------------------------------------- FLOP count
+
+
+@contextmanager
+def counting_flops():
+    """Count multiply-adds (x2) of every Linear, Conv2d and attention call while a forward is
+    traced. MLX is lazy, so tracing costs nothing: only shapes are read."""
+    total = [0]
+    linear_call, conv_call = nn.Linear.__call__, nn.Conv2d.__call__
+    sdpa = mx.fast.scaled_dot_product_attention
+
+    def linear(self, x):
+        y = linear_call(self, x)
+        total[0] += 2 * (x.size // x.shape[-1]) * self.weight.shape[0] * self.weight.shape[1]
+        return y
+
+    def conv(self, x):
+        y = conv_call(self, x)
+        out_ch, kh, kw, in_ch = self.weight.shape
+        total[0] += 2 * (y.size // out_ch) * out_ch * kh * kw * in_ch
+        return y
+
+    def attention(q, k, v, **kwargs):
+        b, h, nq, d = q.shape
+        total[0] += 2 * 2 * b * h * nq * k.shape[2] * d  # Q K^T and P V
+        return sdpa(q, k, v, **kwargs)
+
+    nn.Linear.__call__, nn.Conv2d.__call__ = linear, conv
+    mx.fast.scaled_dot_product_attention = attention
+    try:
+        yield total
+    finally:
+        nn.Linear.__call__, nn.Conv2d.__call__ = linear_call, conv_call
+        mx.fast.scaled_dot_product_attention = sdpa
+
+
+# ---------------------------------------------------------------------- measurements
+
+
+def sgemm_gflops(n: int) -> tuple[float, float]:
+    """float32 n x n matmul throughput of MLX and of torch on this machine."""
+    import torch
+
+    a = mx.random.normal((n, n))
+    mx.eval(a)
+    mlx_times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        mx.eval(a @ a)
+        mlx_times.append(time.perf_counter() - start)
+    t = torch.randn(n, n)
+    torch_times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        t @ t
+        torch_times.append(time.perf_counter() - start)
+    flops = 2 * n**3
+    return flops / min(mlx_times[1:]) / 1e9, flops / min(torch_times[1:]) / 1e9
+
+
+def median_seconds(run, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_inputs(config: UNetConfig, batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    inputs = {
+        "sample": rng.standard_normal((batch, size, size, config.in_channels), dtype=np.float32),
+        "timestep": np.float32(500.0),
+        "context": rng.standard_normal((batch, 77, config.cross_attention_dim), dtype=np.float32),
+    }
+    if config.has_text_time_embedding:
+        inputs["time_ids"] = np.tile(np.float32([1024, 1024, 0, 0, 1024, 1024]), (batch, 1))
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs["text_embeds"] = rng.standard_normal((batch, pooled), dtype=np.float32)
+    return inputs
+
+
+def bench_case(config: UNetConfig, size: int, batch: int, dtype: str, warmup: int, repeats: int,
+               with_torch: bool) -> dict:
+    import torch
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    torch.manual_seed(0)
+    reference = TorchUNet(**config.to_diffusers_dict()).to(torch_dtype).eval()
+    inputs = make_inputs(config, batch, size)
+    result = {"latent": size, "batch": batch, "dtype": dtype}
+
+    if with_torch:
+        sample = torch.from_numpy(inputs["sample"]).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
+        context = torch.from_numpy(inputs["context"]).to(torch_dtype)
+        added = {}
+        if "time_ids" in inputs:
+            added = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(inputs["text_embeds"]).to(torch_dtype),
+                                           "time_ids": torch.from_numpy(inputs["time_ids"])}}
+
+        def run_torch(model=reference):
+            with torch.no_grad():
+                model(sample, float(inputs["timestep"]), context, **added)
+
+        result["torch_s"] = median_seconds(run_torch, warmup, repeats)
+
+    # Hand the weights over tensor by tensor, freeing torch's copy as we go.
+    state = reference.state_dict()
+    del reference
+    gc.collect()
+    weights = {}
+    for name in list(state):
+        tensor = state.pop(name)
+        weights[name] = mx.array(torch_to_mlx_layout(tensor.float().numpy())).astype(DTYPES[dtype])
+        mx.eval(weights[name])
+    ours = UNet2DConditionModel(config)
+    load_weights(ours, weights)
+    del weights, state
+    gc.collect()
+
+    args = (mx.array(inputs["sample"]), mx.array(inputs["timestep"]), mx.array(inputs["context"]))
+    kwargs = {}
+    if "time_ids" in inputs:
+        kwargs = {"text_embeds": mx.array(inputs["text_embeds"]), "time_ids": mx.array(inputs["time_ids"])}
+    with counting_flops() as flops:
+        ours(*args, **kwargs)
+    result["gflop"] = flops[0] / 1e9
+
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    result["ours_s"] = median_seconds(lambda model=ours: mx.eval(model(*args, **kwargs)), warmup, repeats)
+    result["peak_gib"] = mx.get_peak_memory() / 2**30
+    result["weights_gib"] = sum(v.nbytes for _, v in tree_flatten(ours.parameters())) / 2**30
+    del ours
+    gc.collect()
+    mx.clear_cache()
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="sdxl-base", choices=list(PRESETS), help="architecture (default: sdxl-base)")
+    p.add_argument("--latent", type=int, nargs="+", default=[32, 64], help="latent sizes (default: 32 64)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"])
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    p.add_argument("--no-torch", action="store_true", help="time only our forward")
+    p.add_argument("--quick", action="store_true", help="tiny model, one small case: a smoke run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.family, args.latent, args.warmup, args.repeats = "tiny", [16], 1, 1
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("MLX_ENABLE_TF32", "0")
+    config = UNetConfig.from_preset(args.family)
+    mlx_sgemm, torch_sgemm = sgemm_gflops(512 if args.quick else 4096)
+    machine = max(mlx_sgemm, torch_sgemm)
+    blas = mlx_unet.linux_blas.loaded or "MLX's bundled BLAS"
+    print(f"{args.family}, batch {args.batch}; torch {torch.__version__} on {args.threads} threads; MLX "
+          f"{mx.__version__} ({mx.default_device()}, {blas})")
+    print(f"sgemm: MLX {mlx_sgemm:.0f} GFLOP/s, torch {torch_sgemm:.0f} GFLOP/s -> machine {machine:.0f} GFLOP/s")
+    header = (f"{'latent':>6} {'dtype':>8} {'ours s':>8} {'diffusers s':>11} {'ratio':>6} {'GFLOP':>8} "
+              f"{'GFLOP/s':>8} {'of sgemm':>8} {'peak GiB':>8} {'weights GiB':>11}")
+    print(header)
+    for dtype in args.dtype:
+        for size in args.latent:
+            r = bench_case(config, size, args.batch, dtype, args.warmup, args.repeats, not args.no_torch)
+            rate = r["gflop"] / r["ours_s"]
+            theirs = f"{r['torch_s']:11.3f} {r['ours_s'] / r['torch_s']:6.2f}" if "torch_s" in r else f"{'-':>11} {'-':>6}"
+            print(f"{size:>6} {dtype:>8} {r['ours_s']:8.3f} {theirs} {r['gflop']:8.1f} {rate:8.1f} "
+                  f"{rate / machine:8.0%} {r['peak_gib']:8.2f} {r['weights_gib']:11.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

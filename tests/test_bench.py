@@ -1,0 +1,18 @@
+"""benchmarks/bench_unet.py runs (a smoke run on the tiny model; no time is checked)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_quick_run_reports_every_column():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_unet.py"), "--quick"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "sgemm: MLX" in proc.stdout
+    header, row = lines[-2].split(), lines[-1].split()
+    assert header[:3] == ["latent", "dtype", "ours"] and row[:2] == ["16", "float32"]
+    assert len(row) == 10 and float(row[5]) > 0  # GFLOP counted from the model's layers
