@@ -196,8 +196,10 @@ def main(argv=None) -> int:
     if args.quick:
         args.family, args.latent, args.warmup, args.repeats = "tiny", [16], 1, 1
 
+    import diffusers
     import torch
 
+    diffusers.utils.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
     config = UNetConfig.from_preset(args.family)
