@@ -45,7 +45,9 @@ def torch_unet(config: UNetConfig, seed: int = 0, dtype: torch.dtype = torch.flo
     """diffusers' UNet with every parameter drawn from ``seed``; allocated once, in ``dtype``."""
     with torch.device("meta"):
         model = TorchUNet(**config.to_diffusers_dict())
-    model = model.to_empty(device="cpu").to(dtype)
+    model = model.to_empty(device="cpu")
+    if dtype != torch.float32:  # (diffusers warns about any .to(dtype) cast)
+        model = model.to(dtype)
     init_every_parameter(model, seed)
     return model.eval()
 

@@ -149,18 +149,18 @@ class EulerDiscreteScheduler(Scheduler):
         Computed in float32 whatever the input dtype; ``prev_sample`` comes back in the model
         output's dtype, ``pred_original_sample`` in float32, as diffusers returns them.
         """
+        prev, x0, i = self._euler_move(model_output, timestep, sample, lambda i: self.sigmas_np[i + 1])
+        self._step_index = i + 1
+        return StepOutput(prev.astype(model_output.dtype), x0)
+
+    def _euler_move(self, model_output, timestep, sample, target_sigma):
+        """The Euler move from sigma(t) to ``target_sigma(i)``, in float32: (x, x0, step index)."""
         self._check_timestep(timestep)
         i = self._current_index(timestep)
-        out_dtype = model_output.dtype
         sample = sample.astype(mx.float32)
-        model_output = model_output.astype(mx.float32)
-        sigma = float(self.sigmas_np[i])
-        x0 = self._pred_original(model_output, sample, i)
-        derivative = (sample - x0) / sigma
-        dt = float(self.sigmas_np[i + 1] - self.sigmas_np[i])
-        prev = sample + derivative * dt
-        self._step_index = i + 1
-        return StepOutput(prev.astype(out_dtype), x0)
+        x0 = self._pred_original(model_output.astype(mx.float32), sample, i)
+        derivative = (sample - x0) / float(self.sigmas_np[i])
+        return sample + derivative * float(target_sigma(i) - self.sigmas_np[i]), x0, i
 
     def add_noise(self, original_samples: mx.array, noise: mx.array, timesteps: Any) -> mx.array:
         """x + sigma(t) * noise, one sigma per batch item (img2img's starting latent)."""

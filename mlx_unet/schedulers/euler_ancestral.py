@@ -50,20 +50,11 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
     def step(
         self, model_output: mx.array, timestep: Any, sample: mx.array, noise: mx.array | None = None
     ) -> StepOutput:
-        self._check_timestep(timestep)
-        i = self._current_index(timestep)
-        out_dtype = model_output.dtype
-        sample = sample.astype(mx.float32)
-        model_output = model_output.astype(mx.float32)
-        sigma = float(self.sigmas_np[i])
-        x0 = self._pred_original(model_output, sample, i)
-        derivative = (sample - x0) / sigma
-        dt = float(self._sigma_down[i] - self.sigmas_np[i])
-        prev = sample + derivative * dt
+        prev, x0, i = self._euler_move(model_output, timestep, sample, lambda i: self._sigma_down[i])
         if noise is None:
             noise = mx.random.normal(model_output.shape)
         elif tuple(noise.shape) != tuple(model_output.shape):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, the model output {tuple(model_output.shape)}.")
         prev = prev + noise.astype(mx.float32) * float(self._sigma_up[i])
         self._step_index = i + 1
-        return StepOutput(prev.astype(out_dtype), x0)
+        return StepOutput(prev.astype(model_output.dtype), x0)
