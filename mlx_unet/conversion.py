@@ -401,9 +401,7 @@ def convert(
         log(f"  {note}")
 
     names = sorted(plan.names)
-    total = sum(_nbytes(expected[n], target) for n in names)
     nonfinite: list[str] = []
-    show = _Progress(total, progress)
 
     def produce(name: str) -> Callable[[], mx.array]:
         def read() -> mx.array:
@@ -415,6 +413,8 @@ def convert(
         return read
 
     specs = [TensorSpec(n, expected[n], target, produce(n)) for n in names]
+    total = sum(spec.nbytes for spec in specs)
+    show = _Progress(total, progress)
     metadata = {
         "format": "mlx",
         "mlx_unet_format_version": FORMAT_VERSION,
@@ -424,7 +424,7 @@ def convert(
 
     def write(folder: Path) -> None:
         write_safetensors(folder / OUTPUT_WEIGHTS, specs, metadata,
-                          on_tensor=lambda spec: show(_nbytes(spec.shape, target)))
+                          on_tensor=lambda spec: show(spec.nbytes))
         (folder / "config.json").write_text(json.dumps(plan.config.to_diffusers_dict(), indent=2) + "\n")
 
     _replace_dir_atomically(out_dir, write, force)
@@ -434,13 +434,6 @@ def convert(
             "the model will likely produce NaN.")
     log(f"wrote {out_dir} ({total / 1e9:.2f} GB, {dtype})")
     return ConversionResult(out_dir, plan.config, len(names), total, nonfinite, plan.notes)
-
-
-def _nbytes(shape: tuple[int, ...], dtype: mx.Dtype) -> int:
-    n = dtype.size
-    for d in shape:
-        n *= d
-    return n
 
 
 # ---------------------------------------------------------------------- command line

@@ -165,7 +165,7 @@ class Sampler:
                 prediction = uncond + guidance_scale * (cond - uncond)
                 if guidance_rescale > 0:
                     prediction = _rescale_guidance(prediction, cond, guidance_rescale)
-            noise = mx.random.normal(x.shape, key=step_keys[i]) if getattr(sched, "stochastic", False) else None
+            noise = mx.random.normal(x.shape, key=step_keys[i]) if sched.stochastic else None
             x = sched.step(prediction, t, x, noise=noise).prev_sample
             mx.eval(x)
             yield Step(i, total, float(t.item()), x, time.perf_counter() - start)
@@ -206,7 +206,7 @@ class Sampler:
 
     def _start_index(self, timesteps, steps, strength, denoising_start, train_steps) -> int:
         """Where img2img starts in the schedule (diffusers' get_timesteps)."""
-        order = getattr(self.scheduler, "order", 1)
+        order = self.scheduler.order
         if denoising_start is None:
             if not 0 <= strength <= 1:
                 raise ValueError(f"strength must be between 0 and 1, got {strength}.")

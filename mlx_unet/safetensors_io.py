@@ -137,6 +137,10 @@ class TensorSpec:
     dtype: mx.Dtype
     produce: Callable[[], mx.array]
 
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.size
+
 
 def write_safetensors(path: str | Path, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None,
                       on_tensor: Callable[[TensorSpec], None] | None = None) -> None:
@@ -148,9 +152,8 @@ def write_safetensors(path: str | Path, specs: Iterable[TensorSpec], metadata: d
     header: dict[str, object] = {"__metadata__": dict(metadata or {})}
     offset = 0
     for spec in specs:
-        nbytes = math.prod(spec.shape) * spec.dtype.size
-        header[spec.name] = {"dtype": _NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        header[spec.name] = {"dtype": _NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format allows space padding; aligned data helps mmap readers
     with open(path, "wb") as f:

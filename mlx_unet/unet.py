@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 

@@ -53,7 +53,7 @@ def check_shapes(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tu
         first = sorted(misshaped)[0]
         got, want = tuple(given[first]), tuple(expected[first])
         hint = ""
-        if len(got) == 4 and (got[0], got[2], got[3], got[1]) == want:
+        if len(got) == 4 and torch_to_mlx_shape(got) == want:
             hint = "; the convolutions are in PyTorch's OIHW layout, convert the checkpoint with convert.py first"
         problems.append(
             f"{len(misshaped)} with the wrong shape ({_names(misshaped)}; {first} is {got}, expected {want}{hint})"
