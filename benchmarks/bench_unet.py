@@ -2,6 +2,7 @@
 
     python benchmarks/bench_unet.py                                  # SDXL base, 32 and 64 latents, fp32, batch 1
     python benchmarks/bench_unet.py --latent 128 --batch 2 --dtype float16
+    python benchmarks/bench_unet.py --latent 64 128 --batch 2 --dtype float16 --no-torch --low-memory
     python benchmarks/bench_unet.py --quick                          # tiny model: checks the benchmark runs
 
 Both sides get the same weights (diffusers' model, handed to MLX tensor by tensor), the same
@@ -9,7 +10,9 @@ inputs and the same thread count. Reported per case: median seconds per forward 
 (ours, diffusers, ratio), the FLOPs of one forward counted from the model's own layers and the
 input shapes, the GFLOP/s that gives, that as a share of this machine's measured sgemm GFLOP/s,
 and MLX's peak memory. The torch model is timed first and freed before ours is built, so a
-full-size SDXL fits twice over in 24 GB.
+full-size SDXL fits twice over in 24 GB. ``--compile`` runs our forward through mx.compile and
+reports the first call (trace and kernel build) apart; ``--low-memory`` measures the UNet's
+low-memory mode.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from mlx_unet import PRESETS, UNet2DConditionModel, UNetConfig  # noqa: E402
+from mlx_unet import PRESETS, UNet2DConditionModel, UNetConfig, attention  # noqa: E402
+from mlx_unet.linear import Linear  # noqa: E402
 from mlx_unet.weights import load_weights, torch_to_mlx_layout  # noqa: E402
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -45,8 +49,8 @@ def counting_flops():
     """Count multiply-adds (x2) of every Linear, Conv2d and attention call while a forward is
     traced. MLX is lazy, so tracing costs nothing: only shapes are read."""
     total = [0]
-    linear_call, conv_call = nn.Linear.__call__, nn.Conv2d.__call__
-    sdpa = mx.fast.scaled_dot_product_attention
+    linear_call, conv_call = Linear.__call__, nn.Conv2d.__call__
+    sdpa = attention.scaled_dot_product_attention
 
     def linear(self, x):
         y = linear_call(self, x)
@@ -59,18 +63,18 @@ def counting_flops():
         total[0] += 2 * (y.size // out_ch) * out_ch * kh * kw * in_ch
         return y
 
-    def attention(q, k, v, **kwargs):
+    def counted_attention(q, k, v, scale):
         b, h, nq, d = q.shape
         total[0] += 2 * 2 * b * h * nq * k.shape[2] * d  # Q K^T and P V
-        return sdpa(q, k, v, **kwargs)
+        return sdpa(q, k, v, scale)
 
-    nn.Linear.__call__, nn.Conv2d.__call__ = linear, conv
-    mx.fast.scaled_dot_product_attention = attention
+    Linear.__call__, nn.Conv2d.__call__ = linear, conv
+    attention.scaled_dot_product_attention = counted_attention
     try:
         yield total
     finally:
-        nn.Linear.__call__, nn.Conv2d.__call__ = linear_call, conv_call
-        mx.fast.scaled_dot_product_attention = sdpa
+        Linear.__call__, nn.Conv2d.__call__ = linear_call, conv_call
+        attention.scaled_dot_product_attention = sdpa
 
 
 # ---------------------------------------------------------------------- measurements
@@ -123,7 +127,7 @@ def make_inputs(config: UNetConfig, batch: int, size: int, seed: int = 0) -> dic
 
 
 def bench_case(config: UNetConfig, size: int, batch: int, dtype: str, warmup: int, repeats: int,
-               with_torch: bool) -> dict:
+               with_torch: bool, compile: bool = False, low_memory: bool = False) -> dict:
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
 
@@ -169,10 +173,16 @@ def bench_case(config: UNetConfig, size: int, batch: int, dtype: str, warmup: in
         ours(*args, **kwargs)
     result["gflop"] = flops[0] / 1e9
 
+    ours.compile(compile)
+    ours.low_memory(low_memory)
     mx.clear_cache()
     mx.reset_peak_memory()
-    result["ours_s"] = median_seconds(lambda model=ours: mx.eval(model(*args, **kwargs)), warmup, repeats)
+    start = time.perf_counter()
+    mx.eval(ours(*args, **kwargs))
+    result["first_s"] = time.perf_counter() - start
+    result["ours_s"] = median_seconds(lambda model=ours: mx.eval(model(*args, **kwargs)), max(warmup - 1, 0), repeats)
     result["peak_gib"] = mx.get_peak_memory() / 2**30
+    ours.low_memory(False)
     result["weights_gib"] = sum(v.nbytes for _, v in tree_flatten(ours.parameters())) / 2**30
     del ours
     gc.collect()
@@ -191,6 +201,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     p.add_argument("--no-torch", action="store_true", help="time only our forward")
+    p.add_argument("--compile", action="store_true", help="our forward through mx.compile; the first call is reported apart")
+    p.add_argument("--low-memory", action="store_true", help="our forward in the UNet's low-memory mode")
     p.add_argument("--quick", action="store_true", help="tiny model, one small case: a smoke run")
     args = p.parse_args(argv)
     if args.quick:
@@ -206,19 +218,21 @@ def main(argv=None) -> int:
     mlx_sgemm, torch_sgemm = sgemm_gflops(512 if args.quick else 4096)
     machine = max(mlx_sgemm, torch_sgemm)
     blas = mlx_unet.linux_blas.loaded or "MLX's bundled BLAS"
-    print(f"{args.family}, batch {args.batch}; torch {torch.__version__} on {args.threads} threads; MLX "
+    mode = ", ".join(m for m, on in (("compiled", args.compile), ("low-memory", args.low_memory)) if on)
+    print(f"{args.family}, batch {args.batch}{'; ' + mode if mode else ''}; torch {torch.__version__} on {args.threads} threads; MLX "
           f"{mx.__version__} ({mx.default_device()}, {blas})")
     print(f"sgemm: MLX {mlx_sgemm:.0f} GFLOP/s, torch {torch_sgemm:.0f} GFLOP/s -> machine {machine:.0f} GFLOP/s")
     header = (f"{'latent':>6} {'dtype':>8} {'ours s':>8} {'diffusers s':>11} {'ratio':>6} {'GFLOP':>8} "
-              f"{'GFLOP/s':>8} {'of sgemm':>8} {'peak GiB':>8} {'weights GiB':>11}")
+              f"{'GFLOP/s':>8} {'of sgemm':>8} {'peak GiB':>8} {'weights GiB':>11} {'first call s':>12}")
     print(header)
     for dtype in args.dtype:
         for size in args.latent:
-            r = bench_case(config, size, args.batch, dtype, args.warmup, args.repeats, not args.no_torch)
+            r = bench_case(config, size, args.batch, dtype, args.warmup, args.repeats, not args.no_torch,
+                           args.compile, args.low_memory)
             rate = r["gflop"] / r["ours_s"]
             theirs = f"{r['torch_s']:11.3f} {r['ours_s'] / r['torch_s']:6.2f}" if "torch_s" in r else f"{'-':>11} {'-':>6}"
             print(f"{size:>6} {dtype:>8} {r['ours_s']:8.3f} {theirs} {r['gflop']:8.1f} {rate:8.1f} "
-                  f"{rate / machine:8.0%} {r['peak_gib']:8.2f} {r['weights_gib']:11.2f}", flush=True)
+                  f"{rate / machine:8.0%} {r['peak_gib']:8.2f} {r['weights_gib']:11.2f} {r['first_s']:12.2f}", flush=True)
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from .activations import on_cpu
 from .unet import UNet2DConditionModel
 
 VAE_SCALE_FACTOR = 8  # pixels per latent cell in every SD / SDXL VAE
@@ -32,11 +33,23 @@ class Step:
 
 class Sampler:
     """A UNet and a scheduler; ``sampler(...)`` returns the final latents, ``sampler.steps(...)``
-    yields a ``Step`` after each one (the last one's latents are the result)."""
+    yields a ``Step`` after each one (the last one's latents are the result).
 
-    def __init__(self, unet: UNet2DConditionModel, scheduler):
+    ``compile``: run the UNet through ``mx.compile`` (:meth:`UNet2DConditionModel.compile`);
+    by default on Metal and CUDA, where it pays, and not on the CPU, where it does not.
+    ``low_memory``: for 8-16 GB machines: the UNet evaluates block by block with a small
+    buffer cache (:meth:`UNet2DConditionModel.low_memory`), and classifier-free guidance runs
+    its two halves one after the other instead of as one batch of two.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, scheduler, compile: bool | None = None, low_memory: bool = False):
         self.unet = unet
         self.scheduler = scheduler
+        self.low_memory = low_memory
+        unet.low_memory(low_memory)
+        if compile is None:
+            compile = not on_cpu() and not low_memory
+        unet.compile(compile)
 
     def __call__(self, *args, **kwargs) -> mx.array:
         step = None
@@ -122,7 +135,9 @@ class Sampler:
                 )
                 text_embeds = mx.concatenate([negative_pooled, text_embeds])
                 time_ids = mx.concatenate([mx.broadcast_to(negative_time_ids, time_ids.shape), time_ids])
-            added = {"text_embeds": text_embeds.astype(dtype), "time_ids": time_ids}
+            # The same for every step: computed once here, not in each UNet call.
+            added = {"added_embedding": unet.added_embedding(text_embeds.astype(dtype), time_ids)}
+            mx.eval(added)
         if guided:
             negative = mx.zeros_like(prompt_embeds) if negative_prompt_embeds is None else negative_prompt_embeds
             context = mx.concatenate([negative, prompt_embeds])
@@ -159,7 +174,7 @@ class Sampler:
             t = timesteps[i]
             model_input = mx.concatenate([x, x]) if guided else x
             model_input = sched.scale_model_input(model_input, t)
-            prediction = unet(model_input.astype(dtype), t, context, **added).astype(mx.float32)
+            prediction = self._predict(model_input.astype(dtype), t, context, added).astype(mx.float32)
             if guided:
                 uncond, cond = mx.split(prediction, 2)
                 prediction = uncond + guidance_scale * (cond - uncond)
@@ -171,6 +186,18 @@ class Sampler:
             yield Step(i, total, float(t.item()), x, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ helpers
+
+    def _predict(self, model_input, t, context, added) -> mx.array:
+        if not self.low_memory or model_input.shape[0] == 1:
+            return self.unet(model_input, t, context, **added)
+        # One sample at a time: the activations of a batch of one, at the cost of reading the
+        # weights once per sample.
+        halves = []
+        for i in range(model_input.shape[0]):
+            one = {name: value[i:i + 1] for name, value in added.items()}
+            halves.append(self.unet(model_input[i:i + 1], t, context[i:i + 1], **one))
+            mx.eval(halves[-1])
+        return mx.concatenate(halves)
 
     def _time_ids(self, pooled_width, size, original_size, crops, target_size, negative_original_size,
                   negative_crops, negative_target_size, aesthetic_score, negative_aesthetic_score, img2img):

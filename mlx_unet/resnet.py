@@ -4,6 +4,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .activations import silu
+from .linear import Linear
 from .norm import GroupNorm
 
 
@@ -15,7 +17,7 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.norm1 = GroupNorm(groups, in_channels, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.time_emb_proj = Linear(temb_channels, out_channels)
         self.norm2 = GroupNorm(groups, out_channels, eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -24,9 +26,9 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x: mx.array, temb_silu: mx.array) -> mx.array:
         """``temb_silu`` is SiLU(time embedding): every resnet applies that same SiLU first, so the
         UNet computes it once per forward instead of once per block."""
-        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv1(silu(self.norm1(x)))
         h = h + self.time_emb_proj(temb_silu)[:, None, None, :]
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv2(silu(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = skip + h
         if self.output_scale_factor != 1.0:

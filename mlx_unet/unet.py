@@ -7,6 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from .activations import silu
 from .blocks import DownBlock, MidBlock, UpBlock
 from .config import UNetConfig
 from .embeddings import TimestepEmbedding, Timesteps
@@ -18,7 +19,7 @@ class InputError(ValueError):
 
 
 def _shape(x) -> str:
-    return str(tuple(x.shape))
+    return str(tuple(x.shape)) if hasattr(x, "shape") else type(x).__name__
 
 
 class UNet2DConditionModel(nn.Module):
@@ -55,6 +56,9 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = GroupNorm(c.norm_num_groups, channels[0], c.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
+        self._forward = self._denoise
+        self._evaluate_per_block = False
+        self._previous_cache_limit = None
 
     # ------------------------------------------------------------------ forward
 
@@ -69,20 +73,77 @@ class UNet2DConditionModel(nn.Module):
         encoder_hidden_states: mx.array,
         text_embeds: mx.array | None = None,
         time_ids: mx.array | None = None,
+        *,
+        added_embedding: mx.array | None = None,
     ) -> mx.array:
-        sample, timesteps, context, added = self._check_inputs(
-            sample, timestep, encoder_hidden_states, text_embeds, time_ids
-        )
-        c = self.config
-        dtype = self.dtype
+        """``added_embedding`` may replace ``text_embeds``/``time_ids``: it is what
+        :meth:`added_embedding` returns for them, which a sampler computes once per run."""
+        sample, timesteps, context = self._check_inputs(sample, timestep, encoder_hidden_states)
+        if added_embedding is None:
+            added_embedding = self.added_embedding(text_embeds, time_ids, batch=sample.shape[0])
+        elif added_embedding.shape != (sample.shape[0], self.config.time_embed_dim):
+            raise InputError(
+                f"added_embedding must be ({sample.shape[0]}, {self.config.time_embed_dim}) for a batch of "
+                f"{sample.shape[0]}, got {_shape(added_embedding)}; make it with unet.added_embedding()."
+            )
+        extra = () if added_embedding is None else (added_embedding.astype(self.dtype),)
+        forward = self._denoise if self._evaluate_per_block else self._forward
+        return forward(sample, timesteps, context, *extra)
 
+    def added_embedding(self, text_embeds: mx.array | None, time_ids, batch: int | None = None) -> mx.array | None:
+        """SDXL's added conditioning, the pooled text embedding and the size/crop (or aesthetic)
+        ids through ``add_embedding``: (batch, time_embed_dim), or None for UNets without it.
+        It does not depend on the timestep, so a sampling loop needs it once, not every step."""
+        if not self.config.has_text_time_embedding:
+            if text_embeds is not None or time_ids is not None:
+                raise InputError("text_embeds/time_ids were given but this UNet has no added conditioning (not SDXL).")
+            return None
+        if batch is None and isinstance(text_embeds, mx.array) and text_embeds.ndim == 2:
+            batch = text_embeds.shape[0]
+        text_embeds, time_ids = self._check_added_conditioning(batch, text_embeds, time_ids)
+        time_embeds = self.add_time_proj(time_ids.reshape(-1)).reshape(batch, -1)
+        return self.add_embedding(mx.concatenate([text_embeds, time_embeds.astype(self.dtype)], axis=-1))
+
+    def compile(self, enabled: bool = True) -> "UNet2DConditionModel":
+        """Run the forward through ``mx.compile`` (or not, with ``enabled=False``).
+
+        The graph is traced once per input shape and dtype: a new resolution, batch size or
+        dtype traces again; new timesteps, prompts or weights of the same shapes do not
+        (the weights are read at each call, so loading new ones needs no recompile).
+        Elementwise chains (norms, SiLU, residual adds) become one kernel each. On Metal and
+        CUDA that saves memory traffic and launches. On the CPU MLX builds each fused kernel
+        with g++: the first SDXL call takes about 40 s more (kernels are cached on disk for
+        later runs) and later calls are no faster, so samplers compile by default only off the
+        CPU. ``benchmarks/bench_unet.py --compile`` measures both costs.
+        """
+        self._forward = mx.compile(self._denoise, inputs=self.state) if enabled else self._denoise
+        return self
+
+    def low_memory(self, enabled: bool = True, cache_limit_gb: float = 0.25) -> "UNet2DConditionModel":
+        """Lower the peak memory of a forward, for 8-16 GB machines, at some cost in speed.
+
+        The forward is evaluated block by block (so no lazy graph of the whole UNet is built
+        and held, and no compiled one: this overrides :meth:`compile`), and MLX's buffer cache,
+        which keeps freed buffers for reuse, is limited to ``cache_limit_gb`` for the process
+        (``low_memory(False)`` restores the previous limit).
+        ``benchmarks/bench_unet.py --low-memory`` measures the peak either way.
+        """
+        if enabled and self._previous_cache_limit is None:
+            self._previous_cache_limit = mx.set_cache_limit(int(cache_limit_gb * 2**30))
+        elif not enabled and self._previous_cache_limit is not None:
+            mx.set_cache_limit(self._previous_cache_limit)
+            self._previous_cache_limit = None
+        self._evaluate_per_block = enabled
+        return self
+
+    def _denoise(self, sample: mx.array, timesteps: mx.array, context: mx.array, *added: mx.array) -> mx.array:
+        """The forward on checked inputs: (B, H, W, C) sample in the model dtype, float32 (B,)
+        timesteps, (B, tokens, width) context and, for SDXL, the added embedding."""
+        c = self.config
         # diffusers casts the float32 sinusoid to the activation dtype before the MLP.
-        emb = self.time_embedding(self.time_proj(timesteps).astype(dtype))
-        if added is not None:
-            text_embeds, time_ids = added
-            batch = sample.shape[0]
-            time_embeds = self.add_time_proj(time_ids.reshape(-1)).reshape(batch, -1)
-            emb = emb + self.add_embedding(mx.concatenate([text_embeds, time_embeds.astype(dtype)], axis=-1))
+        emb = self.time_embedding(self.time_proj(timesteps).astype(self.dtype))
+        if added:
+            emb = emb + added[0]
         temb_silu = nn.silu(emb)
 
         if c.center_input_sample:
@@ -93,9 +154,11 @@ class UNet2DConditionModel(nn.Module):
         for block in self.down_blocks:
             x, block_skips = block(x, temb_silu, context)
             skips.extend(block_skips)
+            self._block_done(x, skips)
 
         if self.mid_block is not None:
             x = self.mid_block(x, temb_silu, context)
+            self._block_done(x)
 
         # When the latent is not a multiple of the total downsampling, the stride-2 convolutions
         # rounded up; each upsampler then targets the size of the skip it will be joined with
@@ -108,13 +171,18 @@ class UNet2DConditionModel(nn.Module):
                 remaining = len(block.resnets)
                 size = tuple(skips[-remaining - 1].shape[1:3])
             x = block(x, temb_silu, context, skips, size)
+            self._block_done(x)
 
-        x = nn.silu(self.conv_norm_out(x))
+        x = silu(self.conv_norm_out(x))
         return self.conv_out(x)
+
+    def _block_done(self, *arrays) -> None:
+        if self._evaluate_per_block:
+            mx.eval(*arrays)
 
     # ------------------------------------------------------------------ input checks
 
-    def _check_inputs(self, sample, timestep, context, text_embeds, time_ids):
+    def _check_inputs(self, sample, timestep, context):
         c = self.config
         dtype = self.dtype
         if not isinstance(sample, mx.array):
@@ -133,7 +201,7 @@ class UNet2DConditionModel(nn.Module):
                 f"(NHWC, got shape {_shape(sample)}){hint}."
             )
 
-        timesteps = timestep if isinstance(timestep, mx.array) else mx.array(timestep)
+        timesteps = (timestep if isinstance(timestep, mx.array) else mx.array(timestep)).astype(mx.float32)
         if timesteps.ndim == 0 or timesteps.shape == (1,):
             timesteps = mx.broadcast_to(timesteps.reshape(1), (batch,))
         elif timesteps.shape != (batch,):
@@ -156,13 +224,7 @@ class UNet2DConditionModel(nn.Module):
             raise InputError(
                 f"encoder_hidden_states has batch {context.shape[0]} but sample has batch {batch}."
             )
-
-        added = None
-        if c.has_text_time_embedding:
-            added = self._check_added_conditioning(batch, text_embeds, time_ids)
-        elif text_embeds is not None or time_ids is not None:
-            raise InputError("text_embeds/time_ids were given but this UNet has no added conditioning (not SDXL).")
-        return sample.astype(dtype), timesteps, context.astype(dtype), added
+        return sample.astype(dtype), timesteps, context.astype(dtype)
 
     def _check_added_conditioning(self, batch, text_embeds, time_ids):
         c = self.config
@@ -176,7 +238,7 @@ class UNet2DConditionModel(nn.Module):
             )
         if not isinstance(time_ids, mx.array):
             time_ids = mx.array(time_ids)
-        if text_embeds.ndim != 2 or text_embeds.shape[0] != batch:
+        if not isinstance(text_embeds, mx.array) or text_embeds.ndim != 2 or text_embeds.shape[0] != batch:
             raise InputError(f"text_embeds must be ({batch}, width) for a batch of {batch}, got {_shape(text_embeds)}.")
         if time_ids.ndim == 1:
             time_ids = time_ids[None]

@@ -11,6 +11,7 @@ from typing import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 
@@ -19,8 +20,14 @@ class WeightsError(ValueError):
 
 
 def torch_to_mlx_layout(array):
-    """A PyTorch-layout parameter (numpy or MLX array) in MLX layout: conv kernels OIHW -> OHWI."""
-    return array.transpose(0, 2, 3, 1) if array.ndim == 4 else array
+    """A PyTorch-layout parameter (numpy or MLX array) in MLX layout: conv kernels OIHW -> OHWI.
+
+    A numpy result is made contiguous: ``mx.array`` keeps a transposed view's strides, and MLX's
+    CPU convolution then re-lays the kernel out on every call (4-5x slower at SDXL's widths)."""
+    if array.ndim != 4:
+        return array
+    moved = array.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(moved) if isinstance(moved, np.ndarray) else moved
 
 
 def torch_to_mlx_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -73,8 +80,9 @@ def check_weights(model: nn.Module, weights: Mapping[str, mx.array]) -> None:
 def load_weights(model: nn.Module, weights: Mapping[str, mx.array], dtype: mx.Dtype | None = None) -> None:
     """Put ``weights`` (MLX layout, diffusers names) into ``model`` after checking every key and shape."""
     check_weights(model, weights)
-    if dtype is not None:
-        weights = {k: v.astype(dtype) for k, v in weights.items()}
+    # Row-contiguous parameters: a strided one (an mx.array of a transposed numpy view, say)
+    # would be copied by every convolution or matmul that reads it. A no-op for the rest.
+    weights = {k: mx.contiguous(v if dtype is None else v.astype(dtype)) for k, v in weights.items()}
     model.update(tree_unflatten(list(weights.items())))
 
 

@@ -15,4 +15,13 @@ def test_benchmark_quick_run_reports_every_column():
     assert "sgemm: MLX" in proc.stdout
     header, row = lines[-2].split(), lines[-1].split()
     assert header[:3] == ["latent", "dtype", "ours"] and row[:2] == ["16", "float32"]
-    assert len(row) == 10 and float(row[5]) > 0  # GFLOP counted from the model's layers
+    assert len(row) == 11 and float(row[5]) > 0  # GFLOP counted from the model's layers
+
+
+def test_benchmark_runs_compiled_and_in_low_memory_mode():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_unet.py"), "--quick", "--compile",
+                           "--low-memory", "--no-torch"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "compiled, low-memory" in proc.stdout
+    row = proc.stdout.strip().splitlines()[-1].split()
+    assert row[:2] == ["16", "float32"] and row[3] == "-" and float(row[-1]) > 0
