@@ -126,6 +126,7 @@ def test_without_guidance_runs_one_batch(base):
     real_unet = sampler.unet
     sampler.unet = lambda x, *a, **k: calls.append(x.shape) or real_unet(x, *a, **k)
     sampler.unet.config, sampler.unet.dtype = real_unet.config, real_unet.dtype
+    sampler.unet.added_embedding = real_unet.added_embedding
     ours = sampler(**to_mlx(emb), latents=mx.array(start), num_inference_steps=5, guidance_scale=1.0)
     assert calls == [(1, 16, 24, 4)] * 5
     assert relative_error(np.array(ours), nhwc(expected)) <= FP32
