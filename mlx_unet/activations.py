@@ -129,16 +129,19 @@ def _erf_ratio(x: mx.array) -> mx.array:
     return _estrin(_ERF_P, s) / _estrin(_ERF_Q, s)
 
 
+def _gelu_from_ratio(x: mx.array, ratio: mx.array) -> mx.array:
+    """x * (1 + erf(z)) / 2 in float32, given _erf_ratio(x)."""
+    return x.astype(mx.float32) * (0.5 + 0.5 * (_erf_argument(x) * ratio))
+
+
 @mx.compile
 def _gelu_join(x: mx.array, ratio: mx.array) -> mx.array:
-    x32 = x.astype(mx.float32)
-    return (x32 * (0.5 + 0.5 * (_erf_argument(x) * ratio))).astype(x.dtype)
+    return _gelu_from_ratio(x, ratio).astype(x.dtype)
 
 
 @mx.compile
 def _geglu_join(value: mx.array, gate: mx.array, ratio: mx.array) -> mx.array:
-    g = gate.astype(mx.float32)
-    return (value.astype(mx.float32) * (g * (0.5 + 0.5 * (_erf_argument(gate) * ratio)))).astype(value.dtype)
+    return (value.astype(mx.float32) * _gelu_from_ratio(gate, ratio)).astype(value.dtype)
 
 
 def gelu(x: mx.array) -> mx.array:

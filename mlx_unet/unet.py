@@ -112,7 +112,7 @@ class UNet2DConditionModel(nn.Module):
         (the weights are read at each call, so loading new ones needs no recompile).
         Elementwise chains (norms, SiLU, residual adds) become one kernel each. On Metal and
         CUDA that saves memory traffic and launches. On the CPU MLX builds each fused kernel
-        with g++: the first SDXL call takes about 40 s more (kernels are cached on disk for
+        with g++: the first SDXL call takes about 45 s more (kernels are cached on disk for
         later runs) and later calls are no faster, so samplers compile by default only off the
         CPU. ``benchmarks/bench_unet.py --compile`` measures both costs.
         """

@@ -22,8 +22,10 @@ class WeightsError(ValueError):
 def torch_to_mlx_layout(array):
     """A PyTorch-layout parameter (numpy or MLX array) in MLX layout: conv kernels OIHW -> OHWI.
 
-    A numpy result is made contiguous: ``mx.array`` keeps a transposed view's strides, and MLX's
-    CPU convolution then re-lays the kernel out on every call (4-5x slower at SDXL's widths)."""
+    A numpy result is made contiguous here, while one tensor is in hand: ``mx.array`` keeps a
+    transposed view's strides, which ``load_weights`` would otherwise re-lay out (it makes every
+    parameter contiguous, as MLX's CPU convolution is 4-5x slower on a strided kernel), lazily,
+    so the strided and contiguous copies of every kernel would coexist until evaluated."""
     if array.ndim != 4:
         return array
     moved = array.transpose(0, 2, 3, 1)
