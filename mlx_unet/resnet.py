@@ -10,24 +10,28 @@ from .norm import GroupNorm
 
 
 class ResnetBlock2D(nn.Module):
-    """GroupNorm -> SiLU -> conv1 (+ time projection) -> GroupNorm -> SiLU -> conv2, plus the skip."""
+    """GroupNorm -> SiLU -> conv1 (+ time projection) -> GroupNorm -> SiLU -> conv2, plus the skip.
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float,
+    With ``temb_channels=None`` (the VAE's resnets) there is no time projection at all."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, eps: float,
                  output_scale_factor: float = 1.0):
         super().__init__()
         self.norm1 = GroupNorm(groups, in_channels, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = Linear(temb_channels, out_channels)
+        self.time_emb_proj = Linear(temb_channels, out_channels) if temb_channels is not None else None
         self.norm2 = GroupNorm(groups, out_channels, eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
 
-    def __call__(self, x: mx.array, temb_silu: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, temb_silu: mx.array | None = None) -> mx.array:
         """``temb_silu`` is SiLU(time embedding): every resnet applies that same SiLU first, so the
-        UNet computes it once per forward instead of once per block."""
+        UNet computes it once per forward instead of once per block. Blocks without a time
+        projection take none."""
         h = self.conv1(silu(self.norm1(x)))
-        h = h + self.time_emb_proj(temb_silu)[:, None, None, :]
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(temb_silu)[:, None, None, :]
         h = self.conv2(silu(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = skip + h

@@ -60,6 +60,46 @@ class SingleFileError(ValueError):
     """A single-file checkpoint whose UNet we cannot find or do not understand."""
 
 
+@dataclass(frozen=True)
+class Take:
+    """Where one parameter comes from: a key in the source, and how its (PyTorch-layout) value is
+    cut from the stored tensor where the original code stores it differently from diffusers.
+
+    ``rows=(i, n)``: the i-th of n equal row blocks (open_clip fuses q, k and v in one in_proj);
+    ``transpose``: a matrix the original multiplies from the right (``x @ W``), where a Linear
+    keeps ``W.T``; ``squeeze``: a 1x1 convolution kernel that diffusers holds as a Linear weight.
+    """
+
+    key: str
+    rows: tuple[int, int] | None = None
+    transpose: bool = False
+    squeeze: bool = False
+
+    def shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape ``apply`` makes of a tensor of shape ``stored`` (left alone where it cannot
+        apply, so that the shape check reports the stored shape)."""
+        shape = tuple(stored)
+        if self.rows is not None and shape and shape[0] % self.rows[1] == 0:
+            shape = (shape[0] // self.rows[1], *shape[1:])
+        if self.squeeze and len(shape) > 2 and all(d == 1 for d in shape[2:]):
+            shape = shape[:2]
+        if self.transpose and len(shape) == 2:
+            shape = shape[::-1]
+        return shape
+
+    def apply(self, array):
+        """The parameter, from the stored tensor (an MLX or numpy array)."""
+        if self.rows is not None:
+            index, count = self.rows
+            size = array.shape[0] // count
+            array = array[index * size:(index + 1) * size]
+        if self.squeeze:
+            array = array.reshape(array.shape[:2])
+        if self.transpose:
+            array = array.T
+        return array
+
+
 @dataclass
 class SingleFileUNet:
     """What a single file holds: the inferred config and diffusers name -> key in the file."""

@@ -1,4 +1,4 @@
-"""diffusers UNet weights renamed into the original single-file layout (ldm / sgm ``UNetModel``).
+"""diffusers and transformers weights renamed into the original single-file layout (ldm / sgm).
 
 Stability's own checkpoints (``sd_xl_base_1.0.safetensors``, ``v1-5-pruned.safetensors``, ...) name
 the UNet ``model.diffusion_model.input_blocks.N.M...`` etc. Tests build such files from seeded
@@ -8,6 +8,8 @@ independently of diffusers' converter, so that loading the result with diffusers
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -124,3 +126,106 @@ def ema_key(original_key: str) -> str:
     if not original_key.startswith("model."):
         raise ValueError(f"{original_key!r} is not a model.* parameter name")
     return "model_ema." + original_key.removeprefix("model.").replace(".", "")
+
+
+# ---------------------------------------------------------------------- text encoders and VAE
+# sgm's SDXL checkpoints hold the whole pipeline. These maps are written from the original
+# modules (open_clip's ResidualAttentionBlock, ldm's Encoder/Decoder), and checked against
+# diffusers' own single-file converters in test_original_layout.py.
+
+CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # FrozenCLIPEmbedder: a transformers CLIPTextModel
+BIGG_PREFIX = {"base": "conditioner.embedders.1.model.", "refiner": "conditioner.embedders.0.model."}
+VAE_PREFIX = "first_stage_model."
+
+
+def clip_to_original(state_dict: dict[str, torch.Tensor], prefix: str = CLIP_L_PREFIX) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel under sgm's names: transformers' own (as 4.x had them, with the
+    ``text_model.`` that transformers 5 leaves out of a bare CLIPTextModel), below ``prefix``."""
+    return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state_dict.items()}
+
+
+# transformers' CLIPEncoderLayer -> open_clip's ResidualAttentionBlock.
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
+_OPEN_CLIP_TOP = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+
+
+def open_clip_to_original(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModelWithProjection as open_clip's text tower stores it: q, k and v
+    stacked into nn.MultiheadAttention's in_proj, the projection as a (width, embed) matrix applied
+    as ``x @ text_projection``, and CLIP's logit_scale beside them."""
+    out = {prefix + "logit_scale": torch.tensor(4.6052)}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        layer = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = tensor.T.contiguous()
+        elif key in _OPEN_CLIP_TOP:
+            out[prefix + _OPEN_CLIP_TOP[key]] = tensor
+        elif layer and layer[2] in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            fused.setdefault(f"transformer.resblocks.{layer[1]}.attn.in_proj_{layer[3]}", {})[layer[2]] = tensor
+        elif layer:
+            out[f"{prefix}transformer.resblocks.{layer[1]}.{_OPEN_CLIP_LAYER[layer[2]]}.{layer[3]}"] = tensor
+        else:
+            raise KeyError(f"no open_clip name for {key!r}")
+    for name, parts in fused.items():
+        out[prefix + name] = torch.cat([parts[f"self_attn.{x}_proj"] for x in "qkv"])
+    return out
+
+
+_LDM_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+_LDM_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_to_original(state_dict: dict[str, torch.Tensor], prefix: str = VAE_PREFIX) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL as ldm's stores it: levels as ``down.N`` / ``up.N`` (the decoder's
+    numbered from the lowest resolution), ``mid.block_1``, and the mid attention as 1x1 convolutions."""
+    levels = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("decoder.up_blocks."))
+    out = {}
+    for key, tensor in state_dict.items():
+        part, rest = key.split(".", 1)
+        module, _, param = rest.rpartition(".")
+        if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", module):
+            level = int(m[2]) if m[1] == "down" else levels - 1 - int(m[2])
+            name = f"{part}.{m[1]}.{level}.block.{m[3]}.{_LDM_RESNET[m[4]]}"
+        elif m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(down|up)samplers\.0\.conv", module):
+            level = int(m[2]) if m[1] == "down" else levels - 1 - int(m[2])
+            name = f"{part}.{m[1]}.{level}.{m[3]}sample.conv"
+        elif m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(\w+)", module):
+            name = f"{part}.mid.block_{int(m[1]) + 1}.{_LDM_RESNET[m[2]]}"
+        elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module):
+            name = f"{part}.mid.attn_1.{_LDM_ATTENTION[m[1]]}"
+            if tensor.ndim == 2:
+                tensor = tensor[:, :, None, None]
+        elif module in ("conv_in", "conv_out", "conv_norm_out") and part in ("encoder", "decoder"):
+            name = f"{part}.{module.replace('conv_norm_out', 'norm_out')}"
+        elif part in ("quant_conv", "post_quant_conv"):
+            name = part
+        else:
+            raise KeyError(f"no ldm name for {key!r}")
+        out[f"{prefix}{name}.{param}"] = tensor
+    return out
+
+
+def sdxl_single_file(unet: dict[str, torch.Tensor], unet_config: UNetConfig, text_encoder_2: dict[str, torch.Tensor],
+                     vae: dict[str, torch.Tensor], text_encoder: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """An sgm SDXL checkpoint: the base when ``text_encoder`` (CLIP ViT-L) is given, else the refiner."""
+    tensors = {**to_original_layout(unet, unet_config), **vae_to_original(vae)}
+    if text_encoder is not None:
+        tensors |= clip_to_original(text_encoder)
+        # Written by transformers 4.x, which saved this buffer too.
+        tensors[CLIP_L_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    tensors |= open_clip_to_original(text_encoder_2, BIGG_PREFIX["base" if text_encoder is not None else "refiner"])
+    return tensors

@@ -70,6 +70,7 @@ def test_diffusers_folder_converts_and_matches(tmp_path, family, form):
         assert len(list(folder.glob("*.safetensors"))) > 3
     result = convert(folder, tmp_path / "mlx", dtype="float32", progress=False)
     assert result.config == config
+    assert result.notes == ["the source holds only a UNet: writing it alone (config.json + model.safetensors)"]
     assert_matches(tmp_path / "mlx", reference, config, name)
 
 
@@ -78,7 +79,7 @@ def test_pipeline_root_uses_its_unet_folder_and_default_float16(tmp_path):
     reference = rounded_to_fp16(torch_unet(config, seed=31))
     reference.save_pretrained(tmp_path / "pipe" / "unet")
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
-    proc = run_cli(tmp_path / "pipe", tmp_path / "mlx")
+    proc = run_cli(tmp_path / "pipe", tmp_path / "mlx", "--unet-only")
     assert proc.returncode == 0, proc.stderr
     assert "converting: 100%" in proc.stderr  # progress is shown
     reader = SafetensorsReader(tmp_path / "mlx" / "model.safetensors")
@@ -139,7 +140,7 @@ def test_hub_repo_from_the_offline_cache(tmp_path):
         "unet/diffusion_pytorch_model.fp16.safetensors": tmp_path / "saved" / "diffusion_pytorch_model.fp16.safetensors",
     })
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    proc = run_cli("someone/tiny-sdxl", tmp_path / "mlx", "--dtype", "float32", env=env)
+    proc = run_cli("someone/tiny-sdxl", tmp_path / "mlx", "--dtype", "float32", "--unet-only", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "Hub repo someone/tiny-sdxl" in proc.stderr
     assert_matches(tmp_path / "mlx", reference, config)
@@ -178,7 +179,7 @@ def test_hub_download_fetches_only_the_unet_preferring_fp16(tmp_path, monkeypatc
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    convert("org/sd15-tiny", tmp_path / "mlx", revision="v1", progress=False)
+    convert("org/sd15-tiny", tmp_path / "mlx", revision="v1", unet_only=True, progress=False)
     assert requested == {"repo_id": "org/sd15-tiny", "revision": "v1",
                          "allow_patterns": ["unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors"]}
     assert_matches(tmp_path / "mlx", reference, config)
@@ -211,7 +212,7 @@ def test_single_file_with_inferred_config(tmp_path, name):
     config = SINGLE_FILE_FAMILIES[name]
     reference = torch_unet(config, seed=36)
     path = write_single_file(tmp_path / "model.safetensors", reference, config)
-    proc = run_cli(path, tmp_path / "mlx", "--dtype", "float32")
+    proc = run_cli(path, tmp_path / "mlx", "--dtype", "float32", "--unet-only")
     assert proc.returncode == 0, proc.stderr
     assert "left alone: VAE (1 tensors), text encoders (1 tensors), other (1 tensors)" in proc.stderr
     inferred = UNet2DConditionModel.from_pretrained(tmp_path / "mlx").config
@@ -223,13 +224,20 @@ def test_single_file_ema_weights(tmp_path):
     config = SINGLE_FILE_FAMILIES["sd15"]
     live, ema = torch_unet(config, seed=37), torch_unet(config, seed=38)
     path = write_single_file(tmp_path / "v1.safetensors", live, config, ema_model=ema)
-    convert(path, tmp_path / "ema", dtype="float32", ema=True, progress=False)
-    convert(path, tmp_path / "live", dtype="float32", progress=False)
+    convert(path, tmp_path / "ema", dtype="float32", ema=True, unet_only=True, progress=False)
+    convert(path, tmp_path / "live", dtype="float32", unet_only=True, progress=False)
     assert_matches(tmp_path / "ema", ema, config)
     assert_matches(tmp_path / "live", live, config)
     no_ema = write_single_file(tmp_path / "plain.safetensors", live, config)
-    result = convert(no_ema, tmp_path / "fallback", dtype="float32", ema=True, progress=False)
+    result = convert(no_ema, tmp_path / "fallback", dtype="float32", ema=True, unet_only=True, progress=False)
     assert any("has no EMA weights" in note for note in result.notes)
+
+
+def test_full_checkpoint_of_another_family_needs_unet_only(tmp_path, sd15_file):
+    with pytest.raises(ConversionError, match="is an SD 1.x checkpoint; only SDXL checkpoints convert as a whole "
+                                              "pipeline: pass --unet-only to convert its UNet"):
+        convert(sd15_file, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_lone_diffusers_weights_file_uses_the_config_beside_it(tmp_path):
@@ -246,7 +254,7 @@ def test_explicit_config_overrides_inference(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     reference = torch_unet(SINGLE_FILE_FAMILIES["sd2"], seed=40)
     path = write_single_file(tmp_path / "sd2.safetensors", reference, SINGLE_FILE_FAMILIES["sd2"])
-    result = convert(path, tmp_path / "mlx", config=tmp_path / "config.json", progress=False)
+    result = convert(path, tmp_path / "mlx", config=tmp_path / "config.json", unet_only=True, progress=False)
     assert result.config.upcast_attention is False
 
 
@@ -384,10 +392,10 @@ def test_existing_output_needs_force_and_is_replaced_whole(tmp_path, sd15_file):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = run_cli(sd15_file, out)
+    proc = run_cli(sd15_file, out, "--unet-only")
     assert proc.returncode == 2 and "exists and is not empty; pass --force" in proc.stderr
     assert (out / "keep.txt").read_text() == "mine"
-    proc = run_cli(sd15_file, out, "--force")
+    proc = run_cli(sd15_file, out, "--force", "--unet-only")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
@@ -409,7 +417,7 @@ def test_failure_midway_leaves_nothing_and_keeps_the_old_output(tmp_path, sd15_f
 
     monkeypatch.setattr(SafetensorsReader, "read", failing_read)
     with pytest.raises(type(failure)):
-        convert(sd15_file, out, force=True, progress=False)
+        convert(sd15_file, out, force=True, unet_only=True, progress=False)
     assert calls["n"] == 50
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
@@ -417,7 +425,7 @@ def test_failure_midway_leaves_nothing_and_keeps_the_old_output(tmp_path, sd15_f
     fresh = tmp_path / "fresh"
     calls["n"] = 0
     with pytest.raises(type(failure)):
-        convert(sd15_file, fresh, progress=False)
+        convert(sd15_file, fresh, unet_only=True, progress=False)
     assert not fresh.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -1,13 +1,33 @@
-"""to_original_layout checked against diffusers' own single-file loader, which maps the other way."""
+"""The original-layout maps of tests/original_layout.py checked against diffusers' own single-file
+converters, which map the other way."""
 
 import json
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
-from original_layout import SINGLE_FILE_FAMILIES, ema_key, to_original_layout
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+from original_layout import (
+    BIGG_PREFIX,
+    CLIP_L_PREFIX,
+    SINGLE_FILE_FAMILIES,
+    clip_to_original,
+    ema_key,
+    open_clip_to_original,
+    to_original_layout,
+    vae_to_original,
+)
 from reference import torch_unet
+from reference_text import torch_text_encoder
+from reference_vae import torch_vae
 from safetensors.torch import save_file
+
+from mlx_unet.text_encoder import CLIPTextConfig
+from mlx_unet.vae import VAEConfig
 
 PREFIX = "model.diffusion_model."
 
@@ -97,3 +117,54 @@ def test_extract_ema_loads_the_ema_copy(tmp_path):
 
     assert_same_parameters(load_single_file(file, folder, extract_ema=True), ema)
     assert_same_parameters(load_single_file(file, folder), live)
+
+
+# ---------------------------------------------------------------------- text encoders and VAE
+
+
+@pytest.fixture(scope="module")
+def components():
+    """Tiny seeded text encoders and VAE; bigG's width differs from its projection's, so a
+    transposed text_projection cannot pass for the right one."""
+    clip_l = CLIPTextConfig.from_preset("tiny-clip-l", vocab_size=300, num_hidden_layers=2)
+    bigg = CLIPTextConfig.from_preset("tiny-clip-bigg", vocab_size=300, num_hidden_layers=2)
+    vae = VAEConfig.from_preset("tiny")
+    return {"clip_l": torch_text_encoder(clip_l, seed=6), "bigg": torch_text_encoder(bigg, seed=7),
+            "vae": (vae, torch_vae(vae, seed=8))}
+
+
+def assert_same_tensors(got: dict, expected: dict):
+    assert set(got) == set(expected)
+    differ = [k for k in expected if not torch.equal(got[k], expected[k])]
+    assert not differ, differ[:5]
+
+
+def test_diffusers_reads_the_original_vae_layout(components):
+    config, vae = components["vae"]
+    original = vae_to_original(vae.state_dict())
+    assert len(original) == len(vae.state_dict())
+    assert original["first_stage_model.encoder.mid.attn_1.q.weight"].shape[2:] == (1, 1)
+    # The decoder's first level in diffusers is ldm's last, the lowest resolution.
+    assert torch.equal(original["first_stage_model.decoder.up.3.block.0.conv1.weight"],
+                       vae.state_dict()["decoder.up_blocks.0.resnets.0.conv1.weight"])
+    assert_same_tensors(convert_ldm_vae_checkpoint(original, config.to_diffusers_dict()), vae.state_dict())
+
+
+@pytest.mark.parametrize("pipeline", ["base", "refiner"])
+def test_diffusers_reads_the_original_open_clip_layout(components, pipeline):
+    bigg = components["bigg"]
+    prefix = BIGG_PREFIX[pipeline]
+    original = open_clip_to_original(bigg.state_dict(), prefix)
+    width, projection = bigg.config.hidden_size, bigg.config.projection_dim
+    assert original[prefix + "text_projection"].shape == (width, projection)
+    assert original[prefix + "transformer.resblocks.1.attn.in_proj_weight"].shape == (3 * width, width)
+    assert_same_tensors(convert_open_clip_checkpoint(bigg, original, prefix=prefix), bigg.state_dict())
+
+
+def test_diffusers_reads_the_original_clip_layout(components):
+    clip_l = components["clip_l"]
+    original = clip_to_original(clip_l.state_dict())
+    assert all(k.startswith(CLIP_L_PREFIX + "text_model.") for k in original)
+    # diffusers keeps transformers 4's names, which transformers 5 reads into a bare CLIPTextModel.
+    converted = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(original).items()}
+    assert_same_tensors(converted, clip_l.state_dict())

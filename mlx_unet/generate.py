@@ -1,0 +1,167 @@
+"""Text to image from the command line:
+
+    python -m mlx_unet.generate "a photo of an astronaut riding a horse" --model models/sdxl -o out.png
+
+--model is a pipeline folder written by convert.py (a Hub repo id, diffusers folder or original
+single file converted whole). Several images (--batch-size) are written as out.png, out-1.png, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import struct
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+from . import linux_blas
+
+linux_blas.preload()
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .schedulers import SAMPLERS  # noqa: E402
+from .text_to_image import SDXLPipeline  # noqa: E402
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """An (H, W, 3) uint8 image as an 8-bit RGB PNG, written atomically (temp file + rename)."""
+    height, width, _ = image.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, width * 3)], axis=1)  # filter 0 per row
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(png)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output] + [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(1, count)]
+
+
+class Progress:
+    """One line per stage on stderr: a bar, steps done, seconds per step."""
+
+    def __init__(self, enabled: bool, stream=sys.stderr):
+        self.enabled = enabled
+        self.stream = stream
+        self.seconds: dict[str, list[float]] = {}
+
+    def __call__(self, stage: str, step) -> None:
+        self.seconds.setdefault(stage, []).append(step.seconds)
+        if not self.enabled:
+            return
+        done = step.index + 1
+        bar = "#" * (24 * done // step.total)
+        end = "\n" if done == step.total else ""
+        self.stream.write(f"\r{stage:8s} [{bar:24s}] {done}/{step.total}  {step.seconds:.2f} s/step{end}")
+        self.stream.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_unet.generate", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt")
+    p.add_argument("--model", type=Path, required=True, help="converted pipeline folder (convert.py output)")
+    p.add_argument("-o", "--output", type=Path, default=Path("image.png"), help="PNG to write (default: image.png)")
+    p.add_argument("--negative-prompt", help="what to steer away from (default: none; SDXL then guides against zeros)")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale; <= 1 disables it (default: 5)")
+    p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's, 1024 for SDXL)")
+    p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--seed", type=int, help="random seed (default: drawn and printed)")
+    p.add_argument("--scheduler", choices=list(SAMPLERS), help="sampler (default: the one the model ships with)")
+    p.add_argument("-n", "--batch-size", type=int, default=1, help="images to make (default: 1)")
+    p.add_argument("--refiner", type=Path, help="converted SDXL refiner folder: it finishes the last part of the schedule")
+    p.add_argument("--refiner-start", type=float, default=0.8,
+                   help="fraction of the schedule after which the refiner takes over (default: 0.8)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float16", help="UNet and text encoder precision (default: float16)")
+    p.add_argument("--vae-dtype", choices=list(DTYPES),
+                   help="VAE precision (default: float32, or the weights' when the VAE is safe in float16)")
+    p.add_argument("--tile-vae", action="store_true", help="decode in tiles: less memory for large images")
+    p.add_argument("--low-memory", action="store_true", help="for 8-16 GB machines: UNet block by block, guidance halves in turn")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8):
+            p.error(f"--{name} must be a positive multiple of 8, got {value}")
+    if not 0 < args.refiner_start < 1:
+        p.error(f"--refiner-start must be between 0 and 1, got {args.refiner_start}")
+    if args.output.suffix.lower() != ".png":
+        p.error(f"--output must be a .png file, got {args.output}")
+    if not args.output.parent.is_dir():
+        p.error(f"the folder of --output does not exist: {args.output.parent}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
+    try:
+        start = time.perf_counter()
+        pipe = SDXLPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype],
+                                            vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
+        refiner = None
+        if args.refiner is not None:
+            refiner = SDXLPipeline.from_pretrained(args.refiner, dtype=DTYPES[args.dtype],
+                                                   vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
+        if args.tile_vae:
+            (refiner or pipe).vae.enable_tiling()
+        log(f"loaded {args.model} in {time.perf_counter() - start:.1f} s; seed {seed}")
+        progress = Progress(not args.quiet)
+        images = pipe(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                      height=args.height, width=args.width, num_images_per_prompt=args.batch_size, seed=seed,
+                      scheduler=args.scheduler, refiner=refiner, refiner_start=args.refiner_start,
+                      low_memory=args.low_memory, callback=progress)
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing was written.", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if not type(e).__module__.startswith("mlx_unet"):  # ours are user errors; anything else is a bug
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths = output_paths(args.output, len(images))
+    for path, image in zip(paths, images):
+        write_png(path, image)
+    for stage, seconds in progress.seconds.items():
+        # The first step includes one-time work (kernel builds, weight reads): the median is typical.
+        log(f"{stage}: {len(seconds)} steps, median {np.median(seconds):.2f} s/step")
+    log(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.1f} s; "
+        f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Prompt in, image out: SDXL's text-to-image pipeline in MLX alone (no torch at run time).
+
+Mirrors diffusers' StableDiffusionXLPipeline: both tokenizers and text encoders make the prompt
+embeddings, ``Sampler`` denoises, the VAE decodes. The folder is what ``convert.py`` writes for a
+whole pipeline (``unet/``, ``vae/``, ``text_encoder[_2]/``, ``tokenizer[_2]/``, ``scheduler/``,
+``model_index.json``); a refiner folder has only the second encoder and tokenizer.
+
+Memory: the text encoders are loaded for the prompt and released before the denoising loop, so
+at most one of (encoders, UNet) is resident with the VAE; a refiner's UNet is loaded only after
+the base UNet is released.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .pipeline import Sampler, Step
+from .schedulers import SAMPLERS, make_scheduler
+from .text_encoder import CLIPTextModel
+from .tokenizer import CLIPTokenizer
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
+
+
+class PipelineError(ValueError):
+    """A model folder that is not a converted pipeline, or arguments it cannot run with."""
+
+
+# diffusers' scheduler class -> our sampler name, to default to the model's own sampler.
+_SAMPLER_OF_CLASS = {
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "DDIMScheduler": "ddim",
+}
+
+
+@dataclass
+class PromptEmbeddings:
+    """What the UNet is conditioned on: (B, 77, width) token states, (B, pooled) for SDXL, and
+    the negative pair (None: zeros, SDXL's ``force_zeros_for_empty_prompt``)."""
+
+    context: mx.array
+    pooled: mx.array | None
+    negative_context: mx.array | None
+    negative_pooled: mx.array | None
+
+
+def _as_list(prompt: str | Sequence[str], name: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise PipelineError(f"{name} must be a string or a non-empty list of strings.")
+    return prompts
+
+
+class SDXLPipeline:
+    """``SDXLPipeline.from_pretrained(folder)(prompt)`` -> uint8 images (B, H, W, 3)."""
+
+    def __init__(self, folder: Path, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                 tokenizers: list[CLIPTokenizer | None], encoder_folders: list[Path | None],
+                 dtype: mx.Dtype, force_zeros_for_empty_prompt: bool, keep_text_encoders: bool = False):
+        self.folder = folder
+        self.unet = unet
+        self.vae = vae
+        self.tokenizers = tokenizers
+        self.encoder_folders = encoder_folders
+        self.dtype = dtype
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.keep_text_encoders = keep_text_encoders
+        self._encoders: list[CLIPTextModel | None] | None = None
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: mx.Dtype = mx.float16, vae_dtype: mx.Dtype | None = None,
+                        keep_text_encoders: bool = False) -> "SDXLPipeline":
+        """Load a converted pipeline folder. ``dtype`` is for the UNet and text encoders; the VAE
+        defaults to float32 unless its config says it is safe in half precision (the fp16-fix VAE).
+        ``keep_text_encoders``: keep them loaded between calls (faster repeated prompts, more memory)."""
+        folder = Path(folder).expanduser()
+        index_path = folder / "model_index.json"
+        if not index_path.is_file():
+            hint = " (convert.py --unet-only output is a UNet, not a pipeline)" if (folder / "config.json").is_file() else ""
+            raise PipelineError(f"{folder} has no model_index.json{hint}; convert a whole pipeline with convert.py first.")
+        try:
+            index = json.loads(index_path.read_text())
+        except json.JSONDecodeError as e:
+            raise PipelineError(f"{index_path} is not valid JSON ({e}); convert the pipeline again.") from None
+
+        def present(name: str) -> bool:
+            entry = index.get(name)
+            return isinstance(entry, list) and entry[0] is not None and (folder / name).is_dir()
+
+        for needed in ("unet", "vae", "text_encoder_2", "tokenizer_2"):
+            if not present(needed):
+                raise PipelineError(f"{folder} has no {needed}/; convert the whole pipeline with convert.py (without --unet-only).")
+        names = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
+        tokenizers = [CLIPTokenizer.from_folder(folder / t) if present(t) else None for t, _ in names]
+        encoders = [folder / e if present(e) else None for _, e in names]
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=vae_dtype)
+        return cls(folder, unet, vae, tokenizers, encoders, dtype,
+                   bool(index.get("force_zeros_for_empty_prompt", True)), keep_text_encoders)
+
+    def _text_encoders(self) -> list[CLIPTextModel | None]:
+        if self._encoders is None:
+            self._encoders = [
+                None if f is None else CLIPTextModel.from_pretrained(f, dtype=self.dtype) for f in self.encoder_folders
+            ]
+        return self._encoders
+
+    def release_text_encoders(self) -> None:
+        self._encoders = None
+        mx.clear_cache()
+
+    def scheduler(self, name: str | None = None):
+        """The named sampler (see ``schedulers.SAMPLERS``) on this model's scheduler config;
+        by default the sampler the model ships with."""
+        config = self.folder / "scheduler" / "scheduler_config.json"
+        if name is None:
+            class_name = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+            name = _SAMPLER_OF_CLASS.get(class_name, "euler")
+        if name not in SAMPLERS:
+            raise PipelineError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}.")
+        return make_scheduler(name, config if config.is_file() else None)
+
+    # ------------------------------------------------------------------ prompt
+
+    def _encode(self, prompts: list[str], prompts_2: list[str], clip_skip: int | None):
+        """diffusers' encode_prompt for one side: each encoder's hidden states before the last
+        layer (``clip_skip`` layers earlier still), concatenated along the features. The pooled
+        embedding is the projected one of the encoder with a projection (the second): diffusers
+        takes the first 2-D output, and the first encoder's output 0 is 3-D."""
+        layer = -2 if clip_skip is None else -(clip_skip + 2)
+        states, pooled = [], None
+        for text, tokenizer, encoder in zip((prompts, prompts_2), self.tokenizers, self._text_encoders()):
+            if encoder is None:
+                continue
+            ids = mx.array(tokenizer(text))
+            hidden, pooled_out = encoder(ids, hidden_layer=layer)
+            states.append(hidden)
+            if encoder.config.with_projection:
+                pooled = pooled_out
+        context = mx.concatenate(states, axis=-1) if len(states) > 1 else states[0]
+        return context, pooled
+
+    def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                      prompt_2: str | Sequence[str] | None = None,
+                      negative_prompt_2: str | Sequence[str] | None = None,
+                      clip_skip: int | None = None, guided: bool = True) -> PromptEmbeddings:
+        prompts = _as_list(prompt, "prompt")
+        prompts_2 = prompts if prompt_2 is None else _as_list(prompt_2, "prompt_2")
+        if len(prompts_2) != len(prompts):
+            raise PipelineError(f"prompt_2 has {len(prompts_2)} entries for {len(prompts)} prompts.")
+        context, pooled = self._encode(prompts, prompts_2, clip_skip)
+        negative_context = negative_pooled = None
+        # SDXL base encodes no negative prompt when none is given: zeros stand in for it (as in
+        # diffusers, a lone negative_prompt_2 does not change that).
+        zero_negative = negative_prompt is None and self.force_zeros_for_empty_prompt
+        if guided and not zero_negative:
+            negatives = [""] * len(prompts) if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+            if len(negatives) == 1:
+                negatives = negatives * len(prompts)
+            negatives_2 = negatives if negative_prompt_2 is None else _as_list(negative_prompt_2, "negative_prompt_2")
+            if len(negatives_2) == 1:
+                negatives_2 = negatives_2 * len(prompts)
+            if len(negatives) != len(prompts) or len(negatives_2) != len(prompts):
+                raise PipelineError("give one negative prompt, or one per prompt.")
+            negative_context, negative_pooled = self._encode(negatives, negatives_2, clip_skip)
+        embeddings = PromptEmbeddings(context, pooled, negative_context, negative_pooled)
+        mx.eval([a for a in vars(embeddings).values() if a is not None])
+        if not self.keep_text_encoders:
+            self.release_text_encoders()
+        return embeddings
+
+    # ------------------------------------------------------------------ generation
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        steps: int = 30,
+        guidance: float = 5.0,
+        guidance_rescale: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        latents: mx.array | None = None,
+        scheduler: str | None = None,
+        clip_skip: int | None = None,
+        refiner: "SDXLPipeline | None" = None,
+        refiner_start: float = 0.8,
+        low_memory: bool = False,
+        callback: Callable[[str, Step], None] | None = None,
+        output: str = "uint8",
+    ) -> np.ndarray | mx.array:
+        """Images for ``prompt``: uint8 (B, H, W, 3); ``output="float"`` gives floats in [0, 1],
+        ``output="latent"`` the final (scaled) latents.
+
+        ``latents``: the initial noise (B, H/8, W/8, 4) instead of drawing it from ``seed``.
+        ``refiner``: a refiner pipeline that takes over at ``refiner_start`` of the schedule
+        (diffusers' ensemble of experts: ``denoising_end`` / ``denoising_start``).
+        ``callback(stage, step)`` is called after every step; stage is "base" or "refiner".
+        """
+        if num_images_per_prompt < 1:
+            raise PipelineError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}.")
+        if output not in ("uint8", "float", "latent"):
+            raise PipelineError(f"output must be 'uint8', 'float' or 'latent', got {output!r}.")
+        if refiner is not None and not 0 < refiner_start < 1:
+            raise PipelineError(f"refiner_start must be between 0 and 1, got {refiner_start}.")
+        guided = guidance > 1.0
+        prompt_args = dict(negative_prompt=negative_prompt, prompt_2=prompt_2,
+                           negative_prompt_2=negative_prompt_2, clip_skip=clip_skip, guided=guided)
+        embeddings = self._repeat(self.encode_prompt(prompt, **prompt_args), num_images_per_prompt)
+        refiner_embeddings = None
+        if refiner is not None:  # encoded now, so that no encoder is loaded while a UNet runs
+            refiner_embeddings = self._repeat(refiner.encode_prompt(prompt, **prompt_args), num_images_per_prompt)
+
+        sample = dict(num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=guidance_rescale,
+                      height=height, width=width, seed=seed)
+        x = self._denoise("base", self, embeddings, callback, low_memory, scheduler, latents=latents,
+                          denoising_end=refiner_start if refiner is not None else None, **sample)
+        if refiner is not None:
+            x = self._denoise("refiner", refiner, refiner_embeddings, callback, low_memory, scheduler,
+                              image_latents=x, denoising_start=refiner_start, **sample)
+        if output == "latent":
+            return x
+        return (refiner or self).decode(x, as_uint8=output == "uint8")
+
+    @staticmethod
+    def _repeat(e: PromptEmbeddings, n: int) -> PromptEmbeddings:
+        if n == 1:
+            return e
+        # diffusers' order: each prompt's images next to each other.
+        rep = (lambda a: None if a is None else mx.repeat(a, n, axis=0))
+        return PromptEmbeddings(rep(e.context), rep(e.pooled), rep(e.negative_context), rep(e.negative_pooled))
+
+    @staticmethod
+    def _denoise(stage, pipe: "SDXLPipeline", e: PromptEmbeddings, callback, low_memory, scheduler, **kwargs):
+        sampler = Sampler(pipe.unet, pipe.scheduler(scheduler), low_memory=low_memory)
+        x = None
+        for step in sampler.steps(e.context, e.pooled, negative_prompt_embeds=e.negative_context,
+                                  negative_pooled_prompt_embeds=e.negative_pooled, **kwargs):
+            x = step.latents
+            if callback is not None:
+                callback(stage, step)
+        if x is None:
+            raise PipelineError("the schedule leaves no denoising step to run; raise steps or lower refiner_start.")
+        return x
+
+    def decode(self, latents: mx.array, as_uint8: bool = True) -> np.ndarray:
+        """Scaled latents (B, h, w, 4) -> images (B, 8h, 8w, 3): uint8, or floats in [0, 1]."""
+        vae = self.vae
+        images = vae.decode((latents / vae.config.scaling_factor).astype(vae.dtype))
+        # diffusers' postprocessing: [-1, 1] -> [0, 1], clamped, in float32, then x255 rounded.
+        images = np.array(mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0))
+        return (images * 255).round().astype(np.uint8) if as_uint8 else images
+
+
+__all__ = ["PipelineError", "PromptEmbeddings", "SDXLPipeline"]

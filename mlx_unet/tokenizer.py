@@ -1,0 +1,310 @@
+"""CLIP's byte-level BPE tokenizer, giving the ids SDXL's pipeline gets from transformers.
+
+Pure Python. ``CLIPTokenizer.from_folder`` reads a diffusers ``tokenizer/`` or ``tokenizer_2/``
+folder (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json), and calling it
+gives what ``StableDiffusionXLPipeline.encode_prompt`` gets from transformers' CLIPTokenizer with
+``padding="max_length", truncation=True``. That class (transformers 5, on the ``tokenizers``
+library; ftfy plays no part) takes a prompt through these steps, as this module does:
+
+1. added tokens (the special tokens, SDXL's second pad token "!") are cut out of the raw text:
+   those marked ``normalized`` after step 2, the others before it;
+2. each remaining piece is normalised: NFC, then lower case;
+3. the piece is split into words by CLIP's pattern (letter runs, single digits, symbol runs,
+   English contractions; white space dropped);
+4. each word's UTF-8 bytes, written in GPT-2's printable byte alphabet with "</w>" on the last,
+   are merged pair by pair in merges.txt's order;
+5. start token, the first ``max_length - 2`` ids, end token, pad tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+class TokenizerError(ValueError):
+    """A tokenizer folder with missing or malformed files, or prompts that are not text."""
+
+
+END_OF_WORD = "</w>"
+
+# Unicode's White_Space property, which the `\s` of the tokenizers library's patterns matches.
+# Python's str.isspace() is wider: it also counts U+001C..U+001F, which CLIP keeps as symbols.
+_WHITE_SPACE = frozenset(map(chr, [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B),
+                                    0x2028, 0x2029, 0x202F, 0x205F, 0x3000]))
+
+# CLIP's pattern tries, at each position, these two literals, then the contractions, then a letter
+# run, one digit, a symbol run. (The byte-level step then splits each literal in three again.)
+_LITERALS = ("<|startoftext|>", "<|endoftext|>")
+_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+
+# The token attributes transformers reads from the files, in the order it registers them.
+_NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# CLIPTokenizer's defaults for the ones the files leave out.
+_DEFAULT_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                   "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's character for each byte: printable Latin-1 bytes stand for themselves, the others
+    (controls, space, soft hyphen) take U+0100 onwards in byte order, so no word holds a space."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in printable]
+    chars = {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+    return [chars[b] for b in range(256)]
+
+
+_BYTE_CHARS = _byte_alphabet()
+_CHAR_BYTES = {c: b for b, c in enumerate(_BYTE_CHARS)}
+
+
+def _normalize(text: str) -> str:
+    """CLIP's normaliser: NFC, then lower case.
+
+    Lower case goes character by character, as in Rust: str.lower() would turn a word-final
+    capital sigma into "ς", the tokenizers library gives "σ". (The normaliser also turns runs of
+    white space into one space; that changes nothing here, as white space only separates words,
+    and no token in the vocabulary, so no added token, holds any.)"""
+    return "".join(c.lower() for c in unicodedata.normalize("NFC", text))
+
+
+def _kind(c: str) -> str:
+    """'L' letter, 'N' number, ' ' white space or 'S' symbol, by Unicode general category."""
+    if c in _WHITE_SPACE:
+        return " "
+    category = unicodedata.category(c)[0]
+    return category if category in "LN" else "S"
+
+
+def _split_words(text: str) -> list[str]:
+    """The words CLIP's pattern finds in normalised text, white space dropped."""
+    words = []
+    i = 0
+    while i < len(text):
+        literal = next((s for s in _LITERALS if text.startswith(s, i)), None)
+        contraction = next((s for s in _CONTRACTIONS if text.startswith(s, i)), None)
+        kind = _kind(text[i])
+        if literal:
+            words += ["<|", literal[2:-2], "|>"]
+            i += len(literal)
+            continue
+        if contraction:
+            end = i + len(contraction)
+        elif kind == " ":
+            i += 1
+            continue
+        else:
+            end = i + 1
+            if kind != "N":  # a number is one digit; letters and symbols run on
+                while end < len(text) and _kind(text[end]) == kind:
+                    end += 1
+        words.append(text[i:end])
+        i = end
+    return words
+
+
+def _splitter(contents):
+    """A function cutting text around any of ``contents``: [text, token, text, token, ..., text].
+
+    The longest token wins where several start at one place, as in the tokenizers library."""
+    if not contents:
+        return lambda text: [text]
+    alternatives = sorted(contents, key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, alternatives)) + ")").split
+
+
+class CLIPTokenizer:
+    """CLIP's tokenizer: ``tokenizer(prompts)`` -> (batch, max_length) int32 ids, padded."""
+
+    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], added: dict[str, bool],
+                 named: dict[str, str], max_length: int):
+        """``added``: added token -> whether it is matched after normalisation; ``named``:
+        "bos_token"/"eos_token"/"pad_token" -> its text. ``from_folder`` reads these from files."""
+        self._vocab = vocab
+        self._tokens = {i: token for token, i in vocab.items()}
+        self._ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self._added = {(_normalize(t) if normalized else t): vocab[t] for t, normalized in added.items()}
+        self._split_raw = _splitter([t for t, normalized in added.items() if not normalized])
+        self._split_normalized = _splitter([_normalize(t) for t, normalized in added.items() if normalized])
+        self._cache: dict[str, list[int]] = {}
+        self.max_length = max_length
+        self.bos_token_id = vocab[named["bos_token"]]
+        self.eos_token_id = vocab[named["eos_token"]]
+        self.pad_token_id = vocab[named["pad_token"]]
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "CLIPTokenizer":
+        """Read a pipeline's ``tokenizer/`` or ``tokenizer_2/`` folder."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise TokenizerError(f"{folder} is not a folder; pass a pipeline's tokenizer/ or tokenizer_2/ folder.")
+        vocab = _read_json(folder / "vocab.json")
+        if not all(isinstance(t, str) and type(i) is int for t, i in vocab.items()):
+            raise TokenizerError(f"{folder / 'vocab.json'} must map each token to an integer id; download it again.")
+        merges = _read_merges(folder / "merges.txt")
+        config = _read_json(folder / "tokenizer_config.json")
+        max_length = config.get("model_max_length")
+        if type(max_length) is not int or max_length < 2:
+            raise TokenizerError(f"{folder / 'tokenizer_config.json'} needs model_max_length, an integer of at least 2 "
+                                 f"(CLIP's is 77), not {max_length!r}.")
+        for side in ("padding_side", "truncation_side"):
+            if config.get(side, "right") != "right":
+                raise TokenizerError(f"{folder / 'tokenizer_config.json'} sets {side} to {config[side]!r}; "
+                                     "SDXL's CLIP tokenizers pad and truncate on the right.")
+        special_map = folder / "special_tokens_map.json"
+        added_file = folder / "added_tokens.json"
+        added, named = _added_tokens(config, _read_json(special_map) if special_map.is_file() else {},
+                                     _read_json(added_file) if added_file.is_file() else {})
+        _check_vocab(folder, vocab, merges, added)
+        return cls(vocab, merges, added, named, max_length)
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of ``text``, without start and end tokens and uncut."""
+        ids = []
+        for i, raw in enumerate(self._split_raw(text)):
+            if i % 2:
+                ids.append(self._added[raw])
+                continue
+            for j, piece in enumerate(self._split_normalized(_normalize(raw))):
+                if j % 2:
+                    ids.append(self._added[piece])
+                    continue
+                for word in _split_words(piece):
+                    ids += self._bpe(word)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text for ``ids`` as transformers' CLIPTokenizer.decode writes it: word ends become spaces."""
+        data = b"".join(_token_bytes(self._tokens[int(i)]) for i in ids)
+        return data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
+
+    def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
+        """(batch, max_length) int32: start token, ids, end token, pad tokens. A prompt longer than
+        ``max_length - 2`` tokens loses its tail (with a warning), the end token stays."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TokenizerError(f"prompts must be a string or a non-empty list of strings, not {prompts!r}.")
+        out = np.full((len(prompts), self.max_length), self.pad_token_id, dtype=np.int32)
+        room = self.max_length - 2
+        for row, prompt in zip(out, prompts):
+            ids = self.encode(prompt)
+            if len(ids) > room:
+                warnings.warn(f"CLIP reads at most {self.max_length} tokens, so this prompt loses its last "
+                              f"{len(ids) - room}: {self.decode(ids[room:])!r}", stacklevel=2)
+                ids = ids[:room]
+            row[: len(ids) + 2] = [self.bos_token_id, *ids, self.eos_token_id]
+        return out
+
+    def _bpe(self, word: str) -> list[int]:
+        """Ids of one word: its byte characters, merged while some adjacent pair has a rank."""
+        ids = self._cache.get(word)
+        if ids is None:
+            symbols = [_BYTE_CHARS[b] for b in word.encode("utf-8")]
+            symbols[-1] += END_OF_WORD
+            while len(symbols) > 1:
+                pair = min(zip(symbols, symbols[1:]), key=lambda p: self._ranks.get(p, len(self._ranks)))
+                if pair not in self._ranks:
+                    break
+                first, second = pair
+                merged = symbols[:1]
+                for symbol in symbols[1:]:
+                    # left to right, so "a a a" merges as "aa a"; a merged symbol is never `first`
+                    if merged[-1] == first and symbol == second:
+                        merged[-1] += symbol
+                    else:
+                        merged.append(symbol)
+                symbols = merged
+            ids = self._cache[word] = [self._vocab[s] for s in symbols]
+        return ids
+
+
+def _token_bytes(token: str) -> bytes:
+    """A vocabulary token's bytes; one with a character outside the byte alphabet (as the
+    tokenizers library's decoder does) stands for its own UTF-8."""
+    if all(c in _CHAR_BYTES for c in token):
+        return bytes(_CHAR_BYTES[c] for c in token)
+    return token.encode("utf-8")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise TokenizerError(f"{path} is missing; copy the tokenizer folder whole from the pipeline.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path} is not valid JSON ({e}); download it again.") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} must hold a JSON object; download it again.")
+    return data
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    if not path.is_file():
+        raise TokenizerError(f"{path} is missing; copy the tokenizer folder whole from the pipeline.")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    merges = []
+    for number, line in enumerate(lines, 1):
+        if line.startswith("#version"):
+            continue
+        pair = tuple(line.split(" "))
+        if len(pair) != 2 or "" in pair:
+            raise TokenizerError(f"{path} line {number} is {line!r}, not two tokens and a space; download it again.")
+        merges.append(pair)
+    return merges
+
+
+def _added_token(value, special: bool) -> tuple[str, bool]:
+    """(text, normalized) of a token written as a string or as an AddedToken dict.
+
+    A string is matched in the raw text; a dict carries its own ``normalized`` flag (without one,
+    AddedToken's default: ``not special``)."""
+    if isinstance(value, str):
+        return value, False
+    if not isinstance(value, dict) or not isinstance(value.get("content"), str):
+        raise TokenizerError(f"a special token must be a string or a dict with its content, not {value!r}.")
+    for flag in ("lstrip", "rstrip", "single_word"):
+        if value.get(flag):
+            raise TokenizerError(f"the added token {value['content']!r} sets {flag}, which SDXL's CLIP tokenizers "
+                                 "never do and this tokenizer does not implement.")
+    return value["content"], bool(value.get("normalized", not value.get("special", special)))
+
+
+def _added_tokens(config: dict, special_map: dict, added_file: dict) -> tuple[dict[str, bool], dict[str, str]]:
+    """The added tokens (text -> normalized) and the named ones (attribute -> text), resolved
+    as transformers' from_pretrained does.
+
+    A tokenizer_config.json with ``added_tokens_decoder`` (transformers >= 4.34) is read alone;
+    an older one is overridden by special_tokens_map.json and completed by added_tokens.json. The
+    listed added tokens keep their own flags; among named tokens of the same text, the last wins."""
+    modern = "added_tokens_decoder" in config
+    declared = {}
+    for source in (config,) if modern else (config, special_map):
+        declared.update({key: source[key] for key in _NAMED_TOKENS if source.get(key) is not None})
+        if source.get("additional_special_tokens"):
+            raise TokenizerError("the tokenizer declares additional_special_tokens "
+                                 f"{source['additional_special_tokens']}; SDXL's CLIP tokenizers have none.")
+    named = {key: _added_token(value, special=True) for key, value in {**_DEFAULT_TOKENS, **declared}.items()}
+    if modern:
+        listed = dict(_added_token(value, special=False) for value in config["added_tokens_decoder"].values())
+    else:
+        specials = {_added_token(value, special=True)[0] for value in declared.values()}
+        listed = {text: text not in specials for text in added_file}
+    added = dict(named[key] for key in _NAMED_TOKENS if key in named)
+    return {**added, **listed}, {key: text for key, (text, _) in named.items()}
+
+
+def _check_vocab(folder: Path, vocab: dict[str, int], merges, added: dict[str, bool]) -> None:
+    """Every symbol BPE can produce, and every added token, must have an id."""
+    alphabet = [c + end for c in _BYTE_CHARS for end in ("", END_OF_WORD)]
+    for symbol in [*alphabet, *(a + b for a, b in merges), *added]:
+        if symbol not in vocab:
+            raise TokenizerError(f"{folder / 'vocab.json'} lacks {symbol!r}, which merges.txt or the special tokens "
+                                 "need; the files do not belong together, download the folder again.")
