@@ -147,23 +147,12 @@ class UNetConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "UNetConfig":
         """Parse a ``config.json`` file, or the one inside a folder."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"no UNet config at {path}; pass a folder holding config.json.") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config_json(path, "UNet"))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "UNetConfig":
         """One of ``PRESETS`` (diffusers field names), optionally with fields overridden."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        return cls.from_dict({**preset(PRESETS, name, "UNet"), **overrides})
 
     def to_diffusers_dict(self) -> dict[str, Any]:
         """The config in diffusers' field names, loadable by ``UNet2DConditionModel(**d)``."""
@@ -243,7 +232,29 @@ class _DiffusersFields:
     addition_embed_type_num_heads: int = 64
 
 
-def _positive_int(name: str, value: Any) -> int:
+def read_config_json(path: str | Path, model: str) -> Any:
+    """The fields of a ``config.json`` file, or of the one inside a folder, for a ``model``
+    ("UNet", "VAE", ...) named in the errors."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no {model} config at {path}; pass a folder holding config.json.") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    return raw  # (from_dict checks that it is an object)
+
+
+def preset(presets: dict[str, dict[str, Any]], name: str, model: str) -> dict[str, Any]:
+    """The fields of preset ``name``, or a ConfigError listing the ``model``'s presets."""
+    if name not in presets:
+        raise ConfigError(f"unknown {model} preset {name!r}; choose one of {', '.join(presets)}.")
+    return presets[name]
+
+
+def positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}.")
     return value
@@ -267,16 +278,16 @@ def _depth_lists(name: str, per_level: tuple[Any, ...], layers: tuple[int, ...])
         if isinstance(entry, (list, tuple)):
             if len(entry) != n:
                 raise ConfigError(f"config field {name!r}[{i}] has {len(entry)} entries for {n} layers.")
-            out.append(tuple(_positive_int(name, x) for x in entry))
+            out.append(tuple(positive_int(name, x) for x in entry))
         else:
-            out.append((_positive_int(name, entry),) * n)
+            out.append((positive_int(name, entry),) * n)
     return tuple(out)
 
 
 def _normalise(d: _DiffusersFields) -> UNetConfig:
     down_types = tuple(d.down_block_types)
     up_types = tuple(d.up_block_types)
-    channels = tuple(_positive_int("block_out_channels", c) for c in d.block_out_channels)
+    channels = tuple(positive_int("block_out_channels", c) for c in d.block_out_channels)
     levels = len(channels)
     for name, types, allowed in (
         ("down_block_types", down_types, DOWN_BLOCK_TYPES),
@@ -295,14 +306,14 @@ def _normalise(d: _DiffusersFields) -> UNetConfig:
             "supported: UNetMidBlock2DCrossAttn or null."
         )
 
-    layers = tuple(_positive_int("layers_per_block", x) for x in _per_level("layers_per_block", d.layers_per_block, levels))
-    heads = tuple(_positive_int("attention_head_dim", x) for x in _per_level("attention_head_dim", d.attention_head_dim, levels))
+    layers = tuple(positive_int("layers_per_block", x) for x in _per_level("layers_per_block", d.layers_per_block, levels))
+    heads = tuple(positive_int("attention_head_dim", x) for x in _per_level("attention_head_dim", d.attention_head_dim, levels))
 
     cross = _per_level("cross_attention_dim", d.cross_attention_dim, levels)
     if len(set(cross)) != 1:
         # One encoder_hidden_states feeds every level; differing widths need encoder_hid_proj.
         raise ConfigError(f"config field 'cross_attention_dim' = {d.cross_attention_dim!r} must be one width.")
-    cross_dim = _positive_int("cross_attention_dim", cross[0])
+    cross_dim = positive_int("cross_attention_dim", cross[0])
 
     depth_per_level = _per_level("transformer_layers_per_block", d.transformer_layers_per_block, levels)
     down_depths = _depth_lists("transformer_layers_per_block", depth_per_level, layers)
@@ -323,7 +334,7 @@ def _normalise(d: _DiffusersFields) -> UNetConfig:
     groups = d.norm_num_groups
     if groups is None:
         raise ConfigError("config field 'norm_num_groups' = None (no output norm) is not supported.")
-    _positive_int("norm_num_groups", groups)
+    positive_int("norm_num_groups", groups)
     for c in channels:
         if c % groups:
             raise ConfigError(f"block_out_channels entry {c} is not divisible by norm_num_groups = {groups}.")
@@ -335,7 +346,7 @@ def _normalise(d: _DiffusersFields) -> UNetConfig:
             )
 
     for name in ("conv_in_kernel", "conv_out_kernel"):
-        k = _positive_int(name, getattr(d, name))
+        k = positive_int(name, getattr(d, name))
         if k % 2 == 0:
             raise ConfigError(f"config field {name!r} = {k} must be odd to keep the latent size.")
     if d.downsample_padding not in (0, 1):
@@ -347,10 +358,10 @@ def _normalise(d: _DiffusersFields) -> UNetConfig:
             "(only null and 'text_time', the SDXL micro-conditioning)."
         )
     if d.addition_embed_type == "text_time":
-        _positive_int("addition_time_embed_dim", d.addition_time_embed_dim)
-        _positive_int("projection_class_embeddings_input_dim", d.projection_class_embeddings_input_dim)
+        positive_int("addition_time_embed_dim", d.addition_time_embed_dim)
+        positive_int("projection_class_embeddings_input_dim", d.projection_class_embeddings_input_dim)
     if d.time_embedding_dim is not None:
-        _positive_int("time_embedding_dim", d.time_embedding_dim)
+        positive_int("time_embedding_dim", d.time_embedding_dim)
 
     return UNetConfig(
         block_out_channels=channels,
@@ -363,8 +374,8 @@ def _normalise(d: _DiffusersFields) -> UNetConfig:
         mid_transformer_depth=mid_depth,
         num_attention_heads=heads,
         cross_attention_dim=cross_dim,
-        in_channels=_positive_int("in_channels", d.in_channels),
-        out_channels=_positive_int("out_channels", d.out_channels),
+        in_channels=positive_int("in_channels", d.in_channels),
+        out_channels=positive_int("out_channels", d.out_channels),
         use_linear_projection=bool(d.use_linear_projection),
         upcast_attention=bool(d.upcast_attention),  # SDXL's config says null
         addition_embed_type=d.addition_embed_type,

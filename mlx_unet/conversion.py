@@ -797,7 +797,7 @@ def _checked_shapes(plan: Plan) -> dict[str, tuple[int, ...]]:
     expected = model_shapes(plan.kind.build(plan.config))  # shapes only: nothing is allocated
     given = {d: torch_to_mlx_shape(take.shape(plan.source.shapes[take.key])) for d, take in plan.names.items()}
     try:
-        check_shapes(expected, given)
+        check_shapes(expected, given, plan.kind.what)
     except WeightsError as e:
         raise WeightsError(f"{plan.description}: {e}") from None
     return expected

@@ -79,7 +79,7 @@ class Progress:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_unet.generate", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", type=Path, required=True, help="converted pipeline folder (convert.py output)")
     p.add_argument("-o", "--output", type=Path, default=Path("image.png"), help="PNG to write (default: image.png)")
     p.add_argument("--negative-prompt", help="what to steer away from (default: none; SDXL then guides against zeros)")

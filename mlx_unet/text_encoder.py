@@ -15,7 +15,6 @@ transformers 4.x wrote: ``text_model.embeddings.token_embedding.weight``, ...,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -24,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .activations import gelu, silu
-from .config import ConfigError, _positive_int
+from .config import ConfigError, positive_int, preset, read_config_json
 from .linear import Linear
 from .unet import InputError
 
@@ -102,7 +101,7 @@ class CLIPTextConfig:
         d = {**_DEFAULTS, **{k: raw[k] for k in _DEFAULTS if k in raw}}
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings"):
-            _positive_int(name, d[name])
+            positive_int(name, d[name])
         if d["hidden_size"] % d["num_attention_heads"]:
             raise ConfigError(
                 f"hidden_size {d['hidden_size']} does not split into {d['num_attention_heads']} attention heads."
@@ -124,29 +123,18 @@ class CLIPTextConfig:
         with_projection = ARCHITECTURES[architectures[0]]
         # A bare CLIPTextModel never reads projection_dim, so only the projecting one checks it.
         if with_projection:
-            _positive_int("projection_dim", d["projection_dim"])
+            positive_int("projection_dim", d["projection_dim"])
         return cls(**{**d, "layer_norm_eps": float(eps)}, with_projection=with_projection)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CLIPTextConfig":
         """Parse a ``config.json`` file, or the one inside a folder."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"no text encoder config at {path}; pass a folder holding config.json.") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config_json(path, "text encoder"))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "CLIPTextConfig":
         """One of ``TEXT_PRESETS`` (transformers field names), optionally with fields overridden."""
-        if name not in TEXT_PRESETS:
-            raise ConfigError(f"unknown text encoder preset {name!r}; choose one of {', '.join(TEXT_PRESETS)}.")
-        return cls.from_dict({**TEXT_PRESETS[name], **overrides})
+        return cls.from_dict({**preset(TEXT_PRESETS, name, "text encoder"), **overrides})
 
     def to_transformers_dict(self) -> dict[str, Any]:
         """The config in transformers' field names: ``transformers.CLIPTextConfig(**d)`` builds the

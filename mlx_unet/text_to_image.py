@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .activations import on_cpu
+from .conversion import FORMAT_KEY, FORMAT_VERSION
 from .pipeline import Sampler, Step
 from .schedulers import SAMPLERS, make_scheduler
 from .text_encoder import CLIPTextModel
@@ -92,6 +94,16 @@ class SDXLPipeline:
             index = json.loads(index_path.read_text())
         except json.JSONDecodeError as e:
             raise PipelineError(f"{index_path} is not valid JSON ({e}); convert the pipeline again.") from None
+        if FORMAT_KEY not in index:
+            raise PipelineError(
+                f"{folder} is a diffusers pipeline (PyTorch weights), not a converted one; convert it with "
+                f"convert.py {folder} OUT_DIR and pass OUT_DIR."
+            )
+        if index[FORMAT_KEY] != FORMAT_VERSION:
+            raise PipelineError(
+                f"{folder} was converted in format {index[FORMAT_KEY]!r}, and this version reads {FORMAT_VERSION!r}; "
+                "convert the model again with this version's convert.py."
+            )
 
         def present(name: str) -> bool:
             entry = index.get(name)
@@ -110,8 +122,11 @@ class SDXLPipeline:
 
     def _text_encoders(self) -> list[CLIPTextModel | None]:
         if self._encoders is None:
+            # On the CPU half precision is slower (no fast half matmul: Linear widens weights at
+            # every call) and no smaller for long (the encoders are released after the prompt).
+            dtype = mx.float32 if on_cpu() else self.dtype
             self._encoders = [
-                None if f is None else CLIPTextModel.from_pretrained(f, dtype=self.dtype) for f in self.encoder_folders
+                None if f is None else CLIPTextModel.from_pretrained(f, dtype=dtype) for f in self.encoder_folders
             ]
         return self._encoders
 
@@ -124,8 +139,10 @@ class SDXLPipeline:
         by default the sampler the model ships with."""
         config = self.folder / "scheduler" / "scheduler_config.json"
         if name is None:
-            class_name = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
-            name = _SAMPLER_OF_CLASS.get(class_name, "euler")
+            shipped = json.loads(config.read_text()) if config.is_file() else {}
+            name = _SAMPLER_OF_CLASS.get(shipped.get("_class_name"), "euler")
+            if name == "dpmpp_2m" and shipped.get("use_karras_sigmas"):
+                name = "dpmpp_2m_karras"
         if name not in SAMPLERS:
             raise PipelineError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}.")
         return make_scheduler(name, config if config.is_file() else None)

@@ -6,7 +6,6 @@ unscaled (the sampler multiplies by ``scaling_factor`` and adds ``shift_factor``
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import numpy as np
 
 from .activations import silu
 from .attention import scaled_dot_product_attention
-from .config import ConfigError, _positive_int
+from .config import ConfigError, positive_int, preset, read_config_json
 from .linear import Linear
 from .norm import GroupNorm
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -98,23 +97,12 @@ class VAEConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "VAEConfig":
         """Parse a ``config.json`` file, or the one inside a folder."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"no VAE config at {path}; pass a folder holding config.json.") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config_json(path, "VAE"))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "VAEConfig":
         """One of ``VAE_PRESETS`` (diffusers field names), optionally with fields overridden."""
-        if name not in VAE_PRESETS:
-            raise ConfigError(f"unknown VAE preset {name!r}; choose one of {', '.join(VAE_PRESETS)}.")
-        return cls.from_dict({**VAE_PRESETS[name], **overrides})
+        return cls.from_dict({**preset(VAE_PRESETS, name, "VAE"), **overrides})
 
     def to_diffusers_dict(self) -> dict[str, Any]:
         """The config in diffusers' field names, loadable by ``AutoencoderKL(**d)``."""
@@ -146,7 +134,7 @@ def _flag(name: str, value: Any) -> bool:
 def _normalise(d: dict[str, Any]) -> VAEConfig:
     if not isinstance(d["block_out_channels"], (list, tuple)) or not d["block_out_channels"]:
         raise ConfigError(f"config field 'block_out_channels' must be a non-empty list, got {d['block_out_channels']!r}.")
-    channels = tuple(_positive_int("block_out_channels", c) for c in d["block_out_channels"])
+    channels = tuple(positive_int("block_out_channels", c) for c in d["block_out_channels"])
     levels = len(channels)
     for name, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         types = d[name]
@@ -168,7 +156,7 @@ def _normalise(d: dict[str, Any]) -> VAEConfig:
                 f"config field {name!r} is set; per-channel latent statistics are not supported (only scaling_factor "
                 "and shift_factor)."
             )
-    groups = _positive_int("norm_num_groups", d["norm_num_groups"])
+    groups = positive_int("norm_num_groups", d["norm_num_groups"])
     for c in channels:
         if c % groups:
             raise ConfigError(f"block_out_channels entry {c} does not split into norm_num_groups = {groups} groups.")
@@ -178,13 +166,13 @@ def _normalise(d: dict[str, Any]) -> VAEConfig:
         sample_size = sample_size[0]
     shift = d["shift_factor"]
     return VAEConfig(
-        in_channels=_positive_int("in_channels", d["in_channels"]),
-        out_channels=_positive_int("out_channels", d["out_channels"]),
+        in_channels=positive_int("in_channels", d["in_channels"]),
+        out_channels=positive_int("out_channels", d["out_channels"]),
         block_out_channels=channels,
-        layers_per_block=_positive_int("layers_per_block", d["layers_per_block"]),
-        latent_channels=_positive_int("latent_channels", d["latent_channels"]),
+        layers_per_block=positive_int("layers_per_block", d["layers_per_block"]),
+        latent_channels=positive_int("latent_channels", d["latent_channels"]),
         norm_num_groups=groups,
-        sample_size=_positive_int("sample_size", sample_size),
+        sample_size=positive_int("sample_size", sample_size),
         scaling_factor=_number("scaling_factor", d["scaling_factor"], positive=True),
         shift_factor=None if shift is None else _number("shift_factor", shift),
         force_upcast=_flag("force_upcast", d["force_upcast"]),

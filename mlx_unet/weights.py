@@ -48,8 +48,10 @@ def model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
-def check_shapes(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]]) -> None:
-    """Raise WeightsError unless ``given`` has exactly the ``expected`` names and (MLX-layout) shapes."""
+def check_shapes(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]],
+                 model: str = "model") -> None:
+    """Raise WeightsError unless ``given`` has exactly the ``expected`` names and (MLX-layout) shapes.
+    ``model`` names what the weights are for in the message ("UNet", "VAE", ...)."""
     missing = expected.keys() - given.keys()
     unexpected = given.keys() - expected.keys()
     problems = []
@@ -69,14 +71,19 @@ def check_shapes(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tu
         )
     if problems:
         raise WeightsError(
-            f"the weights do not match this UNet's config: {'; '.join(problems)}. "
+            f"the weights do not match this {model}'s config: {'; '.join(problems)}. "
             "Check that config.json belongs to these weights."
         )
 
 
 def check_weights(model: nn.Module, weights: Mapping[str, mx.array]) -> None:
     """Raise WeightsError unless ``weights`` has exactly the model's parameter names and shapes."""
-    check_shapes(model_shapes(model), {k: tuple(v.shape) for k, v in weights.items()})
+    check_shapes(model_shapes(model), {k: tuple(v.shape) for k, v in weights.items()}, _model_name(model))
+
+
+def _model_name(model: nn.Module) -> str:
+    return {"UNet2DConditionModel": "UNet", "AutoencoderKL": "VAE", "CLIPTextModel": "text encoder"}.get(
+        type(model).__name__, type(model).__name__)
 
 
 def load_weights(model: nn.Module, weights: Mapping[str, mx.array], dtype: mx.Dtype | None = None) -> None:
@@ -93,8 +100,8 @@ def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None =
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise WeightsError(
-            f"no .safetensors weights in {folder}; an MLX UNet folder holds config.json and the "
-            "weights convert.py writes."
+            f"no .safetensors weights in {folder}; an MLX {_model_name(model)} folder holds config.json "
+            "and the weights convert.py writes."
         )
     weights: dict[str, mx.array] = {}
     for file in files:

@@ -138,5 +138,5 @@ def test_bad_files_and_presets(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="must be a JSON object"):
         UNetConfig.from_json(tmp_path)
-    with pytest.raises(ConfigError, match="unknown preset 'sd3'"):
+    with pytest.raises(ConfigError, match="unknown UNet preset 'sd3'"):
         UNetConfig.from_preset("sd3")

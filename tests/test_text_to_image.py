@@ -16,11 +16,17 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
+from original_layout import SINGLE_FILE_FAMILIES, sdxl_single_file
 from reference import init_every_parameter, tiny_config, torch_unet
+from reference_text import torch_text_encoder
+from reference_vae import torch_vae
+from safetensors.torch import save_file
 from tokenizer_files import write_clip_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from mlx_unet.conversion import convert
+from mlx_unet.text_encoder import CLIPTextConfig as OurTextConfig
+from mlx_unet.vae import VAEConfig
 from mlx_unet.generate import main as generate_main
 from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG
 from mlx_unet.text_to_image import PipelineError, SDXLPipeline
@@ -87,7 +93,8 @@ def models(tmp_path_factory):
     refiner, refiner_folder = _pipeline(tmp, refiner=True)
     convert(base_folder, tmp / "mlx", dtype="float32", progress=False)
     convert(refiner_folder, tmp / "mlx-refiner", dtype="float32", progress=False)
-    return {"base": base, "refiner": refiner, "mlx": tmp / "mlx", "mlx_refiner": tmp / "mlx-refiner"}
+    return {"base": base, "refiner": refiner, "diffusers": base_folder, "mlx": tmp / "mlx",
+            "mlx_refiner": tmp / "mlx-refiner"}
 
 
 def _latents(batch: int, seed: int = 0) -> np.ndarray:
@@ -138,6 +145,33 @@ def test_base_and_refiner_hand_off_matches_diffusers(models):
     _compare(ours, theirs)
 
 
+@torch.no_grad()
+def test_original_single_file_makes_the_same_image(models, tmp_path):
+    """An sgm-layout SDXL file converted whole. Its config is inferred from the tensors plus
+    SDXL's known values (64-wide heads, the VAE's 32 groups), so these components keep SDXL's
+    widths at cut depths."""
+    text = {"num_hidden_layers": 2, "intermediate_size": 64}
+    unet_config = SINGLE_FILE_FAMILIES["sdxl-base"]
+    vae_config = VAEConfig.from_preset("sdxl", block_out_channels=[32, 32, 64, 64], layers_per_block=1)
+    clip_l = torch_text_encoder(OurTextConfig.from_preset("sdxl-clip-l", **text), seed=91)
+    bigg = torch_text_encoder(OurTextConfig.from_preset("sdxl-clip-bigg", **text), seed=92)
+    unet, vae = torch_unet(unet_config, seed=90), torch_vae(vae_config, seed=93)
+    path = tmp_path / "sd_xl_tiny.safetensors"
+    save_file(sdxl_single_file(unet.state_dict(), unet_config, bigg.state_dict(), vae.state_dict(),
+                               clip_l.state_dict()), str(path))
+    base = models["base"]
+    convert(path, tmp_path / "mlx", dtype="float32", tokenizers=models["diffusers"], progress=False)
+    theirs_pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=clip_l, text_encoder_2=bigg, tokenizer=base.tokenizer,
+                                            tokenizer_2=base.tokenizer_2, unet=unet, scheduler=base.scheduler)
+    theirs_pipe.set_progress_bar_config(disable=True)
+    latents = _latents(1, seed=2)
+    theirs = theirs_pipe(PROMPT, num_inference_steps=3, height=SIZE, width=SIZE, latents=_nchw(latents),
+                         output_type="np").images
+    ours = SDXLPipeline.from_pretrained(tmp_path / "mlx", dtype=mx.float32)(
+        PROMPT, steps=3, height=SIZE, width=SIZE, latents=mx.array(latents), output="float")
+    _compare(ours, theirs)
+
+
 def test_text_encoders_are_released_before_denoising(models):
     pipe = SDXLPipeline.from_pretrained(models["mlx"], dtype=mx.float32)
     seen = []
@@ -174,6 +208,8 @@ def test_generate_errors_are_one_line(tmp_path):
                                        capture_output=True, text=True, cwd=ROOT).stdout
 
 
-def test_unet_only_folder_is_refused(models, tmp_path):
-    with pytest.raises(PipelineError, match="model_index.json"):
+def test_folders_that_are_not_converted_pipelines_are_refused(models):
+    with pytest.raises(PipelineError, match="model_index.json.*--unet-only"):
         SDXLPipeline.from_pretrained(models["mlx"] / "unet")
+    with pytest.raises(PipelineError, match="diffusers pipeline .PyTorch weights., not a converted one"):
+        SDXLPipeline.from_pretrained(models["diffusers"])
