@@ -167,7 +167,7 @@ def result(spans: dict, steps: list[float], start: float, end: float, image: np.
 def run_diffusers(folder: Path, latents: np.ndarray, steps: int, tile_vae: bool) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)  # float32, as saved
     pipe.set_progress_bar_config(disable=True)
     if tile_vae:
         pipe.vae.enable_tiling()
@@ -181,7 +181,7 @@ def run_diffusers(folder: Path, latents: np.ndarray, steps: int, tile_vae: bool)
                  output_type="np", callback_on_step_end=lambda *a: stamps.append(time.perf_counter()) or {}).images
     end = time.perf_counter()
     # A step is the time from the previous one's end (from the prompt's encoding for the first).
-    return result(spans, list(np.diff([spans["text"][1]] + stamps)), start, end, image)
+    return result(spans, np.diff([spans["text"][1]] + stamps).tolist(), start, end, image)
 
 
 def run_ours(folder: Path, latents: np.ndarray, steps: int, dtype: str, tile_vae: bool) -> dict:
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, help="image height and width in pixels (default: 512; 64 with --quick)")
-    p.add_argument("--steps", type=int, default=4, help="denoising steps (default: 4)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 4; 2 with --quick)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="ours (diffusers: float32)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of both sides (default: all cores)")
     p.add_argument("--tile-vae", action="store_true", help="both sides decode in tiles")
@@ -215,14 +215,16 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny components: a smoke run")
     args = p.parse_args(argv)
     size = args.size or (64 if args.quick else 512)
-    if size % 32 or args.steps < 1:
+    steps = args.steps if args.steps is not None else 2 if args.quick else 4
+    if size % 32 or steps < 1:
         p.error("--size must be a multiple of 32 and --steps at least 1")
 
     import diffusers
     import transformers
 
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
+    for library in (diffusers, transformers):  # no progress bars or load warnings between the results
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
     torch.set_num_threads(args.threads)
     if mlx_unet.linux_blas.loaded:  # MLX's matmuls run in OpenBLAS's threads
@@ -245,14 +247,14 @@ def main(argv=None) -> int:
     theirs = None
     if not args.no_diffusers:
         with torch.no_grad():
-            theirs = run_diffusers(reference, latents, args.steps, args.tile_vae)
-        release_memory()  # (the pipeline is gone with run_diffusers' frame)
+            theirs = run_diffusers(reference, latents, steps, args.tile_vae)
+        release_memory()  # (collects the pipeline: the timing wrappers make it a reference cycle)
         reset_ok = reset_peak_rss() and reset_ok
     mx.reset_peak_memory()
-    ours = run_ours(ours_folder, latents, args.steps, args.dtype, args.tile_vae)
+    ours = run_ours(ours_folder, latents, steps, args.dtype, args.tile_vae)
 
     blas = mlx_unet.linux_blas.loaded or "MLX's bundled BLAS"
-    print(f"{kind}, {size}x{size} px, {args.steps} steps, guidance {GUIDANCE}; ours {args.dtype} (MLX {mx.__version__}, "
+    print(f"{kind}, {size}x{size} px, {steps} steps, guidance {GUIDANCE}; ours {args.dtype} (MLX {mx.__version__}, "
           f"{mx.default_device()}, {blas}), diffusers {diffusers.__version__} float32 (torch {torch.__version__}, CPU); "
           f"{args.threads} threads{'; tiled VAE' if args.tile_vae else ''}")
     print(f"{'stage':<18} {'ours s':>9} {'diffusers s':>11} {'ratio':>6}")

@@ -13,12 +13,12 @@ The coefficients come from ``tools/fit_approximations.py``: 2**f has a relative 
 1e-7 and erf an absolute error under 4e-7 when evaluated in float32, a few units in the last
 place, like the built-ins. Half-precision inputs are computed in float32 and rounded once.
 
-Two details of MLX's compiler shape the code: a fused kernel holds at most 11 dependent
+Three details of MLX's compiler shape the code: a fused kernel holds at most 11 dependent
 operations (so the polynomials use Estrin's scheme, which is shallow, and each function is
-split into two or three kernels), a clip or maximum keeps g++ from vectorising the loop it is
-fused into (so clips get a kernel of their own, or are written as arithmetic), and a bit-cast (``view``) ends a kernel. Rounding uses the
-1.5 * 2**23 trick because ``round`` and ``floor`` are library calls there, while add and
-subtract vectorise.
+split into kernels); a clip or maximum keeps g++ from vectorising the whole loop it is fused
+into (so GELU clips in a kernel of its own, and the softmax writes max(x, 0) as arithmetic);
+and a bit-cast (``view``) ends a kernel. Rounding uses the 1.5 * 2**23 trick because ``round``
+and ``floor`` are library calls there, while add and subtract vectorise.
 
 On Metal and CUDA the built-ins are fast, and are used as they are.
 """

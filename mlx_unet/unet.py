@@ -57,6 +57,7 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = GroupNorm(c.norm_num_groups, channels[0], c.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
         self._forward = self._denoise
+        self._compiled = None
         self._evaluate_per_block = False
         self._previous_cache_limit = None
 
@@ -116,7 +117,11 @@ class UNet2DConditionModel(nn.Module):
         later runs) and later calls are no faster, so samplers compile by default only off the
         CPU. ``benchmarks/bench_unet.py --compile`` measures both costs.
         """
-        self._forward = mx.compile(self._denoise, inputs=self.state) if enabled else self._denoise
+        if enabled and self._compiled is None:
+            # Made once and kept: a new mx.compile wrapper would trace again, and each
+            # Sampler (each image) asks for compilation.
+            self._compiled = mx.compile(self._denoise, inputs=self.state)
+        self._forward = self._compiled if enabled else self._denoise
         return self
 
     def low_memory(self, enabled: bool = True, cache_limit_gb: float = 0.25) -> "UNet2DConditionModel":

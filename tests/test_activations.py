@@ -129,6 +129,22 @@ def test_half_precision_linear_is_the_float32_product_rounded_once(dtype, bias):
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), rounded, rtol=ulp, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("shape", [(1, 77, 96), (2, 77, 96), (3, 5, 96)])
+def test_linear_pads_awkward_row_counts_without_changing_the_result(dtype, shape):
+    # 77 rows (SDXL's text tokens) are padded to 80 for OpenBLAS, 154 to 160; 15 are left as they are.
+    rng = np.random.default_rng(6)
+    layer = Linear(96, 48)
+    layer.set_dtype(dtype)
+    x = mx.array(rng.normal(0, 1, shape).astype(np.float32)).astype(dtype)
+    params = {k: np.array(v.astype(mx.float32)) for k, v in layer.parameters().items()}
+    expected = np.array(x.astype(mx.float32)) @ params["weight"].T + params["bias"]
+    got = layer(x)
+    assert got.shape == (*shape[:-1], 48) and got.dtype == dtype
+    tolerance = 1e-5 if dtype == mx.float32 else 2.0 ** -10
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), expected, rtol=tolerance, atol=tolerance)
+
+
 def test_fitted_constants_are_what_the_fitting_script_prints():
     """The coefficients in activations.py are the output of tools/fit_approximations.py."""
     import importlib.util
