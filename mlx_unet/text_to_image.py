@@ -213,6 +213,8 @@ class SDXLPipeline:
         num_images_per_prompt: int = 1,
         seed: int | None = None,
         latents: mx.array | None = None,
+        image: np.ndarray | mx.array | None = None,
+        strength: float = 0.3,
         scheduler: str | None = None,
         clip_skip: int | None = None,
         refiner: "SDXLPipeline | None" = None,
@@ -225,6 +227,8 @@ class SDXLPipeline:
         ``output="latent"`` the final (scaled) latents.
 
         ``latents``: the initial noise (B, H/8, W/8, 4) instead of drawing it from ``seed``.
+        ``image``: img2img: (B or 1, H, W, 3) uint8, or floats in [0, 1] as diffusers takes them;
+        it is encoded by the VAE and noised up to ``strength`` of the schedule (1: all of it).
         ``refiner``: a refiner pipeline that takes over at ``refiner_start`` of the schedule
         (diffusers' ensemble of experts: ``denoising_end`` / ``denoising_start``).
         ``callback(stage, step)`` is called after every step; stage is "base" or "refiner".
@@ -235,6 +239,8 @@ class SDXLPipeline:
             raise PipelineError(f"output must be 'uint8', 'float' or 'latent', got {output!r}.")
         if refiner is not None and not 0 < refiner_start < 1:
             raise PipelineError(f"refiner_start must be between 0 and 1, got {refiner_start}.")
+        if image is not None and refiner is not None:
+            raise PipelineError("img2img (image=) runs one model; refine its output in a second call instead.")
         guided = guidance > 1.0
         prompt_args = dict(negative_prompt=negative_prompt, prompt_2=prompt_2,
                            negative_prompt_2=negative_prompt_2, clip_skip=clip_skip, guided=guided)
@@ -245,6 +251,8 @@ class SDXLPipeline:
 
         sample = dict(num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=guidance_rescale,
                       height=height, width=width, seed=seed)
+        if image is not None:
+            sample.update(image_latents=self.encode_image(image, embeddings.context.shape[0], seed), strength=strength)
         x = self._denoise("base", self, embeddings, callback, low_memory, scheduler, latents=latents,
                           denoising_end=refiner_start if refiner is not None else None, **sample)
         if refiner is not None:
@@ -274,6 +282,22 @@ class SDXLPipeline:
         if x is None:
             raise PipelineError("the schedule leaves no denoising step to run; raise steps or lower refiner_start.")
         return x
+
+    def encode_image(self, image: np.ndarray | mx.array, batch: int, seed: int | None = None) -> mx.array:
+        """Images (1 or ``batch``, H, W, 3), uint8 or floats in [0, 1], -> scaled latents, drawn
+        from the VAE's latent distribution as diffusers' img2img does (with a key from ``seed``)."""
+        image = mx.array(image) if isinstance(image, np.ndarray) else image
+        if image.ndim != 4 or image.shape[-1] != 3 or image.shape[0] not in (1, batch):
+            raise PipelineError(f"image must be (1 or {batch}, height, width, 3) RGB, got shape {tuple(image.shape)}.")
+        if image.shape[1] % 8 or image.shape[2] % 8:
+            raise PipelineError(f"image height and width must be multiples of 8, got {image.shape[1]}x{image.shape[2]}.")
+        pixels = image.astype(mx.float32) / 255 if image.dtype == mx.uint8 else image.astype(mx.float32)
+        vae = self.vae
+        # A key apart from the ones Sampler splits from the same seed for its noise.
+        key = None if seed is None else mx.random.split(mx.random.key(seed), 3)[2]
+        latents = vae.encode((pixels * 2 - 1).astype(vae.dtype)).sample(key).astype(mx.float32)
+        latents = latents * vae.config.scaling_factor
+        return mx.broadcast_to(latents, (batch, *latents.shape[1:])) if latents.shape[0] != batch else latents
 
     def decode(self, latents: mx.array, as_uint8: bool = True) -> np.ndarray:
         """Scaled latents (B, h, w, 4) -> images (B, 8h, 8w, 3): uint8, or floats in [0, 1]."""

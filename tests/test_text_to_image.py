@@ -172,6 +172,32 @@ def test_original_single_file_makes_the_same_image(models, tmp_path):
     _compare(ours, theirs)
 
 
+@torch.no_grad()
+def test_img2img_matches_diffusers(models, monkeypatch):
+    """An image encoded by the VAE, noised to strength 0.6, denoised. Both sides get the same
+    draws: the latent distribution's noise and the img2img noise."""
+    from diffusers.models.autoencoders import vae as their_vae
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as their_img2img
+
+    from mlx_unet.vae import DiagonalGaussian
+
+    rng = np.random.default_rng(5)
+    image = rng.random((1, SIZE, SIZE, 3), dtype=np.float32)
+    sample_noise, start_noise = _latents(1, seed=6), _latents(1, seed=7)
+    monkeypatch.setattr(their_vae, "randn_tensor", lambda *a, **k: _nchw(sample_noise))
+    monkeypatch.setattr(their_img2img, "randn_tensor", lambda *a, **k: _nchw(start_noise))
+    monkeypatch.setattr(DiagonalGaussian, "sample", lambda self, key=None: self.mean + self.std * mx.array(sample_noise))
+    theirs_pipe = StableDiffusionXLImg2ImgPipeline(**models["base"].components)
+    theirs_pipe.set_progress_bar_config(disable=True)
+    theirs = theirs_pipe(PROMPT, image=image, strength=0.6, num_inference_steps=5, guidance_scale=5.0,
+                         output_type="np").images
+    pipe = SDXLPipeline.from_pretrained(models["mlx"], dtype=mx.float32)
+    ours = pipe(PROMPT, image=image, strength=0.6, steps=5, guidance=5.0, latents=mx.array(start_noise), output="float")
+    _compare(ours, theirs)
+    with pytest.raises(PipelineError, match="multiples of 8"):
+        pipe(PROMPT, image=image[:, :60], steps=2)
+
+
 def test_text_encoders_are_released_before_denoising(models):
     pipe = SDXLPipeline.from_pretrained(models["mlx"], dtype=mx.float32)
     seen = []
