@@ -25,10 +25,9 @@ linux_blas.preload()
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .conversion import DTYPES  # noqa: E402
 from .schedulers import SAMPLERS  # noqa: E402
 from .text_to_image import SDXLPipeline  # noqa: E402
-
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
@@ -127,12 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
     try:
         start = time.perf_counter()
-        pipe = SDXLPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype],
-                                            vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
-        refiner = None
-        if args.refiner is not None:
-            refiner = SDXLPipeline.from_pretrained(args.refiner, dtype=DTYPES[args.dtype],
-                                                   vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
+        dtypes = dict(dtype=DTYPES[args.dtype], vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
+        pipe = SDXLPipeline.from_pretrained(args.model, **dtypes)
+        refiner = SDXLPipeline.from_pretrained(args.refiner, **dtypes) if args.refiner is not None else None
         if args.tile_vae:
             (refiner or pipe).vae.enable_tiling()
         log(f"loaded {args.model} in {time.perf_counter() - start:.1f} s; seed {seed}")

@@ -23,7 +23,7 @@ import numpy as np
 from .activations import on_cpu
 from .conversion import FORMAT_KEY, FORMAT_VERSION
 from .pipeline import Sampler, Step
-from .schedulers import SAMPLERS, make_scheduler
+from .schedulers import SAMPLERS, make_scheduler, read_config
 from .text_encoder import CLIPTextModel
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel
@@ -59,6 +59,16 @@ def _as_list(prompt: str | Sequence[str], name: str) -> list[str]:
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise PipelineError(f"{name} must be a string or a non-empty list of strings.")
     return prompts
+
+
+def _per_prompt(value: str | Sequence[str], name: str, count: int) -> list[str]:
+    """``value`` for each of ``count`` prompts: one string (or a list of one) serves them all."""
+    values = _as_list(value, name)
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise PipelineError(f"{name} has {len(values)} entries for {count} prompts; give one, or one per prompt.")
+    return values
 
 
 class SDXLPipeline:
@@ -137,15 +147,15 @@ class SDXLPipeline:
     def scheduler(self, name: str | None = None):
         """The named sampler (see ``schedulers.SAMPLERS``) on this model's scheduler config;
         by default the sampler the model ships with."""
-        config = self.folder / "scheduler" / "scheduler_config.json"
+        path = self.folder / "scheduler" / "scheduler_config.json"
+        shipped = read_config(path) if path.is_file() else None  # read once: it picks and configures
         if name is None:
-            shipped = json.loads(config.read_text()) if config.is_file() else {}
-            name = _SAMPLER_OF_CLASS.get(shipped.get("_class_name"), "euler")
-            if name == "dpmpp_2m" and shipped.get("use_karras_sigmas"):
+            name = _SAMPLER_OF_CLASS.get((shipped or {}).get("_class_name"), "euler")
+            if name == "dpmpp_2m" and (shipped or {}).get("use_karras_sigmas"):
                 name = "dpmpp_2m_karras"
         if name not in SAMPLERS:
             raise PipelineError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}.")
-        return make_scheduler(name, config if config.is_file() else None)
+        return make_scheduler(name, shipped)
 
     # ------------------------------------------------------------------ prompt
 
@@ -181,14 +191,9 @@ class SDXLPipeline:
         # diffusers, a lone negative_prompt_2 does not change that).
         zero_negative = negative_prompt is None and self.force_zeros_for_empty_prompt
         if guided and not zero_negative:
-            negatives = [""] * len(prompts) if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
-            if len(negatives) == 1:
-                negatives = negatives * len(prompts)
-            negatives_2 = negatives if negative_prompt_2 is None else _as_list(negative_prompt_2, "negative_prompt_2")
-            if len(negatives_2) == 1:
-                negatives_2 = negatives_2 * len(prompts)
-            if len(negatives) != len(prompts) or len(negatives_2) != len(prompts):
-                raise PipelineError("give one negative prompt, or one per prompt.")
+            negatives = _per_prompt("" if negative_prompt is None else negative_prompt, "negative_prompt", len(prompts))
+            negatives_2 = negatives if negative_prompt_2 is None else \
+                _per_prompt(negative_prompt_2, "negative_prompt_2", len(prompts))
             negative_context, negative_pooled = self._encode(negatives, negatives_2, clip_skip)
         embeddings = PromptEmbeddings(context, pooled, negative_context, negative_pooled)
         mx.eval([a for a in vars(embeddings).values() if a is not None])
