@@ -8,9 +8,9 @@
 Both sides get the same weights (diffusers' model, handed to MLX tensor by tensor), the same
 inputs and the same thread count. Reported per case: median seconds per forward after warm-up
 (ours, diffusers, ratio), the FLOPs of one forward counted from the model's own layers and the
-input shapes, the GFLOP/s that gives, that as a share of this machine's measured sgemm GFLOP/s,
-and MLX's peak memory. The torch model is timed first and freed before ours is built, so a
-full-size SDXL fits twice over in 24 GB. ``--compile`` runs our forward through mx.compile and
+input shapes, the GFLOP/s that gives, that as a share of this machine's sgemm GFLOP/s (measured
+between our timed forwards, median against median), and MLX's peak memory. The torch model is
+timed first and freed before ours is built, so a full-size SDXL fits twice over in 24 GB. ``--compile`` runs our forward through mx.compile and
 reports the first call (trace and kernel build) apart; ``--low-memory`` measures the UNet's
 low-memory mode.
 """
@@ -80,36 +80,35 @@ def counting_flops():
 # ---------------------------------------------------------------------- measurements
 
 
-def sgemm_gflops(n: int) -> tuple[float, float]:
-    """float32 n x n matmul throughput of MLX and of torch on this machine."""
+def sgemm_gflops(n: int) -> float:
+    """float32 n x n matmul throughput on this machine: MLX's and torch's, the better of the two
+    (each library's BLAS, with the process's thread settings)."""
     import torch
 
-    a = mx.random.normal((n, n))
+    a, t = mx.random.normal((n, n)), torch.randn(n, n)
     mx.eval(a)
-    mlx_times = []
-    for _ in range(4):
+    best = float("inf")
+    for run in (lambda: mx.eval(a @ a), lambda: t @ t):
+        run()  # warm-up: thread pool, packing buffers
         start = time.perf_counter()
-        mx.eval(a @ a)
-        mlx_times.append(time.perf_counter() - start)
-    t = torch.randn(n, n)
-    torch_times = []
-    for _ in range(4):
-        start = time.perf_counter()
-        t @ t
-        torch_times.append(time.perf_counter() - start)
-    flops = 2 * n**3
-    return flops / min(mlx_times[1:]) / 1e9, flops / min(torch_times[1:]) / 1e9
+        run()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
 
 
-def median_seconds(run, warmup: int, repeats: int) -> float:
+def median_seconds(run, warmup: int, repeats: int, between=None) -> tuple[float, list]:
+    """Median seconds of ``run`` after ``warmup`` calls; ``between()`` is called (untimed) before
+    each timed run and its results are returned too."""
     for _ in range(warmup):
         run()
-    times = []
+    times, samples = [], []
     for _ in range(repeats):
+        if between is not None:
+            samples.append(between())
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), samples
 
 
 def make_inputs(config: UNetConfig, batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -127,7 +126,7 @@ def make_inputs(config: UNetConfig, batch: int, size: int, seed: int = 0) -> dic
 
 
 def bench_case(config: UNetConfig, size: int, batch: int, dtype: str, warmup: int, repeats: int,
-               with_torch: bool, compile: bool = False, low_memory: bool = False) -> dict:
+               with_torch: bool, compile: bool = False, low_memory: bool = False, sgemm_n: int = 4096) -> dict:
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
 
@@ -149,7 +148,7 @@ def bench_case(config: UNetConfig, size: int, batch: int, dtype: str, warmup: in
             with torch.no_grad():
                 model(sample, float(inputs["timestep"]), context, **added)
 
-        result["torch_s"] = median_seconds(run_torch, warmup, repeats)
+        result["torch_s"], _ = median_seconds(run_torch, warmup, repeats)
 
     # Hand the weights over tensor by tensor, freeing torch's copy as we go.
     state = reference.state_dict()
@@ -180,8 +179,21 @@ def bench_case(config: UNetConfig, size: int, batch: int, dtype: str, warmup: in
     start = time.perf_counter()
     mx.eval(ours(*args, **kwargs))
     result["first_s"] = time.perf_counter() - start
-    result["ours_s"] = median_seconds(lambda model=ours: mx.eval(model(*args, **kwargs)), max(warmup - 1, 0), repeats)
-    result["peak_gib"] = mx.get_peak_memory() / 2**30
+    # This host's speed drifts by 10-20% within minutes, so the machine's sgemm is measured
+    # between our timed forwards (same state of the host) and its median is the reference.
+    # Peak memory is read around each forward, so the sgemm's operands don't count.
+    peaks = []
+
+    def sample_sgemm() -> float:
+        peaks.append(mx.get_peak_memory())
+        gflops = sgemm_gflops(sgemm_n)
+        mx.reset_peak_memory()
+        return gflops
+
+    result["ours_s"], sgemm = median_seconds(lambda model=ours: mx.eval(model(*args, **kwargs)),
+                                             max(warmup - 1, 0), repeats, sample_sgemm)
+    result["sgemm"] = statistics.median(sgemm)
+    result["peak_gib"] = max(peaks + [mx.get_peak_memory()]) / 2**30
     ours.low_memory(False)
     result["weights_gib"] = sum(v.nbytes for _, v in tree_flatten(ours.parameters())) / 2**30
     del ours
@@ -198,7 +210,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"])
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     p.add_argument("--no-torch", action="store_true", help="time only our forward")
     p.add_argument("--compile", action="store_true", help="our forward through mx.compile; the first call is reported apart")
@@ -215,24 +227,24 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
     config = UNetConfig.from_preset(args.family)
-    mlx_sgemm, torch_sgemm = sgemm_gflops(512 if args.quick else 4096)
-    machine = max(mlx_sgemm, torch_sgemm)
     blas = mlx_unet.linux_blas.loaded or "MLX's bundled BLAS"
     mode = ", ".join(m for m, on in (("compiled", args.compile), ("low-memory", args.low_memory)) if on)
     print(f"{args.family}, batch {args.batch}{'; ' + mode if mode else ''}; torch {torch.__version__} on {args.threads} threads; MLX "
           f"{mx.__version__} ({mx.default_device()}, {blas})")
-    print(f"sgemm: MLX {mlx_sgemm:.0f} GFLOP/s, torch {torch_sgemm:.0f} GFLOP/s -> machine {machine:.0f} GFLOP/s")
+    sgemm_n = 512 if args.quick else 4096
+    print(f"sgemm: the better of MLX's and torch's {sgemm_n}x{sgemm_n} float32 matmul, median of one "
+          "measurement before each of our timed forwards")
     header = (f"{'latent':>6} {'dtype':>8} {'ours s':>8} {'diffusers s':>11} {'ratio':>6} {'GFLOP':>8} "
-              f"{'GFLOP/s':>8} {'of sgemm':>8} {'peak GiB':>8} {'weights GiB':>11} {'first call s':>12}")
+              f"{'GFLOP/s':>8} {'sgemm':>6} {'of sgemm':>8} {'peak GiB':>8} {'weights GiB':>11} {'first call s':>12}")
     print(header)
     for dtype in args.dtype:
         for size in args.latent:
             r = bench_case(config, size, args.batch, dtype, args.warmup, args.repeats, not args.no_torch,
-                           args.compile, args.low_memory)
+                           args.compile, args.low_memory, sgemm_n)
             rate = r["gflop"] / r["ours_s"]
             theirs = f"{r['torch_s']:11.3f} {r['ours_s'] / r['torch_s']:6.2f}" if "torch_s" in r else f"{'-':>11} {'-':>6}"
             print(f"{size:>6} {dtype:>8} {r['ours_s']:8.3f} {theirs} {r['gflop']:8.1f} {rate:8.1f} "
-                  f"{rate / machine:8.0%} {r['peak_gib']:8.2f} {r['weights_gib']:11.2f} {r['first_s']:12.2f}", flush=True)
+                  f"{r['sgemm']:6.0f} {rate / r['sgemm']:8.0%} {r['peak_gib']:8.2f} {r['weights_gib']:11.2f} {r['first_s']:12.2f}", flush=True)
     return 0
 
 

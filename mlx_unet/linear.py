@@ -9,6 +9,15 @@ On Metal and CUDA half-precision matmuls are native and are used as they are.
 On the CPU a small row count that is not a multiple of 16 is padded with zero rows: OpenBLAS
 runs its slow edge kernels on the remainder, and SDXL's 77 text tokens (the cross-attention
 keys and values, M=77 K=2048 N=1280) took about 25% longer than 80 rows do.
+
+On the CPU the weight is also *stored* transposed: still the (out, in) matrix of diffusers'
+checkpoints, with the same name and shape, but laid out in memory as its (in, out) transpose.
+OpenBLAS re-packs the weight on every call, and with few rows (64 tokens at SDXL's 8x8 level, 77
+text tokens) that packing, which streams the whole weight from memory, is a large share of the
+product. Packing this layout is quicker: the SDXL forward runs about 9% faster at a 32x32
+latent and 6% at 64x64 (medians of interleaved forwards: 4.85 -> 4.40 s, 17.39 -> 16.37 s), with
+bit-identical results. ``load_weights`` lays loaded weights out so; files keep diffusers'
+layout, and Metal and CUDA keep the plain one.
 """
 
 import mlx.core as mx
@@ -29,7 +38,23 @@ def _padded_rows(x: mx.array) -> int:
     return -rows % _ROW_BLOCK
 
 
+def stored_transposed(weight: mx.array) -> mx.array:
+    """``weight`` unchanged in value and shape, laid out in memory as its transpose."""
+    return mx.contiguous(weight.T).T
+
+
+def weight_names(model: nn.Module) -> set[str]:
+    """The parameter names of ``model``'s Linear weights."""
+    return {f"{path}.weight" if path else "weight" for path, module in model.named_modules()
+            if isinstance(module, Linear)}
+
+
 class Linear(nn.Linear):
+    def __init__(self, input_dims: int, output_dims: int, bias: bool = True):
+        super().__init__(input_dims, output_dims, bias)
+        if on_cpu():
+            self.weight = stored_transposed(self.weight)
+
     def __call__(self, x: mx.array) -> mx.array:
         if not on_cpu():
             return super().__call__(x)

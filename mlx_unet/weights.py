@@ -14,6 +14,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import linear
+from .activations import on_cpu
+
 
 class WeightsError(ValueError):
     """Weights that do not fit the model: missing, unexpected or mis-shaped tensors, bad files."""
@@ -86,13 +89,23 @@ def _model_name(model: nn.Module) -> str:
         type(model).__name__, type(model).__name__)
 
 
-def load_weights(model: nn.Module, weights: Mapping[str, mx.array], dtype: mx.Dtype | None = None) -> None:
-    """Put ``weights`` (MLX layout, diffusers names) into ``model`` after checking every key and shape."""
+def load_weights(model: nn.Module, weights: dict[str, mx.array], dtype: mx.Dtype | None = None) -> None:
+    """Move ``weights`` (MLX layout, diffusers names) into ``model`` after checking every key and
+    shape. ``weights`` is emptied: each tensor is taken out, evaluated and put into the model
+    before the next, so that the caller's copy (a file being read, say) and the model's never
+    coexist for more than one tensor."""
     check_weights(model, weights)
-    # Row-contiguous parameters: a strided one (an mx.array of a transposed numpy view, say)
-    # would be copied by every convolution or matmul that reads it. A no-op for the rest.
-    weights = {k: mx.contiguous(v if dtype is None else v.astype(dtype)) for k, v in weights.items()}
-    model.update(tree_unflatten(list(weights.items())))
+    transposed = linear.weight_names(model) if on_cpu() else set()
+    for name in list(weights):
+        value = weights.pop(name)
+        if dtype is not None:
+            value = value.astype(dtype)
+        # Row-contiguous parameters: a strided one (an mx.array of a transposed numpy view, say)
+        # would be copied by every convolution or matmul that reads it. Linear weights on the
+        # CPU are the exception: stored transposed, which OpenBLAS packs faster (linear.py).
+        value = linear.stored_transposed(value) if name in transposed else mx.contiguous(value)
+        mx.eval(value)
+        model.update(tree_unflatten([(name, value)]))
 
 
 def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None = None) -> None:
@@ -114,9 +127,5 @@ def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None =
             raise WeightsError(f"{file} repeats tensors already loaded from another file ({_names(duplicated)}).")
         weights.update(part)
     load_weights(model, weights, dtype)
-    # One tensor at a time: a single eval of everything would hold the file's dtype and the cast
-    # copy of every tensor at once.
-    for _, value in tree_flatten(model.parameters()):
-        mx.eval(value)
     if dtype is not None:
         mx.clear_cache()  # the file-dtype copies just freed would otherwise stay in MLX's cache

@@ -9,6 +9,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from reference import make_inputs, mlx_weights, relative_error, run_mlx, run_torch, tiny_config, torch_unet
 
 from mlx_unet import ConfigError, UNet2DConditionModel, WeightsError
+from mlx_unet.linear import weight_names as linear_weight_names
+from mlx_unet.weights import load_weights
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,32 @@ def test_from_pretrained_casts_dtype(tmp_path, reference):
     folder = write_folder(tmp_path / "unet", config, mlx_weights(model.state_dict()))
     ours = UNet2DConditionModel.from_pretrained(folder, dtype=mx.float16)
     assert {v.dtype for _, v in tree_flatten(ours.parameters())} == {mx.float16}
+
+
+@pytest.mark.parametrize("dtype", [None, mx.float16])
+def test_linear_weights_are_stored_transposed_on_the_cpu(tmp_path, reference, dtype):
+    """On the CPU a Linear weight keeps diffusers' (out, in) name, shape and values but lies in
+    memory as its transpose, which OpenBLAS packs faster (linear.py); every other parameter is
+    row-major. Loading empties the dict it is given, tensor by tensor."""
+    config, model = reference
+    weights = mlx_weights(model.state_dict())
+    expected = {k: np.array(v.astype(dtype or v.dtype)) for k, v in weights.items()}
+    ours = UNet2DConditionModel.from_pretrained(write_folder(tmp_path / "u", config, weights), dtype=dtype)
+    linear = linear_weight_names(ours)
+    assert linear and any(".ff.net.0.proj.weight" in k for k in linear) and "conv_in.weight" not in linear
+    for name, value in tree_flatten(ours.parameters()):
+        assert np.array_equal(np.array(value), expected[name]), name
+        item = value.itemsize
+        if name in linear:
+            assert memoryview(value).strides == (item, item * value.shape[0]), name
+        else:
+            assert memoryview(value).strides == tuple(item * int(np.prod(value.shape[i + 1:]))
+                                                      for i in range(value.ndim)), name
+    fresh = UNet2DConditionModel(config)
+    load_weights(fresh, weights)
+    assert weights == {}
+    assert memoryview(fresh.conv_in.weight).strides[-1] == 4
+    assert memoryview(fresh.time_embedding.linear_1.weight).strides == (4, 4 * fresh.time_embedding.linear_1.weight.shape[0])
 
 
 def test_loaded_parameters_all_reach_the_output(tmp_path, reference):
