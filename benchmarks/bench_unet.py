@@ -10,9 +10,9 @@ inputs and the same thread count. Reported per case: median seconds per forward 
 (ours, diffusers, ratio), the FLOPs of one forward counted from the model's own layers and the
 input shapes, the GFLOP/s that gives, that as a share of this machine's sgemm GFLOP/s (measured
 between our timed forwards, median against median), and MLX's peak memory. The torch model is
-timed first and freed before ours is built, so a full-size SDXL fits twice over in 24 GB. ``--compile`` runs our forward through mx.compile and
-reports the first call (trace and kernel build) apart; ``--low-memory`` measures the UNet's
-low-memory mode.
+timed first and freed before ours is built, so a full-size SDXL fits twice over in 24 GB.
+``--compile`` runs our forward through mx.compile and reports the first call (trace and kernel
+build) apart; ``--low-memory`` measures the UNet's low-memory mode.
 """
 
 from __future__ import annotations
