@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 
 import mlx_unet  # noqa: E402  (before mlx: the fast BLAS on Linux)
 import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_unet import PRESETS, UNet2DConditionModel, UNetConfig, attention  # noqa: E402
+from mlx_unet.conv import Conv2d  # noqa: E402
 from mlx_unet.linear import Linear  # noqa: E402
 from mlx_unet.weights import load_weights, torch_to_mlx_layout  # noqa: E402
 
@@ -49,7 +49,7 @@ def counting_flops():
     """Count multiply-adds (x2) of every Linear, Conv2d and attention call while a forward is
     traced. MLX is lazy, so tracing costs nothing: only shapes are read."""
     total = [0]
-    linear_call, conv_call = Linear.__call__, nn.Conv2d.__call__
+    linear_call, conv_call = Linear.__call__, Conv2d.__call__
     sdpa = attention.scaled_dot_product_attention
 
     def linear(self, x):
@@ -68,12 +68,12 @@ def counting_flops():
         total[0] += 2 * 2 * b * h * nq * k.shape[2] * d  # Q K^T and P V
         return sdpa(q, k, v, scale)
 
-    Linear.__call__, nn.Conv2d.__call__ = linear, conv
+    Linear.__call__, Conv2d.__call__ = linear, conv
     attention.scaled_dot_product_attention = counted_attention
     try:
         yield total
     finally:
-        Linear.__call__, nn.Conv2d.__call__ = linear_call, conv_call
+        Linear.__call__, Conv2d.__call__ = linear_call, conv_call
         attention.scaled_dot_product_attention = sdpa
 
 

@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .activations import LOG2_E, geglu, on_cpu, softmax_weights
+from .conv import Conv2d
 from .linear import Linear
 from .norm import GroupNorm
 
@@ -141,8 +142,8 @@ class Transformer2DModel(nn.Module):
             self.proj_in = Linear(channels, channels)
             self.proj_out = Linear(channels, channels)
         else:
-            self.proj_in = nn.Conv2d(channels, channels, 1)
-            self.proj_out = nn.Conv2d(channels, channels, 1)
+            self.proj_in = Conv2d(channels, channels, 1)
+            self.proj_out = Conv2d(channels, channels, 1)
         self.transformer_blocks = [
             BasicTransformerBlock(channels, heads, head_dim, context_dim, upcast) for _ in range(depth)
         ]

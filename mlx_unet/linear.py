@@ -38,22 +38,16 @@ def _padded_rows(x: mx.array) -> int:
     return -rows % _ROW_BLOCK
 
 
-def stored_transposed(weight: mx.array) -> mx.array:
-    """``weight`` unchanged in value and shape, laid out in memory as its transpose."""
-    return mx.contiguous(weight.T).T
-
-
-def weight_names(model: nn.Module) -> set[str]:
-    """The parameter names of ``model``'s Linear weights."""
-    return {f"{path}.weight" if path else "weight" for path, module in model.named_modules()
-            if isinstance(module, Linear)}
-
-
 class Linear(nn.Linear):
     def __init__(self, input_dims: int, output_dims: int, bias: bool = True):
         super().__init__(input_dims, output_dims, bias)
-        if on_cpu():
-            self.weight = stored_transposed(self.weight)
+        self.weight = self.laid_out(self.weight)
+
+    @staticmethod
+    def laid_out(weight: mx.array) -> mx.array:
+        """``weight`` (out, in), in the memory layout this module computes with: on the CPU
+        unchanged in value and shape, but laid out as its transpose."""
+        return mx.contiguous(weight.T).T if on_cpu() else mx.contiguous(weight)
 
     def __call__(self, x: mx.array) -> mx.array:
         if not on_cpu():

@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .activations import silu
+from .conv import Conv2d
 from .blocks import DownBlock, MidBlock, UpBlock
 from .config import UNetConfig
 from .embeddings import TimestepEmbedding, Timesteps
@@ -34,7 +35,7 @@ class UNet2DConditionModel(nn.Module):
         self.config = config
         c = config
         channels = c.block_out_channels
-        self.conv_in = nn.Conv2d(c.in_channels, channels[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
+        self.conv_in = Conv2d(c.in_channels, channels[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
 
         self.time_proj = Timesteps(channels[0], c.flip_sin_to_cos, c.freq_shift)
         self.time_embedding = TimestepEmbedding(channels[0], c.time_embed_dim)
@@ -55,7 +56,7 @@ class UNet2DConditionModel(nn.Module):
             prev = tuple(reversed(channels))[index]
 
         self.conv_norm_out = GroupNorm(c.norm_num_groups, channels[0], c.norm_eps)
-        self.conv_out = nn.Conv2d(channels[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
+        self.conv_out = Conv2d(channels[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
         self._forward = self._denoise
         self._compiled = None
         self._evaluate_per_block = False

@@ -15,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .activations import silu
+from .conv import Conv2d
 from .attention import scaled_dot_product_attention
 from .config import ConfigError, positive_int, preset, read_config_json
 from .linear import Linear
@@ -292,14 +293,14 @@ class Encoder(nn.Module):
         super().__init__()
         channels, groups = config.block_out_channels, config.norm_num_groups
         last = len(channels) - 1
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.down_blocks = [
             DownEncoderBlock2D(channels[max(i - 1, 0)], channels[i], config.layers_per_block, groups, i < last)
             for i in range(len(channels))
         ]
         self.mid_block = VAEMidBlock(channels[-1], groups, config.mid_block_add_attention)
         self.conv_norm_out = GroupNorm(groups, channels[-1], _EPS)
-        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
@@ -317,14 +318,14 @@ class Decoder(nn.Module):
         super().__init__()
         channels, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
         last = len(channels) - 1
-        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, channels[0], 3, padding=1)
         self.mid_block = VAEMidBlock(channels[0], groups, config.mid_block_add_attention)
         self.up_blocks = [
             UpDecoderBlock2D(channels[max(i - 1, 0)], channels[i], config.layers_per_block + 1, groups, i < last)
             for i in range(len(channels))
         ]
         self.conv_norm_out = GroupNorm(groups, channels[-1], _EPS)
-        self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[-1], config.out_channels, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
@@ -385,8 +386,8 @@ class AutoencoderKL(nn.Module):
         n = config.latent_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * n, 2 * n, 1) if config.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(n, n, 1) if config.use_post_quant_conv else None
+        self.quant_conv = Conv2d(2 * n, 2 * n, 1) if config.use_quant_conv else None
+        self.post_quant_conv = Conv2d(n, n, 1) if config.use_post_quant_conv else None
         self.use_tiling = False
         self.tile_sample_size = config.sample_size
         self.tile_overlap = 0.25

@@ -1,21 +1,23 @@
 """Weights: PyTorch <-> MLX layout, and loading an MLX weights folder into a model by key.
 
 The only layout difference between a diffusers checkpoint and ours is the convolution kernel:
-PyTorch stores (out, in, kh, kw), MLX (out, kh, kw, in). Names are identical.
+PyTorch stores (out, in, kh, kw), MLX (out, kh, kw, in). Names are identical. In memory, on the
+CPU, Linear and Conv2d weights are laid out for their products (``weight_layouts``); their
+shapes and values stay those of the file.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import linear
-from .activations import on_cpu
+from .conv import Conv2d
+from .linear import Linear
 
 
 class WeightsError(ValueError):
@@ -26,9 +28,8 @@ def torch_to_mlx_layout(array):
     """A PyTorch-layout parameter (numpy or MLX array) in MLX layout: conv kernels OIHW -> OHWI.
 
     A numpy result is made contiguous here, while one tensor is in hand: ``mx.array`` keeps a
-    transposed view's strides, which ``load_weights`` would otherwise re-lay out (it makes every
-    parameter contiguous, as MLX's CPU convolution is 4-5x slower on a strided kernel), lazily,
-    so the strided and contiguous copies of every kernel would coexist until evaluated."""
+    transposed view's strides, and a strided parameter is copied by every product that reads
+    it until ``load_weights`` lays it out."""
     if array.ndim != 4:
         return array
     moved = array.transpose(0, 2, 3, 1)
@@ -95,17 +96,23 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array], dtype: mx.Dtype
     before the next, so that the caller's copy (a file being read, say) and the model's never
     coexist for more than one tensor."""
     check_weights(model, weights)
-    transposed = linear.weight_names(model) if on_cpu() else set()
+    layouts = weight_layouts(model)
     for name in list(weights):
         value = weights.pop(name)
         if dtype is not None:
             value = value.astype(dtype)
-        # Row-contiguous parameters: a strided one (an mx.array of a transposed numpy view, say)
-        # would be copied by every convolution or matmul that reads it. Linear weights on the
-        # CPU are the exception: stored transposed, which OpenBLAS packs faster (linear.py).
-        value = linear.stored_transposed(value) if name in transposed else mx.contiguous(value)
+        # Parameters are row-major (a strided one, an mx.array of a transposed numpy view say,
+        # would be copied by every product that reads it), except the weights that Linear and
+        # Conv2d lay out for their products on the CPU (linear.py, conv.py).
+        value = layouts[name](value) if name in layouts else mx.contiguous(value)
         mx.eval(value)
         model.update(tree_unflatten([(name, value)]))
+
+
+def weight_layouts(model: nn.Module) -> dict[str, Callable[[mx.array], mx.array]]:
+    """Parameter name -> the function that lays that weight out in memory for its module."""
+    return {f"{path}.weight" if path else "weight": module.laid_out
+            for path, module in model.named_modules() if isinstance(module, (Linear, Conv2d))}
 
 
 def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None = None) -> None:

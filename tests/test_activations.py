@@ -75,7 +75,7 @@ def _torch_attention(q, k, v):
 
 
 @pytest.mark.parametrize("chunk", [None, 1 << 10, 1 << 12])
-@pytest.mark.parametrize("shape", [(2, 10, 256, 256, 64), (1, 5, 300, 77, 64), (2, 8, 33, 77, 40), (1, 2, 1, 9, 16)])
+@pytest.mark.parametrize("shape", [(2, 10, 256, 256, 64), (1, 5, 300, 77, 64), (2, 8, 33, 77, 40), (1, 2, 1, 9, 16), (1, 1, 1, 9, 16)])
 def test_cpu_attention_matches_torch(shape, chunk, monkeypatch):
     """Whole heads per chunk, groups of heads, and chunks of query rows that do not divide the
     token count (chunk 1 << 10 with 300 x 77 scores)."""

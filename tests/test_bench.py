@@ -1,8 +1,15 @@
-"""benchmarks/bench_unet.py runs (a smoke run on the tiny model; no time is checked)."""
+"""benchmarks/bench_unet.py runs (a smoke run on the tiny model; no time is checked), and its FLOP
+count is torch's."""
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor
+from reference import TIME_IDS, make_inputs, mlx_from_torch, run_mlx, run_torch, tiny_config, torch_unet
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,3 +33,23 @@ def test_benchmark_runs_compiled_and_in_low_memory_mode():
     assert "compiled, low-memory" in proc.stdout
     row = proc.stdout.strip().splitlines()[-1].split()
     assert row[:2] == ["16", "float32"] and row[3] == "-" and float(row[-1]) > 0
+
+
+@pytest.mark.parametrize("family", ["sdxl-base", "sd15"])
+def test_flop_count_equals_torchs_flop_counter(family):
+    """The benchmark's count (every Linear, Conv2d and attention call of our forward) equals what
+    torch's FlopCounterMode counts over diffusers' forward with its plain (bmm) attention."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_unet
+
+    config = tiny_config(family)
+    reference = torch_unet(config, seed=0)
+    ours = mlx_from_torch(reference, config)
+    reference.set_attn_processor(AttnProcessor())
+    inputs = make_inputs(config, 2, 40, 36, n_time_ids=TIME_IDS.get(family))
+    with bench_unet.counting_flops() as counted:
+        run_mlx(ours, inputs)
+    torch_counter = FlopCounterMode(display=False)
+    with torch_counter, torch.no_grad():
+        run_torch(reference, inputs)
+    assert counted[0] == torch_counter.get_total_flops() > 0

@@ -9,8 +9,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from reference import make_inputs, mlx_weights, relative_error, run_mlx, run_torch, tiny_config, torch_unet
 
 from mlx_unet import ConfigError, UNet2DConditionModel, WeightsError
-from mlx_unet.linear import weight_names as linear_weight_names
-from mlx_unet.weights import load_weights
+from mlx_unet.weights import load_weights, weight_layouts
 
 
 @pytest.fixture(scope="module")
@@ -45,29 +44,40 @@ def test_from_pretrained_casts_dtype(tmp_path, reference):
     assert {v.dtype for _, v in tree_flatten(ours.parameters())} == {mx.float16}
 
 
+def row_major_strides(shape, item):
+    return tuple(item * int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+
+
 @pytest.mark.parametrize("dtype", [None, mx.float16])
-def test_linear_weights_are_stored_transposed_on_the_cpu(tmp_path, reference, dtype):
-    """On the CPU a Linear weight keeps diffusers' (out, in) name, shape and values but lies in
-    memory as its transpose, which OpenBLAS packs faster (linear.py); every other parameter is
-    row-major. Loading empties the dict it is given, tensor by tensor."""
+def test_weights_are_laid_out_for_the_cpu(tmp_path, reference, dtype):
+    """On the CPU, Linear and Conv2d weights keep diffusers' names, shapes and values but lie in
+    memory as their modules compute with them: a Linear weight (out, in) as its transpose
+    (linear.py), a convolution kernel (out, kh, kw, in) as (kh, kw, in, out) (conv.py). Every
+    other parameter is row-major. Loading empties the dict it is given, tensor by tensor."""
     config, model = reference
     weights = mlx_weights(model.state_dict())
     expected = {k: np.array(v.astype(dtype or v.dtype)) for k, v in weights.items()}
     ours = UNet2DConditionModel.from_pretrained(write_folder(tmp_path / "u", config, weights), dtype=dtype)
-    linear = linear_weight_names(ours)
-    assert linear and any(".ff.net.0.proj.weight" in k for k in linear) and "conv_in.weight" not in linear
+    layouts = weight_layouts(ours)
+    assert any(".ff.net.0.proj.weight" in k for k in layouts) and "conv_in.weight" in layouts
+    assert "down_blocks.0.resnets.0.norm1.weight" not in layouts
+    laid_out = 0
     for name, value in tree_flatten(ours.parameters()):
         assert np.array_equal(np.array(value), expected[name]), name
-        item = value.itemsize
-        if name in linear:
-            assert memoryview(value).strides == (item, item * value.shape[0]), name
+        item, strides = value.itemsize, memoryview(value).strides
+        if name in layouts and value.ndim == 2:
+            assert strides == (item, item * value.shape[0]), name
+        elif name in layouts:
+            out, kh, kw, inp = value.shape
+            assert strides == (item, item * kw * inp * out, item * inp * out, item * out), name
         else:
-            assert memoryview(value).strides == tuple(item * int(np.prod(value.shape[i + 1:]))
-                                                      for i in range(value.ndim)), name
+            assert strides == row_major_strides(value.shape, item), name
+        laid_out += name in layouts
+    assert laid_out == len(layouts)
     fresh = UNet2DConditionModel(config)
     load_weights(fresh, weights)
     assert weights == {}
-    assert memoryview(fresh.conv_in.weight).strides[-1] == 4
+    assert memoryview(fresh.conv_in.weight).strides[0] == 4
     assert memoryview(fresh.time_embedding.linear_1.weight).strides == (4, 4 * fresh.time_embedding.linear_1.weight.shape[0])
 
 
