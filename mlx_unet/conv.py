@@ -81,13 +81,14 @@ class Conv2d(nn.Conv2d):
         wide = padded.shape[2]
         rows = padded.astype(mx.float32).reshape(batch, -1, channels)
         length = out_h * wide
+        # Widened once, not per image: for half precision each is a float32 copy.
+        taps = [(a * wide + b, self._tap(a, b)) for a in range(k) for b in range(k)]
+        bias = self._bias()
         images = []
         for n in range(batch):
-            out = None
-            for a in range(k):
-                for b in range(k):
-                    run = rows[n, a * wide + b:a * wide + b + length]
-                    out = mx.addmm(self._bias() if out is None else out, run, self._tap(a, b))
+            out = bias
+            for start, tap in taps:
+                out = mx.addmm(out, rows[n, start:start + length], tap)
             images.append(out.reshape(out_h, wide, -1)[:, :out_w])
         return mx.stack(images)
 

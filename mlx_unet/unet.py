@@ -8,9 +8,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .activations import silu
-from .conv import Conv2d
 from .blocks import DownBlock, MidBlock, UpBlock
 from .config import UNetConfig
+from .conv import Conv2d
 from .embeddings import TimestepEmbedding, Timesteps
 from .norm import GroupNorm
 

@@ -15,9 +15,9 @@ import mlx.nn as nn
 import numpy as np
 
 from .activations import silu
-from .conv import Conv2d
 from .attention import scaled_dot_product_attention
 from .config import ConfigError, positive_int, preset, read_config_json
+from .conv import Conv2d
 from .linear import Linear
 from .norm import GroupNorm
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
