@@ -661,13 +661,33 @@ def _is_repo_id(text: str) -> bool:
     return bool(_REPO_ID.match(text)) and not text.startswith((".", "/", "~"))
 
 
-def _local_source(source: str, out_dir: Path) -> Path | None:
-    """``source`` as an existing path (None for a Hub repo id); refuses an OUT_DIR that would replace it."""
+def _refuse_overlap(out_dir: Path, source: str | Path, what: str) -> None:
+    """Refuse an OUT_DIR that is ``source``, lies inside it or contains it: replacing OUT_DIR
+    (with --force) or writing its partial folder there would delete or mix into the user's files."""
+    out, src = out_dir.expanduser().resolve(), Path(source).expanduser().resolve()
+    if out == src or out in src.parents or src in out.parents:
+        relation = "is" if out == src else "contains" if out in src.parents else "is inside"
+        raise ConversionError(f"OUT_DIR {out_dir} {relation} the {what} {source}; choose a folder outside it.")
+
+
+def check_out_dir_apart(out_dir: Path, source: str, tokenizers: str | None) -> None:
+    """Before anything is read or written: OUT_DIR overlaps neither a local source, a local
+    --tokenizers folder, nor (for Hub ids) the Hugging Face cache the files are fetched into."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    for what, value in (("source", source), ("--tokenizers source", tokenizers)):
+        if value is None:
+            continue
+        if Path(value).expanduser().exists():
+            _refuse_overlap(out_dir, value, what)
+        elif _is_repo_id(value):
+            _refuse_overlap(out_dir, HF_HUB_CACHE, f"Hugging Face cache that {what} {value} is fetched into,")
+
+
+def _local_source(source: str) -> Path | None:
+    """``source`` as an existing path (None for a Hub repo id)."""
     path = Path(source).expanduser()
     if path.exists():
-        resolved, out = path.resolve(), out_dir.resolve()
-        if out == resolved or out in resolved.parents:
-            raise ConversionError(f"OUT_DIR {out_dir} would replace the source {source}; choose another folder.")
         return path
     if _is_repo_id(source):
         return None
@@ -679,9 +699,9 @@ def _only_unet(plan: Plan) -> Plan:
     return plan
 
 
-def _plan(source: str, out_dir: Path, options: Options, unet_only: bool, tokenizers: str | None) -> Plan | PipelinePlan:
+def _plan(source: str, options: Options, unet_only: bool, tokenizers: str | None) -> Plan | PipelinePlan:
     """What to write for ``source``: a UNet alone (a Plan) or a whole pipeline."""
-    path = _local_source(source, out_dir)
+    path = _local_source(source)
     if path is not None and path.is_file():
         tensors = _open_tensors([path], options.allow_pickle)
         if unet_only:
@@ -861,10 +881,13 @@ def convert(
     if unet_only and (vae_dtype or tokenizers):
         raise ConversionError("--vae-dtype and --tokenizers are for whole pipelines; drop them with --unet-only.")
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, force)  # before any download or reading
+    tokenizers = None if tokenizers is None else str(tokenizers)
+    # Before any download or reading.
+    check_out_dir_apart(out_dir, str(source), tokenizers)
+    _check_out_dir(out_dir, force)
     override = UNetConfig.from_json(config) if config is not None else None
     options = Options(dtype, vae_dtype, variant, revision, allow_pickle, ema, override)
-    planned = _plan(str(source), out_dir, options, unet_only, None if tokenizers is None else str(tokenizers))
+    planned = _plan(str(source), options, unet_only, tokenizers)
     pipeline = planned if isinstance(planned, PipelinePlan) else None
     layout = pipeline.models if pipeline else {"": planned}  # output subfolder -> model
 

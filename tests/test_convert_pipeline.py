@@ -386,6 +386,41 @@ def test_single_file_without_tokenizers_asks_for_them(tmp_path, refiner_parts):
 # ---------------------------------------------------------------------- bad input
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("out", ["src", "src/vae", "src/new", "parent", "tok", "tok/tokenizer", "tok_parent"])
+def test_output_overlapping_a_source_is_refused_before_anything_is_touched(tmp_path, base, out):
+    """convert.py SRC SRC/vae --force used to delete the source's VAE (and --tokenizers D ... D
+    --force the tokenizers): an OUT_DIR equal to, inside or around either source is refused."""
+    root = tmp_path / "parent"
+    src = shutil.copytree(base[1], root / "src")
+    tok = shutil.copytree(base[1], root / "tokdir" / "tok", ignore=shutil.ignore_patterns("unet", "vae", "text_encoder*"))
+    where = {"src": src, "src/vae": src / "vae", "src/new": src / "new", "parent": root,
+             "tok": tok, "tok/tokenizer": tok / "tokenizer", "tok_parent": tok.parent}[out]
+    before = _tree(root)
+    proc = subprocess.run([sys.executable, str(ROOT / "convert.py"), str(src), str(where), "--force",
+                           "--tokenizers", str(tok), "--dtype", "float32"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: OUT_DIR {where} ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "choose a folder outside it" in proc.stderr
+    assert _tree(root) == before  # not a byte changed, nothing added
+
+
+def test_output_overlapping_the_hub_cache_is_refused(tmp_path, monkeypatch):
+    import mlx_unet.conversion as conversion
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(conversion, "_repo_files", lambda *a: pytest.fail("nothing may be fetched"))
+    for out in (cache, cache / "models--a--b", tmp_path):
+        with pytest.raises(ConversionError, match="Hugging Face cache"):
+            convert("owner/model", out, force=True, progress=False)
+    assert list(cache.iterdir()) == []
+
+
 def _damage(source: Path, damage: str) -> None:
     if damage == "truncated":
         weights = source / "text_encoder_2" / "model.safetensors"
