@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from mlx_unet import SDXLPipeline, UNetConfig, VAEConfig  # noqa: E402
 from mlx_unet.conversion import convert  # noqa: E402
 from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG  # noqa: E402
-from mlx_unet.text_encoder import CLIPTextConfig  # noqa: E402
+from mlx_unet import CLIPTextConfig  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, 35mm"
 GUIDANCE = 5.0
@@ -227,8 +227,8 @@ def main(argv=None) -> int:
         library.utils.logging.disable_progress_bar()
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
     torch.set_num_threads(args.threads)
-    if mlx_unet.linux_blas.loaded:  # MLX's matmuls run in OpenBLAS's threads
-        ctypes.CDLL(mlx_unet.linux_blas.loaded).openblas_set_num_threads(args.threads)
+    if mlx_unet.cpu.blas.loaded:  # MLX's matmuls run in OpenBLAS's threads
+        ctypes.CDLL(mlx_unet.cpu.blas.loaded).openblas_set_num_threads(args.threads)
 
     temp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench-t2i-")
     workdir = (args.workdir or Path(temp.name)).expanduser()
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     mx.reset_peak_memory()
     ours = run_ours(ours_folder, latents, steps, args.dtype, args.tile_vae)
 
-    blas = mlx_unet.linux_blas.loaded or "MLX's bundled BLAS"
+    blas = mlx_unet.cpu.blas.loaded or "MLX's bundled BLAS"
     print(f"{kind}, {size}x{size} px, {steps} steps, guidance {GUIDANCE}; ours {args.dtype} (MLX {mx.__version__}, "
           f"{mx.default_device()}, {blas}), diffusers {diffusers.__version__} float32 (torch {torch.__version__}, CPU); "
           f"{args.threads} threads{'; tiled VAE' if args.tile_vae else ''}")

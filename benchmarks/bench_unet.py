@@ -33,9 +33,9 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from mlx_unet import PRESETS, UNet2DConditionModel, UNetConfig, attention  # noqa: E402
-from mlx_unet.conv import Conv2d  # noqa: E402
-from mlx_unet.linear import Linear  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from mlx_unet import PRESETS, UNet2DConditionModel, UNetConfig, cpu  # noqa: E402
+from mlx_unet.models.attention import ScaledDotProductAttention  # noqa: E402
 from mlx_unet.weights import load_weights, torch_to_mlx_layout  # noqa: E402
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -46,11 +46,12 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 @contextmanager
 def counting_flops():
-    """Count multiply-adds (x2) of every Linear, Conv2d and attention call while a forward is
-    traced. MLX is lazy, so tracing costs nothing: only shapes are read."""
+    """Count multiply-adds (x2) of every Linear, Conv2d and attention call while a forward of
+    the plain model (before ``cpu.prepare``: the same products) is traced. MLX is lazy, so
+    tracing costs nothing: only shapes are read."""
     total = [0]
-    linear_call, conv_call = Linear.__call__, Conv2d.__call__
-    sdpa = attention.scaled_dot_product_attention
+    linear_call, conv_call = nn.Linear.__call__, nn.Conv2d.__call__
+    sdpa = ScaledDotProductAttention.__call__
 
     def linear(self, x):
         y = linear_call(self, x)
@@ -63,18 +64,18 @@ def counting_flops():
         total[0] += 2 * (y.size // out_ch) * out_ch * kh * kw * in_ch
         return y
 
-    def counted_attention(q, k, v, scale):
+    def counted_attention(self, q, k, v, scale):
         b, h, nq, d = q.shape
         total[0] += 2 * 2 * b * h * nq * k.shape[2] * d  # Q K^T and P V
-        return sdpa(q, k, v, scale)
+        return sdpa(self, q, k, v, scale)
 
-    Linear.__call__, Conv2d.__call__ = linear, conv
-    attention.scaled_dot_product_attention = counted_attention
+    nn.Linear.__call__, nn.Conv2d.__call__ = linear, conv
+    ScaledDotProductAttention.__call__ = counted_attention
     try:
         yield total
     finally:
-        Linear.__call__, Conv2d.__call__ = linear_call, conv_call
-        attention.scaled_dot_product_attention = sdpa
+        nn.Linear.__call__, nn.Conv2d.__call__ = linear_call, conv_call
+        ScaledDotProductAttention.__call__ = sdpa
 
 
 # ---------------------------------------------------------------------- measurements
@@ -171,6 +172,7 @@ def bench_case(config: UNetConfig, size: int, batch: int, dtype: str, warmup: in
     with counting_flops() as flops:
         ours(*args, **kwargs)
     result["gflop"] = flops[0] / 1e9
+    ours = cpu.prepare(ours)  # the CPU kernels unless MLX_UNET_CPU_KERNELS=0
 
     ours.compile(compile)
     ours.low_memory(low_memory)
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
     config = UNetConfig.from_preset(args.family)
-    blas = mlx_unet.linux_blas.loaded or "MLX's bundled BLAS"
+    blas = mlx_unet.cpu.blas.loaded or "MLX's bundled BLAS"
     mode = ", ".join(m for m, on in (("compiled", args.compile), ("low-memory", args.low_memory)) if on)
     print(f"{args.family}, batch {args.batch}{'; ' + mode if mode else ''}; torch {torch.__version__} on {args.threads} threads; MLX "
           f"{mx.__version__} ({mx.default_device()}, {blas})")

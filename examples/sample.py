@@ -23,7 +23,7 @@ import mlx_unet  # noqa: E402,F401  (before mlx: picks the fast BLAS on Linux)
 import mlx.core as mx  # noqa: E402
 
 from mlx_unet import UNet2DConditionModel, UNetConfig  # noqa: E402
-from mlx_unet.pipeline import Sampler  # noqa: E402
+from mlx_unet import Sampler  # noqa: E402
 from mlx_unet.schedulers import SAMPLERS, SDXL_SCHEDULER_CONFIG, make_scheduler  # noqa: E402
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}

@@ -1,18 +1,26 @@
 """mlx_unet: Stable Diffusion XL in MLX (UNet, text encoders, VAE, sampling), exact against diffusers."""
 
-from . import linux_blas
+# First: on Linux it loads OpenBLAS before MLX (cpu/blas.py).
+from . import cpu
 
-linux_blas.preload()
-
-from .config import PRESETS, ConfigError, UNetConfig  # noqa: E402
-from .pipeline import Sampler  # noqa: E402
+from .configs.clip import CLIPTextConfig  # noqa: E402
+from .configs.unet import PRESETS, UNetConfig  # noqa: E402
+from .configs.vae import VAEConfig  # noqa: E402
+from .errors import (  # noqa: E402
+    ConfigError,
+    ConversionError,
+    InputError,
+    MlxUnetError,
+    PipelineError,
+    WeightsError,
+)
+from .models.clip import CLIPTextModel  # noqa: E402
+from .models.unet import UNet2DConditionModel  # noqa: E402
+from .models.vae import AutoencoderKL  # noqa: E402
+from .pipelines.sampler import Sampler  # noqa: E402
+from .pipelines.sdxl import SDXLPipeline  # noqa: E402
 from .schedulers import make_scheduler  # noqa: E402
-from .text_encoder import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from .text_to_image import PipelineError, SDXLPipeline  # noqa: E402
 from .tokenizer import CLIPTokenizer  # noqa: E402
-from .unet import InputError, UNet2DConditionModel  # noqa: E402
-from .vae import AutoencoderKL, VAEConfig  # noqa: E402
-from .weights import WeightsError  # noqa: E402
 
 __all__ = [
     "PRESETS",
@@ -21,7 +29,9 @@ __all__ = [
     "CLIPTextModel",
     "CLIPTokenizer",
     "ConfigError",
+    "ConversionError",
     "InputError",
+    "MlxUnetError",
     "PipelineError",
     "SDXLPipeline",
     "Sampler",
@@ -29,5 +39,6 @@ __all__ = [
     "UNetConfig",
     "VAEConfig",
     "WeightsError",
+    "cpu",
     "make_scheduler",
 ]

@@ -27,22 +27,21 @@ from typing import Any, Callable, Iterable, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ConfigError, UNetConfig
-from .safetensors_io import SafetensorsError, SafetensorsReader, TensorSpec, write_safetensors
+from .configs.clip import CLIPTextConfig
+from .configs.unet import UNetConfig
+from .configs.vae import VAEConfig
+from .configs.base import DTYPES, FORMAT_KEY, FORMAT_VERSION
+from .errors import ConfigError, ConversionError, MlxUnetError, WeightsError
+from .safetensors_io import SafetensorsReader, TensorSpec, write_safetensors
 from .schedulers import SDXL_SCHEDULER_CONFIG
-from .single_file import SingleFileError, SingleFileUNet, Take, describe_non_unet, ema_name, parse
+from .single_file import SingleFileUNet, Take, describe_non_unet, ema_name, parse
 from .single_file_components import EMBEDDERS, VAE_PREFIX, parse_text_encoders, parse_vae
-from .text_encoder import CLIPTextConfig, CLIPTextModel, checkpoint_names
-from .tokenizer import CLIPTokenizer, TokenizerError
-from .unet import UNet2DConditionModel
-from .vae import AutoencoderKL, VAEConfig
-from .weights import WeightsError, check_shapes, model_shapes, torch_to_mlx_layout, torch_to_mlx_shape
+from .models.clip import CLIPTextModel, checkpoint_names
+from .models.unet import UNet2DConditionModel
+from .models.vae import AutoencoderKL
+from .tokenizer import CLIPTokenizer
+from .weights import check_shapes, model_shapes, torch_to_mlx_layout, torch_to_mlx_shape
 
-FORMAT_VERSION = "1"
-# model_index.json key marking a pipeline folder that convert.py wrote (diffusers reads keys
-# starting with "_" as metadata, so the file stays loadable there).
-FORMAT_KEY = "_mlx_unet_format_version"
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 WEIGHTS = "diffusion_pytorch_model"
 OUTPUT_WEIGHTS = "model.safetensors"
@@ -58,11 +57,6 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _OTHER_PARTS = (VAE_PREFIX, EMBEDDERS, "cond_stage_model.")
 
 
-class ConversionError(ValueError):
-    """A source that cannot be converted, with what to do about it."""
-
-
-USER_ERRORS = (ConversionError, ConfigError, WeightsError, SafetensorsError, SingleFileError)
 
 
 # ---------------------------------------------------------------------- tensor sources
@@ -395,7 +389,7 @@ def _check_tokenizer(folder: Path, what: str) -> None:
     """Load it once, so that a tokenizer the pipeline could not load is refused now."""
     try:
         CLIPTokenizer.from_folder(folder)
-    except TokenizerError as e:
+    except ConfigError as e:
         raise ConversionError(f"{what} does not load: {e}") from None
 
 
@@ -873,7 +867,7 @@ def convert(
     ``dtype`` when its config says ``force_upcast: false``).
     ``config``: a diffusers UNet config.json (or folder) to use instead of the source's or the inferred one.
     ``tokenizers``: a diffusers SDXL folder or Hub repo id to copy the tokenizers from (needed for single files).
-    Raises one of ``USER_ERRORS`` for unusable input; nothing is written then.
+    Raises an ``MlxUnetError`` for unusable input; nothing is written then.
     """
     for name, value in (("dtype", dtype), ("vae_dtype", vae_dtype)):
         if value is not None and value not in DTYPES:
@@ -981,7 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 force=args.force, ema=args.ema, allow_pickle=args.allow_pickle, config=args.config,
                 progress=not args.quiet, unet_only=args.unet_only, vae_dtype=args.vae_dtype,
                 tokenizers=args.tokenizers)
-    except USER_ERRORS as e:
+    except MlxUnetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

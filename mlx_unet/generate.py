@@ -18,16 +18,13 @@ import zlib
 from pathlib import Path
 from typing import Sequence
 
-from . import linux_blas
+import mlx.core as mx
+import numpy as np
 
-linux_blas.preload()
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .conversion import DTYPES  # noqa: E402
-from .schedulers import SAMPLERS  # noqa: E402
-from .text_to_image import SDXLPipeline  # noqa: E402
+from .configs.base import DTYPES
+from .errors import MlxUnetError
+from .pipelines.sdxl import SDXLPipeline
+from .schedulers import SAMPLERS
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
@@ -143,9 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
-        if not type(e).__module__.startswith("mlx_unet"):  # ours are user errors; anything else is a bug
-            raise
+    except MlxUnetError as e:  # a user error; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     paths = output_paths(args.output, len(images))

@@ -19,9 +19,7 @@ from typing import Callable, Iterable
 import mlx.core as mx
 import numpy as np
 
-
-class SafetensorsError(ValueError):
-    """A file that is not a complete, well-formed safetensors file."""
+from .errors import WeightsError
 
 
 # safetensors dtype name -> (numpy dtype of the stored bytes, MLX dtype it reads as)
@@ -60,10 +58,10 @@ class SafetensorsReader:
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise SafetensorsError(f"{self.path} is not a safetensors file (only {size} bytes).")
+                raise WeightsError(f"{self.path} is not a safetensors file (only {size} bytes).")
             (header_len,) = struct.unpack("<Q", head)
             if header_len > min(_MAX_HEADER, size - 8):
-                raise SafetensorsError(
+                raise WeightsError(
                     f"{self.path} is not a safetensors file (its first 8 bytes do not give a header "
                     "length that fits the file)."
                 )
@@ -71,16 +69,16 @@ class SafetensorsReader:
         try:
             header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise SafetensorsError(f"{self.path} has a corrupt safetensors header (not valid JSON).") from None
+            raise WeightsError(f"{self.path} has a corrupt safetensors header (not valid JSON).") from None
         if not isinstance(header, dict):
-            raise SafetensorsError(f"{self.path} has a corrupt safetensors header (not a JSON object).")
+            raise WeightsError(f"{self.path} has a corrupt safetensors header (not a JSON object).")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         data_start = 8 + header_len
         self.tensors: dict[str, TensorInfo] = {}
         for name, entry in header.items():
             info = self._parse_entry(name, entry, data_start)
             if info.end > size:
-                raise SafetensorsError(
+                raise WeightsError(
                     f"{self.path} is truncated: tensor {name!r} ends at byte {info.end} but the file has "
                     f"{size} bytes; download or copy it again."
                 )
@@ -94,9 +92,9 @@ class SafetensorsReader:
         except (KeyError, TypeError, ValueError):
             valid = False
         if not valid:
-            raise SafetensorsError(f"{self.path} has a corrupt safetensors header (entry {name!r}: {entry!r}).")
+            raise WeightsError(f"{self.path} has a corrupt safetensors header (entry {name!r}: {entry!r}).")
         if end - begin != math.prod(shape) * itemsize:
-            raise SafetensorsError(
+            raise WeightsError(
                 f"{self.path} has a corrupt safetensors header ({name!r} is {dtype} {list(shape)} but "
                 f"spans {end - begin} bytes)."
             )
@@ -115,7 +113,7 @@ class SafetensorsReader:
         with open(self.path, "rb") as f:
             f.seek(info.begin)
             if f.readinto(memoryview(out.reshape(-1)).cast("B")) != info.end - info.begin:
-                raise SafetensorsError(f"{self.path} is truncated while reading {name!r}.")
+                raise WeightsError(f"{self.path} is truncated while reading {name!r}.")
         return out
 
     def read(self, name: str) -> mx.array:

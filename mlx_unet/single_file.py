@@ -15,7 +15,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Mapping
 
-from .config import ConfigError, UNetConfig
+from .configs.unet import UNetConfig
+from .errors import ConfigError, ConversionError
 
 UNET_PREFIX = "model.diffusion_model."
 
@@ -54,10 +55,6 @@ _COMPONENTS = {
     "conditioner.embedders.": "text encoders",
     "model_ema.": "EMA weights",
 }
-
-
-class SingleFileError(ValueError):
-    """A single-file checkpoint whose UNet we cannot find or do not understand."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +134,7 @@ def _split(key: str) -> tuple[str, int, int, str]:
 def _resnet_name(rest: str, key: str) -> str:
     module, _, param = rest.rpartition(".")
     if module not in _RESNET_NAMES:
-        raise SingleFileError(f"unexpected resnet tensor {key!r} in the single-file checkpoint.")
+        raise ConversionError(f"unexpected resnet tensor {key!r} in the single-file checkpoint.")
     return f"{_RESNET_NAMES[module]}.{param}"
 
 
@@ -147,9 +144,9 @@ def parse(shapes: Mapping[str, tuple[int, ...]], prefix: str = UNET_PREFIX) -> S
     if not unet:
         what = describe_non_unet(list(shapes))
         if what:
-            raise SingleFileError(f"this file holds {what}, not a UNet; pass a UNet or full Stable Diffusion checkpoint.")
+            raise ConversionError(f"this file holds {what}, not a UNet; pass a UNet or full Stable Diffusion checkpoint.")
         first = ", ".join(list(shapes)[:3])
-        raise SingleFileError(
+        raise ConversionError(
             f"no UNet tensors ({prefix}*) in this file, so its architecture is unknown (first keys: {first})."
         )
     ignored: dict[str, int] = defaultdict(int)
@@ -171,12 +168,12 @@ def parse(shapes: Mapping[str, tuple[int, ...]], prefix: str = UNET_PREFIX) -> S
         else:
             unmapped.append(key)
     if unmapped:
-        raise SingleFileError(
+        raise ConversionError(
             f"{len(unmapped)} UNet tensors do not fit the original SD/SDXL layout "
             f"({', '.join(sorted(unmapped)[:5])}); this architecture is not supported."
         )
     if "conv_in.weight" not in names or "conv_out.weight" not in names or "time_embedding.linear_1.weight" not in names:
-        raise SingleFileError("the file's UNet lacks conv_in / conv_out / time_embed tensors; it is incomplete.")
+        raise ConversionError("the file's UNet lacks conv_in / conv_out / time_embed tensors; it is incomplete.")
 
     def is_transformer(entries: dict[str, tuple]) -> bool:
         return any(r.startswith("transformer_blocks.") for r in entries)
@@ -219,14 +216,14 @@ def parse(shapes: Mapping[str, tuple[int, ...]], prefix: str = UNET_PREFIX) -> S
     down_layers.append(layer)
     levels = len(channels)
     if levels != len(down_layers) or 0 in down_layers:
-        raise SingleFileError("the file's input_blocks do not form UNet levels; this architecture is not supported.")
+        raise ConversionError("the file's input_blocks do not form UNet levels; this architecture is not supported.")
 
     # ---- mid block: resnet, transformer, resnet
     mid_blocks = sorted(b for p, b in blocks if p == "middle_block")
     mid_depth = 0
     if mid_blocks:
         if mid_blocks != [0, 1, 2] or not is_transformer(blocks[("middle_block", 1)][0]):
-            raise SingleFileError("the file's middle_block is not resnet/transformer/resnet; not supported.")
+            raise ConversionError("the file's middle_block is not resnet/transformer/resnet; not supported.")
         mid_depth = depth(blocks[("middle_block", 1)][0])
         for block, target in ((0, "resnets.0"), (2, "resnets.1")):
             for rest in blocks[("middle_block", block)][0]:
@@ -241,7 +238,7 @@ def parse(shapes: Mapping[str, tuple[int, ...]], prefix: str = UNET_PREFIX) -> S
     up_depths: list[list[int]] = [[] for _ in range(levels)]
     out_blocks = sorted(b for p, b in blocks if p == "output_blocks")
     if out_blocks != list(range(sum(up_layers))):
-        raise SingleFileError(
+        raise ConversionError(
             f"the file has {len(out_blocks)} output_blocks where its input_blocks imply {sum(up_layers)}; "
             "this architecture is not supported."
         )
@@ -276,10 +273,10 @@ def _infer_config(unet, names, channels, down_layers, down_attention, down_depth
 
     to_k = next((n for n in names if n.endswith("attn2.to_k.weight")), None)
     if to_k is None:
-        raise SingleFileError("the file's UNet has no cross-attention layers; not a Stable Diffusion UNet.")
+        raise ConversionError("the file's UNet has no cross-attention layers; not a Stable Diffusion UNet.")
     cross = shape(to_k)[1]
     if cross not in _FAMILIES:
-        raise SingleFileError(
+        raise ConversionError(
             f"cross-attention width {cross} matches no SD family (768 SD 1.x, 1024 SD 2.x, 2048 SDXL base, "
             "1280 SDXL refiner), so its head count is unknown; pass the model's diffusers config with --config."
         )
@@ -299,7 +296,7 @@ def _infer_config(unet, names, channels, down_layers, down_attention, down_depth
     if not down_attention[-1] and mid_depth:
         down[-1] = [mid_depth] * len(down[-1])  # diffusers gives the mid block the last level's depth
     if mid_depth and down[-1][0] != mid_depth:
-        raise SingleFileError(
+        raise ConversionError(
             f"the mid block has {mid_depth} transformer layers but the last level {down[-1][0]}, which a "
             "diffusers config cannot express; not supported."
         )
@@ -330,7 +327,7 @@ def _infer_config(unet, names, channels, down_layers, down_attention, down_depth
         width = shape("add_embedding.linear_1.weight")[1]
         time_ids, remainder = divmod(width - _SDXL_POOLED, _SDXL_TIME_ID_DIM)
         if remainder or time_ids <= 0:
-            raise SingleFileError(
+            raise ConversionError(
                 f"the file's label_emb takes {width} features, which is not SDXL's pooled text (1280) plus "
                 "256-wide time ids; this added conditioning is not supported."
             )
@@ -340,11 +337,11 @@ def _infer_config(unet, names, channels, down_layers, down_attention, down_depth
     if raw["in_channels"] == 9:
         family += ", inpainting"
     if levels != len(up):
-        raise SingleFileError("the file's up and down paths have different numbers of levels.")
+        raise ConversionError("the file's up and down paths have different numbers of levels.")
     try:
         config = UNetConfig.from_dict(raw)
     except ConfigError as e:
-        raise SingleFileError(f"the file's UNet does not fit a supported configuration: {e}") from None
+        raise ConversionError(f"the file's UNet does not fit a supported configuration: {e}") from None
     return config, family
 
 

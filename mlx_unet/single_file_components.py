@@ -22,10 +22,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .config import ConfigError
-from .single_file import SingleFileError, Take
-from .text_encoder import CLIPTextConfig, checkpoint_names
-from .vae import VAEConfig
+from .configs.clip import CLIPTextConfig
+from .configs.vae import VAEConfig
+from .errors import ConfigError, ConversionError
+from .models.clip import checkpoint_names
+from .single_file import Take
 
 EMBEDDERS = "conditioner.embedders."
 VAE_PREFIX = "first_stage_model."
@@ -49,9 +50,9 @@ def _under(shapes: Shapes, prefix: str) -> dict[str, tuple[int, ...]]:
     return {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
 
 
-def _unmapped(what: str, keys) -> SingleFileError:
+def _unmapped(what: str, keys) -> ConversionError:
     keys = sorted(keys)
-    return SingleFileError(
+    return ConversionError(
         f"{len(keys)} {what} tensors do not fit the original SDXL layout ({', '.join(keys[:5])}); "
         "this checkpoint is not supported."
     )
@@ -61,7 +62,7 @@ def _config(cls, preset: str, what: str, **fields):
     try:
         return cls.from_preset(preset, **fields)
     except ConfigError as e:
-        raise SingleFileError(f"the file's {what} does not fit a supported configuration: {e}") from None
+        raise ConversionError(f"the file's {what} does not fit a supported configuration: {e}") from None
 
 
 # ---------------------------------------------------------------------- text encoders
@@ -113,7 +114,7 @@ def _hf_clip(shapes: Shapes, prefix: str) -> SingleFileComponent:
 def _clip_config(shapes: Shapes, names: dict[str, Take], preset: str, what: str) -> CLIPTextConfig:
     def shape(name: str) -> tuple[int, ...]:
         if name not in names:
-            raise SingleFileError(f"the file's {what} has no {name} (nor its original name); it is incomplete.")
+            raise ConversionError(f"the file's {what} has no {name} (nor its original name); it is incomplete.")
         take = names[name]
         return take.shape(shapes[take.key])
 
@@ -131,7 +132,7 @@ def _clip_config(shapes: Shapes, names: dict[str, Take], preset: str, what: str)
         fields.update(architectures=["CLIPTextModelWithProjection"],
                       projection_dim=shape("text_projection.weight")[0])
     if layers != set(range(len(layers))):
-        raise SingleFileError(f"the file's {what} layers are not numbered 0..{len(layers) - 1}; it is incomplete.")
+        raise ConversionError(f"the file's {what} layers are not numbered 0..{len(layers) - 1}; it is incomplete.")
     return _config(CLIPTextConfig, preset, what, **fields)
 
 
@@ -150,7 +151,7 @@ def parse_text_encoders(shapes: Shapes) -> dict[str, SingleFileComponent]:
         else:
             raise _unmapped(f"conditioner.embedders.{n}", (prefix + k for k in keys))
         if slot in found:
-            raise SingleFileError(f"the file holds two text encoders of the {slot} kind; this checkpoint is not SDXL.")
+            raise ConversionError(f"the file holds two text encoders of the {slot} kind; this checkpoint is not SDXL.")
         consumed = {t.key for t in component.names.values()}
         left = [prefix + k for k in keys if prefix + k not in consumed and not k.endswith(_NOT_PARAMETERS)]
         if left:
@@ -197,7 +198,7 @@ def parse_vae(shapes: Shapes) -> SingleFileComponent:
     """The VAE of a single file (``first_stage_model.*``)."""
     vae = _under(shapes, VAE_PREFIX)
     if not vae:
-        raise SingleFileError(
+        raise ConversionError(
             f"the file holds no VAE ({VAE_PREFIX}*), so it is not a whole SDXL checkpoint; pass --unet-only "
             "to convert its UNet."
         )
@@ -215,12 +216,12 @@ def parse_vae(shapes: Shapes) -> SingleFileComponent:
 
     def shape(name: str) -> tuple[int, ...]:
         if name not in names:
-            raise SingleFileError(f"the file's VAE has no {name} (nor its original name); it is incomplete.")
+            raise ConversionError(f"the file's VAE has no {name} (nor its original name); it is incomplete.")
         return vae[names[name].key[len(VAE_PREFIX):]]
 
     down = sorted({int(m[1]) for k in vae if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
     if down != list(range(levels)):
-        raise SingleFileError(
+        raise ConversionError(
             f"the file's VAE encoder has levels {down} but its decoder {levels}; this VAE is not supported."
         )
     layers = len({m[1] for k in vae if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})

@@ -27,9 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-
-class TokenizerError(ValueError):
-    """A tokenizer folder with missing or malformed files, or prompts that are not text."""
+from .errors import ConfigError
 
 
 END_OF_WORD = "</w>"
@@ -143,19 +141,19 @@ class CLIPTokenizer:
         """Read a pipeline's ``tokenizer/`` or ``tokenizer_2/`` folder."""
         folder = Path(folder)
         if not folder.is_dir():
-            raise TokenizerError(f"{folder} is not a folder; pass a pipeline's tokenizer/ or tokenizer_2/ folder.")
+            raise ConfigError(f"{folder} is not a folder; pass a pipeline's tokenizer/ or tokenizer_2/ folder.")
         vocab = _read_json(folder / "vocab.json")
         if not all(isinstance(t, str) and type(i) is int for t, i in vocab.items()):
-            raise TokenizerError(f"{folder / 'vocab.json'} must map each token to an integer id; download it again.")
+            raise ConfigError(f"{folder / 'vocab.json'} must map each token to an integer id; download it again.")
         merges = _read_merges(folder / "merges.txt")
         config = _read_json(folder / "tokenizer_config.json")
         max_length = config.get("model_max_length")
         if type(max_length) is not int or max_length < 2:
-            raise TokenizerError(f"{folder / 'tokenizer_config.json'} needs model_max_length, an integer of at least 2 "
+            raise ConfigError(f"{folder / 'tokenizer_config.json'} needs model_max_length, an integer of at least 2 "
                                  f"(CLIP's is 77), not {max_length!r}.")
         for side in ("padding_side", "truncation_side"):
             if config.get(side, "right") != "right":
-                raise TokenizerError(f"{folder / 'tokenizer_config.json'} sets {side} to {config[side]!r}; "
+                raise ConfigError(f"{folder / 'tokenizer_config.json'} sets {side} to {config[side]!r}; "
                                      "SDXL's CLIP tokenizers pad and truncate on the right.")
         special_map = folder / "special_tokens_map.json"
         added_file = folder / "added_tokens.json"
@@ -189,7 +187,7 @@ class CLIPTokenizer:
         ``max_length - 2`` tokens loses its tail (with a warning), the end token stays."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TokenizerError(f"prompts must be a string or a non-empty list of strings, not {prompts!r}.")
+            raise ConfigError(f"prompts must be a string or a non-empty list of strings, not {prompts!r}.")
         out = np.full((len(prompts), self.max_length), self.pad_token_id, dtype=np.int32)
         room = self.max_length - 2
         for row, prompt in zip(out, prompts):
@@ -234,19 +232,19 @@ def _token_bytes(token: str) -> bytes:
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise TokenizerError(f"{path} is missing; copy the tokenizer folder whole from the pipeline.")
+        raise ConfigError(f"{path} is missing; copy the tokenizer folder whole from the pipeline.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path} is not valid JSON ({e}); download it again.") from None
+        raise ConfigError(f"{path} is not valid JSON ({e}); download it again.") from None
     if not isinstance(data, dict):
-        raise TokenizerError(f"{path} must hold a JSON object; download it again.")
+        raise ConfigError(f"{path} must hold a JSON object; download it again.")
     return data
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
-        raise TokenizerError(f"{path} is missing; copy the tokenizer folder whole from the pipeline.")
+        raise ConfigError(f"{path} is missing; copy the tokenizer folder whole from the pipeline.")
     lines = path.read_text(encoding="utf-8").split("\n")
     if lines[-1] == "":
         lines.pop()
@@ -256,7 +254,7 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
             continue
         pair = tuple(line.split(" "))
         if len(pair) != 2 or "" in pair:
-            raise TokenizerError(f"{path} line {number} is {line!r}, not two tokens and a space; download it again.")
+            raise ConfigError(f"{path} line {number} is {line!r}, not two tokens and a space; download it again.")
         merges.append(pair)
     return merges
 
@@ -269,10 +267,10 @@ def _added_token(value, special: bool) -> tuple[str, bool]:
     if isinstance(value, str):
         return value, False
     if not isinstance(value, dict) or not isinstance(value.get("content"), str):
-        raise TokenizerError(f"a special token must be a string or a dict with its content, not {value!r}.")
+        raise ConfigError(f"a special token must be a string or a dict with its content, not {value!r}.")
     for flag in ("lstrip", "rstrip", "single_word"):
         if value.get(flag):
-            raise TokenizerError(f"the added token {value['content']!r} sets {flag}, which SDXL's CLIP tokenizers "
+            raise ConfigError(f"the added token {value['content']!r} sets {flag}, which SDXL's CLIP tokenizers "
                                  "never do and this tokenizer does not implement.")
     return value["content"], bool(value.get("normalized", not value.get("special", special)))
 
@@ -289,7 +287,7 @@ def _added_tokens(config: dict, special_map: dict, added_file: dict) -> tuple[di
     for source in (config,) if modern else (config, special_map):
         declared.update({key: source[key] for key in _NAMED_TOKENS if source.get(key) is not None})
         if source.get("additional_special_tokens"):
-            raise TokenizerError("the tokenizer declares additional_special_tokens "
+            raise ConfigError("the tokenizer declares additional_special_tokens "
                                  f"{source['additional_special_tokens']}; SDXL's CLIP tokenizers have none.")
     named = {key: _added_token(value, special=True) for key, value in {**_DEFAULT_TOKENS, **declared}.items()}
     if modern:
@@ -306,5 +304,5 @@ def _check_vocab(folder: Path, vocab: dict[str, int], merges, added: dict[str, b
     alphabet = [c + end for c in _BYTE_CHARS for end in ("", END_OF_WORD)]
     for symbol in [*alphabet, *(a + b for a, b in merges), *added]:
         if symbol not in vocab:
-            raise TokenizerError(f"{folder / 'vocab.json'} lacks {symbol!r}, which merges.txt or the special tokens "
+            raise ConfigError(f"{folder / 'vocab.json'} lacks {symbol!r}, which merges.txt or the special tokens "
                                  "need; the files do not belong together, download the folder again.")

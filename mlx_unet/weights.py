@@ -1,9 +1,9 @@
 """Weights: PyTorch <-> MLX layout, and loading an MLX weights folder into a model by key.
 
 The only layout difference between a diffusers checkpoint and ours is the convolution kernel:
-PyTorch stores (out, in, kh, kw), MLX (out, kh, kw, in). Names are identical. In memory, on the
-CPU, Linear and Conv2d weights are laid out for their products (``weight_layouts``); their
-shapes and values stay those of the file.
+PyTorch stores (out, in, kh, kw), MLX (out, kh, kw, in). Names are identical. The CPU kernels lay
+their weights out in memory for their products (``weight_layouts``); shapes and values stay those
+of the file.
 """
 
 from __future__ import annotations
@@ -16,12 +16,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .conv import Conv2d
-from .linear import Linear
-
-
-class WeightsError(ValueError):
-    """Weights that do not fit the model: missing, unexpected or mis-shaped tensors, bad files."""
+from . import cpu
+from .errors import WeightsError
 
 
 def torch_to_mlx_layout(array):
@@ -102,17 +98,18 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array], dtype: mx.Dtype
         if dtype is not None:
             value = value.astype(dtype)
         # Parameters are row-major (a strided one, an mx.array of a transposed numpy view say,
-        # would be copied by every product that reads it), except the weights that Linear and
-        # Conv2d lay out for their products on the CPU (linear.py, conv.py).
+        # would be copied by every product that reads it), except the weights that the CPU
+        # kernels lay out for their products (cpu/linear.py, cpu/conv.py).
         value = layouts[name](value) if name in layouts else mx.contiguous(value)
         mx.eval(value)
         model.update(tree_unflatten([(name, value)]))
 
 
 def weight_layouts(model: nn.Module) -> dict[str, Callable[[mx.array], mx.array]]:
-    """Parameter name -> the function that lays that weight out in memory for its module."""
+    """Parameter name -> the function that lays that weight out in memory for its module (the
+    modules that have a ``laid_out``: the CPU kernels)."""
     return {f"{path}.weight" if path else "weight": module.laid_out
-            for path, module in model.named_modules() if isinstance(module, (Linear, Conv2d))}
+            for path, module in model.named_modules() if hasattr(module, "laid_out")}
 
 
 def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None = None) -> None:
@@ -136,3 +133,10 @@ def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None =
     load_weights(model, weights, dtype)
     if dtype is not None:
         mx.clear_cache()  # the file-dtype copies just freed would otherwise stay in MLX's cache
+
+
+def load_pretrained(model: nn.Module, folder: Path, dtype: mx.Dtype | None, cpu_kernels: bool | None) -> nn.Module:
+    """``model`` (just built from its config) with ``folder``'s weights, then the CPU kernels
+    swapped in where ``cpu.kernels_enabled(cpu_kernels)``: config -> build -> load -> kernels."""
+    load_weights_folder(model, folder, dtype)
+    return cpu.prepare(model, cpu_kernels)

@@ -18,6 +18,26 @@ gc.freeze()
 
 _RELEASE_ABOVE_BYTES = 2 * 2**30
 
+CODE_PATHS = {"cpu-kernels": "1", "mlx": "0"}
+
+
+@pytest.fixture(params=list(CODE_PATHS))
+def code_path(request, monkeypatch):
+    """Run the test on both code paths: with the CPU kernels swapped in, and as plain MLX (the
+    code Metal and CUDA run, executed here on the CPU), through ``MLX_UNET_CPU_KERNELS``, which
+    every loader (``cpu.prepare``) reads. Off the CPU only the plain path exists by default."""
+    monkeypatch.setenv(mlx_unet.cpu.ENV_SWITCH, CODE_PATHS[request.param])
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cpu_only`` assert what only the CPU backend does: skipped elsewhere."""
+    if mx.default_device() != mx.cpu:
+        skip = pytest.mark.skip(reason="asserts the CPU backend's behaviour; this device is not the CPU")
+        for item in items:
+            if "cpu_only" in item.keywords:
+                item.add_marker(skip)
+
 
 def _resident_bytes() -> int | None:
     try:

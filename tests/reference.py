@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 
-from mlx_unet import UNet2DConditionModel, UNetConfig
+from mlx_unet import UNet2DConditionModel, UNetConfig, cpu
 from mlx_unet.weights import load_weights, torch_to_mlx_layout
 
 
@@ -68,7 +68,7 @@ def mlx_from_torch(model: TorchUNet, config: UNetConfig, dtype=mx.float32) -> UN
     """Our UNet with ``model``'s weights (copied)."""
     ours = UNet2DConditionModel(config)
     load_weights(ours, mlx_weights(model.state_dict(), dtype))
-    return ours
+    return cpu.prepare(ours)  # the code path the test runs on: see conftest's code_path
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))

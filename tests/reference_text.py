@@ -11,7 +11,8 @@ from transformers import CLIPTextConfig as TorchCLIPTextConfig
 from transformers import CLIPTextModel as TorchCLIPTextModel
 from transformers import CLIPTextModelWithProjection as TorchCLIPTextModelWithProjection
 
-from mlx_unet.text_encoder import CLIPTextConfig, CLIPTextModel, checkpoint_names
+from mlx_unet import CLIPTextConfig, CLIPTextModel, cpu
+from mlx_unet.models.clip import checkpoint_names
 from mlx_unet.weights import load_weights
 
 BOS, END = 49406, 49407  # CLIP's tokenizer: start and end of text, the two largest ids
@@ -43,7 +44,7 @@ def mlx_text_encoder(state: dict[str, torch.Tensor], config: CLIPTextConfig, dty
     state.clear()  # ``named`` is now the only holder, emptied tensor by tensor
     ours = CLIPTextModel(config)
     load_weights(ours, mlx_weights(named, dtype or mx.float32, consume=True))
-    return ours
+    return cpu.prepare(ours)
 
 
 def token_ids(config: CLIPTextConfig, batch: int, length: int, seed: int = 0) -> np.ndarray:

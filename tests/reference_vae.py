@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL as TorchVAE
 from reference import init_every_parameter, mlx_weights
 
-from mlx_unet.vae import AutoencoderKL, VAEConfig
+from mlx_unet import AutoencoderKL, VAEConfig, cpu
 from mlx_unet.weights import load_weights
 
 
@@ -27,7 +27,7 @@ def mlx_vae_from_torch(model: TorchVAE, config: VAEConfig, dtype=mx.float32) -> 
     """Our VAE with ``model``'s weights (copied)."""
     ours = AutoencoderKL(config)
     load_weights(ours, mlx_weights(model.state_dict(), dtype))
-    return ours
+    return cpu.prepare(ours)
 
 
 @torch.no_grad()

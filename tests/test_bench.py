@@ -11,6 +11,8 @@ from diffusers.models.attention_processor import AttnProcessor
 from reference import TIME_IDS, make_inputs, mlx_from_torch, run_mlx, run_torch, tiny_config, torch_unet
 from torch.utils.flop_counter import FlopCounterMode
 
+from mlx_unet import cpu
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,12 +38,14 @@ def test_benchmark_runs_compiled_and_in_low_memory_mode():
 
 
 @pytest.mark.parametrize("family", ["sdxl-base", "sd15"])
-def test_flop_count_equals_torchs_flop_counter(family):
-    """The benchmark's count (every Linear, Conv2d and attention call of our forward) equals what
-    torch's FlopCounterMode counts over diffusers' forward with its plain (bmm) attention."""
+def test_flop_count_equals_torchs_flop_counter(family, monkeypatch):
+    """The benchmark's count (every Linear, Conv2d and attention call of our forward, traced on
+    the plain model, as the benchmark does) equals what torch's FlopCounterMode counts over
+    diffusers' forward with its plain (bmm) attention."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_unet
 
+    monkeypatch.setenv(cpu.ENV_SWITCH, "0")
     config = tiny_config(family)
     reference = torch_unet(config, seed=0)
     ours = mlx_from_torch(reference, config)

@@ -1,12 +1,13 @@
 """Our Conv2d (per-tap products or gathered patches on the CPU) against torch's conv2d."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
 
-from mlx_unet import conv
-from mlx_unet.conv import Conv2d
+from mlx_unet.cpu import conv
+from mlx_unet.cpu.conv import Conv2d
 
 
 def _pair(in_channels, out_channels, kernel, stride, padding, seed=0):
@@ -79,10 +80,13 @@ def test_half_precision_is_computed_in_float32_and_rounded_once(case, dtype, bou
     assert _relative_error(np.array(y.astype(mx.float32)), expected) <= bound
 
 
+@pytest.mark.cpu_only
 def test_cpu_weight_layout_and_threshold():
     """The kernel keeps its (out, kh, kw, in) shape but lies in memory as (kh, kw, in, out), so
-    each tap's (in, out) matrix is a row-major view; freshly built modules are laid out too."""
-    layer = Conv2d(6, 4, 3, padding=1)
+    each tap's (in, out) matrix is a row-major view; ``from_module`` lays an nn.Conv2d's out so."""
+    plain = nn.Conv2d(6, 4, 3, padding=1)
+    layer = Conv2d.from_module(plain)
+    assert np.array_equal(np.array(layer.weight), np.array(plain.weight))
     assert layer.weight.shape == (4, 3, 3, 6)
     assert memoryview(layer.weight).strides == (4, 4 * 3 * 6 * 4, 4 * 6 * 4, 4 * 4)
     assert conv._TAPS_FROM_PIXELS == 32 * 32  # the case table above straddles it

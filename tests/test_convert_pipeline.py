@@ -28,11 +28,12 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from mlx_unet import UNetConfig, WeightsError
 from mlx_unet.conversion import FORMAT_KEY, ConversionError, convert, fetch_tokenizers
-from mlx_unet.safetensors_io import SafetensorsError, SafetensorsReader
+from mlx_unet.safetensors_io import WeightsError, SafetensorsReader
 from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG
-from mlx_unet.text_encoder import CLIPTextConfig, checkpoint_names
+from mlx_unet import CLIPTextConfig
+from mlx_unet.models.clip import checkpoint_names
 from mlx_unet.tokenizer import CLIPTokenizer
-from mlx_unet.vae import VAEConfig
+from mlx_unet import VAEConfig
 from mlx_unet.weights import torch_to_mlx_layout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -444,7 +445,7 @@ def _damage(source: Path, damage: str) -> None:
 
 
 @pytest.mark.parametrize("damage,error,message", [
-    ("truncated", SafetensorsError, "model.safetensors is truncated: tensor"),
+    ("truncated", WeightsError, "model.safetensors is truncated: tensor"),
     ("vae-config", WeightsError, "vae (diffusion_pytorch_model.safetensors): the weights do not match"),
     ("no-vocab", ConversionError, "tokenizer_2 holds no tokenizer (vocab.json and merges.txt, or tokenizer.json); "
                                   "download it again, or pass --tokenizers"),

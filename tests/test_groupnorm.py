@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_unet.norm import GroupNorm
+from mlx_unet.models.norm import GroupNorm
 
 
 def _pair(groups, channels, eps, seed=0):

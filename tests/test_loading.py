@@ -3,12 +3,14 @@
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from reference import make_inputs, mlx_weights, relative_error, run_mlx, run_torch, tiny_config, torch_unet
 
-from mlx_unet import ConfigError, UNet2DConditionModel, WeightsError
+import mlx_unet.cpu.conv
+from mlx_unet import ConfigError, UNet2DConditionModel, WeightsError, cpu
 from mlx_unet.weights import load_weights, weight_layouts
 
 
@@ -48,6 +50,7 @@ def row_major_strides(shape, item):
     return tuple(item * int(np.prod(shape[i + 1:])) for i in range(len(shape)))
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("dtype", [None, mx.float16])
 def test_weights_are_laid_out_for_the_cpu(tmp_path, reference, dtype):
     """On the CPU, Linear and Conv2d weights keep diffusers' names, shapes and values but lie in
@@ -74,11 +77,29 @@ def test_weights_are_laid_out_for_the_cpu(tmp_path, reference, dtype):
             assert strides == row_major_strides(value.shape, item), name
         laid_out += name in layouts
     assert laid_out == len(layouts)
-    fresh = UNet2DConditionModel(config)
+    # Weights loaded into a model that already has the kernels are laid out as they arrive.
+    fresh = cpu.accelerate(UNet2DConditionModel(config))
     load_weights(fresh, weights)
     assert weights == {}
     assert memoryview(fresh.conv_in.weight).strides[0] == 4
     assert memoryview(fresh.time_embedding.linear_1.weight).strides == (4, 4 * fresh.time_embedding.linear_1.weight.shape[0])
+
+
+def test_plain_code_path_keeps_mlx_layers_and_row_major_weights(tmp_path, reference, monkeypatch):
+    """``cpu_kernels=False`` and ``MLX_UNET_CPU_KERNELS=0`` both load the plain MLX model (the
+    code Metal and CUDA run); by default on the CPU the kernels are swapped in."""
+    config, model = reference
+    folder = write_folder(tmp_path / "u", config, mlx_weights(model.state_dict()))
+    plain = UNet2DConditionModel.from_pretrained(folder, cpu_kernels=False)
+    monkeypatch.setenv(cpu.ENV_SWITCH, "0")
+    from_env = UNet2DConditionModel.from_pretrained(folder)
+    for ours in (plain, from_env):
+        assert type(ours.conv_in) is nn.Conv2d and type(ours.time_embedding.linear_1) is nn.Linear
+        assert weight_layouts(ours) == {}
+        for name, value in tree_flatten(ours.parameters()):
+            assert memoryview(value).strides == row_major_strides(value.shape, value.itemsize), name
+    monkeypatch.delenv(cpu.ENV_SWITCH)
+    assert type(UNet2DConditionModel.from_pretrained(folder).conv_in) is cpu.conv.Conv2d
 
 
 def test_loaded_parameters_all_reach_the_output(tmp_path, reference):

@@ -26,8 +26,7 @@ from reference_text import torch_text_encoder
 from reference_vae import torch_vae
 from safetensors.torch import save_file
 
-from mlx_unet.text_encoder import CLIPTextConfig
-from mlx_unet.vae import VAEConfig
+from mlx_unet import CLIPTextConfig, VAEConfig
 
 PREFIX = "model.diffusion_model."
 

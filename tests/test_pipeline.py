@@ -20,7 +20,7 @@ from diffusers import (
 from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as img2img_module
 from reference import mlx_from_torch, relative_error, tiny_config, torch_unet
 
-from mlx_unet.pipeline import Sampler
+from mlx_unet.pipelines.sampler import Sampler
 from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG, make_scheduler
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,13 +19,13 @@ from diffusers import (
 )
 from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
+from mlx_unet.errors import ConfigError
 from mlx_unet.schedulers import (
     SAMPLERS,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
-    SchedulerConfigError,
     make_scheduler,
 )
 
@@ -352,7 +352,7 @@ def test_config_sources(tmp_path):
     for source in (tmp_path, tmp_path / "scheduler_config.json", str(tmp_path), pipeline, from_dict.config):
         assert EulerDiscreteScheduler.from_config(source).config == from_dict.config
     assert from_dict.config.num_train_timesteps == 1000 and from_dict.config.steps_offset == 1
-    with pytest.raises(SchedulerConfigError, match="no scheduler_config.json"):
+    with pytest.raises(ConfigError, match="no scheduler_config.json"):
         EulerDiscreteScheduler.from_config(pipeline / "scheduler" / "empty")
     # Keys another scheduler wrote (SDXL's config carries PNDM/DDIM ones) are accepted everywhere.
     for sampler in SAMPLERS:
@@ -386,7 +386,7 @@ REFUSED = [
 
 @pytest.mark.parametrize("cls,field,value", REFUSED, ids=lambda v: str(getattr(v, "__name__", v)))
 def test_unsupported_config_value_is_refused_by_name(cls, field, value):
-    with pytest.raises(SchedulerConfigError) as e:
+    with pytest.raises(ConfigError) as e:
         cls.from_config(SDXL, **{field: value})
     assert isinstance(e.value, ValueError)
     assert repr(field) in str(e.value) and repr(value) in str(e.value)

@@ -25,11 +25,11 @@ from tokenizer_files import write_clip_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from mlx_unet.conversion import convert
-from mlx_unet.text_encoder import CLIPTextConfig as OurTextConfig
-from mlx_unet.vae import VAEConfig
+from mlx_unet import CLIPTextConfig as OurTextConfig
+from mlx_unet import VAEConfig
 from mlx_unet.generate import main as generate_main
 from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG
-from mlx_unet.text_to_image import PipelineError, SDXLPipeline
+from mlx_unet import PipelineError, SDXLPipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photo of an astronaut riding a horse, 35mm"
@@ -179,7 +179,7 @@ def test_img2img_matches_diffusers(models, monkeypatch):
     from diffusers.models.autoencoders import vae as their_vae
     from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as their_img2img
 
-    from mlx_unet.vae import DiagonalGaussian
+    from mlx_unet.models.vae import DiagonalGaussian
 
     rng = np.random.default_rng(5)
     image = rng.random((1, SIZE, SIZE, 3), dtype=np.float32)

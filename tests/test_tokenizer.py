@@ -14,7 +14,7 @@ import pytest
 from tokenizer_files import ADDED_WORDS, END, write_clip_tokenizer
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
-from mlx_unet.tokenizer import CLIPTokenizer, TokenizerError
+from mlx_unet.tokenizer import CLIPTokenizer, ConfigError
 
 PHRASES = [
     "a photo of an astronaut riding a horse on mars",
@@ -172,14 +172,14 @@ def test_bad_folder_is_refused_clearly(tmp_path):
             path.unlink()
         else:
             path.write_text(edit(path.read_text(encoding="utf-8")), encoding="utf-8")
-        with pytest.raises(TokenizerError, match=re.escape(message)):
+        with pytest.raises(ConfigError, match=re.escape(message)):
             CLIPTokenizer.from_folder(folder)
 
 
 def test_bad_input_is_refused_clearly(tmp_path):
-    with pytest.raises(TokenizerError, match="is not a folder"):
+    with pytest.raises(ConfigError, match="is not a folder"):
         CLIPTokenizer.from_folder(tmp_path / "nowhere")
     tokenizer = CLIPTokenizer.from_folder(write_clip_tokenizer(tmp_path / "tokenizer"))
     for prompts in ([], None, ["a", 3], b"bytes"):
-        with pytest.raises(TokenizerError, match="prompts must be a string or a non-empty list of strings"):
+        with pytest.raises(ConfigError, match="prompts must be a string or a non-empty list of strings"):
             tokenizer(prompts)

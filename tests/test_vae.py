@@ -13,7 +13,8 @@ from reference import relative_error
 from reference_vae import mlx_vae_from_torch, to_numpy, torch_decode, torch_encode, torch_vae
 
 from mlx_unet import ConfigError, InputError, WeightsError
-from mlx_unet.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+from mlx_unet import AutoencoderKL, VAEConfig
+from mlx_unet.models.vae import DiagonalGaussian
 
 FP32_BOUND = 1e-4
 # A float16 decode is judged against diffusers' float32 decode, relative to diffusers' own float16

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import InputError
 from .base import (
     KNOWN_SCHEDULER_KEYS,
     Scheduler,
-    SchedulerConfigError,
     StepOutput,
     read_config,
 )
@@ -75,11 +75,11 @@ def make_scheduler(name: str, config: Any = None, **overrides: Any) -> Scheduler
     for "dpmpp_2m") is refused.
     """
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}.")
+        raise InputError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}.")
     cls, implied = SAMPLERS[name]
     for key, value in overrides.items():
         if key in implied and overrides[key] != implied[key]:
-            raise ValueError(f"sampler {name!r} means {key}={implied[key]!r}; got {key}={value!r}.")
+            raise InputError(f"sampler {name!r} means {key}={implied[key]!r}; got {key}={value!r}.")
     return cls.from_config({} if config is None else config, **{**implied, **overrides})
 
 
@@ -96,7 +96,6 @@ __all__ = [
     "SAMPLERS",
     "SDXL_SCHEDULER_CONFIG",
     "Scheduler",
-    "SchedulerConfigError",
     "StepOutput",
     "make_scheduler",
     "read_config",

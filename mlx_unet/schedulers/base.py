@@ -20,11 +20,9 @@ from typing import Any, Mapping, NamedTuple
 import mlx.core as mx
 import numpy as np
 
+from ..errors import ConfigError, InputError
+
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
-
-
-class SchedulerConfigError(ValueError):
-    """A scheduler config that is malformed or asks for behaviour these samplers do not implement."""
 
 
 class StepOutput(NamedTuple):
@@ -64,8 +62,8 @@ KNOWN_SCHEDULER_KEYS = frozenset({
 # ---------------------------------------------------------------------------------- config
 
 
-def _refuse(owner: str, name: str, value: Any, supported: str) -> SchedulerConfigError:
-    return SchedulerConfigError(
+def _refuse(owner: str, name: str, value: Any, supported: str) -> ConfigError:
+    return ConfigError(
         f"{owner}: config field {name!r} = {value!r} is not supported by mlx_unet (supported: {supported})."
     )
 
@@ -85,14 +83,14 @@ def check_flag(owner: str, name: str, value: Any, supported: tuple[bool, ...] = 
 
 def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SchedulerConfigError(f"{owner}: config field {name!r} must be an integer >= {minimum}, got {value!r}.")
+        raise ConfigError(f"{owner}: config field {name!r} must be an integer >= {minimum}, got {value!r}.")
 
 
 def check_number(owner: str, name: str, value: Any, optional: bool = False) -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SchedulerConfigError(f"{owner}: config field {name!r} must be a finite number, got {value!r}.")
+        raise ConfigError(f"{owner}: config field {name!r} must be a finite number, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -121,7 +119,7 @@ class BetaScheduleConfig:
         if self.trained_betas is not None:
             betas = self.trained_betas
             if not isinstance(betas, (list, tuple, np.ndarray)) or len(betas) != self.num_train_timesteps:
-                raise SchedulerConfigError(
+                raise ConfigError(
                     f"{owner}: config field 'trained_betas' must list num_train_timesteps = "
                     f"{self.num_train_timesteps} betas."
                 )
@@ -149,7 +147,7 @@ def read_config(source: Any) -> dict[str, Any]:
     if isinstance(source, Mapping):
         return dict(source)
     if not isinstance(source, (str, os.PathLike)):
-        raise SchedulerConfigError(
+        raise ConfigError(
             f"a scheduler config must be a dict, a JSON file or a folder, got {type(source).__name__}."
         )
     path = Path(source)
@@ -159,15 +157,15 @@ def read_config(source: Any) -> dict[str, Any]:
                 path = candidate
                 break
         else:
-            raise SchedulerConfigError(f"no {SCHEDULER_CONFIG_NAME} in {source} (nor in its scheduler/ folder).")
+            raise ConfigError(f"no {SCHEDULER_CONFIG_NAME} in {source} (nor in its scheduler/ folder).")
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise SchedulerConfigError(f"no scheduler config at {path}.") from None
+        raise ConfigError(f"no scheduler config at {path}.") from None
     except json.JSONDecodeError as e:
-        raise SchedulerConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
     if not isinstance(raw, dict):
-        raise SchedulerConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}.")
+        raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}.")
     return raw
 
 
@@ -186,7 +184,7 @@ def parse_config(config_cls: type, source: Any, overrides: Mapping[str, Any]) ->
         if key in own:
             kwargs[key] = value
         elif key not in KNOWN_SCHEDULER_KEYS:
-            raise SchedulerConfigError(
+            raise ConfigError(
                 f"{config_cls.__name__}: unknown scheduler config field {key!r} = {value!r}; it is not a "
                 "field of any diffusers scheduler mlx_unet knows, so its effect cannot be reproduced."
             )
@@ -262,17 +260,17 @@ def sigma_to_t(sigmas: np.ndarray, log_table: np.ndarray) -> np.ndarray:
 
 def check_steps(num_inference_steps: Any) -> None:
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+        raise InputError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
 
 
 def as_scalar(value: Any) -> float | int:
     """A timestep (Python number, numpy scalar, or one-element mx.array) as a Python number."""
     if isinstance(value, (mx.array, np.ndarray, np.generic)):
         if value.size != 1:
-            raise ValueError(f"expected one timestep, got an array of shape {tuple(value.shape)}.")
+            raise InputError(f"expected one timestep, got an array of shape {tuple(value.shape)}.")
         return value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"a timestep must be a number or a one-element array, got {type(value).__name__}.")
+        raise InputError(f"a timestep must be a number or a one-element array, got {type(value).__name__}.")
     return value
 
 
@@ -342,13 +340,13 @@ class Scheduler:
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start at this index of ``timesteps`` (call after ``set_timesteps``, which clears it)."""
         if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
-            raise ValueError(f"begin_index must be a non-negative integer, got {begin_index!r}.")
+            raise InputError(f"begin_index must be a non-negative integer, got {begin_index!r}.")
         if self.num_inference_steps is not None and begin_index >= len(self._timesteps_np):
-            raise ValueError(f"begin_index {begin_index} is past the {len(self._timesteps_np)} timesteps.")
+            raise InputError(f"begin_index {begin_index} is past the {len(self._timesteps_np)} timesteps.")
         self._begin_index = begin_index
 
     def _missing_timestep(self, timestep: float) -> int:
-        raise ValueError(
+        raise InputError(
             f"timestep {timestep!r} is not in this scheduler's timesteps; pass values from "
             "scheduler.timesteps, or call set_begin_index."
         )

@@ -12,6 +12,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..errors import InputError
 from .base import (
     BetaScheduleConfig,
     Scheduler,
@@ -77,7 +78,7 @@ class DDIMScheduler(Scheduler):
         check_steps(num_inference_steps)
         c = self.config
         if num_inference_steps > c.num_train_timesteps:
-            raise ValueError(
+            raise InputError(
                 f"num_inference_steps = {num_inference_steps} exceeds num_train_timesteps = {c.num_train_timesteps}."
             )
         timesteps = spaced_timesteps(c.timestep_spacing, c.num_train_timesteps, num_inference_steps, c.steps_offset)
@@ -93,12 +94,12 @@ class DDIMScheduler(Scheduler):
     def _timestep_int(self, timestep: Any) -> int:
         t = as_scalar(timestep)
         if t != int(t):
-            raise ValueError(f"DDIM timesteps are integers, got {t!r}.")
+            raise InputError(f"DDIM timesteps are integers, got {t!r}.")
         t = int(t)
         # Negative values index from the end, as torch indexing does in diffusers (a "trailing"
         # schedule can end at -1); beyond the table is an error.
         if not -len(self.alphas_cumprod_np) <= t < len(self.alphas_cumprod_np):
-            raise ValueError(f"timestep {t} is outside the {len(self.alphas_cumprod_np)} training timesteps.")
+            raise InputError(f"timestep {t} is outside the {len(self.alphas_cumprod_np)} training timesteps.")
         return t
 
     def step(

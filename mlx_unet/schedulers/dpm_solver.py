@@ -13,10 +13,10 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..errors import ConfigError
 from .base import (
     BetaScheduleConfig,
     Scheduler,
-    SchedulerConfigError,
     StepOutput,
     check_choice,
     check_flag,
@@ -84,7 +84,7 @@ class DPMSolverMultistepConfig(BetaScheduleConfig):
         check_choice(owner, "variance_type", self.variance_type, (None,))
         clip = self.lambda_min_clipped
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip != clip:
-            raise SchedulerConfigError(f"{owner}: config field 'lambda_min_clipped' must be a number, got {clip!r}.")
+            raise ConfigError(f"{owner}: config field 'lambda_min_clipped' must be a number, got {clip!r}.")
         check_number(owner, "flow_shift", self.flow_shift)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..errors import InputError
 from .base import (
     BetaScheduleConfig,
     Scheduler,
@@ -130,7 +131,7 @@ class EulerDiscreteScheduler(Scheduler):
         # diffusers refuses integer timesteps here: they usually are loop indices from enumerate().
         python_int = isinstance(timestep, int) and not isinstance(timestep, bool)
         if python_int or (isinstance(timestep, mx.array) and mx.issubdtype(timestep.dtype, mx.integer)):
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__}.step() got an integer timestep {timestep!r}; pass a value of "
                 "scheduler.timesteps (float), not a loop index."
             )

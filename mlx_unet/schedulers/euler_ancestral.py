@@ -12,6 +12,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..errors import InputError
 from .base import BetaScheduleConfig, StepOutput, check_steps
 from .euler import EulerDiscreteScheduler, euler_sigmas
 
@@ -54,7 +55,7 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
         if noise is None:
             noise = mx.random.normal(model_output.shape)
         elif tuple(noise.shape) != tuple(model_output.shape):
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, the model output {tuple(model_output.shape)}.")
+            raise InputError(f"noise has shape {tuple(noise.shape)}, the model output {tuple(model_output.shape)}.")
         prev = prev + noise.astype(mx.float32) * float(self._sigma_up[i])
         self._step_index = i + 1
         return StepOutput(prev.astype(model_output.dtype), x0)

@@ -14,8 +14,9 @@ from typing import Iterator
 
 import mlx.core as mx
 
-from .activations import on_cpu
-from .unet import UNet2DConditionModel
+from ..cpu import on_cpu
+from ..errors import InputError
+from ..models.unet import UNet2DConditionModel
 
 VAE_SCALE_FACTOR = 8  # pixels per latent cell in every SD / SDXL VAE
 
@@ -56,7 +57,7 @@ class Sampler:
         for step in self.steps(*args, **kwargs):
             pass
         if step is None:  # no step to run (e.g. denoising_start past the last timestep)
-            raise ValueError("the schedule leaves no denoising step to run; check denoising_start/strength.")
+            raise InputError("the schedule leaves no denoising step to run; check denoising_start/strength.")
         return step.latents
 
     def steps(
@@ -111,7 +112,7 @@ class Sampler:
         default = (config.sample_size or 128) * VAE_SCALE_FACTOR
         height, width = height or default, width or default
         if height % VAE_SCALE_FACTOR or width % VAE_SCALE_FACTOR:
-            raise ValueError(f"height and width must be multiples of {VAE_SCALE_FACTOR}, got {height}x{width}.")
+            raise InputError(f"height and width must be multiples of {VAE_SCALE_FACTOR}, got {height}x{width}.")
         shape = (batch, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR, config.in_channels)
 
         # --- conditioning, negative half first as diffusers concatenates it
@@ -120,7 +121,7 @@ class Sampler:
         added = {}
         if config.has_text_time_embedding:
             if pooled_prompt_embeds is None:
-                raise ValueError("this SDXL UNet needs pooled_prompt_embeds (the pooled text embedding).")
+                raise InputError("this SDXL UNet needs pooled_prompt_embeds (the pooled text embedding).")
             time_ids, negative_time_ids = self._time_ids(
                 pooled_prompt_embeds.shape[-1], (height, width), original_size, crops_coords_top_left, target_size,
                 negative_original_size, negative_crops_coords_top_left, negative_target_size,
@@ -149,7 +150,7 @@ class Sampler:
         train_steps = sched.config.num_train_timesteps
         if image_latents is None:
             if denoising_start is not None:
-                raise ValueError("denoising_start needs image_latents (the base model's output to refine).")
+                raise InputError("denoising_start needs image_latents (the base model's output to refine).")
             begin = 0
             noise = latents if latents is not None else mx.random.normal(shape, key=noise_key)
             x = noise.astype(mx.float32) * sched.init_noise_sigma
@@ -212,7 +213,7 @@ class Sampler:
         config = self.unet.config
         n_ids, remainder = divmod(config.projection_class_embeddings_input_dim - pooled_width, config.addition_time_embed_dim)
         if remainder or n_ids not in (5, 6):
-            raise ValueError(
+            raise InputError(
                 f"pooled_prompt_embeds of width {pooled_width} leave {config.projection_class_embeddings_input_dim - pooled_width} "
                 f"features for time ids of width {config.addition_time_embed_dim}: not SDXL's 6 (base) or 5 (refiner)."
             )
@@ -236,7 +237,7 @@ class Sampler:
         order = self.scheduler.order
         if denoising_start is None:
             if not 0 <= strength <= 1:
-                raise ValueError(f"strength must be between 0 and 1, got {strength}.")
+                raise InputError(f"strength must be between 0 and 1, got {strength}.")
             init = min(int(steps * strength), steps)
             return max(steps - init, 0) * order
         cutoff = int(round(train_steps - denoising_start * train_steps))

@@ -4,9 +4,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .activations import silu
-from .conv import Conv2d
-from .linear import Linear
 from .norm import GroupNorm
 
 
@@ -19,21 +16,22 @@ class ResnetBlock2D(nn.Module):
                  output_scale_factor: float = 1.0):
         super().__init__()
         self.norm1 = GroupNorm(groups, in_channels, eps)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = Linear(temb_channels, out_channels) if temb_channels is not None else None
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
         self.norm2 = GroupNorm(groups, out_channels, eps)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
+        self.nonlinearity = nn.SiLU()
 
     def __call__(self, x: mx.array, temb_silu: mx.array | None = None) -> mx.array:
         """``temb_silu`` is SiLU(time embedding): every resnet applies that same SiLU first, so the
         UNet computes it once per forward instead of once per block. Blocks without a time
         projection take none."""
-        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv1(self.nonlinearity(self.norm1(x)))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(temb_silu)[:, None, None, :]
-        h = self.conv2(silu(self.norm2(h)))
+        h = self.conv2(self.nonlinearity(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = skip + h
         if self.output_scale_factor != 1.0:
@@ -46,7 +44,7 @@ class Downsample2D(nn.Module):
 
     def __init__(self, channels: int, padding: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
         # With padding 0 diffusers pads one row and column at the bottom/right only, so odd and
         # even sizes both halve (rounding down) as the original LDM code did.
         self.pad_bottom_right = padding == 0
@@ -81,7 +79,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
         return self.conv(upsample_nearest(x, size))

@@ -1,10 +1,9 @@
-"""nn.Linear, with half-precision products computed in float32 on the CPU.
+"""The CPU's Linear: nn.Linear's parameters, computed the way MLX's CPU backend runs fastest.
 
 MLX's CPU backend has no fast float16/bfloat16 matrix multiply: about 3 GFLOP/s against about
 150 in float32 through BLAS on this 2-core machine. On the CPU a half-precision Linear therefore
 widens its input and weight to float32 for the product (the weight one layer at a time, so the
 model stays half-size in memory) and rounds the result back once, which is also more exact.
-On Metal and CUDA half-precision matmuls are native and are used as they are.
 
 On the CPU a small row count that is not a multiple of 16 is padded with zero rows: OpenBLAS
 runs its slow edge kernels on the remainder, and SDXL's 77 text tokens (the cross-attention
@@ -16,14 +15,13 @@ OpenBLAS re-packs the weight on every call, and with few rows (64 tokens at SDXL
 text tokens) that packing, which streams the whole weight from memory, is a large share of the
 product. Packing this layout is quicker: the SDXL forward runs about 9% faster at a 32x32
 latent and 6% at 64x64 (medians of interleaved forwards: 4.85 -> 4.40 s, 17.39 -> 16.37 s), with
-bit-identical results. ``load_weights`` lays loaded weights out so; files keep diffusers'
-layout, and Metal and CUDA keep the plain one.
+bit-identical results. ``load_weights`` lays loaded weights out so (through ``laid_out``);
+files keep diffusers' layout.
 """
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .activations import on_cpu
 
 _ROW_BLOCK = 16
 # From this many rows on, the remainder is a small share of the work: not worth copying x.
@@ -39,19 +37,22 @@ def _padded_rows(x: mx.array) -> int:
 
 
 class Linear(nn.Linear):
-    def __init__(self, input_dims: int, output_dims: int, bias: bool = True):
-        super().__init__(input_dims, output_dims, bias)
-        self.weight = self.laid_out(self.weight)
+    """Takes the place of an ``nn.Linear`` (``from_module``), with the same parameters."""
+
+    @classmethod
+    def from_module(cls, module: nn.Linear) -> "Linear":
+        output_dims, input_dims = module.weight.shape
+        layer = cls(input_dims, output_dims, bias="bias" in module)
+        layer.update(module.parameters())
+        layer.weight = cls.laid_out(module.weight)
+        return layer
 
     @staticmethod
     def laid_out(weight: mx.array) -> mx.array:
-        """``weight`` (out, in), in the memory layout this module computes with: on the CPU
-        unchanged in value and shape, but laid out as its transpose."""
-        return mx.contiguous(weight.T).T if on_cpu() else mx.contiguous(weight)
+        """``weight`` (out, in), unchanged in value and shape, laid out in memory as its transpose."""
+        return mx.contiguous(weight.T).T
 
     def __call__(self, x: mx.array) -> mx.array:
-        if not on_cpu():
-            return super().__call__(x)
         pad = _padded_rows(x)
         shape = x.shape
         if pad:

@@ -6,8 +6,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .linear import Linear
-
 
 def sinusoid_frequencies(dim: int, freq_shift: float, max_period: float = 10000.0) -> np.ndarray:
     """The ``dim // 2`` frequencies of diffusers' ``get_timestep_embedding``.
@@ -46,8 +44,8 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.linear_1 = Linear(in_dim, out_dim)
-        self.linear_2 = Linear(out_dim, out_dim)
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.linear_2(nn.silu(self.linear_1(x)))

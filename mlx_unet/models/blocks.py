@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import Transformer2DModel
-from .config import UNetConfig
+from ..configs.unet import UNetConfig
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 

@@ -6,49 +6,24 @@ Tokens are a reshape of the NHWC activation, (B, H, W, C) -> (B, H*W, C): no tra
 import mlx.core as mx
 import mlx.nn as nn
 
-from .activations import LOG2_E, geglu, on_cpu, softmax_weights
-from .conv import Conv2d
-from .linear import Linear
 from .norm import GroupNorm
 
-# Scores per chunk of CPU attention: 2 MB in float32, so that the passes of the softmax over
-# them run from cache. Measured on SDXL's shapes (2 cores, 1 MB L2 each): about 2x faster
-# than 4 MB chunks, and faster than 0.5 MB ones, where the matmuls get too small.
-_CPU_CHUNK_SCORES = 1 << 19
 
+class ScaledDotProductAttention(nn.Module):
+    """softmax(q k^T * scale) v for (batch, heads, tokens, head_dim) inputs: MLX's fused kernel.
 
-def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """softmax(q k^T * scale) v for (batch, heads, tokens, head_dim) inputs.
+    A module without parameters, so that a faster kernel for one device can take its place
+    (``mlx_unet.cpu`` swaps in chunked CPU attention)."""
 
-    On Metal and CUDA this is MLX's fused kernel. On the CPU that kernel is the plain
-    composition with MLX's slow exp, so instead:
-
-    - scores are computed in cache-sized chunks of query rows, in float32 (MLX has no fast
-      half-precision matmul on the CPU), with the base-2 softmax of ``activations``;
-    - a column of ones appended to v makes the second matmul return each row's weight sum
-      too, and the (tokens x head_dim) output is divided by it: no pass over the weights to
-      sum or normalise them.
-    """
-    if not on_cpu():
+    def __call__(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    batch, heads, tokens, head_dim = q.shape
-    kv_tokens, v_dim = k.shape[2], v.shape[3]
-    dtype, f32 = q.dtype, mx.float32
-    q = (q.astype(f32) * (scale * LOG2_E)).reshape(batch * heads, tokens, head_dim)
-    k_t = k.astype(f32).reshape(batch * heads, kv_tokens, head_dim).swapaxes(1, 2)
-    v = v.astype(f32).reshape(batch * heads, kv_tokens, v_dim)
-    v_ones = mx.concatenate([v, mx.ones((batch * heads, kv_tokens, 1), f32)], axis=2)
-    rows = max(1, min(tokens, _CPU_CHUNK_SCORES // kv_tokens))
-    group = max(1, _CPU_CHUNK_SCORES // (rows * kv_tokens)) if rows == tokens else 1
-    per_head = []
-    for h in range(0, batch * heads, group):
-        chunks = []
-        for r in range(0, tokens, rows):
-            out = softmax_weights(q[h:h + group, r:r + rows] @ k_t[h:h + group]) @ v_ones[h:h + group]
-            chunks.append(out[..., :v_dim] / out[..., v_dim:])
-        per_head.append(chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=1))
-    out = per_head[0] if len(per_head) == 1 else mx.concatenate(per_head, axis=0)
-    return out.reshape(batch, heads, tokens, v_dim).astype(dtype)
+
+
+class GatedGELU(nn.Module):
+    """value * GELU(gate), the exact (erf) GELU, torch's default; swappable like the attention."""
+
+    def __call__(self, value: mx.array, gate: mx.array) -> mx.array:
+        return value * nn.gelu(gate)
 
 
 class Attention(nn.Module):
@@ -62,10 +37,11 @@ class Attention(nn.Module):
         self.heads = heads
         self.scale = head_dim**-0.5
         self.upcast = upcast
-        self.to_q = Linear(query_dim, inner, bias=False)
-        self.to_k = Linear(context_dim, inner, bias=False)
-        self.to_v = Linear(context_dim, inner, bias=False)
-        self.to_out = [Linear(inner, query_dim)]  # index 0, as in diffusers' ModuleList
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = [nn.Linear(inner, query_dim)]  # index 0, as in diffusers' ModuleList
+        self.attention = ScaledDotProductAttention()
 
     def _split_heads(self, x: mx.array) -> mx.array:
         b, n, _ = x.shape
@@ -80,7 +56,7 @@ class Attention(nn.Module):
         if self.upcast and dtype != mx.float32:
             # SD 2.x sets upcast_attention: its logits overflow float16.
             q, k, v = (t.astype(mx.float32) for t in (q, k, v))
-        out = scaled_dot_product_attention(q, k, v, self.scale).astype(dtype)
+        out = self.attention(q, k, v, self.scale).astype(dtype)
         b, _, n, _ = out.shape
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, -1))
 
@@ -90,18 +66,19 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner_dim: int):
         super().__init__()
-        self.proj = Linear(dim, 2 * inner_dim)
+        self.proj = nn.Linear(dim, 2 * inner_dim)
+        self.activation = GatedGELU()
 
     def __call__(self, x: mx.array) -> mx.array:
         value, gate = mx.split(self.proj(x), 2, axis=-1)
-        return geglu(value, gate)
+        return self.activation(value, gate)
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         # diffusers' indices: net.0 is GEGLU, net.1 a Dropout (no parameters), net.2 the output.
-        self.net = [GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim)]
+        self.net = [GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.net[2](self.net[0](x))
@@ -139,11 +116,11 @@ class Transformer2DModel(nn.Module):
         # The norm eps is fixed at 1e-6 in diffusers, unlike the resnets' configurable norm_eps.
         self.norm = GroupNorm(groups, channels, eps=1e-6)
         if linear_projection:
-            self.proj_in = Linear(channels, channels)
-            self.proj_out = Linear(channels, channels)
+            self.proj_in = nn.Linear(channels, channels)
+            self.proj_out = nn.Linear(channels, channels)
         else:
-            self.proj_in = Conv2d(channels, channels, 1)
-            self.proj_out = Conv2d(channels, channels, 1)
+            self.proj_in = nn.Conv2d(channels, channels, 1)
+            self.proj_out = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = [
             BasicTransformerBlock(channels, heads, head_dim, context_dim, upcast) for _ in range(depth)
         ]

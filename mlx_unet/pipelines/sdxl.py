@@ -20,18 +20,15 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .activations import on_cpu
-from .conversion import FORMAT_KEY, FORMAT_VERSION
-from .pipeline import Sampler, Step
-from .schedulers import SAMPLERS, make_scheduler, read_config
-from .text_encoder import CLIPTextModel
-from .tokenizer import CLIPTokenizer
-from .unet import UNet2DConditionModel
-from .vae import AutoencoderKL
-
-
-class PipelineError(ValueError):
-    """A model folder that is not a converted pipeline, or arguments it cannot run with."""
+from ..configs.base import FORMAT_KEY, FORMAT_VERSION
+from ..cpu import on_cpu
+from ..errors import PipelineError
+from ..models.clip import CLIPTextModel
+from ..models.unet import UNet2DConditionModel
+from ..models.vae import AutoencoderKL
+from ..schedulers import SAMPLERS, make_scheduler, read_config
+from ..tokenizer import CLIPTokenizer
+from .sampler import Sampler, Step
 
 
 # diffusers' scheduler class -> our sampler name, to default to the model's own sampler.

@@ -7,16 +7,11 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .activations import silu
+from ..configs.unet import UNetConfig
+from ..errors import InputError
 from .blocks import DownBlock, MidBlock, UpBlock
-from .config import UNetConfig
-from .conv import Conv2d
 from .embeddings import TimestepEmbedding, Timesteps
 from .norm import GroupNorm
-
-
-class InputError(ValueError):
-    """A UNet call with arguments of the wrong shape or kind."""
 
 
 def _shape(x) -> str:
@@ -35,7 +30,7 @@ class UNet2DConditionModel(nn.Module):
         self.config = config
         c = config
         channels = c.block_out_channels
-        self.conv_in = Conv2d(c.in_channels, channels[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
+        self.conv_in = nn.Conv2d(c.in_channels, channels[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
 
         self.time_proj = Timesteps(channels[0], c.flip_sin_to_cos, c.freq_shift)
         self.time_embedding = TimestepEmbedding(channels[0], c.time_embed_dim)
@@ -56,7 +51,8 @@ class UNet2DConditionModel(nn.Module):
             prev = tuple(reversed(channels))[index]
 
         self.conv_norm_out = GroupNorm(c.norm_num_groups, channels[0], c.norm_eps)
-        self.conv_out = Conv2d(channels[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(channels[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
         self._forward = self._denoise
         self._compiled = None
         self._evaluate_per_block = False
@@ -179,7 +175,7 @@ class UNet2DConditionModel(nn.Module):
             x = block(x, temb_silu, context, skips, size)
             self._block_done(x)
 
-        x = silu(self.conv_norm_out(x))
+        x = self.conv_act(self.conv_norm_out(x))
         return self.conv_out(x)
 
     def _block_done(self, *arrays) -> None:
@@ -263,15 +259,16 @@ class UNet2DConditionModel(nn.Module):
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: mx.Dtype | None = None) -> "UNet2DConditionModel":
+    def from_pretrained(cls, folder: str | Path, dtype: mx.Dtype | None = None,
+                        cpu_kernels: bool | None = None) -> "UNet2DConditionModel":
         """Load ``config.json`` and the MLX ``*.safetensors`` weights of an MLX UNet folder.
 
-        ``dtype`` casts the weights (default: as stored).
+        ``dtype`` casts the weights (default: as stored). ``cpu_kernels``: swap in the CPU
+        kernels (None: on the CPU unless ``MLX_UNET_CPU_KERNELS=0``; see ``mlx_unet.cpu``).
         """
-        from .weights import load_weights_folder
+        from ..weights import load_pretrained
 
         folder = Path(folder)
         config = UNetConfig.from_json(folder)
         model = cls(config)
-        load_weights_folder(model, folder, dtype)
-        return model
+        return load_pretrained(model, folder, dtype, cpu_kernels)

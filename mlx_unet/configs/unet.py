@@ -13,13 +13,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+from .base import positive_int, preset, read_config_json
+
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
-
-
-class ConfigError(ValueError):
-    """A config.json that is malformed or asks for an architecture we do not implement."""
 
 
 # Fields whose only supported value is diffusers' default: anything else selects a feature
@@ -230,34 +229,6 @@ class _DiffusersFields:
     mid_block_only_cross_attention: Any = None
     cross_attention_norm: Any = None
     addition_embed_type_num_heads: int = 64
-
-
-def read_config_json(path: str | Path, model: str) -> Any:
-    """The fields of a ``config.json`` file, or of the one inside a folder, for a ``model``
-    ("UNet", "VAE", ...) named in the errors."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"no {model} config at {path}; pass a folder holding config.json.") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
-    return raw  # (from_dict checks that it is an object)
-
-
-def preset(presets: dict[str, dict[str, Any]], name: str, model: str) -> dict[str, Any]:
-    """The fields of preset ``name``, or a ConfigError listing the ``model``'s presets."""
-    if name not in presets:
-        raise ConfigError(f"unknown {model} preset {name!r}; choose one of {', '.join(presets)}.")
-    return presets[name]
-
-
-def positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}.")
-    return value
 
 
 def _per_level(name: str, value: Any, levels: int) -> tuple[Any, ...]:

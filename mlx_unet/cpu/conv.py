@@ -1,11 +1,11 @@
-"""nn.Conv2d, computed on the CPU as matrix products that skip MLX's patch buffer.
+"""The CPU's Conv2d: nn.Conv2d's parameters, computed as matrix products that skip MLX's patch buffer.
 
 MLX's CPU convolution first copies every k x k patch of the input into a buffer (on one
 thread; 9x the input for a 3x3 kernel) and then runs one GEMM. Where the output has few
 channels that copy rivals the GEMM: SDXL's 3x3 convolutions at a 64x64 latent (320 output
 channels) ran at about 75 GFLOP/s, against about 140 for a plain sgemm on this 2-core machine.
 
-So on the CPU a stride-1 convolution over a large image is one product per kernel tap, with no
+So a stride-1 convolution over a large image is one product per kernel tap, with no
 patch buffer. Flatten the padded image to rows of pixels (Hp * Wp, C). For output pixel (i, j)
 and tap (a, b) the input pixel is row (i + a) * Wp + (j + b) = (i * Wp + j) + (a * Wp + b): a
 fixed offset per tap. Each tap is therefore one contiguous run of rows times the tap's (C, O)
@@ -18,40 +18,45 @@ Below 32x32 pixels the per-tap products get too short to run well, and strided c
 have no contiguous runs; both gather the patches themselves (a concatenation of k*k shifted
 views, what MLX does) and multiply once. That order of summation is MLX's, bit for bit.
 
-On the CPU the weight keeps the (out, kh, kw, in) shape and name of a converted checkpoint but
+The weight keeps the (out, kh, kw, in) shape and name of a converted checkpoint but
 lies in memory as (kh, kw, in, out): each tap's (in, out) matrix, and the whole
 (kh*kw*in, out) patch matrix, are then row-major views that BLAS reads without a copy.
-Half precision is computed in float32 and rounded once, as ``linear.Linear`` does. On Metal and
-CUDA this is MLX's convolution with its plain layout.
+Half precision is computed in float32 and rounded once, as ``linear.Linear`` does.
 """
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .activations import on_cpu
 
 # Output pixels per image from which the per-tap products beat gathering the patches.
 _TAPS_FROM_PIXELS = 32 * 32
 
 
 class Conv2d(nn.Conv2d):
-    """A square-kernel 2D convolution over NHWC input, with nn.Conv2d's parameters."""
+    """Takes the place of a square-kernel, ungrouped, undilated ``nn.Conv2d`` over NHWC input
+    (``from_module``), with the same parameters."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
-        self.weight = self.laid_out(self.weight)
+    @classmethod
+    def from_module(cls, module: nn.Conv2d) -> "Conv2d":
+        out_channels, k, _, in_channels = module.weight.shape
+        layer = cls(in_channels, out_channels, k, stride=module.stride, padding=module.padding)
+        layer.update(module.parameters())
+        layer.weight = cls.laid_out(module.weight)
+        return layer
+
+    @staticmethod
+    def supports(module: nn.Conv2d) -> bool:
+        """Whether this class computes ``module`` exactly: the convolutions SD models have."""
+        weight = module.weight
+        return ("bias" in module and weight.shape[1] == weight.shape[2] and module.groups == 1 and module.dilation in (1, (1, 1))
+                and module.stride[0] == module.stride[1] and module.padding[0] == module.padding[1])
 
     @staticmethod
     def laid_out(weight: mx.array) -> mx.array:
-        """``weight`` (out, kh, kw, in), in the memory layout this module computes with."""
-        if not on_cpu():
-            return mx.contiguous(weight)
+        """``weight`` (out, kh, kw, in), unchanged in value and shape, laid out as (kh, kw, in, out)."""
         return mx.contiguous(weight.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if not on_cpu():
-            return super().__call__(x)
         dtype = x.dtype
         k, (stride, _), (pad, _) = self.weight.shape[1], self.stride, self.padding
         out_h = (x.shape[1] + 2 * pad - k) // stride + 1

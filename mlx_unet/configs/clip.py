@@ -1,0 +1,177 @@
+"""CLIPTextConfig: a transformers CLIP text ``config.json``, parsed once and validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .base import positive_int, preset, read_config_json
+
+# transformers' architecture name -> whether the model ends in text_projection.
+HIDDEN_ACTS = ("quick_gelu", "gelu")  # the activations models/clip.py implements
+
+ARCHITECTURES = {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}
+
+# transformers' CLIPTextConfig defaults: a field missing from config.json has this value there.
+_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "projection_dim": 512,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "eos_token_id": 49407,
+}
+
+# Configs written before transformers PR 24773 carry this wrong eos_token_id; transformers keeps
+# their old pooling rule (the largest id, which CLIP's end-of-text token is) for them.
+LEGACY_EOS_TOKEN_ID = 2
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """The architecture fields of a transformers CLIP text ``config.json``.
+
+    Other fields in such a file (dropout, initializer ranges, bos/pad ids, generation settings,
+    dtype) never change a text encoder's output at inference, so they are read past.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int
+    hidden_act: str
+    layer_norm_eps: float
+    projection_dim: int | None
+    eos_token_id: int
+    with_projection: bool
+
+    @property
+    def architecture(self) -> str:
+        return "CLIPTextModelWithProjection" if self.with_projection else "CLIPTextModel"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "CLIPTextConfig":
+        """Parse a transformers CLIP text config dict (as in a ``text_encoder/config.json``)."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a CLIP text config must be a JSON object, got {type(raw).__name__}.")
+        model_type = raw.get("model_type", "clip_text_model")
+        if model_type != "clip_text_model":
+            hint = "; pass its 'text_config' entry" if "text_config" in raw else ""
+            raise ConfigError(f"this config describes a {model_type!r} model, not a CLIP text encoder{hint}.")
+        architectures = raw.get("architectures")
+        if not isinstance(architectures, list) or len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
+            raise ConfigError(
+                f"config field 'architectures' = {architectures!r} must be [\"CLIPTextModel\"] or "
+                "[\"CLIPTextModelWithProjection\"]: it says whether the model has a text_projection."
+            )
+        d = {**_DEFAULTS, **{k: raw[k] for k in _DEFAULTS if k in raw}}
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings"):
+            positive_int(name, d[name])
+        if d["hidden_size"] % d["num_attention_heads"]:
+            raise ConfigError(
+                f"hidden_size {d['hidden_size']} does not split into {d['num_attention_heads']} attention heads."
+            )
+        if d["hidden_act"] not in HIDDEN_ACTS:
+            raise ConfigError(
+                f"config field 'hidden_act' = {d['hidden_act']!r} is not supported; "
+                f"supported: {', '.join(HIDDEN_ACTS)}."
+            )
+        eps = d["layer_norm_eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ConfigError(f"config field 'layer_norm_eps' must be a positive number, got {eps!r}.")
+        eos = d["eos_token_id"]
+        if isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < d["vocab_size"]:
+            raise ConfigError(
+                f"config field 'eos_token_id' must be one token id below vocab_size {d['vocab_size']}, "
+                f"got {eos!r}; the pooled output is read at that token."
+            )
+        with_projection = ARCHITECTURES[architectures[0]]
+        # A bare CLIPTextModel never reads projection_dim, so only the projecting one checks it.
+        if with_projection:
+            positive_int("projection_dim", d["projection_dim"])
+        return cls(**{**d, "layer_norm_eps": float(eps)}, with_projection=with_projection)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "CLIPTextConfig":
+        """Parse a ``config.json`` file, or the one inside a folder."""
+        return cls.from_dict(read_config_json(path, "text encoder"))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "CLIPTextConfig":
+        """One of ``TEXT_PRESETS`` (transformers field names), optionally with fields overridden."""
+        return cls.from_dict({**preset(TEXT_PRESETS, name, "text encoder"), **overrides})
+
+    def to_transformers_dict(self) -> dict[str, Any]:
+        """The config in transformers' field names: ``transformers.CLIPTextConfig(**d)`` builds the
+        reference, and ``json.dump(d)`` writes a config.json that both libraries read."""
+        return {
+            "architectures": [self.architecture],
+            "model_type": "clip_text_model",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": self.hidden_act,
+            "layer_norm_eps": self.layer_norm_eps,
+            "projection_dim": self.projection_dim,
+            "eos_token_id": self.eos_token_id,
+        }
+
+
+# ---------------------------------------------------------------------- presets
+# The architecture fields of the published SDXL config.json files. Both carry the legacy
+# eos_token_id 2 (and bos 0, pad 1), so their pooled token is the largest id: end-of-text.
+
+_SDXL_TEXT = {
+    "model_type": "clip_text_model",
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+TEXT_PRESETS: dict[str, dict[str, Any]] = {
+    "sdxl-clip-l": {
+        **_SDXL_TEXT,
+        "architectures": ["CLIPTextModel"],
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 768,
+    },
+    "sdxl-clip-bigg": {
+        **_SDXL_TEXT,
+        "architectures": ["CLIPTextModelWithProjection"],
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 20,
+        "hidden_act": "gelu",
+        "projection_dim": 1280,
+    },
+}
+# The same structures at a width that runs in milliseconds, for tests and smoke runs. The full
+# vocabulary is kept (a few MB), so real token ids run through them.
+TEXT_PRESETS["tiny-clip-l"] = {
+    **TEXT_PRESETS["sdxl-clip-l"], "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3,
+    "num_attention_heads": 4, "projection_dim": 48,
+}
+TEXT_PRESETS["tiny-clip-bigg"] = {
+    **TEXT_PRESETS["sdxl-clip-bigg"], "hidden_size": 40, "intermediate_size": 160, "num_hidden_layers": 4,
+    "num_attention_heads": 5, "projection_dim": 24,
+}

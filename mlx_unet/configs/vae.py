@@ -1,0 +1,195 @@
+"""VAEConfig: a diffusers AutoencoderKL ``config.json``, parsed once and validated."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .base import positive_int, preset, read_config_json
+
+# Every field of diffusers' AutoencoderKL config, with diffusers' defaults.
+_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",),
+    "up_block_types": ("UpDecoderBlock2D",),
+    "block_out_channels": (64,),
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+    "shift_factor": None,
+    "latents_mean": None,
+    "latents_std": None,
+    "force_upcast": True,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+}
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The architecture and latent scaling of one AutoencoderKL.
+
+    ``sample_size`` is the image size the VAE was trained at; it is the default tile size for
+    tiled decoding. ``force_upcast`` says the VAE's activations overflow float16 (SDXL's do), so
+    it is run in float32 unless asked otherwise.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel, along each side."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "VAEConfig":
+        """Parse a diffusers config dict (as in a ``vae/config.json``)."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a VAE config must be a JSON object, got {type(raw).__name__}.")
+        kind = raw.get("_class_name", "AutoencoderKL")
+        if kind != "AutoencoderKL":
+            raise ConfigError(f"this config describes a {kind}, not an AutoencoderKL.")
+        raw = {k: v for k, v in raw.items() if not k.startswith("_")}
+        unknown = sorted(raw.keys() - _DIFFUSERS_DEFAULTS.keys())
+        if unknown:
+            raise ConfigError(
+                f"config field {unknown[0]!r} (value {raw[unknown[0]]!r}) is not an AutoencoderKL field this "
+                "package knows; it cannot be honoured, so the config is refused."
+            )
+        return _normalise({**_DIFFUSERS_DEFAULTS, **raw})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "VAEConfig":
+        """Parse a ``config.json`` file, or the one inside a folder."""
+        return cls.from_dict(read_config_json(path, "VAE"))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "VAEConfig":
+        """One of ``VAE_PRESETS`` (diffusers field names), optionally with fields overridden."""
+        return cls.from_dict({**preset(VAE_PRESETS, name, "VAE"), **overrides})
+
+    def to_diffusers_dict(self) -> dict[str, Any]:
+        """The config in diffusers' field names, loadable by ``AutoencoderKL(**d)``."""
+        levels = len(self.block_out_channels)
+        d = asdict(self)
+        d["block_out_channels"] = list(self.block_out_channels)
+        return {
+            "_class_name": "AutoencoderKL",
+            **d,
+            "down_block_types": ["DownEncoderBlock2D"] * levels,
+            "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "act_fn": "silu",
+        }
+
+
+def _number(name: str, value: Any, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
+        kind = "a positive number" if positive else "a number"
+        raise ConfigError(f"config field {name!r} must be {kind}, got {value!r}.")
+    return float(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"config field {name!r} must be true or false, got {value!r}.")
+    return value
+
+
+def _normalise(d: dict[str, Any]) -> VAEConfig:
+    if not isinstance(d["block_out_channels"], (list, tuple)) or not d["block_out_channels"]:
+        raise ConfigError(f"config field 'block_out_channels' must be a non-empty list, got {d['block_out_channels']!r}.")
+    channels = tuple(positive_int("block_out_channels", c) for c in d["block_out_channels"])
+    levels = len(channels)
+    for name, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        types = d[name]
+        if not isinstance(types, (list, tuple)) or len(types) != levels:
+            raise ConfigError(
+                f"config field {name!r} = {types!r} must list one block type per entry of block_out_channels ({levels})."
+            )
+        other = next((t for t in types if t != allowed), None)
+        if other is not None:
+            raise ConfigError(
+                f"config field {name!r} holds {other!r}; only {allowed!r} is supported (the AutoencoderKL of SD and SDXL)."
+            )
+    if d["act_fn"] != "silu":
+        raise ConfigError(f"config field 'act_fn' = {d['act_fn']!r} is not supported (only 'silu').")
+    # Pipelines, not the model, read these; a sampler that ignored them would scale latents wrongly.
+    for name in ("latents_mean", "latents_std"):
+        if d[name] is not None:
+            raise ConfigError(
+                f"config field {name!r} is set; per-channel latent statistics are not supported (only scaling_factor "
+                "and shift_factor)."
+            )
+    groups = positive_int("norm_num_groups", d["norm_num_groups"])
+    for c in channels:
+        if c % groups:
+            raise ConfigError(f"block_out_channels entry {c} does not split into norm_num_groups = {groups} groups.")
+    sample_size = d["sample_size"]
+    # diffusers accepts [height, width] here but tiles with the first entry only; a square one is that int.
+    if isinstance(sample_size, (list, tuple)) and len(set(sample_size)) == 1:
+        sample_size = sample_size[0]
+    shift = d["shift_factor"]
+    return VAEConfig(
+        in_channels=positive_int("in_channels", d["in_channels"]),
+        out_channels=positive_int("out_channels", d["out_channels"]),
+        block_out_channels=channels,
+        layers_per_block=positive_int("layers_per_block", d["layers_per_block"]),
+        latent_channels=positive_int("latent_channels", d["latent_channels"]),
+        norm_num_groups=groups,
+        sample_size=positive_int("sample_size", sample_size),
+        scaling_factor=_number("scaling_factor", d["scaling_factor"], positive=True),
+        shift_factor=None if shift is None else _number("shift_factor", shift),
+        force_upcast=_flag("force_upcast", d["force_upcast"]),
+        use_quant_conv=_flag("use_quant_conv", d["use_quant_conv"]),
+        use_post_quant_conv=_flag("use_post_quant_conv", d["use_post_quant_conv"]),
+        mid_block_add_attention=_flag("mid_block_add_attention", d["mid_block_add_attention"]),
+    )
+
+
+# The architecture fields of the published config.json files, in diffusers' names.
+VAE_PRESETS: dict[str, dict[str, Any]] = {
+    # stabilityai/stable-diffusion-xl-base-1.0, vae/config.json
+    "sdxl": {
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "layers_per_block": 2,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 1024,
+        "scaling_factor": 0.13025,
+        "force_upcast": True,
+    },
+    # SDXL's structure (four levels, so latents are 1/8 of the image) at a width that runs in
+    # milliseconds; its 128-pixel tiles match the tiny UNet preset's 16-pixel latents.
+    "tiny": {
+        "block_out_channels": [16, 32, 32, 32],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "layers_per_block": 2,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": 128,
+        "scaling_factor": 0.13025,
+        "force_upcast": False,
+    },
+}

@@ -1,0 +1,16 @@
+"""The CPU fast path, a layer over the plain MLX models: OpenBLAS, per-tap convolution,
+transposed and padded Linear products, arithmetic-only activations, chunked attention.
+
+``accelerate(model)`` swaps the kernels in. ``prepare(model)``, which ``from_pretrained`` calls,
+does so by default on the CPU (``kernels_enabled``); ``MLX_UNET_CPU_KERNELS=0`` or
+``cpu_kernels=False`` keeps the plain code path, the one Metal and CUDA run.
+"""
+
+from . import blas
+
+# Before anything imports MLX: MLX binds its BLAS symbols when its library loads.
+blas.preload()
+
+from .swap import ENV_SWITCH, accelerate, kernels_enabled, on_cpu, prepare  # noqa: E402
+
+__all__ = ["ENV_SWITCH", "accelerate", "blas", "kernels_enabled", "on_cpu", "prepare"]

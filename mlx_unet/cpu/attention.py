@@ -1,0 +1,50 @@
+"""Attention on the CPU in cache-sized chunks, with the arithmetic-only base-2 softmax.
+
+MLX's fused ``mx.fast.scaled_dot_product_attention`` is, on the CPU, the plain composition with
+MLX's slow ``exp``. Instead:
+
+- scores are computed in chunks of query rows of about 2 MB, in float32 (MLX has no fast
+  half-precision matmul on the CPU), so the softmax passes over them run from cache; measured on
+  SDXL's shapes (2 cores, 1 MB L2 each) about 2x faster than 4 MB chunks, and faster than 0.5 MB
+  ones, where the matmuls get too small;
+- log2(e) is folded into the queries, so the softmax is base 2 (``activations.softmax_weights``);
+- a column of ones appended to v makes the second matmul return each row's weight sum too, and
+  the (tokens x head_dim) output is divided by it: no pass over the weights to sum or normalise.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .activations import LOG2_E, softmax_weights
+
+# Scores per chunk: 2 MB in float32.
+_CHUNK_SCORES = 1 << 19
+
+
+def chunked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(q k^T * scale) v for (batch, heads, tokens, head_dim) inputs, in q's dtype."""
+    batch, heads, tokens, head_dim = q.shape
+    kv_tokens, v_dim = k.shape[2], v.shape[3]
+    dtype, f32 = q.dtype, mx.float32
+    q = (q.astype(f32) * (scale * LOG2_E)).reshape(batch * heads, tokens, head_dim)
+    k_t = k.astype(f32).reshape(batch * heads, kv_tokens, head_dim).swapaxes(1, 2)
+    v = v.astype(f32).reshape(batch * heads, kv_tokens, v_dim)
+    v_ones = mx.concatenate([v, mx.ones((batch * heads, kv_tokens, 1), f32)], axis=2)
+    rows = max(1, min(tokens, _CHUNK_SCORES // kv_tokens))
+    group = max(1, _CHUNK_SCORES // (rows * kv_tokens)) if rows == tokens else 1
+    per_head = []
+    for h in range(0, batch * heads, group):
+        chunks = []
+        for r in range(0, tokens, rows):
+            out = softmax_weights(q[h:h + group, r:r + rows] @ k_t[h:h + group]) @ v_ones[h:h + group]
+            chunks.append(out[..., :v_dim] / out[..., v_dim:])
+        per_head.append(chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=1))
+    out = per_head[0] if len(per_head) == 1 else mx.concatenate(per_head, axis=0)
+    return out.reshape(batch, heads, tokens, v_dim).astype(dtype)
+
+
+class ChunkedAttention(nn.Module):
+    """Takes the place of ``models.attention.ScaledDotProductAttention``."""
+
+    def __call__(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        return chunked_attention(q, k, v, scale)

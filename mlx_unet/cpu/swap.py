@@ -1,0 +1,90 @@
+"""``accelerate(model)``: the one step that puts the CPU kernels into a model built from plain MLX.
+
+The model files use MLX's own layers (``nn.Linear``, ``nn.Conv2d``, ``nn.SiLU``, ``nn.GELU``,
+``mx.fast`` attention): the code a Mac or a CUDA machine runs. On the CPU those are slow
+(see each kernel's module), so this pass replaces each such module, wherever it sits in the
+tree, by its CPU counterpart with the same parameters, laid out in memory for the CPU's products.
+Names, shapes and values of every parameter stay as they are, so weights load and save alike.
+
+Only the exact classes in ``_SWAPS`` are replaced. Anything else is walked into: a wrapper
+around a layer (a LoRA layer holding its base ``nn.Linear``, say) keeps its own code and gets the
+CPU kernel for the layer inside it; a layer of another class (``nn.QuantizedLinear``) is left as
+MLX computes it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..models.attention import GatedGELU, ScaledDotProductAttention
+from ..models.clip import QuickGELU
+from . import activations
+from .attention import ChunkedAttention
+from .conv import Conv2d
+from .linear import Linear
+
+ENV_SWITCH = "MLX_UNET_CPU_KERNELS"
+
+
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def kernels_enabled(requested: bool | None = None) -> bool:
+    """Whether to apply the CPU kernels: ``requested`` when given; otherwise on the CPU, unless
+    the environment sets ``MLX_UNET_CPU_KERNELS=0`` (to run the Metal/CUDA code path here)."""
+    if requested is not None:
+        return requested
+    return on_cpu() and os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def _conv(module: nn.Conv2d) -> nn.Module:
+    return Conv2d.from_module(module) if Conv2d.supports(module) else module
+
+
+_SWAPS: dict[type, Callable[[nn.Module], nn.Module]] = {
+    nn.Linear: Linear.from_module,
+    nn.Conv2d: _conv,
+    nn.SiLU: lambda _: activations.SiLU(),
+    nn.GELU: lambda m: activations.GELU() if m._approx == "none" else m,
+    QuickGELU: lambda _: activations.QuickGELU(),
+    GatedGELU: lambda _: activations.GatedGELU(),
+    ScaledDotProductAttention: lambda _: ChunkedAttention(),
+}
+
+
+def _swapped(module: nn.Module) -> nn.Module:
+    swap = _SWAPS.get(type(module))
+    if swap is None:
+        _swap_children(module)
+        return module
+    replacement = swap(module)
+    # Evaluated one layer at a time: a re-laid-out weight exists twice only while it is copied.
+    mx.eval(replacement.parameters())
+    return replacement
+
+
+def _swap_children(module: nn.Module) -> None:
+    for name, child in module.children().items():
+        if isinstance(child, nn.Module):
+            module[name] = _swapped(child)
+        elif isinstance(child, list):
+            # In place, one item at a time, so that each replaced layer is freed as it goes.
+            for index, item in enumerate(child):
+                if isinstance(item, nn.Module):
+                    child[index] = _swapped(item)
+
+
+def accelerate(model: nn.Module) -> nn.Module:
+    """Put the CPU kernels into ``model`` (in place) and return it."""
+    _swap_children(model)
+    return model
+
+
+def prepare(model: nn.Module, cpu_kernels: bool | None = None) -> nn.Module:
+    """``model`` with the CPU kernels where ``kernels_enabled(cpu_kernels)``, else as it is."""
+    return accelerate(model) if kernels_enabled(cpu_kernels) else model
