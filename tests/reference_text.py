@@ -70,4 +70,5 @@ def run_torch(model: torch.nn.Module, ids: np.ndarray) -> tuple[tuple[np.ndarray
     """(every hidden state, as transformers numbers them; the pooled or projected output)."""
     out = model(input_ids=torch.from_numpy(ids).long(), output_hidden_states=True)
     pooled = out.text_embeds if isinstance(model, TorchCLIPTextModelWithProjection) else out.pooler_output
-    return tuple(h.numpy() for h in out.hidden_states), pooled.numpy()
+    # .float(): numpy has no bfloat16.
+    return tuple(h.float().numpy() for h in out.hidden_states), pooled.float().numpy()

@@ -1,6 +1,7 @@
 """SDXL's two CLIP text encoders against transformers' on the same seeded weights and token ids;
 their config, input checks and weights loading."""
 
+import copy
 import json
 import time
 
@@ -49,6 +50,7 @@ def tiny(request):
     return request.param, config, reference
 
 
+@pytest.mark.usefixtures("code_path")
 def test_fp32_matches_transformers_at_every_hidden_layer(tiny):
     name, config, reference = tiny
     ours = mlx_text_encoder(reference.state_dict(), config)
@@ -63,6 +65,7 @@ def test_fp32_matches_transformers_at_every_hidden_layer(tiny):
             assert max(errors) <= FP32_BOUND, (batch, length, hidden_layer)
 
 
+@pytest.mark.usefixtures("code_path")
 def test_fp16_weights_and_activations(tiny):
     name, config, reference = tiny
     ids = token_ids(config, 3, 77, seed=5)
@@ -75,6 +78,23 @@ def test_fp16_weights_and_activations(tiny):
     assert max(errors) <= FP16_BOUND
 
 
+@pytest.mark.usefixtures("code_path")
+def test_bf16_is_as_close_to_float32_as_transformers_bf16(tiny):
+    """bfloat16 keeps 8 bits: the bound is what transformers itself loses in bfloat16 (computed
+    here against its float32 forward), with a factor 2 of slack."""
+    name, config, reference = tiny
+    ids = token_ids(config, 3, 77, seed=6)
+    hidden_states, pooled = run_torch(reference, ids)
+    theirs_hidden, theirs_pooled = run_torch(copy.deepcopy(reference).to(torch.bfloat16), ids)
+    theirs = _errors((mx.array(theirs_hidden[-2]), mx.array(theirs_pooled)), hidden_states[-2], pooled)
+    outputs = mlx_text_encoder(reference.state_dict(), config, mx.bfloat16)(mx.array(ids))
+    assert all(x.dtype == mx.bfloat16 for x in outputs)
+    ours = _errors(outputs, hidden_states[-2], pooled)
+    print(f"\n{name} bfloat16: ours {ours}, transformers {theirs}", end="")
+    assert ours[0] <= 2 * theirs[0] and ours[1] <= 2 * theirs[1]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,batch", [("sdxl-clip-l", 2), ("sdxl-clip-bigg", 1)])
 def test_fp32_full_size_matches_transformers(preset, batch):
     """The published architectures, once each, with the hidden state SDXL uses (-2)."""

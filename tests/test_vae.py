@@ -17,10 +17,10 @@ from mlx_unet import AutoencoderKL, VAEConfig
 from mlx_unet.models.vae import DiagonalGaussian
 
 FP32_BOUND = 1e-4
-# A float16 decode is judged against diffusers' float32 decode, relative to diffusers' own float16
-# decode of the same weights (about 3e-3 of the output scale at tiny width; ours measured 2e-3,
+# A float16 (bfloat16) decode is judged against diffusers' float32 decode, relative to diffusers' own
+# decode of the same weights in that dtype (about 3e-3 of the output scale at tiny width; ours measured 2e-3,
 # as it keeps GroupNorm statistics, attention and Linear products in float32): no worse than 2x.
-FP16_VS_DIFFUSERS_FP16 = 2.0
+HALF_VS_DIFFUSERS_HALF = 2.0
 
 # A variant that drops everything optional: the mid-block attention and both 1x1 convolutions.
 _BARE = {"block_out_channels": [16, 32], "down_block_types": ["DownEncoderBlock2D"] * 2,
@@ -37,9 +37,15 @@ def _images(shape, seed):
 
 
 @pytest.fixture(scope="module", params=["tiny", "bare"])
-def tiny(request):
+def tiny_reference(request):
     config = VAEConfig.from_preset("tiny", **(_BARE if request.param == "bare" else {}))
-    reference = torch_vae(config, seed=1)
+    return config, torch_vae(config, seed=1)
+
+
+@pytest.fixture
+def tiny(tiny_reference, code_path):
+    """Ours built in the test, on the test's code path (the CPU kernels or plain MLX)."""
+    config, reference = tiny_reference
     return config, reference, mlx_vae_from_torch(reference, config)
 
 
@@ -66,22 +72,26 @@ def test_encode_fp32(tiny):
         assert max(errors) <= FP32_BOUND
 
 
-def test_decode_fp16():
+@pytest.mark.usefixtures("code_path")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_decode_half_precision(dtype):
+    """Against diffusers' float32 decode, no worse than 2x diffusers' own decode in that dtype."""
     config = VAEConfig.from_preset("tiny")
     reference = torch_vae(config, seed=4)
-    reference16 = torch_vae(config, seed=4, dtype=torch.float16)
-    ours16 = mlx_vae_from_torch(reference, config, dtype=mx.float16)
+    reference_half = torch_vae(config, seed=4, dtype=getattr(torch, dtype))
+    ours_half = mlx_vae_from_torch(reference, config, dtype=getattr(mx, dtype))
     latents = _normal((1, 8, 8, config.latent_channels), seed=5)
-    out = ours16.decode(mx.array(latents))
-    assert out.dtype == mx.float16
+    out = ours_half.decode(mx.array(latents))
+    assert out.dtype == getattr(mx, dtype)
     exact = torch_decode(reference, latents)
     ours_error = relative_error(to_numpy(out), exact)
-    theirs_error = relative_error(torch_decode(reference16, latents), exact)
-    print(f"decode fp16 vs diffusers fp32: ours {ours_error:.2e}, diffusers fp16 {theirs_error:.2e}")
+    theirs_error = relative_error(torch_decode(reference_half, latents), exact)
+    print(f"decode {dtype} vs diffusers fp32: ours {ours_error:.2e}, diffusers {dtype} {theirs_error:.2e}")
     assert np.isfinite(to_numpy(out)).all()
-    assert ours_error <= FP16_VS_DIFFUSERS_FP16 * theirs_error
+    assert ours_error <= HALF_VS_DIFFUSERS_HALF * theirs_error
 
 
+@pytest.mark.usefixtures("code_path")
 @pytest.mark.parametrize("tile,overlap,shape", [(32, 0.25, (1, 7, 10)), (64, 0.5, (2, 11, 9))])
 def test_tiled_decode_matches_diffusers(tile, overlap, shape):
     """Small tiles so that there are several in both directions, and edge tiles as narrow as
