@@ -24,7 +24,9 @@ from mlx_unet.models.attention import ScaledDotProductAttention
 FP32_BOUND = 1e-4
 FP16_BOUND = 1e-2
 
-pytestmark = pytest.mark.usefixtures("code_path")
+# What depends on the code path runs on both (``code_path``: the CPU kernels, and the plain MLX
+# a Mac runs); timestep forms and the per-tap convolution's size cases run on the default one.
+both_paths = pytest.mark.usefixtures("code_path")
 
 
 @pytest.fixture(scope="module", params=list(TINY_FAMILIES))
@@ -44,9 +46,11 @@ def _inputs(name, config, height=16, width=16, **kw):
     return make_inputs(config, 2, height, width, n_time_ids=TIME_IDS.get(name), **kw)
 
 
-def test_fp32_matches_diffusers_with_per_item_timesteps(family):
+@both_paths
+@pytest.mark.parametrize("height,width", [(16, 16), (33, 27)])
+def test_fp32_matches_diffusers_with_per_item_timesteps(family, height, width):
     name, config, reference, ours = family
-    inputs = _inputs(name, config, timesteps=[1.0, 981.0])
+    inputs = _inputs(name, config, height, width, timesteps=[1.0, 981.0])
     assert relative_error(run_mlx(ours, inputs), run_torch(reference, inputs)) <= FP32_BOUND
 
 
@@ -74,6 +78,7 @@ def test_integer_timestep_array_equals_float(family):
     np.testing.assert_array_equal(as_float, as_int)
 
 
+@both_paths
 def test_fp16_weights_and_activations(reference_family):
     name, config, reference = reference_family
     ours16 = mlx_from_torch(reference, config, dtype=mx.float16)
@@ -83,6 +88,7 @@ def test_fp16_weights_and_activations(reference_family):
     assert relative_error(out, run_torch(reference, inputs)) <= FP16_BOUND
 
 
+@both_paths
 def test_bf16_is_as_close_to_float32_as_diffusers_bf16(reference_family):
     """bfloat16 keeps 8 bits: the bound is what diffusers itself loses in bfloat16 (its own
     bf16 forward against its float32 one, computed here), with a factor 2 of slack."""
@@ -159,6 +165,7 @@ UNUSUAL_FIELDS = {
 }
 
 
+@both_paths
 @pytest.mark.parametrize("case", list(UNUSUAL_FIELDS))
 def test_fp32_unusual_architecture_fields(case):
     preset, changes = UNUSUAL_FIELDS[case]

@@ -69,7 +69,8 @@ def _swapped(module: nn.Module) -> nn.Module:
 
 
 def _swap_children(module: nn.Module) -> None:
-    for name, child in module.children().items():
+    for name in module.children():
+        child = module[name]  # the stored list itself: children() hands out copies of lists
         if isinstance(child, nn.Module):
             module[name] = _swapped(child)
         elif isinstance(child, list):
