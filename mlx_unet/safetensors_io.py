@@ -160,6 +160,8 @@ def write_safetensors(path: str | Path, specs: Iterable[TensorSpec], metadata: d
         for spec in specs:
             array = spec.produce()
             if tuple(array.shape) != tuple(spec.shape) or array.dtype != spec.dtype:
+                # Not a user error: the header is already written from the specs, so a producer that
+                # disagrees with its own spec is a bug in the writer's caller.
                 raise ValueError(f"{spec.name}: produced {array.dtype} {array.shape}, declared {spec.dtype} {spec.shape}")
             f.write(memoryview(np.array(mx.contiguous(array).view(_BITS[spec.dtype]))).cast("B"))
             if on_tensor is not None:

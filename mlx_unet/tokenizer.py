@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 
 END_OF_WORD = "</w>"
@@ -187,7 +187,7 @@ class CLIPTokenizer:
         ``max_length - 2`` tokens loses its tail (with a warning), the end token stays."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ConfigError(f"prompts must be a string or a non-empty list of strings, not {prompts!r}.")
+            raise InputError(f"prompts must be a string or a non-empty list of strings, not {prompts!r}.")
         out = np.full((len(prompts), self.max_length), self.pad_token_id, dtype=np.int32)
         room = self.max_length - 2
         for row, prompt in zip(out, prompts):

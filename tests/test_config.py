@@ -1,14 +1,19 @@
-"""UNetConfig: presets, diffusers' quirks, validation and refusal of what we do not implement."""
+"""The configs: UNetConfig's presets and diffusers' quirks, and the rule every config kind follows
+(validation, refusal of what we do not implement, bookkeeping keys, the mlx_unet section)."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL as TorchVAE
 from diffusers import UNet2DConditionModel as TorchUNet
 from mlx.utils import tree_flatten
+from transformers import CLIPTextConfig as TorchCLIPTextConfig
 
-from mlx_unet import PRESETS, ConfigError, UNet2DConditionModel, UNetConfig
+from mlx_unet import PRESETS, CLIPTextConfig, ConfigError, UNet2DConditionModel, UNetConfig, VAEConfig
+from mlx_unet.configs.base import FORMAT_VERSION
+from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG, EulerDiscreteScheduler
 from mlx_unet.weights import torch_to_mlx_layout
 
 
@@ -140,3 +145,126 @@ def test_bad_files_and_presets(tmp_path):
         UNetConfig.from_json(tmp_path)
     with pytest.raises(ConfigError, match="unknown UNet preset 'sd3'"):
         UNetConfig.from_preset("sd3")
+
+
+# ---------------------------------------------------------------------- all config kinds
+# One rule for the UNet, VAE, CLIP text and scheduler configs: bookkeeping keys accepted, values we
+# do not implement refused by name, unknown keys refused, our mlx_unet section checked.
+
+KINDS = {
+    "unet": (lambda **kw: UNetConfig.from_preset("tiny", **kw), ("act_fn", "gelu")),
+    "vae": (lambda **kw: VAEConfig.from_preset("tiny", **kw), ("shift_factor", 0.1159)),
+    "clip": (lambda **kw: CLIPTextConfig.from_preset("tiny-clip-l", **kw), ("hidden_act", "relu")),
+    "scheduler": (lambda **kw: EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG, **kw).config,
+                  ("interpolation_type", "log_linear")),
+}
+BOOKKEEPING = {"_diffusers_version": "0.42.1", "_name_or_path": "org/model", "_commit_hash": "0" * 40,
+               "transformers_version": "4.32.0", "torch_dtype": "float16", "dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_config_kind_accepts_bookkeeping_keys(kind):
+    build, _ = KINDS[kind]
+    assert build(**BOOKKEEPING) == build()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_config_kind_refuses_an_unimplemented_value_by_name(kind):
+    build, (field, value) = KINDS[kind]
+    with pytest.raises(ConfigError) as err:
+        build(**{field: value})
+    assert f"{field!r} = {value!r}" in str(err.value) and "supported" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_config_kind_refuses_unknown_keys_by_name(kind):
+    build, _ = KINDS[kind]
+    with pytest.raises(ConfigError) as err:
+        build(quantization_config={"bits": 4})
+    assert "'quantization_config'" in str(err.value) and "{'bits': 4}" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_config_kind_checks_the_mlx_unet_section(kind):
+    build, _ = KINDS[kind]
+    assert build(mlx_unet={"format_version": FORMAT_VERSION}) == build()
+    with pytest.raises(ConfigError, match=r"newer mlx-unet .*upgrade mlx-unet"):
+        build(mlx_unet={"format_version": str(int(FORMAT_VERSION) + 1), "quantization": {"bits": 4}})
+    with pytest.raises(ConfigError, match=r"'mlx_unet' holds 'quantization' = \{'bits': 4\}"):
+        build(mlx_unet={"format_version": FORMAT_VERSION, "quantization": {"bits": 4}})
+    for bad in ({}, {"format_version": 1}, {"format_version": "0"}):
+        with pytest.raises(ConfigError, match="format_version"):
+            build(mlx_unet=bad)
+    with pytest.raises(ConfigError, match="'mlx_unet' must be an object"):
+        build(mlx_unet="1")
+
+
+@pytest.mark.parametrize("cls,preset", [(UNetConfig, "tiny"), (VAEConfig, "tiny"), (CLIPTextConfig, "tiny-clip-bigg")])
+def test_to_dict_writes_the_section_and_reads_back(cls, preset):
+    config = cls.from_preset(preset)
+    written = config.to_dict()
+    assert written["mlx_unet"] == {"format_version": FORMAT_VERSION}
+    assert cls.from_dict(json.loads(json.dumps(written))) == config
+    # Folders written before the section existed still load.
+    assert cls.from_dict(config.library_dict()) == config
+
+
+def test_the_libraries_load_our_config_files(tmp_path):
+    """diffusers and transformers read past our section, and what they read back is accepted."""
+    for name, config, library in (("unet", UNetConfig.from_preset("tiny"), TorchUNet),
+                                  ("vae", VAEConfig.from_preset("tiny"), TorchVAE)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config.to_dict()))
+        loaded = library.load_config(tmp_path / name)
+        with torch.device("meta"):
+            theirs = library.from_config(loaded)
+        assert type(config).from_dict(dict(theirs.config)) == config
+    config = CLIPTextConfig.from_preset("tiny-clip-l")
+    (tmp_path / "text_encoder").mkdir()
+    (tmp_path / "text_encoder" / "config.json").write_text(json.dumps(config.to_dict()))
+    assert CLIPTextConfig.from_dict(TorchCLIPTextConfig.from_pretrained(tmp_path / "text_encoder").to_dict()) == config
+
+
+# A text_encoder/config.json as transformers 4.2x wrote it (SD 1.5's): every generation setting
+# of PretrainedConfig, none of which a text encoder reads.
+TRANSFORMERS_4_KEYS = {
+    "_name_or_path": "openai/clip-vit-large-patch14", "add_cross_attention": False, "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0, "bad_words_ids": None, "begin_suppress_tokens": None, "bos_token_id": 0,
+    "chunk_size_feed_forward": 0, "cross_attention_hidden_size": None, "decoder_start_token_id": None,
+    "diversity_penalty": 0.0, "do_sample": False, "dropout": 0.0, "early_stopping": False,
+    "encoder_no_repeat_ngram_size": 0, "eos_token_id": 2, "exponential_decay_length_penalty": None,
+    "finetuning_task": None, "forced_bos_token_id": None, "forced_eos_token_id": None, "hidden_act": "quick_gelu",
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "initializer_factor": 1.0, "initializer_range": 0.02,
+    "is_decoder": False, "is_encoder_decoder": False, "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+    "layer_norm_eps": 1e-05, "length_penalty": 1.0, "max_length": 20, "min_length": 0,
+    "model_type": "clip_text_model", "no_repeat_ngram_size": 0, "num_beam_groups": 1, "num_beams": 1,
+    "num_return_sequences": 1, "output_attentions": False, "output_hidden_states": False, "output_scores": False,
+    "pad_token_id": 1, "prefix": None, "problem_type": None, "pruned_heads": {}, "remove_invalid_values": False,
+    "repetition_penalty": 1.0, "return_dict": True, "return_dict_in_generate": False, "sep_token_id": None,
+    "suppress_tokens": None, "task_specific_params": None, "temperature": 1.0, "tf_legacy_loss": False,
+    "tie_encoder_decoder": False, "tie_word_embeddings": True, "tokenizer_class": None, "top_k": 50, "top_p": 1.0,
+    "torch_dtype": "float16", "torchscript": False, "transformers_version": "4.25.1", "typical_p": 1.0,
+    "use_bfloat16": False,
+}
+
+
+def test_clip_accepts_what_transformers_4_wrote_and_refuses_pruned_heads():
+    base = CLIPTextConfig.from_preset("tiny-clip-l")
+    assert CLIPTextConfig.from_dict({**TRANSFORMERS_4_KEYS, **base.to_transformers_dict()}) == base
+    with pytest.raises(ConfigError, match=r"'pruned_heads' = \{'0': \[1\]\}"):
+        CLIPTextConfig.from_preset("tiny-clip-l", pruned_heads={"0": [1]})
+
+
+# ---------------------------------------------------------------------- VAE latent scaling
+
+
+def test_vae_latents_are_scaled_by_scaling_factor_only():
+    """diffusers' SDXL pipelines divide latents by scaling_factor and ignore shift_factor (SD3's and
+    Flux's add it), so does ours: a VAE that sets it is refused, by name, rather than run wrongly."""
+    assert VAEConfig.from_preset("sdxl", shift_factor=None) == VAEConfig.from_preset("sdxl")
+    assert "shift_factor" not in vars(VAEConfig.from_preset("sdxl"))
+    for field, value in (("shift_factor", 0.0609), ("shift_factor", 0.0), ("latents_mean", [0.0] * 4),
+                         ("latents_std", [1.0] * 4)):
+        with pytest.raises(ConfigError) as err:
+            VAEConfig.from_preset("sdxl", **{field: value})
+        assert f"{field!r} = {value!r}" in str(err.value)

@@ -14,7 +14,8 @@ import pytest
 from tokenizer_files import ADDED_WORDS, END, write_clip_tokenizer
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
-from mlx_unet.tokenizer import CLIPTokenizer, ConfigError
+from mlx_unet.errors import ConfigError, InputError
+from mlx_unet.tokenizer import CLIPTokenizer
 
 PHRASES = [
     "a photo of an astronaut riding a horse on mars",
@@ -181,5 +182,5 @@ def test_bad_input_is_refused_clearly(tmp_path):
         CLIPTokenizer.from_folder(tmp_path / "nowhere")
     tokenizer = CLIPTokenizer.from_folder(write_clip_tokenizer(tmp_path / "tokenizer"))
     for prompts in ([], None, ["a", 3], b"bytes"):
-        with pytest.raises(ConfigError, match="prompts must be a string or a non-empty list of strings"):
+        with pytest.raises(InputError, match="prompts must be a string or a non-empty list of strings"):
             tokenizer(prompts)

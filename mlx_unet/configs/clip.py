@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import ConfigError
-from .base import positive_int, preset, read_config_json
+from .base import ModelConfig, check_choice, check_int, check_number, config_fields
 
-# transformers' architecture name -> whether the model ends in text_projection.
 HIDDEN_ACTS = ("quick_gelu", "gelu")  # the activations models/clip.py implements
 
+# transformers' architecture name -> whether the model ends in text_projection.
 ARCHITECTURES = {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}
 
 # transformers' CLIPTextConfig defaults: a field missing from config.json has this value there.
@@ -26,7 +25,31 @@ _DEFAULTS: dict[str, Any] = {
     "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
     "eos_token_id": 49407,
+    # Checked rather than honoured: it says whether the model ends in text_projection.
+    "architectures": None,
+    # Prunes attention heads on load (transformers' PreTrainedModel.prune_heads).
+    "pruned_heads": {},
 }
+
+# Keys of a transformers config that a CLIP text encoder's forward pass never reads, so any value
+# is accepted: CLIP's training settings (dropout, initialisation, bos and pad ids), the output
+# format switches, head and task settings of other models, and the generation settings that
+# transformers 4 wrote into every config.json (and 5 still reads past).
+_INERT = frozenset({
+    "attention_dropout", "dropout", "initializer_range", "initializer_factor", "bos_token_id", "pad_token_id",
+    "output_attentions", "output_hidden_states", "return_dict", "torchscript", "use_bfloat16", "tf_legacy_loss",
+    "gradient_checkpointing", "use_cache", "chunk_size_feed_forward", "tie_word_embeddings",
+    "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder",
+    "sep_token_id", "decoder_start_token_id", "id2label", "label2id", "num_labels", "problem_type",
+    "finetuning_task", "task_specific_params", "tokenizer_class", "prefix",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+    "encoder_repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "num_assistant_tokens", "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind",
+})
 
 # Configs written before transformers PR 24773 carry this wrong eos_token_id; transformers keeps
 # their old pooling rule (the largest id, which CLIP's end-of-text token is) for them.
@@ -34,11 +57,12 @@ LEGACY_EOS_TOKEN_ID = 2
 
 
 @dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(ModelConfig):
     """The architecture fields of a transformers CLIP text ``config.json``.
 
     Other fields in such a file (dropout, initializer ranges, bos/pad ids, generation settings,
-    dtype) never change a text encoder's output at inference, so they are read past.
+    dtype) never change a text encoder's output at inference, so they are read past; a key that
+    transformers does not write is refused, as for the other models.
     """
 
     vocab_size: int
@@ -53,6 +77,8 @@ class CLIPTextConfig:
     eos_token_id: int
     with_projection: bool
 
+    model_name: ClassVar[str] = "text encoder"
+
     @property
     def architecture(self) -> str:
         return "CLIPTextModelWithProjection" if self.with_projection else "CLIPTextModel"
@@ -60,34 +86,26 @@ class CLIPTextConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "CLIPTextConfig":
         """Parse a transformers CLIP text config dict (as in a ``text_encoder/config.json``)."""
-        if not isinstance(raw, dict):
-            raise ConfigError(f"a CLIP text config must be a JSON object, got {type(raw).__name__}.")
-        model_type = raw.get("model_type", "clip_text_model")
-        if model_type != "clip_text_model":
+        # First, as diffusers' _class_name: a whole CLIPModel config would fail on its other keys.
+        if isinstance(raw, dict) and raw.get("model_type", "clip_text_model") != "clip_text_model":
             hint = "; pass its 'text_config' entry" if "text_config" in raw else ""
-            raise ConfigError(f"this config describes a {model_type!r} model, not a CLIP text encoder{hint}.")
-        architectures = raw.get("architectures")
+            raise ConfigError(f"this config describes a {raw['model_type']!r} model, not a CLIP text encoder{hint}.")
+        d = config_fields(raw, _DEFAULTS, "CLIP text", accepted=_INERT | {"model_type"})
+        architectures = d["architectures"]
         if not isinstance(architectures, list) or len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
             raise ConfigError(
                 f"config field 'architectures' = {architectures!r} must be [\"CLIPTextModel\"] or "
                 "[\"CLIPTextModelWithProjection\"]: it says whether the model has a text_projection."
             )
-        d = {**_DEFAULTS, **{k: raw[k] for k in _DEFAULTS if k in raw}}
+        check_choice("pruned_heads", d["pruned_heads"], ({},))
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings"):
-            positive_int(name, d[name])
+            check_int(name, d[name])
         if d["hidden_size"] % d["num_attention_heads"]:
             raise ConfigError(
                 f"hidden_size {d['hidden_size']} does not split into {d['num_attention_heads']} attention heads."
             )
-        if d["hidden_act"] not in HIDDEN_ACTS:
-            raise ConfigError(
-                f"config field 'hidden_act' = {d['hidden_act']!r} is not supported; "
-                f"supported: {', '.join(HIDDEN_ACTS)}."
-            )
-        eps = d["layer_norm_eps"]
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ConfigError(f"config field 'layer_norm_eps' must be a positive number, got {eps!r}.")
+        check_choice("hidden_act", d["hidden_act"], HIDDEN_ACTS)
         eos = d["eos_token_id"]
         if isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < d["vocab_size"]:
             raise ConfigError(
@@ -97,18 +115,20 @@ class CLIPTextConfig:
         with_projection = ARCHITECTURES[architectures[0]]
         # A bare CLIPTextModel never reads projection_dim, so only the projecting one checks it.
         if with_projection:
-            positive_int("projection_dim", d["projection_dim"])
-        return cls(**{**d, "layer_norm_eps": float(eps)}, with_projection=with_projection)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "CLIPTextConfig":
-        """Parse a ``config.json`` file, or the one inside a folder."""
-        return cls.from_dict(read_config_json(path, "text encoder"))
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "CLIPTextConfig":
-        """One of ``TEXT_PRESETS`` (transformers field names), optionally with fields overridden."""
-        return cls.from_dict({**preset(TEXT_PRESETS, name, "text encoder"), **overrides})
+            check_int("projection_dim", d["projection_dim"])
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            max_position_embeddings=d["max_position_embeddings"],
+            hidden_act=d["hidden_act"],
+            layer_norm_eps=check_number("layer_norm_eps", d["layer_norm_eps"], positive=True),
+            projection_dim=d["projection_dim"],
+            eos_token_id=eos,
+            with_projection=with_projection,
+        )
 
     def to_transformers_dict(self) -> dict[str, Any]:
         """The config in transformers' field names: ``transformers.CLIPTextConfig(**d)`` builds the
@@ -127,6 +147,8 @@ class CLIPTextConfig:
             "projection_dim": self.projection_dim,
             "eos_token_id": self.eos_token_id,
         }
+
+    library_dict = to_transformers_dict
 
 
 # ---------------------------------------------------------------------- presets
@@ -175,3 +197,4 @@ TEXT_PRESETS["tiny-clip-bigg"] = {
     **TEXT_PRESETS["sdxl-clip-bigg"], "hidden_size": 40, "intermediate_size": 160, "num_hidden_layers": 4,
     "num_attention_heads": 5, "projection_dim": 24,
 }
+CLIPTextConfig.presets = TEXT_PRESETS

@@ -8,52 +8,47 @@ never run approximately.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 from ..errors import ConfigError
-from .base import positive_int, preset, read_config_json
+from .base import ModelConfig, check_choice, check_flag, check_int, check_number, config_fields, per_level
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
 
 
-# Fields whose only supported value is diffusers' default: anything else selects a feature
+# Fields whose only supported values are diffusers' defaults: anything else selects a feature
 # (class labels, LCM conditioning, ControlNet-XS style blocks, ...) that this package lacks.
-_ONLY_DEFAULT = {
-    "class_embed_type": None,
-    "num_class_embeds": None,
-    "class_embeddings_concat": False,
-    "time_cond_proj_dim": None,
-    "time_embedding_type": "positional",
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "dual_cross_attention": False,
-    "only_cross_attention": False,
-    "mid_block_only_cross_attention": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "attention_type": "default",
-    "cross_attention_norm": None,
-    "act_fn": "silu",
+_ONLY_DEFAULT: dict[str, tuple[Any, ...]] = {
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "time_cond_proj_dim": (None,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "resnet_time_scale_shift": ("default",),
+    # null: as only_cross_attention, which must be false
+    "mid_block_only_cross_attention": (None, False),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "attention_type": ("default",),
+    "cross_attention_norm": (None,),
+    "act_fn": ("silu",),
     # diffusers itself refuses this field (its issue 2011): head counts live in attention_head_dim.
-    "num_attention_heads": None,
+    "num_attention_heads": (None,),
 }
+_OFF_FLAGS = ("class_embeddings_concat", "resnet_skip_time_act", "dual_cross_attention")
 
-# Fields that cannot change the output of the blocks we build, so any value is accepted:
-# dropout is inactive at inference; resnet_out_scale_factor is only read by the SimpleCrossAttn and
-# ResnetDownsample block types; addition_embed_type_num_heads only by addition_embed_type "text";
-# sample_size is the training resolution, a hint for pipelines.
-_INERT = ("dropout", "resnet_out_scale_factor", "addition_embed_type_num_heads", "sample_size")
+# Fields read past, as they cannot change the output of the blocks we build: dropout is inactive
+# at inference; resnet_out_scale_factor is only read by the SimpleCrossAttn and ResnetDownsample
+# block types; addition_embed_type_num_heads only by addition_embed_type "text"; sample_size is
+# the training resolution, a hint for pipelines.
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(ModelConfig):
     """The architecture of one UNet, normalised to per-level tuples.
 
     ``num_attention_heads`` holds head *counts*. diffusers configs store them under the misnamed
@@ -113,45 +108,21 @@ class UNetConfig:
 
     # ------------------------------------------------------------------ parsing
 
+    model_name: ClassVar[str] = "UNet"
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "UNetConfig":
         """Parse a diffusers config dict (as in a ``unet/config.json``)."""
-        if not isinstance(raw, dict):
-            raise ConfigError(f"a UNet config must be a JSON object, got {type(raw).__name__}.")
-        kind = raw.get("_class_name", "UNet2DConditionModel")
-        if kind != "UNet2DConditionModel":
-            raise ConfigError(f"this config describes a {kind}, not a UNet2DConditionModel.")
-        raw = {k: v for k, v in raw.items() if not k.startswith("_")}  # _class_name, _diffusers_version
-        known = {f.name for f in fields(_DiffusersFields)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(
-                f"config field {unknown[0]!r} (value {raw[unknown[0]]!r}) is not a UNet2DConditionModel "
-                "field this package knows; it cannot be honoured, so the config is refused."
-            )
-        d = _DiffusersFields(**raw)
-        for name, default in _ONLY_DEFAULT.items():
-            value = getattr(d, name)
-            if name == "only_cross_attention" and isinstance(value, (list, tuple)) and not any(value):
-                continue
-            if name == "mid_block_only_cross_attention" and value is False:
-                continue
-            if value != default:
-                raise ConfigError(
-                    f"config field {name!r} = {value!r} is not supported (only {default!r} is); "
-                    "this UNet variant cannot be run by mlx_unet."
-                )
+        d = config_fields(raw, _DIFFUSERS_DEFAULTS, "UNet2DConditionModel", class_name="UNet2DConditionModel")
+        # A list with every level off means the same as false.
+        if isinstance(d["only_cross_attention"], (list, tuple)) and not any(d["only_cross_attention"]):
+            d["only_cross_attention"] = False
+        check_flag("only_cross_attention", d["only_cross_attention"], (False,))
+        for name in _OFF_FLAGS:
+            check_flag(name, d[name], (False,))
+        for name, supported in _ONLY_DEFAULT.items():
+            check_choice(name, d[name], supported)
         return _normalise(d)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "UNetConfig":
-        """Parse a ``config.json`` file, or the one inside a folder."""
-        return cls.from_dict(read_config_json(path, "UNet"))
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "UNetConfig":
-        """One of ``PRESETS`` (diffusers field names), optionally with fields overridden."""
-        return cls.from_dict({**preset(PRESETS, name, "UNet"), **overrides})
 
     def to_diffusers_dict(self) -> dict[str, Any]:
         """The config in diffusers' field names, loadable by ``UNet2DConditionModel(**d)``."""
@@ -176,70 +147,60 @@ class UNetConfig:
                 d[key] = d[key][0]
         return {"_class_name": "UNet2DConditionModel", **d}
 
-
-@dataclass
-class _DiffusersFields:
-    """Every field of diffusers' UNet2DConditionModel config, with diffusers' defaults."""
-
-    sample_size: Any = None
-    in_channels: int = 4
-    out_channels: int = 4
-    center_input_sample: bool = False
-    flip_sin_to_cos: bool = True
-    freq_shift: float = 0
-    down_block_types: Any = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
-    up_block_types: Any = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-    only_cross_attention: Any = False
-    block_out_channels: Any = (320, 640, 1280, 1280)
-    layers_per_block: Any = 2
-    downsample_padding: int = 1
-    mid_block_scale_factor: float = 1
-    dropout: float = 0.0
-    act_fn: str = "silu"
-    norm_num_groups: int | None = 32
-    norm_eps: float = 1e-5
-    cross_attention_dim: Any = 1280
-    transformer_layers_per_block: Any = 1
-    reverse_transformer_layers_per_block: Any = None
-    encoder_hid_dim: Any = None
-    encoder_hid_dim_type: Any = None
-    attention_head_dim: Any = 8
-    num_attention_heads: Any = None
-    dual_cross_attention: bool = False
-    use_linear_projection: bool = False
-    class_embed_type: Any = None
-    addition_embed_type: Any = None
-    addition_time_embed_dim: Any = None
-    num_class_embeds: Any = None
-    upcast_attention: Any = False
-    resnet_time_scale_shift: str = "default"
-    resnet_skip_time_act: bool = False
-    resnet_out_scale_factor: float = 1.0
-    time_embedding_type: str = "positional"
-    time_embedding_dim: Any = None
-    time_embedding_act_fn: Any = None
-    timestep_post_act: Any = None
-    time_cond_proj_dim: Any = None
-    conv_in_kernel: int = 3
-    conv_out_kernel: int = 3
-    projection_class_embeddings_input_dim: Any = None
-    attention_type: str = "default"
-    class_embeddings_concat: bool = False
-    mid_block_only_cross_attention: Any = None
-    cross_attention_norm: Any = None
-    addition_embed_type_num_heads: int = 64
+    library_dict = to_diffusers_dict
 
 
-def _per_level(name: str, value: Any, levels: int) -> tuple[Any, ...]:
-    """An int (one value for every level) or a list with one entry per level."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != levels:
-            raise ConfigError(
-                f"config field {name!r} has {len(value)} entries but the UNet has {levels} levels."
-            )
-        return tuple(value)
-    return (value,) * levels
+# Every field of diffusers' UNet2DConditionModel config, with diffusers' defaults.
+_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "sample_size": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "only_cross_attention": False,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1280,
+    "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "attention_head_dim": 8,
+    "num_attention_heads": None,
+    "dual_cross_attention": False,
+    "use_linear_projection": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "num_class_embeds": None,
+    "upcast_attention": False,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "addition_embed_type_num_heads": 64,
+}
 
 
 def _depth_lists(name: str, per_level: tuple[Any, ...], layers: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
@@ -249,16 +210,20 @@ def _depth_lists(name: str, per_level: tuple[Any, ...], layers: tuple[int, ...])
         if isinstance(entry, (list, tuple)):
             if len(entry) != n:
                 raise ConfigError(f"config field {name!r}[{i}] has {len(entry)} entries for {n} layers.")
-            out.append(tuple(positive_int(name, x) for x in entry))
+            out.append(tuple(check_int(name, x) for x in entry))
         else:
-            out.append((positive_int(name, entry),) * n)
+            out.append((check_int(name, entry),) * n)
     return tuple(out)
 
 
-def _normalise(d: _DiffusersFields) -> UNetConfig:
-    down_types = tuple(d.down_block_types)
-    up_types = tuple(d.up_block_types)
-    channels = tuple(positive_int("block_out_channels", c) for c in d.block_out_channels)
+def _levels(name: str, d: dict[str, Any], levels: int) -> tuple[Any, ...]:
+    return per_level(name, d[name], levels, "UNet")
+
+
+def _normalise(d: dict[str, Any]) -> UNetConfig:
+    down_types = tuple(d["down_block_types"])
+    up_types = tuple(d["up_block_types"])
+    channels = tuple(check_int("block_out_channels", c) for c in d["block_out_channels"])
     levels = len(channels)
     for name, types, allowed in (
         ("down_block_types", down_types, DOWN_BLOCK_TYPES),
@@ -271,26 +236,22 @@ def _normalise(d: _DiffusersFields) -> UNetConfig:
         for t in types:
             if t not in allowed:
                 raise ConfigError(f"config field {name!r} contains {t!r}; supported: {', '.join(allowed)}.")
-    if d.mid_block_type not in MID_BLOCK_TYPES:
-        raise ConfigError(
-            f"config field 'mid_block_type' = {d.mid_block_type!r} is not supported; "
-            "supported: UNetMidBlock2DCrossAttn or null."
-        )
+    check_choice("mid_block_type", d["mid_block_type"], MID_BLOCK_TYPES)
 
-    layers = tuple(positive_int("layers_per_block", x) for x in _per_level("layers_per_block", d.layers_per_block, levels))
-    heads = tuple(positive_int("attention_head_dim", x) for x in _per_level("attention_head_dim", d.attention_head_dim, levels))
+    layers = tuple(check_int("layers_per_block", x) for x in _levels("layers_per_block", d, levels))
+    heads = tuple(check_int("attention_head_dim", x) for x in _levels("attention_head_dim", d, levels))
 
-    cross = _per_level("cross_attention_dim", d.cross_attention_dim, levels)
+    cross = _levels("cross_attention_dim", d, levels)
     if len(set(cross)) != 1:
         # One encoder_hidden_states feeds every level; differing widths need encoder_hid_proj.
-        raise ConfigError(f"config field 'cross_attention_dim' = {d.cross_attention_dim!r} must be one width.")
-    cross_dim = positive_int("cross_attention_dim", cross[0])
+        raise ConfigError(f"config field 'cross_attention_dim' = {d['cross_attention_dim']!r} must be one width.")
+    cross_dim = check_int("cross_attention_dim", cross[0])
 
-    depth_per_level = _per_level("transformer_layers_per_block", d.transformer_layers_per_block, levels)
+    depth_per_level = _levels("transformer_layers_per_block", d, levels)
     down_depths = _depth_lists("transformer_layers_per_block", depth_per_level, layers)
     up_layers = tuple(n + 1 for n in reversed(layers))
-    if d.reverse_transformer_layers_per_block is not None:
-        reverse = _per_level("reverse_transformer_layers_per_block", d.reverse_transformer_layers_per_block, levels)
+    if d["reverse_transformer_layers_per_block"] is not None:
+        reverse = _levels("reverse_transformer_layers_per_block", d, levels)
         up_depths = _depth_lists("reverse_transformer_layers_per_block", reverse, up_layers)
     elif any(isinstance(x, (list, tuple)) for x in depth_per_level):
         raise ConfigError(
@@ -302,10 +263,10 @@ def _normalise(d: _DiffusersFields) -> UNetConfig:
     # diffusers hands the mid block the last level's entry and uses its first element.
     mid_depth = down_depths[-1][0]
 
-    groups = d.norm_num_groups
+    groups = d["norm_num_groups"]
     if groups is None:
         raise ConfigError("config field 'norm_num_groups' = None (no output norm) is not supported.")
-    positive_int("norm_num_groups", groups)
+    check_int("norm_num_groups", groups)
     for c in channels:
         if c % groups:
             raise ConfigError(f"block_out_channels entry {c} is not divisible by norm_num_groups = {groups}.")
@@ -317,52 +278,49 @@ def _normalise(d: _DiffusersFields) -> UNetConfig:
             )
 
     for name in ("conv_in_kernel", "conv_out_kernel"):
-        k = positive_int(name, getattr(d, name))
+        k = check_int(name, d[name])
         if k % 2 == 0:
             raise ConfigError(f"config field {name!r} = {k} must be odd to keep the latent size.")
-    if d.downsample_padding not in (0, 1):
-        raise ConfigError(f"config field 'downsample_padding' = {d.downsample_padding!r} must be 0 or 1.")
+    if d["downsample_padding"] not in (0, 1):
+        raise ConfigError(f"config field 'downsample_padding' = {d['downsample_padding']!r} must be 0 or 1.")
 
-    if d.addition_embed_type not in (None, "text_time"):
-        raise ConfigError(
-            f"config field 'addition_embed_type' = {d.addition_embed_type!r} is not supported "
-            "(only null and 'text_time', the SDXL micro-conditioning)."
-        )
-    if d.addition_embed_type == "text_time":
-        positive_int("addition_time_embed_dim", d.addition_time_embed_dim)
-        positive_int("projection_class_embeddings_input_dim", d.projection_class_embeddings_input_dim)
-    if d.time_embedding_dim is not None:
-        positive_int("time_embedding_dim", d.time_embedding_dim)
+    # null, or "text_time": the SDXL micro-conditioning.
+    addition = check_choice("addition_embed_type", d["addition_embed_type"], (None, "text_time"))
+    if addition == "text_time":
+        check_int("addition_time_embed_dim", d["addition_time_embed_dim"])
+        check_int("projection_class_embeddings_input_dim", d["projection_class_embeddings_input_dim"])
+    if d["time_embedding_dim"] is not None:
+        check_int("time_embedding_dim", d["time_embedding_dim"])
 
     return UNetConfig(
         block_out_channels=channels,
         down_block_types=down_types,
         up_block_types=up_types,
-        mid_block_type=d.mid_block_type,
+        mid_block_type=d["mid_block_type"],
         layers_per_block=layers,
         transformer_depths=down_depths,
         up_transformer_depths=up_depths,
         mid_transformer_depth=mid_depth,
         num_attention_heads=heads,
         cross_attention_dim=cross_dim,
-        in_channels=positive_int("in_channels", d.in_channels),
-        out_channels=positive_int("out_channels", d.out_channels),
-        use_linear_projection=bool(d.use_linear_projection),
-        upcast_attention=bool(d.upcast_attention),  # SDXL's config says null
-        addition_embed_type=d.addition_embed_type,
-        addition_time_embed_dim=d.addition_time_embed_dim,
-        projection_class_embeddings_input_dim=d.projection_class_embeddings_input_dim,
+        in_channels=check_int("in_channels", d["in_channels"]),
+        out_channels=check_int("out_channels", d["out_channels"]),
+        use_linear_projection=check_flag("use_linear_projection", d["use_linear_projection"]),
+        upcast_attention=check_flag("upcast_attention", d["upcast_attention"]),  # SDXL's config says null
+        addition_embed_type=addition,
+        addition_time_embed_dim=d["addition_time_embed_dim"],
+        projection_class_embeddings_input_dim=d["projection_class_embeddings_input_dim"],
         norm_num_groups=groups,
-        norm_eps=float(d.norm_eps),
-        flip_sin_to_cos=bool(d.flip_sin_to_cos),
-        freq_shift=d.freq_shift,
-        time_embedding_dim=d.time_embedding_dim,
-        conv_in_kernel=d.conv_in_kernel,
-        conv_out_kernel=d.conv_out_kernel,
-        downsample_padding=d.downsample_padding,
-        mid_block_scale_factor=float(d.mid_block_scale_factor),
-        center_input_sample=bool(d.center_input_sample),
-        sample_size=d.sample_size,
+        norm_eps=check_number("norm_eps", d["norm_eps"], positive=True),
+        flip_sin_to_cos=check_flag("flip_sin_to_cos", d["flip_sin_to_cos"]),
+        freq_shift=check_number("freq_shift", d["freq_shift"]),
+        time_embedding_dim=d["time_embedding_dim"],
+        conv_in_kernel=d["conv_in_kernel"],
+        conv_out_kernel=d["conv_out_kernel"],
+        downsample_padding=d["downsample_padding"],
+        mid_block_scale_factor=check_number("mid_block_scale_factor", d["mid_block_scale_factor"]),
+        center_input_sample=check_flag("center_input_sample", d["center_input_sample"]),
+        sample_size=d["sample_size"],
     )
 
 
@@ -444,3 +402,4 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample_size": 16,
     },
 }
+UNetConfig.presets = PRESETS

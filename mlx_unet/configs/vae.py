@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import ConfigError
-from .base import positive_int, preset, read_config_json
+from .base import ModelConfig, check_choice, check_flag, check_int, check_number, config_fields
 
 # Every field of diffusers' AutoencoderKL config, with diffusers' defaults.
 _DIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -33,7 +32,7 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(ModelConfig):
     """The architecture and latent scaling of one AutoencoderKL.
 
     ``sample_size`` is the image size the VAE was trained at; it is the default tile size for
@@ -49,11 +48,12 @@ class VAEConfig:
     norm_num_groups: int = 32
     sample_size: int = 32
     scaling_factor: float = 0.18215
-    shift_factor: float | None = None
     force_upcast: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+
+    model_name: ClassVar[str] = "VAE"
 
     @property
     def downsample_factor(self) -> int:
@@ -63,29 +63,7 @@ class VAEConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "VAEConfig":
         """Parse a diffusers config dict (as in a ``vae/config.json``)."""
-        if not isinstance(raw, dict):
-            raise ConfigError(f"a VAE config must be a JSON object, got {type(raw).__name__}.")
-        kind = raw.get("_class_name", "AutoencoderKL")
-        if kind != "AutoencoderKL":
-            raise ConfigError(f"this config describes a {kind}, not an AutoencoderKL.")
-        raw = {k: v for k, v in raw.items() if not k.startswith("_")}
-        unknown = sorted(raw.keys() - _DIFFUSERS_DEFAULTS.keys())
-        if unknown:
-            raise ConfigError(
-                f"config field {unknown[0]!r} (value {raw[unknown[0]]!r}) is not an AutoencoderKL field this "
-                "package knows; it cannot be honoured, so the config is refused."
-            )
-        return _normalise({**_DIFFUSERS_DEFAULTS, **raw})
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "VAEConfig":
-        """Parse a ``config.json`` file, or the one inside a folder."""
-        return cls.from_dict(read_config_json(path, "VAE"))
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "VAEConfig":
-        """One of ``VAE_PRESETS`` (diffusers field names), optionally with fields overridden."""
-        return cls.from_dict({**preset(VAE_PRESETS, name, "VAE"), **overrides})
+        return _normalise(config_fields(raw, _DIFFUSERS_DEFAULTS, "AutoencoderKL", class_name="AutoencoderKL"))
 
     def to_diffusers_dict(self) -> dict[str, Any]:
         """The config in diffusers' field names, loadable by ``AutoencoderKL(**d)``."""
@@ -100,24 +78,13 @@ class VAEConfig:
             "act_fn": "silu",
         }
 
-
-def _number(name: str, value: Any, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
-        kind = "a positive number" if positive else "a number"
-        raise ConfigError(f"config field {name!r} must be {kind}, got {value!r}.")
-    return float(value)
-
-
-def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"config field {name!r} must be true or false, got {value!r}.")
-    return value
+    library_dict = to_diffusers_dict
 
 
 def _normalise(d: dict[str, Any]) -> VAEConfig:
     if not isinstance(d["block_out_channels"], (list, tuple)) or not d["block_out_channels"]:
         raise ConfigError(f"config field 'block_out_channels' must be a non-empty list, got {d['block_out_channels']!r}.")
-    channels = tuple(positive_int("block_out_channels", c) for c in d["block_out_channels"])
+    channels = tuple(check_int("block_out_channels", c) for c in d["block_out_channels"])
     levels = len(channels)
     for name, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         types = d[name]
@@ -130,16 +97,17 @@ def _normalise(d: dict[str, Any]) -> VAEConfig:
             raise ConfigError(
                 f"config field {name!r} holds {other!r}; only {allowed!r} is supported (the AutoencoderKL of SD and SDXL)."
             )
-    if d["act_fn"] != "silu":
-        raise ConfigError(f"config field 'act_fn' = {d['act_fn']!r} is not supported (only 'silu').")
-    # Pipelines, not the model, read these; a sampler that ignored them would scale latents wrongly.
-    for name in ("latents_mean", "latents_std"):
+    check_choice("act_fn", d["act_fn"], ("silu",))
+    # Pipelines, not the model, read these. diffusers' SD and SDXL pipelines divide latents by
+    # scaling_factor alone (SD3 and Flux add shift_factor; SDXL's uses latents_mean and latents_std
+    # when set), and so does ours: a VAE that needs them would be sampled in the wrong latent space.
+    for name in ("shift_factor", "latents_mean", "latents_std"):
         if d[name] is not None:
             raise ConfigError(
-                f"config field {name!r} is set; per-channel latent statistics are not supported (only scaling_factor "
-                "and shift_factor)."
+                f"config field {name!r} = {d[name]!r} is not supported by mlx_unet (supported: None); "
+                "latents are only scaled by scaling_factor."
             )
-    groups = positive_int("norm_num_groups", d["norm_num_groups"])
+    groups = check_int("norm_num_groups", d["norm_num_groups"])
     for c in channels:
         if c % groups:
             raise ConfigError(f"block_out_channels entry {c} does not split into norm_num_groups = {groups} groups.")
@@ -147,21 +115,19 @@ def _normalise(d: dict[str, Any]) -> VAEConfig:
     # diffusers accepts [height, width] here but tiles with the first entry only; a square one is that int.
     if isinstance(sample_size, (list, tuple)) and len(set(sample_size)) == 1:
         sample_size = sample_size[0]
-    shift = d["shift_factor"]
     return VAEConfig(
-        in_channels=positive_int("in_channels", d["in_channels"]),
-        out_channels=positive_int("out_channels", d["out_channels"]),
+        in_channels=check_int("in_channels", d["in_channels"]),
+        out_channels=check_int("out_channels", d["out_channels"]),
         block_out_channels=channels,
-        layers_per_block=positive_int("layers_per_block", d["layers_per_block"]),
-        latent_channels=positive_int("latent_channels", d["latent_channels"]),
+        layers_per_block=check_int("layers_per_block", d["layers_per_block"]),
+        latent_channels=check_int("latent_channels", d["latent_channels"]),
         norm_num_groups=groups,
-        sample_size=positive_int("sample_size", sample_size),
-        scaling_factor=_number("scaling_factor", d["scaling_factor"], positive=True),
-        shift_factor=None if shift is None else _number("shift_factor", shift),
-        force_upcast=_flag("force_upcast", d["force_upcast"]),
-        use_quant_conv=_flag("use_quant_conv", d["use_quant_conv"]),
-        use_post_quant_conv=_flag("use_post_quant_conv", d["use_post_quant_conv"]),
-        mid_block_add_attention=_flag("mid_block_add_attention", d["mid_block_add_attention"]),
+        sample_size=check_int("sample_size", sample_size),
+        scaling_factor=check_number("scaling_factor", d["scaling_factor"], positive=True),
+        force_upcast=check_flag("force_upcast", d["force_upcast"]),
+        use_quant_conv=check_flag("use_quant_conv", d["use_quant_conv"]),
+        use_post_quant_conv=check_flag("use_post_quant_conv", d["use_post_quant_conv"]),
+        mid_block_add_attention=check_flag("mid_block_add_attention", d["mid_block_add_attention"]),
     )
 
 
@@ -193,3 +159,4 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
         "force_upcast": False,
     },
 }
+VAEConfig.presets = VAE_PRESETS

@@ -1,7 +1,7 @@
 """AutoencoderKL: diffusers' VAE (Stable Diffusion, SDXL) in MLX, NHWC, driven by a VAEConfig.
 
 Images are (batch, height, width, 3) in [-1, 1]; latents are (batch, height / 8, width / 8, 4),
-unscaled (the sampler multiplies by ``scaling_factor`` and adds ``shift_factor`` itself).
+unscaled (the sampler multiplies them by ``scaling_factor`` itself; VAEConfig refuses a ``shift_factor``).
 """
 
 from __future__ import annotations

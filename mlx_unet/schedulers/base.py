@@ -10,8 +10,6 @@ host but the current timestep.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any, Mapping, NamedTuple
 import mlx.core as mx
 import numpy as np
 
+from ..configs.base import check_choice, check_flag, check_int, check_number, config_fields, named, read_config_json
 from ..errors import ConfigError, InputError
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
@@ -62,43 +61,12 @@ KNOWN_SCHEDULER_KEYS = frozenset({
 # ---------------------------------------------------------------------------------- config
 
 
-def _refuse(owner: str, name: str, value: Any, supported: str) -> ConfigError:
-    return ConfigError(
-        f"{owner}: config field {name!r} = {value!r} is not supported by mlx_unet (supported: {supported})."
-    )
-
-
-def check_choice(owner: str, name: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    if not any(value == a and type(value) is type(a) for a in allowed):
-        raise _refuse(owner, name, value, " or ".join(repr(a) for a in allowed))
-
-
-def check_flag(owner: str, name: str, value: Any, supported: tuple[bool, ...] = (False, True)) -> bool:
-    """A boolean field; diffusers treats null like false, so do we."""
-    flag = False if value is None else value
-    if not isinstance(flag, bool) or flag not in supported:
-        raise _refuse(owner, name, value, " or ".join(repr(a) for a in supported))
-    return flag
-
-
-def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{owner}: config field {name!r} must be an integer >= {minimum}, got {value!r}.")
-
-
-def check_number(owner: str, name: str, value: Any, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{owner}: config field {name!r} must be a finite number, got {value!r}.")
-
-
 @dataclass(frozen=True)
 class BetaScheduleConfig:
     """The fields every sampler shares: the training noise schedule and how it is subsampled.
 
-    Field names and defaults are diffusers'. Subclasses add their own fields and validate the
-    whole in ``__post_init__``, so a config object that exists is one we can run exactly.
+    Field names and defaults are diffusers'. Subclasses add their own fields and check the whole
+    in ``_validate``, so a config object that exists is one we can run exactly.
     """
 
     num_train_timesteps: int = 1000
@@ -111,29 +79,36 @@ class BetaScheduleConfig:
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
 
-    def _check_common(self, prediction_types: tuple[str, ...]) -> None:
-        owner = type(self).__name__
-        check_int(owner, "num_train_timesteps", self.num_train_timesteps, 1)
-        check_number(owner, "beta_start", self.beta_start)
-        check_number(owner, "beta_end", self.beta_end)
+    def __post_init__(self) -> None:
+        # The class name tells which sampler refused: the fields are shared between them.
+        with named(type(self).__name__):
+            self._validate()
+
+    def _flag(self, name: str, supported: tuple[bool, ...] = (False, True)) -> None:
+        """Check boolean field ``name`` and store it as a bool (diffusers reads null as false)."""
+        object.__setattr__(self, name, check_flag(name, getattr(self, name), supported))
+
+    def _validate(self) -> None:
+        check_int("num_train_timesteps", self.num_train_timesteps)
+        check_number("beta_start", self.beta_start)
+        check_number("beta_end", self.beta_end)
         if self.trained_betas is not None:
             betas = self.trained_betas
             if not isinstance(betas, (list, tuple, np.ndarray)) or len(betas) != self.num_train_timesteps:
                 raise ConfigError(
-                    f"{owner}: config field 'trained_betas' must list num_train_timesteps = "
-                    f"{self.num_train_timesteps} betas."
+                    f"config field 'trained_betas' must list num_train_timesteps = {self.num_train_timesteps} betas."
                 )
             # Frozen dataclasses should hold immutable values; a tuple also keeps the config hashable.
             object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
         else:
             # squaredcos_cap_v2 (cosine) is not implemented; the SD/SDXL families all train on the others.
-            check_choice(owner, "beta_schedule", self.beta_schedule, ("scaled_linear", "linear"))
-        check_choice(owner, "prediction_type", self.prediction_type, prediction_types)
-        check_choice(owner, "timestep_spacing", self.timestep_spacing, ("leading", "trailing", "linspace"))
-        check_int(owner, "steps_offset", self.steps_offset, 0)
+            check_choice("beta_schedule", self.beta_schedule, ("scaled_linear", "linear"))
+        # "sample" prediction is for pixel-space models, not the SD/SDXL families.
+        check_choice("prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
+        check_choice("timestep_spacing", self.timestep_spacing, ("leading", "trailing", "linspace"))
+        check_int("steps_offset", self.steps_offset, 0)
         # Zero-terminal-SNR rescaling changes the table and the last timestep's handling.
-        flag = check_flag(owner, "rescale_betas_zero_snr", self.rescale_betas_zero_snr, (False,))
-        object.__setattr__(self, "rescale_betas_zero_snr", flag)
+        self._flag("rescale_betas_zero_snr", (False,))
 
 
 def read_config(source: Any) -> dict[str, Any]:
@@ -158,12 +133,7 @@ def read_config(source: Any) -> dict[str, Any]:
                 break
         else:
             raise ConfigError(f"no {SCHEDULER_CONFIG_NAME} in {source} (nor in its scheduler/ folder).")
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"no scheduler config at {path}.") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    raw = read_config_json(path, "scheduler", SCHEDULER_CONFIG_NAME)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}.")
     return raw
@@ -172,22 +142,13 @@ def read_config(source: Any) -> dict[str, Any]:
 def parse_config(config_cls: type, source: Any, overrides: Mapping[str, Any]) -> Any:
     """Build ``config_cls`` from ``source`` with ``overrides`` on top.
 
-    Keys starting with ``_`` (``_class_name``, ``_diffusers_version``) are metadata; which class
-    wrote the config does not matter, as with diffusers' ``from_config``.
+    Which class wrote the config does not matter, as with diffusers' ``from_config``: the keys of
+    the other schedulers are accepted and read past.
     """
-    raw = {**read_config(source), **overrides}
-    own = {f.name for f in fields(config_cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        if key.startswith("_"):
-            continue
-        if key in own:
-            kwargs[key] = value
-        elif key not in KNOWN_SCHEDULER_KEYS:
-            raise ConfigError(
-                f"{config_cls.__name__}: unknown scheduler config field {key!r} = {value!r}; it is not a "
-                "field of any diffusers scheduler mlx_unet knows, so its effect cannot be reproduced."
-            )
+    defaults = {f.name: f.default for f in fields(config_cls)}
+    with named(config_cls.__name__):
+        kwargs = config_fields({**read_config(source), **overrides}, defaults, "diffusers scheduler",
+                               accepted=KNOWN_SCHEDULER_KEYS)
     return config_cls(**kwargs)
 
 
@@ -303,7 +264,7 @@ class Scheduler:
         if config is None:
             config = self.config_class()
         elif not isinstance(config, self.config_class):
-            raise TypeError(
+            raise InputError(
                 f"{type(self).__name__} takes a {self.config_class.__name__}; "
                 f"use {type(self).__name__}.from_config(...) for a dict or a scheduler_config.json."
             )
@@ -371,11 +332,11 @@ class Scheduler:
 
     def _current_index(self, timestep: Any) -> int:
         if self.num_inference_steps is None:
-            raise RuntimeError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) first.")
+            raise InputError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) first.")
         if self._step_index is None:
             self._init_step_index(timestep)
         if self._step_index >= len(self._timesteps_np):
-            raise RuntimeError(
+            raise InputError(
                 f"{type(self).__name__}: step() called more times than there are timesteps "
                 f"({len(self._timesteps_np)}); call set_timesteps again to restart."
             )

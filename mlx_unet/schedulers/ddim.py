@@ -12,14 +12,13 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..configs.base import check_number
 from ..errors import InputError
 from .base import (
     BetaScheduleConfig,
     Scheduler,
     StepOutput,
     as_scalar,
-    check_flag,
-    check_number,
     check_steps,
     per_item,
     spaced_timesteps,
@@ -44,13 +43,12 @@ class DDIMConfig(BetaScheduleConfig):
     clip_sample_range: float = 1.0
     sample_max_value: float = 1.0
 
-    def __post_init__(self) -> None:
-        owner = type(self).__name__
-        self._check_common(("epsilon", "v_prediction"))
-        for name in ("clip_sample", "set_alpha_to_one"):
-            object.__setattr__(self, name, check_flag(owner, name, getattr(self, name)))
-        object.__setattr__(self, "thresholding", check_flag(owner, "thresholding", self.thresholding, (False,)))
-        check_number(owner, "clip_sample_range", self.clip_sample_range)
+    def _validate(self) -> None:
+        super()._validate()
+        self._flag("clip_sample")
+        self._flag("set_alpha_to_one")
+        self._flag("thresholding", (False,))
+        check_number("clip_sample_range", self.clip_sample_range)
 
 
 class DDIMScheduler(Scheduler):
@@ -107,7 +105,7 @@ class DDIMScheduler(Scheduler):
     ) -> StepOutput:
         """One DDIM step with eta = 0; ``noise`` is unused (the step is deterministic)."""
         if self.num_inference_steps is None:
-            raise RuntimeError("DDIMScheduler: call set_timesteps(num_inference_steps) first.")
+            raise InputError("DDIMScheduler: call set_timesteps(num_inference_steps) first.")
         t = self._timestep_int(timestep)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         acp = self.alphas_cumprod_np

@@ -13,15 +13,11 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..errors import ConfigError
+from ..configs.base import check_choice, check_number
 from .base import (
     BetaScheduleConfig,
     Scheduler,
     StepOutput,
-    check_choice,
-    check_flag,
-    check_int,
-    check_number,
     check_steps,
     karras_sigmas,
     per_item,
@@ -63,29 +59,24 @@ class DPMSolverMultistepConfig(BetaScheduleConfig):
     use_dynamic_shifting: bool = False
     time_shift_type: str = "exponential"
 
-    def __post_init__(self) -> None:
-        owner = type(self).__name__
-        self._check_common(("epsilon", "v_prediction"))
-        check_int(owner, "solver_order", self.solver_order, 1)
-        check_choice(owner, "solver_order", self.solver_order, (1, 2))
-        check_choice(owner, "algorithm_type", self.algorithm_type, ("dpmsolver++",))
+    def _validate(self) -> None:
+        super()._validate()
+        check_choice("solver_order", self.solver_order, (1, 2))
+        check_choice("algorithm_type", self.algorithm_type, ("dpmsolver++",))
         if self.solver_type in ("logrho", "bh1", "bh2"):
             # DEIS / UniPC solver names: diffusers' DPMSolverMultistep maps them to midpoint.
             object.__setattr__(self, "solver_type", "midpoint")
-        check_choice(owner, "solver_type", self.solver_type, ("midpoint",))
-        object.__setattr__(self, "use_karras_sigmas", check_flag(owner, "use_karras_sigmas", self.use_karras_sigmas))
+        check_choice("solver_type", self.solver_type, ("midpoint",))
+        for name in ("use_karras_sigmas", "lower_order_final", "euler_at_final"):
+            self._flag(name)
         for name in ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
                      "use_flow_sigmas", "use_dynamic_shifting"):
-            object.__setattr__(self, name, check_flag(owner, name, getattr(self, name), (False,)))
-        for name in ("lower_order_final", "euler_at_final"):
-            object.__setattr__(self, name, check_flag(owner, name, getattr(self, name)))
-        check_choice(owner, "final_sigmas_type", self.final_sigmas_type, ("zero",))
+            self._flag(name, (False,))
+        check_choice("final_sigmas_type", self.final_sigmas_type, ("zero",))
         # "learned" variances come with 2x channels that the solver would slice: not an SD/SDXL UNet.
-        check_choice(owner, "variance_type", self.variance_type, (None,))
-        clip = self.lambda_min_clipped
-        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip != clip:
-            raise ConfigError(f"{owner}: config field 'lambda_min_clipped' must be a number, got {clip!r}.")
-        check_number(owner, "flow_shift", self.flow_shift)
+        check_choice("variance_type", self.variance_type, (None,))
+        check_number("lambda_min_clipped", self.lambda_min_clipped, finite=False)
+        check_number("flow_shift", self.flow_shift)
 
 
 def _alpha_sigma(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

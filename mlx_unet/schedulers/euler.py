@@ -11,14 +11,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..configs.base import check_choice, check_number
 from ..errors import InputError
 from .base import (
     BetaScheduleConfig,
     Scheduler,
     StepOutput,
-    check_choice,
-    check_flag,
-    check_number,
     check_steps,
     karras_sigmas,
     per_item,
@@ -46,18 +44,18 @@ class EulerDiscreteConfig(BetaScheduleConfig):
     timestep_type: str = "discrete"
     final_sigmas_type: str = "zero"
 
-    def __post_init__(self) -> None:
-        owner = type(self).__name__
-        self._check_common(("epsilon", "v_prediction"))
-        check_choice(owner, "interpolation_type", self.interpolation_type, ("linear",))
-        object.__setattr__(self, "use_karras_sigmas", check_flag(owner, "use_karras_sigmas", self.use_karras_sigmas))
-        for name in ("use_exponential_sigmas", "use_beta_sigmas"):
-            object.__setattr__(self, name, check_flag(owner, name, getattr(self, name), (False,)))
-        check_number(owner, "sigma_min", self.sigma_min, optional=True)
-        check_number(owner, "sigma_max", self.sigma_max, optional=True)
+    def _validate(self) -> None:
+        super()._validate()
+        check_choice("interpolation_type", self.interpolation_type, ("linear",))
+        self._flag("use_karras_sigmas")
+        self._flag("use_exponential_sigmas", (False,))
+        self._flag("use_beta_sigmas", (False,))
+        for name in ("sigma_min", "sigma_max"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name))
         # "continuous" timesteps are 0.25 log sigma (EDM-style v-prediction models), another UNet input.
-        check_choice(owner, "timestep_type", self.timestep_type, ("discrete",))
-        check_choice(owner, "final_sigmas_type", self.final_sigmas_type, ("zero",))
+        check_choice("timestep_type", self.timestep_type, ("discrete",))
+        check_choice("final_sigmas_type", self.final_sigmas_type, ("zero",))
 
 
 def euler_sigmas(config: Any, table: np.ndarray, steps: int, karras: bool) -> tuple[np.ndarray, np.ndarray]:

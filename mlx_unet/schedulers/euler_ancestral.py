@@ -21,9 +21,6 @@ from .euler import EulerDiscreteScheduler, euler_sigmas
 class EulerAncestralDiscreteConfig(BetaScheduleConfig):
     """diffusers' ``EulerAncestralDiscreteScheduler`` fields (it has no sigma options of its own)."""
 
-    def __post_init__(self) -> None:
-        self._check_common(("epsilon", "v_prediction"))
-
 
 class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
     """Euler ancestral in MLX: diffusers' schedule, input scaling and step, with caller noise.
