@@ -9,12 +9,14 @@ latent loses the digits that the normalised output depends on.
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..errors import ConfigError
+
 
 class GroupNorm(nn.Module):
     def __init__(self, num_groups: int, num_channels: int, eps: float):
         super().__init__()
         if num_channels % num_groups:
-            raise ValueError(f"{num_channels} channels do not split into {num_groups} groups.")
+            raise ConfigError(f"{num_channels} channels do not split into {num_groups} groups; norm_num_groups must divide every width.")
         self.num_groups = num_groups
         self.eps = eps
         self.weight = mx.ones((num_channels,))
