@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Convert an SDXL pipeline (or any Stable Diffusion UNet) to MLX: python convert.py --help.
 
-Importable too: ``from convert import convert`` (the same as ``mlx_unet.conversion.convert``).
+Importable too: ``from convert import convert`` (the same as ``mlx_unet.convert.convert``).
 """
 
 import sys
 
-from mlx_unet.conversion import convert, main
+from mlx_unet.cli.convert import main
+from mlx_unet.convert import convert
 
 __all__ = ["convert", "main"]  # convert is re-exported for importers
 

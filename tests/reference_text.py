@@ -12,7 +12,7 @@ from transformers import CLIPTextModel as TorchCLIPTextModel
 from transformers import CLIPTextModelWithProjection as TorchCLIPTextModelWithProjection
 
 from mlx_unet import CLIPTextConfig, CLIPTextModel, cpu
-from mlx_unet.models.clip import checkpoint_names
+from mlx_unet.naming.clip import checkpoint_names
 from mlx_unet.weights import load_weights
 
 BOS, END = 49406, 49407  # CLIP's tokenizer: start and end of text, the two largest ids

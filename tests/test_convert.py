@@ -10,13 +10,14 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 import torch
-from original_layout import SINGLE_FILE_FAMILIES, ema_key, to_original_layout
+from original_layout import SINGLE_FILE_FAMILIES, to_original_layout
 from reference import TIME_IDS, TINY_FAMILIES, make_inputs, relative_error, run_mlx, run_torch, tiny_config, torch_unet
 from safetensors.torch import save_file
 
-import mlx_unet.conversion as conversion
 from mlx_unet import UNet2DConditionModel
-from mlx_unet.conversion import ConversionError, convert
+from mlx_unet.convert import convert
+from mlx_unet.errors import ConversionError
+from mlx_unet.naming.ldm_unet import ema_name
 from mlx_unet.safetensors_io import SafetensorsReader
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,7 +202,7 @@ def write_single_file(path, model, config, ema_model=None):
     tensors = to_original_layout(model.state_dict(), config)
     if ema_model is not None:
         ema = to_original_layout(ema_model.state_dict(), config)
-        tensors.update({ema_key(k): v for k, v in ema.items()})
+        tensors.update({ema_name(k): v for k, v in ema.items()})
         tensors["model_ema.decay"] = torch.tensor(0.9999)
     save_file({**tensors, **_other_components()}, str(path))
     return path
@@ -334,6 +335,18 @@ def test_unknown_cross_attention_width_asks_for_a_config(tmp_path):
     assert "--config" in proc.stderr
 
 
+def test_unknown_cross_attention_width_converts_with_a_config(tmp_path):
+    config = tiny_config("sd15")
+    reference = torch_unet(config, seed=44)
+    path = tmp_path / "odd.safetensors"
+    save_file(to_original_layout(reference.state_dict(), config), str(path))
+    (tmp_path / "config.json").write_text(json.dumps(config.to_diffusers_dict()))
+    result = convert(path, tmp_path / "out", dtype="float32", config=tmp_path / "config.json", unet_only=True,
+                     progress=False)
+    assert "using the given config (the file's own cannot be inferred)" in result.notes
+    assert_matches(tmp_path / "out", reference, config)
+
+
 @pytest.mark.parametrize("damage,message", [
     ("drop", "1 missing (down_blocks.0.attentions.0.proj_in.bias)"),
     ("extra", "1 unexpected (not_a_unet_tensor)"),
@@ -443,4 +456,4 @@ def test_importable_as_a_function():
         import convert as convert_script
     finally:
         sys.path.remove(str(ROOT))
-    assert convert_script.convert is conversion.convert
+    assert convert_script.convert is convert

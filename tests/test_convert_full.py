@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The converter's own peak resident memory (VmHWM: unlike ru_maxrss it is not inherited from
 # this large pytest process across fork and exec).
 MEASURE = (
-    "import sys; from mlx_unet.conversion import main; rc = main(sys.argv[1:]); "
+    "import sys; from mlx_unet.cli.convert import main; rc = main(sys.argv[1:]); "
     "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
     "print('peak_rss_kb', hwm, file=sys.stderr); sys.exit(rc)"
 )

@@ -27,11 +27,13 @@ from transformers import CLIPTokenizer as TorchCLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from mlx_unet import UNetConfig, WeightsError
-from mlx_unet.conversion import FORMAT_KEY, ConversionError, convert, fetch_tokenizers
+from mlx_unet.configs.base import FORMAT_KEY
+from mlx_unet.convert import convert, fetch_tokenizers
+from mlx_unet.errors import ConversionError
 from mlx_unet.safetensors_io import WeightsError, SafetensorsReader
 from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG
 from mlx_unet import CLIPTextConfig
-from mlx_unet.models.clip import checkpoint_names
+from mlx_unet.naming.clip import checkpoint_names
 from mlx_unet.tokenizer import CLIPTokenizer
 from mlx_unet import VAEConfig
 from mlx_unet.weights import torch_to_mlx_layout
@@ -410,12 +412,11 @@ def test_output_overlapping_a_source_is_refused_before_anything_is_touched(tmp_p
 
 
 def test_output_overlapping_the_hub_cache_is_refused(tmp_path, monkeypatch):
-    import mlx_unet.conversion as conversion
-
     cache = tmp_path / "hub"
     cache.mkdir()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(conversion, "_repo_files", lambda *a: pytest.fail("nothing may be fetched"))
+    for fetch in ("list_repo_files", "snapshot_download"):
+        monkeypatch.setattr(huggingface_hub, fetch, lambda *a, **k: pytest.fail("nothing may be fetched"))
     for out in (cache, cache / "models--a--b", tmp_path):
         with pytest.raises(ConversionError, match="Hugging Face cache"):
             convert("owner/model", out, force=True, progress=False)

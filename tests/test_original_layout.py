@@ -1,5 +1,5 @@
-"""The original-layout maps of tests/original_layout.py checked against diffusers' own single-file
-converters, which map the other way."""
+"""Files written in the original layout through our naming tables (tests/original_layout.py),
+loaded by diffusers' own single-file loader and converters, which map the other way."""
 
 import json
 
@@ -16,7 +16,6 @@ from original_layout import (
     CLIP_L_PREFIX,
     SINGLE_FILE_FAMILIES,
     clip_to_original,
-    ema_key,
     open_clip_to_original,
     to_original_layout,
     vae_to_original,
@@ -27,6 +26,7 @@ from reference_vae import torch_vae
 from safetensors.torch import save_file
 
 from mlx_unet import CLIPTextConfig, VAEConfig
+from mlx_unet.naming.ldm_unet import ema_name
 
 PREFIX = "model.diffusion_model."
 
@@ -97,15 +97,15 @@ def test_original_names_of_well_known_tensors(family):
     assert (PREFIX + "label_emb.0.0.weight" in names) == (family == "sdxl-base")
 
 
-def test_ema_key_matches_litema():
-    assert ema_key("model.diffusion_model.input_blocks.0.0.weight") == "model_ema.diffusion_modelinput_blocks00weight"
+def test_ema_name_matches_litema():
+    assert ema_name("model.diffusion_model.input_blocks.0.0.weight") == "model_ema.diffusion_modelinput_blocks00weight"
 
 
 def test_extract_ema_loads_the_ema_copy(tmp_path):
     config = SINGLE_FILE_FAMILIES["sd15"]
     live, ema = torch_unet(config, seed=4), torch_unet(config, seed=5)
     checkpoint = to_original_layout(live.state_dict(), config)
-    checkpoint |= {ema_key(k): v for k, v in to_original_layout(ema.state_dict(), config).items()}
+    checkpoint |= {ema_name(k): v for k, v in to_original_layout(ema.state_dict(), config).items()}
     # LitEma's own buffers, present in real LDM checkpoints. (diffusers only honours extract_ema
     # when over 100 keys start with model_ema; the tiny sd15 has a few hundred tensors.)
     checkpoint["model_ema.decay"] = torch.tensor(0.9999)

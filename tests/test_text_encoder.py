@@ -18,7 +18,7 @@ from transformers import CLIPTextConfig as TorchCLIPTextConfig
 from mlx_unet import ConfigError, InputError, WeightsError
 from mlx_unet import CLIPTextConfig, CLIPTextModel
 from mlx_unet.configs.clip import TEXT_PRESETS
-from mlx_unet.models.clip import checkpoint_names
+from mlx_unet.naming.clip import checkpoint_names
 from mlx_unet.weights import load_weights
 
 FP32_BOUND = 1e-4

@@ -8,7 +8,7 @@ covers them.
 Parameter names are the keys of the published ``text_encoder*/model.safetensors`` files, which
 transformers 4.x wrote: ``text_model.embeddings.token_embedding.weight``, ...,
 ``text_projection.weight``. Two differences from other sources are left to the converter, and
-:func:`checkpoint_names` makes them: transformers 5 saves a bare CLIPTextModel without the
+:func:`mlx_unet.naming.clip.checkpoint_names` makes them: transformers 5 saves a bare CLIPTextModel without the
 ``text_model.`` prefix, and checkpoints from before transformers 4.31 also hold the
 ``text_model.embeddings.position_ids`` buffer (0..76), which is not a parameter.
 """
@@ -16,7 +16,6 @@ transformers 4.x wrote: ``text_model.embeddings.token_embedding.weight``, ...,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -216,23 +215,3 @@ class CLIPTextModel(nn.Module):
         model = cls(CLIPTextConfig.from_json(folder))
         return load_pretrained(model, folder, dtype, cpu_kernels)
 
-
-# ---------------------------------------------------------------------- checkpoint names
-
-T = TypeVar("T")
-_TRANSFORMER_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
-_POSITION_IDS = "text_model.embeddings.position_ids"
-
-
-def checkpoint_names(weights: Mapping[str, T]) -> dict[str, T]:
-    """A transformers CLIP text checkpoint (file or ``state_dict()``) under our parameter names:
-    the ``text_model.`` prefix added where transformers 5 leaves it out, and the
-    ``position_ids`` buffer of pre-4.31 checkpoints dropped. Tensors are passed through as they
-    are (the layout is the same in MLX: there are no convolutions)."""
-    named = {}
-    for key, value in weights.items():
-        if key.startswith(_TRANSFORMER_PARTS):
-            key = "text_model." + key
-        if key != _POSITION_IDS:
-            named[key] = value
-    return named

@@ -1,0 +1,69 @@
+"""``convert``: a Stable Diffusion checkpoint to an MLX model folder, from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..configs.base import DTYPES
+from ..convert import convert
+from ..errors import MlxUnetError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="convert.py",
+        description="Convert a Stable Diffusion XL checkpoint to an MLX model folder. By default the whole "
+        "pipeline: unet/, text_encoder/ (not in a refiner), text_encoder_2/, vae/ (each config.json + "
+        "model.safetensors), tokenizer/, tokenizer_2/, scheduler/ and model_index.json, for "
+        "mlx_unet.text_to_image. With --unet-only, the UNet alone (config.json + model.safetensors) of any "
+        "SD 1.x, 2.x or XL checkpoint, for mlx_unet.UNet2DConditionModel.from_pretrained; a source that holds "
+        "only a UNet is converted so too.",
+        epilog="SOURCE is a Hub repo id (stabilityai/stable-diffusion-xl-base-1.0), a diffusers folder "
+        "(a pipeline root, or a UNet folder), or an original single-file checkpoint (sd_xl_base_1.0.safetensors, "
+        "sd_xl_refiner_1.0.safetensors; these hold no tokenizers: pass --tokenizers). "
+        "Set HF_HUB_OFFLINE=1 to use only the Hugging Face cache.",
+    )
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("out_dir", metavar="OUT_DIR", type=Path)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float16",
+                   help="output dtype of the UNet and text encoders (default: float16)")
+    p.add_argument("--vae-dtype", choices=list(DTYPES),
+                   help="output dtype of the VAE (default: float32, since SDXL's VAE overflows float16; the "
+                   "--dtype value when the VAE's config says force_upcast: false, as the fp16-fix VAE's does)")
+    p.add_argument("--unet-only", action="store_true",
+                   help="convert only the UNet, into OUT_DIR/config.json + OUT_DIR/model.safetensors")
+    p.add_argument("--tokenizers", metavar="SOURCE",
+                   help="an SDXL diffusers folder or Hub repo id to copy tokenizer/ and tokenizer_2/ from "
+                   "(needed for single files; default: the SOURCE pipeline's own)")
+    p.add_argument("--variant", help="diffusers weights variant to read, e.g. fp16 (default: fp16 for a "
+                   "float16 output when the source has it)")
+    p.add_argument("--revision", help="Hub branch, tag or commit of SOURCE (default: main)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--ema", action="store_true", help="single files: use the UNet's EMA weights when the file has them")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept .ckpt/.bin/.pt pickles (loaded with torch.load(weights_only=True); needs torch)")
+    p.add_argument("--config", type=Path, help="a diffusers UNet config.json to use instead of the source's or the inferred one")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        convert(args.source, args.out_dir, dtype=args.dtype, variant=args.variant, revision=args.revision,
+                force=args.force, ema=args.ema, allow_pickle=args.allow_pickle, config=args.config,
+                progress=not args.quiet, unet_only=args.unet_only, vae_dtype=args.vae_dtype,
+                tokenizers=args.tokenizers)
+    except MlxUnetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.strerror or e} ({e.filename or ''})".replace(" ()", ""), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing was written.", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,146 @@
+"""Plans: what each model to write is, and where each of its parameters comes from; for diffusers
+folders here (single files: ``single_file.py``), and the checks that models belong together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..configs.base import FORMAT_KEY, FORMAT_VERSION
+from ..errors import ConversionError
+from ..naming import Take
+from .hub import fetch_tokenizers
+from .layout import MODEL_INDEX, MODELS, SCHEDULER_CONFIG, TOKENIZERS, UNET, ModelKind, Options, listed, read_json, \
+    unet_folder, weight_files
+from .sources import TensorSource, open_tensors
+from .tokenizer_files import TOKENIZER_CLASSES, pipeline_tokenizers
+
+
+@dataclass
+class Plan:
+    """One model to write: its config and dtype, and where each parameter comes from."""
+
+    kind: ModelKind
+    config: Any
+    source: TensorSource
+    names: dict[str, Take]
+    description: str
+    dtype: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelinePlan:
+    """A whole pipeline: its models, and the files that are copied or written beside them."""
+
+    models: dict[str, Plan]
+    tokenizers: dict[str, dict[str, bytes]]  # "tokenizer_2" -> its files, by name
+    scheduler: dict[str, Any]
+    model_index: dict[str, Any]
+    description: str
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_model_folder(kind: ModelKind, folder: Path, dtype: str, options: Options, config: Any = None) -> Plan:
+    """A diffusers (or transformers) model folder: names are kept, as the model's are theirs."""
+    config = config or kind.parse_config(folder / "config.json")
+    files = weight_files(folder, kind, options.variant, dtype == "float16")
+    source = open_tensors(files, options.allow_pickle)
+    names = {ours: Take(key) for ours, key in kind.names(source.shapes).items()}
+    shown = files[0].name if len(files) == 1 else f"{len(files)} shards"
+    return Plan(kind, config, source, names, f"diffusers folder {folder} ({shown})", dtype)
+
+
+def plan_unet_folder(folder: Path, options: Options) -> Plan:
+    return plan_model_folder(UNET, unet_folder(folder), options.dtype, options, options.unet_config)
+
+
+def only_unet(plan: Plan) -> Plan:
+    plan.notes.append("the source holds only a UNet: writing it alone (config.json + model.safetensors)")
+    return plan
+
+
+def _output_index(index: dict[str, Any], written: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """The source's model_index.json with the components not written set to null (diffusers'
+    "absent"), and our format marker; and the names of those left out."""
+    out, left = {}, []
+    for key, value in index.items():
+        if not key.startswith("_") and listed(index, key) and key not in written:
+            left.append(key)
+            value = [None, None]
+        out[key] = value
+    out[FORMAT_KEY] = FORMAT_VERSION
+    return out, left
+
+
+def plan_pipeline_folder(folder: Path, options: Options, tokenizers: str | None = None) -> PipelinePlan:
+    """A diffusers SDXL pipeline folder (base or refiner)."""
+    index = read_json(folder / MODEL_INDEX, "model_index.json")
+    kind = index.get("_class_name", "diffusers")
+    if not listed(index, "text_encoder_2"):
+        raise ConversionError(
+            f"{folder} is a {kind} pipeline without text_encoder_2, not an SDXL one; only SDXL pipelines "
+            "convert whole: pass --unet-only to convert its UNet."
+        )
+    for name in ("unet", "vae", "tokenizer_2", "scheduler"):
+        if not listed(index, name):
+            raise ConversionError(f"{folder / MODEL_INDEX} lists no {name}; an SDXL pipeline needs one.")
+    if bool(listed(index, "text_encoder")) != bool(listed(index, "tokenizer")):
+        raise ConversionError(f"{folder / MODEL_INDEX} lists only one of text_encoder and tokenizer; it needs both or neither.")
+    models = {}
+    for name, model in MODELS.items():
+        entry = listed(index, name)
+        if entry is None:
+            continue
+        if entry not in model.classes:
+            raise ConversionError(
+                f"{folder / MODEL_INDEX} says {name} is a {entry}; only {' or '.join(model.classes)} is supported there."
+            )
+        if not (folder / name / "config.json").is_file():
+            raise ConversionError(f"{folder / name / 'config.json'} is missing ({MODEL_INDEX} lists {name}); download it again.")
+        config = options.unet_config if name == "unet" and options.unet_config else model.parse_config(folder / name / "config.json")
+        if name in TOKENIZERS and config.architecture not in model.classes:
+            raise ConversionError(
+                f"{folder / name / 'config.json'} describes a {config.architecture}; the {model.what} of SDXL is a "
+                f"{model.classes[0]}."
+            )
+        models[name] = plan_model_folder(model, folder / name, options.dtype_of(name, config), options, config)
+    for name in TOKENIZERS.values():
+        entry = listed(index, name)
+        if entry is not None and entry not in TOKENIZER_CLASSES:
+            raise ConversionError(f"{folder / MODEL_INDEX} says {name} is a {entry}; only a CLIPTokenizer is supported there.")
+    copied = pipeline_tokenizers(fetch_tokenizers(tokenizers) if tokenizers else folder, models)
+    scheduler = read_json(folder / SCHEDULER_CONFIG, "scheduler config")
+    model_index, left = _output_index(index, {*models, *copied, "scheduler"})
+    notes = [f"left alone: {', '.join(left)}"] if left else []
+    if tokenizers:
+        notes.append(f"tokenizers from {tokenizers}")
+    return PipelinePlan(models, copied, scheduler, model_index, f"diffusers pipeline {folder} ({kind})", notes)
+
+
+def check_widths(models: dict[str, Plan]) -> None:
+    """The models must fit together: token states, pooled embedding and latents."""
+    unet = models["unet"].config
+    encoders = [models[n].config for n in TOKENIZERS if n in models]
+    width = sum(c.hidden_size for c in encoders)
+    if width != unet.cross_attention_dim:
+        raise ConversionError(
+            f"the text encoders give {' + '.join(str(c.hidden_size) for c in encoders)}-wide token states but the "
+            f"UNet's cross-attention takes {unet.cross_attention_dim}; these models do not belong together."
+        )
+    if unet.has_text_time_embedding:
+        pooled = encoders[-1].projection_dim if encoders[-1].with_projection else encoders[-1].hidden_size
+        ids, remainder = divmod(unet.projection_class_embeddings_input_dim - pooled, unet.addition_time_embed_dim)
+        if remainder or ids <= 0:
+            raise ConversionError(
+                f"the second text encoder's pooled embedding is {pooled} wide, which does not fit the UNet's added "
+                f"embedding ({unet.projection_class_embeddings_input_dim} = pooled + time ids x "
+                f"{unet.addition_time_embed_dim}); these models do not belong together."
+            )
+    vae = models["vae"].config
+    if vae.latent_channels != unet.out_channels:
+        raise ConversionError(
+            f"the VAE has {vae.latent_channels} latent channels but the UNet predicts {unet.out_channels}; "
+            "these models do not belong together."
+        )

@@ -1,0 +1,217 @@
+"""``convert()``: plans checked, then written tensor by tensor into a folder that appears only
+when complete (written beside it, then renamed into place)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from ..configs.base import DTYPES, FORMAT_VERSION
+from ..configs.unet import UNetConfig
+from ..errors import ConversionError, WeightsError
+from ..safetensors_io import TensorSpec, write_safetensors
+from ..weights import check_shapes, model_shapes, torch_to_mlx_layout, torch_to_mlx_shape
+from .layout import MODEL_INDEX, SCHEDULER_CONFIG, Options
+from .plan import PipelinePlan, Plan, check_widths
+from .resolve import check_out_dir_apart, plan_source
+
+OUTPUT_WEIGHTS = "model.safetensors"
+
+
+class _Progress:
+    """One line, redrawn in place on a terminal; every 10% as a new line otherwise."""
+
+    def __init__(self, total: int, enabled: bool, stream=sys.stderr):
+        self.total, self.done, self.enabled, self.stream = max(total, 1), 0, enabled, stream
+        self.tty = stream.isatty()
+        self.last_decile = -1
+
+    def __call__(self, nbytes: int) -> None:
+        if not self.enabled:
+            return
+        self.done += nbytes
+        pct = 100 * self.done // self.total
+        text = f"converting: {pct:3d}% ({self.done / 1e9:.2f} / {self.total / 1e9:.2f} GB)"
+        if self.tty:
+            self.stream.write("\r" + text + ("\n" if self.done >= self.total else ""))
+            self.stream.flush()
+        elif pct // 10 > self.last_decile:
+            self.last_decile = pct // 10
+            print(text, file=self.stream, flush=True)
+
+
+@dataclass
+class ConversionResult:
+    out_dir: Path
+    config: UNetConfig
+    tensors: int
+    bytes: int
+    nonfinite: list[str]
+    notes: list[str]
+    configs: dict[str, Any] = field(default_factory=dict)  # every model written, by component name
+    dtypes: dict[str, str] = field(default_factory=dict)
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConversionError(f"{out_dir} exists and is not a folder.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ConversionError(f"{out_dir} exists and is not empty; pass --force to replace it.")
+
+
+def _replace_dir_atomically(out_dir: Path, write: Callable[[Path], None], force: bool) -> None:
+    """Run ``write`` on a fresh folder beside ``out_dir``, then rename it into place.
+
+    On any failure the partial folder is removed and an existing ``out_dir`` is left untouched.
+    """
+    _check_out_dir(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    old = None
+    try:
+        write(partial)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o777 & ~umask)  # mkdtemp made it private; the result is an ordinary folder
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.rename(out_dir, old / "previous")
+        os.rename(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        if old is not None and (old / "previous").exists() and not out_dir.exists():
+            os.rename(old / "previous", out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _checked_shapes(plan: Plan) -> dict[str, tuple[int, ...]]:
+    """The model's parameter shapes, after checking the plan supplies exactly them."""
+    expected = model_shapes(plan.kind.build(plan.config))  # shapes only: nothing is allocated
+    given = {d: torch_to_mlx_shape(take.shape(plan.source.shapes[take.key])) for d, take in plan.names.items()}
+    try:
+        check_shapes(expected, given, plan.kind.what)
+    except WeightsError as e:
+        raise WeightsError(f"{plan.description}: {e}") from None
+    return expected
+
+
+def _specs(plan: Plan, expected: dict[str, tuple[int, ...]], nonfinite: list[str], label: str) -> list[TensorSpec]:
+    target = DTYPES[plan.dtype]
+
+    def produce(name: str) -> Callable[[], mx.array]:
+        def read() -> mx.array:
+            take = plan.names[name]
+            array = torch_to_mlx_layout(take.apply(plan.source.read(take.key))).astype(target)
+            if not bool(mx.all(mx.isfinite(array))):
+                nonfinite.append(label + name)
+            return array
+
+        return read
+
+    return [TensorSpec(n, expected[n], target, produce(n)) for n in sorted(plan.names)]
+
+
+def _write_pipeline_files(folder: Path, pipeline: PipelinePlan) -> None:
+    for name, files in pipeline.tokenizers.items():
+        (folder / name).mkdir()
+        for file, content in files.items():
+            (folder / name / file).write_bytes(content)
+    (folder / "scheduler").mkdir()
+    (folder / SCHEDULER_CONFIG).write_text(json.dumps(pipeline.scheduler, indent=2) + "\n")
+    (folder / MODEL_INDEX).write_text(json.dumps(pipeline.model_index, indent=2) + "\n")
+
+
+def convert(
+    source: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float16",
+    variant: str | None = None,
+    revision: str | None = None,
+    force: bool = False,
+    ema: bool = False,
+    allow_pickle: bool = False,
+    config: str | Path | None = None,
+    progress: bool = True,
+    unet_only: bool = False,
+    vae_dtype: str | None = None,
+    tokenizers: str | Path | None = None,
+) -> ConversionResult:
+    """Convert an SDXL pipeline (or, with ``unet_only``, a UNet) to an MLX folder.
+
+    ``source``: a Hub repo id, a diffusers folder, or an original single-file checkpoint. A source
+    that holds only a UNet is written as with ``unet_only`` (``UNet2DConditionModel.from_pretrained``
+    loads it).
+    ``dtype``: the UNet's and text encoders'; ``vae_dtype``: the VAE's (default float32, or
+    ``dtype`` when its config says ``force_upcast: false``).
+    ``config``: a diffusers UNet config.json (or folder) to use instead of the source's or the inferred one.
+    ``tokenizers``: a diffusers SDXL folder or Hub repo id to copy the tokenizers from (needed for single files).
+    Raises an ``MlxUnetError`` for unusable input; nothing is written then.
+    """
+    for name, value in (("dtype", dtype), ("vae_dtype", vae_dtype)):
+        if value is not None and value not in DTYPES:
+            raise ConversionError(f"{name} {value!r} is not one of {', '.join(DTYPES)}.")
+    if unet_only and (vae_dtype or tokenizers):
+        raise ConversionError("--vae-dtype and --tokenizers are for whole pipelines; drop them with --unet-only.")
+    out_dir = Path(out_dir)
+    tokenizers = None if tokenizers is None else str(tokenizers)
+    # Before any download or reading.
+    check_out_dir_apart(out_dir, str(source), tokenizers)
+    _check_out_dir(out_dir, force)
+    override = UNetConfig.from_json(config) if config is not None else None
+    options = Options(dtype, vae_dtype, variant, revision, allow_pickle, ema, override)
+    planned = plan_source(str(source), options, unet_only, tokenizers)
+    pipeline = planned if isinstance(planned, PipelinePlan) else None
+    layout = pipeline.models if pipeline else {"": planned}  # output subfolder -> model
+
+    expected = {sub: _checked_shapes(plan) for sub, plan in layout.items()}
+    if pipeline:
+        check_widths(pipeline.models)
+
+    notes = (pipeline.notes if pipeline else []) + [n for plan in layout.values() for n in plan.notes]
+    log = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    if pipeline:
+        log(f"source: {pipeline.description}")
+        for sub, plan in layout.items():
+            log(f"  {sub}: {plan.description}, {len(plan.names)} tensors -> {plan.dtype}")
+    else:
+        log(f"source: {planned.description}, {len(planned.names)} UNet tensors")
+    for note in notes:
+        log(f"  {note}")
+
+    nonfinite: list[str] = []
+    specs = {sub: _specs(plan, expected[sub], nonfinite, f"{sub}/" if sub else "") for sub, plan in layout.items()}
+    total = sum(spec.nbytes for group in specs.values() for spec in group)
+    show = _Progress(total, progress)
+
+    def write(folder: Path) -> None:
+        if pipeline:
+            _write_pipeline_files(folder, pipeline)
+        for sub, plan in layout.items():
+            (folder / sub).mkdir(exist_ok=True)
+            metadata = {"format": "mlx", "mlx_unet_format_version": FORMAT_VERSION, "source": plan.description,
+                        "dtype": plan.dtype}
+            write_safetensors(folder / sub / OUTPUT_WEIGHTS, specs[sub], metadata, on_tensor=lambda spec: show(spec.nbytes))
+            (folder / sub / "config.json").write_text(json.dumps(plan.kind.config_dict(plan.config), indent=2) + "\n")
+
+    _replace_dir_atomically(out_dir, write, force)
+    if nonfinite:
+        shown = ", ".join(nonfinite[:5]) + (f", ... ({len(nonfinite) - 5} more)" if len(nonfinite) > 5 else "")
+        log(f"warning: {len(nonfinite)} tensors hold NaN or inf values after conversion to {dtype} ({shown}); "
+            "the model will likely produce NaN.")
+    dtypes = {sub or "unet": plan.dtype for sub, plan in layout.items()}
+    log(f"wrote {out_dir} ({total / 1e9:.2f} GB, {', '.join(sorted(set(dtypes.values())))})")
+    configs = {sub or "unet": plan.config for sub, plan in layout.items()}
+    return ConversionResult(out_dir, configs["unet"], sum(len(g) for g in specs.values()), total, nonfinite, notes,
+                            configs, dtypes)
