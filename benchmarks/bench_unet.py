@@ -12,7 +12,7 @@ input shapes, the GFLOP/s that gives, that as a share of this machine's sgemm GF
 between our timed forwards, median against median), and MLX's peak memory. The torch model is
 timed first and freed before ours is built, so a full-size SDXL fits twice over in 24 GB.
 ``--compile`` runs our forward through mx.compile and reports the first call (trace and kernel
-build) apart; ``--low-memory`` measures the UNet's low-memory mode.
+build) apart; ``--low-memory`` measures the low-memory mode of a run (pipelines/run.py).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx_unet import PRESETS, UNet2DConditionModel, UNetConfig, cpu  # noqa: E402
 from mlx_unet.models.attention import ScaledDotProductAttention  # noqa: E402
+from mlx_unet.pipelines.run import RunSettings  # noqa: E402
 from mlx_unet.weights import load_weights, torch_to_mlx_layout  # noqa: E402
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -174,31 +175,31 @@ def bench_case(config: UNetConfig, size: int, batch: int, dtype: str, warmup: in
     result["gflop"] = flops[0] / 1e9
     ours = cpu.prepare(ours)  # the CPU kernels unless MLX_UNET_CPU_KERNELS=0
 
-    ours.compile(compile)
-    ours.low_memory(low_memory)
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    start = time.perf_counter()
-    mx.eval(ours(*args, **kwargs))
-    result["first_s"] = time.perf_counter() - start
-    # This host's speed drifts by 10-20% within minutes, so the machine's sgemm is measured
-    # between our timed forwards (same state of the host) and its median is the reference.
-    # Peak memory is read around each forward, so the sgemm's operands don't count.
-    peaks = []
-
-    def sample_sgemm() -> float:
-        peaks.append(mx.get_peak_memory())
-        gflops = sgemm_gflops(sgemm_n)
+    settings = RunSettings(compile=compile, low_memory=low_memory)
+    forward = settings.forward(ours)
+    with settings.applied():
+        mx.clear_cache()
         mx.reset_peak_memory()
-        return gflops
+        start = time.perf_counter()
+        mx.eval(forward(*args, **kwargs))
+        result["first_s"] = time.perf_counter() - start
+        # This host's speed drifts by 10-20% within minutes, so the machine's sgemm is measured
+        # between our timed forwards (same state of the host) and its median is the reference.
+        # Peak memory is read around each forward, so the sgemm's operands don't count.
+        peaks = []
 
-    result["ours_s"], sgemm = median_seconds(lambda model=ours: mx.eval(model(*args, **kwargs)),
-                                             max(warmup - 1, 0), repeats, sample_sgemm)
-    result["sgemm"] = statistics.median(sgemm)
-    result["peak_gib"] = max(peaks + [mx.get_peak_memory()]) / 2**30
-    ours.low_memory(False)
+        def sample_sgemm() -> float:
+            peaks.append(mx.get_peak_memory())
+            gflops = sgemm_gflops(sgemm_n)
+            mx.reset_peak_memory()
+            return gflops
+
+        result["ours_s"], sgemm = median_seconds(lambda: mx.eval(forward(*args, **kwargs)),
+                                                 max(warmup - 1, 0), repeats, sample_sgemm)
+        result["sgemm"] = statistics.median(sgemm)
+        result["peak_gib"] = max(peaks + [mx.get_peak_memory()]) / 2**30
     result["weights_gib"] = sum(v.nbytes for _, v in tree_flatten(ours.parameters())) / 2**30
-    del ours
+    del ours, forward
     gc.collect()
     mx.clear_cache()
     return result
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     p.add_argument("--no-torch", action="store_true", help="time only our forward")
     p.add_argument("--compile", action="store_true", help="our forward through mx.compile; the first call is reported apart")
-    p.add_argument("--low-memory", action="store_true", help="our forward in the UNet's low-memory mode")
+    p.add_argument("--low-memory", action="store_true", help="our forward in a run's low-memory mode")
     p.add_argument("--quick", action="store_true", help="tiny model, one small case: a smoke run")
     args = p.parse_args(argv)
     if args.quick:

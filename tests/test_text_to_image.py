@@ -2,99 +2,28 @@
 components: the diffusers pipeline is saved, converted whole by our converter, loaded by
 SDXLPipeline, and both make an image from the same prompt and initial latents."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    EulerDiscreteScheduler,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLPipeline,
-)
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from original_layout import SINGLE_FILE_FAMILIES, sdxl_single_file
-from reference import init_every_parameter, tiny_config, torch_unet
+from pipeline_files import SIZE, converted_pipelines
+from reference import torch_unet
 from reference_text import torch_text_encoder
 from reference_vae import torch_vae
 from safetensors.torch import save_file
-from tokenizer_files import write_clip_tokenizer
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from mlx_unet.conversion import convert
 from mlx_unet import CLIPTextConfig as OurTextConfig
-from mlx_unet import VAEConfig
-from mlx_unet.generate import main as generate_main
-from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG
-from mlx_unet import PipelineError, SDXLPipeline
+from mlx_unet import PipelineError, SDXLPipeline, VAEConfig
+from mlx_unet.convert import convert
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photo of an astronaut riding a horse, 35mm"
-SIZE = 64  # pixels; 8x8 latents
-
-
-def _text_encoder(cls, seed: int, **fields):
-    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5,
-                            bos_token_id=49406, eos_token_id=49407, pad_token_id=1, **fields)
-    model = cls(config)
-    init_every_parameter(model, seed)
-    return model.eval()
-
-
-def _vae(seed: int) -> AutoencoderKL:
-    # Four levels: the 8x pixel-to-latent scale of every SD VAE.
-    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1, sample_size=SIZE, scaling_factor=0.13025)
-    init_every_parameter(vae, seed)
-    # Random decoder weights blow values up level by level; a smaller output conv keeps the image
-    # inside [-1, 1] mostly, so that the comparison is not of clamped saturated pixels.
-    with torch.no_grad():
-        vae.decoder.conv_out.weight.mul_(0.5)
-        vae.decoder.conv_out.bias.mul_(0.2)
-    return vae.eval()
-
-
-def _pipeline(tmp: Path, refiner: bool):
-    """A diffusers SDXL (or refiner) pipeline of tiny random components, saved under ``tmp``."""
-    seed = 70 if not refiner else 80
-    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
-    encoder_2 = _text_encoder(CLIPTextModelWithProjection, seed + 2, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=3, num_attention_heads=4, hidden_act="gelu", projection_dim=40)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp / "tok2", pad_token="!"))
-    if refiner:
-        unet = torch_unet(tiny_config("sdxl-refiner", cross_attention_dim=32,
-                                      projection_class_embeddings_input_dim=40 + 5 * 8), seed=seed)
-        pipe = StableDiffusionXLImg2ImgPipeline(
-            vae=_vae(seed + 3), text_encoder=None, text_encoder_2=encoder_2, tokenizer=None,
-            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, requires_aesthetics_score=True,
-            force_zeros_for_empty_prompt=False)
-    else:
-        # cross-attention width = 16 + 32 (the two encoders' states side by side); pooled 40.
-        encoder = _text_encoder(CLIPTextModel, seed + 1, hidden_size=16, intermediate_size=32,
-                                num_hidden_layers=3, num_attention_heads=2, hidden_act="quick_gelu")
-        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp / "tok1"))
-        pipe = StableDiffusionXLPipeline(
-            vae=_vae(seed + 3), text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, unet=torch_unet(tiny_config("sdxl-base"), seed=seed), scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    folder = tmp / ("diffusers-refiner" if refiner else "diffusers")
-    pipe.save_pretrained(folder)  # (transformers 5 saves tokenizers as tokenizer.json: converted too)
-    return pipe, folder
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("t2i")
-    base, base_folder = _pipeline(tmp, refiner=False)
-    refiner, refiner_folder = _pipeline(tmp, refiner=True)
-    convert(base_folder, tmp / "mlx", dtype="float32", progress=False)
-    convert(refiner_folder, tmp / "mlx-refiner", dtype="float32", progress=False)
-    return {"base": base, "refiner": refiner, "diffusers": base_folder, "mlx": tmp / "mlx",
-            "mlx_refiner": tmp / "mlx-refiner"}
+    return converted_pipelines(tmp_path_factory.mktemp("t2i"))
 
 
 def _latents(batch: int, seed: int = 0) -> np.ndarray:
@@ -106,16 +35,17 @@ def _nchw(latents: np.ndarray) -> torch.Tensor:
 
 
 def _compare(ours: np.ndarray, theirs: np.ndarray) -> None:
+    """Image by image: a bad image must not hide behind a good one."""
     assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-    error = float(np.abs(ours.astype(np.float64) - theirs).max())
-    ours8 = (ours * 255).round().astype(np.int16)
-    theirs8 = (theirs * 255).round().astype(np.int16)
-    off = np.abs(ours8 - theirs8)
-    print(f"image max abs error {error:.2e}; uint8 max diff {off.max()}, {np.mean(off > 0):.4%} of values differ")
-    # The image is varied (not a flat clamp), so agreement means something.
-    assert theirs.std() > 0.05 and np.mean((theirs > 0) & (theirs < 1)) > 0.5
-    assert error <= 1e-3
-    assert off.max() <= 1 and np.mean(off > 0) < 0.01
+    for item, (mine, their) in enumerate(zip(ours, theirs)):
+        error = float(np.abs(mine.astype(np.float64) - their).max())
+        off = np.abs((mine * 255).round().astype(np.int16) - (their * 255).round().astype(np.int16))
+        print(f"image {item}: max abs error {error:.2e}; uint8 max diff {off.max()}, "
+              f"{np.mean(off > 0):.4%} of values differ")
+        # The image is varied (not a flat clamp), so agreement means something.
+        assert their.std() > 0.05 and np.mean((their > 0) & (their < 1)) > 0.5
+        assert error <= 1e-3
+        assert off.max() <= 1 and np.mean(off > 0) < 0.01
 
 
 @torch.no_grad()
@@ -203,35 +133,6 @@ def test_text_encoders_are_released_before_denoising(models):
     seen = []
     pipe(PROMPT, steps=2, height=SIZE, width=SIZE, seed=0, callback=lambda stage, step: seen.append(pipe._encoders))
     assert seen == [None, None]
-
-
-def test_generate_command_writes_png(models, tmp_path):
-    out = tmp_path / "out.png"
-    args = [PROMPT, "--model", str(models["mlx"]), "-o", str(out), "--steps", "2", "--height", "64",
-            "--width", "64", "--seed", "3", "--dtype", "float32", "-n", "2"]
-    assert generate_main(args) == 0
-    pipe = SDXLPipeline.from_pretrained(models["mlx"], dtype=mx.float32)
-    expected = pipe(PROMPT, steps=2, height=SIZE, width=SIZE, seed=3, num_images_per_prompt=2)
-    for path, image in zip([out, tmp_path / "out-1.png"], expected):
-        assert _read_png(path).tolist() == image.tolist()
-
-
-def _read_png(path: Path) -> np.ndarray:
-    """Our PNG read back by a decoder that is not ours (Pillow, which diffusers requires)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        assert image.mode == "RGB"
-        return np.asarray(image)
-
-
-def test_generate_errors_are_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mlx_unet.generate", "a cat", "--model", str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr and "model_index.json" in result.stderr
-    assert "--model" in subprocess.run([sys.executable, "-m", "mlx_unet.generate", "--help"],
-                                       capture_output=True, text=True, cwd=ROOT).stdout
 
 
 def test_folders_that_are_not_converted_pipelines_are_refused(models):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -53,10 +54,6 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = GroupNorm(c.norm_num_groups, channels[0], c.norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(channels[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
-        self._forward = self._denoise
-        self._compiled = None
-        self._evaluate_per_block = False
-        self._previous_cache_limit = None
 
     # ------------------------------------------------------------------ forward
 
@@ -73,9 +70,17 @@ class UNet2DConditionModel(nn.Module):
         time_ids: mx.array | None = None,
         *,
         added_embedding: mx.array | None = None,
+        after_block: Callable[..., None] | None = None,
     ) -> mx.array:
         """``added_embedding`` may replace ``text_embeds``/``time_ids``: it is what
-        :meth:`added_embedding` returns for them, which a sampler computes once per run."""
+        :meth:`added_embedding` returns for them, which a sampler computes once per run.
+        ``after_block``: see :meth:`denoise`."""
+        inputs = self.checked_inputs(sample, timestep, encoder_hidden_states, text_embeds, time_ids, added_embedding)
+        return self.denoise(*inputs, after_block=after_block)
+
+    def checked_inputs(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
+                       added_embedding=None) -> tuple[mx.array, ...]:
+        """The arguments of :meth:`__call__` checked and made into those of :meth:`denoise`."""
         sample, timesteps, context = self._check_inputs(sample, timestep, encoder_hidden_states)
         if added_embedding is None:
             added_embedding = self.added_embedding(text_embeds, time_ids, batch=sample.shape[0])
@@ -85,8 +90,7 @@ class UNet2DConditionModel(nn.Module):
                 f"{sample.shape[0]}, got {_shape(added_embedding)}; make it with unet.added_embedding()."
             )
         extra = () if added_embedding is None else (added_embedding.astype(self.dtype),)
-        forward = self._denoise if self._evaluate_per_block else self._forward
-        return forward(sample, timesteps, context, *extra)
+        return (sample, timesteps, context, *extra)
 
     def added_embedding(self, text_embeds: mx.array | None, time_ids, batch: int | None = None) -> mx.array | None:
         """SDXL's added conditioning, the pooled text embedding and the size/crop (or aesthetic)
@@ -102,50 +106,21 @@ class UNet2DConditionModel(nn.Module):
         time_embeds = self.add_time_proj(time_ids.reshape(-1)).reshape(batch, -1)
         return self.add_embedding(mx.concatenate([text_embeds, time_embeds.astype(self.dtype)], axis=-1))
 
-    def compile(self, enabled: bool = True) -> "UNet2DConditionModel":
-        """Run the forward through ``mx.compile`` (or not, with ``enabled=False``).
+    def denoise(self, sample: mx.array, timesteps: mx.array, context: mx.array, added: mx.array | None = None,
+                *, after_block: Callable[..., None] | None = None) -> mx.array:
+        """The forward on checked inputs (:meth:`checked_inputs`): (B, H, W, C) sample in the model
+        dtype, float32 (B,) timesteps, (B, tokens, width) context and, for SDXL, the added embedding.
 
-        The graph is traced once per input shape and dtype: a new resolution, batch size or
-        dtype traces again; new timesteps, prompts or weights of the same shapes do not
-        (the weights are read at each call, so loading new ones needs no recompile).
-        Elementwise chains (norms, SiLU, residual adds) become one kernel each. On Metal and
-        CUDA that saves memory traffic and launches. On the CPU MLX builds each fused kernel
-        with g++: the first SDXL call takes about 45 s more (kernels are cached on disk for
-        later runs) and later calls are no faster, so samplers compile by default only off the
-        CPU. ``benchmarks/bench_unet.py --compile`` measures both costs.
+        ``after_block(*arrays)`` is called after each block with what the rest of the forward
+        needs from it; ``mx.eval`` there evaluates the UNet block by block, so that no lazy graph
+        of the whole forward is built and held (the low-memory mode of ``pipelines.run``).
         """
-        if enabled and self._compiled is None:
-            # Made once and kept: a new mx.compile wrapper would trace again, and each
-            # Sampler (each image) asks for compilation.
-            self._compiled = mx.compile(self._denoise, inputs=self.state)
-        self._forward = self._compiled if enabled else self._denoise
-        return self
-
-    def low_memory(self, enabled: bool = True, cache_limit_gb: float = 0.25) -> "UNet2DConditionModel":
-        """Lower the peak memory of a forward, for 8-16 GB machines, at some cost in speed.
-
-        The forward is evaluated block by block (so no lazy graph of the whole UNet is built
-        and held, and no compiled one: this overrides :meth:`compile`), and MLX's buffer cache,
-        which keeps freed buffers for reuse, is limited to ``cache_limit_gb`` for the process
-        (``low_memory(False)`` restores the previous limit).
-        ``benchmarks/bench_unet.py --low-memory`` measures the peak either way.
-        """
-        if enabled and self._previous_cache_limit is None:
-            self._previous_cache_limit = mx.set_cache_limit(int(cache_limit_gb * 2**30))
-        elif not enabled and self._previous_cache_limit is not None:
-            mx.set_cache_limit(self._previous_cache_limit)
-            self._previous_cache_limit = None
-        self._evaluate_per_block = enabled
-        return self
-
-    def _denoise(self, sample: mx.array, timesteps: mx.array, context: mx.array, *added: mx.array) -> mx.array:
-        """The forward on checked inputs: (B, H, W, C) sample in the model dtype, float32 (B,)
-        timesteps, (B, tokens, width) context and, for SDXL, the added embedding."""
         c = self.config
+        done = after_block or (lambda *arrays: None)
         # diffusers casts the float32 sinusoid to the activation dtype before the MLP.
         emb = self.time_embedding(self.time_proj(timesteps).astype(self.dtype))
-        if added:
-            emb = emb + added[0]
+        if added is not None:
+            emb = emb + added
         temb_silu = nn.silu(emb)
 
         if c.center_input_sample:
@@ -156,11 +131,11 @@ class UNet2DConditionModel(nn.Module):
         for block in self.down_blocks:
             x, block_skips = block(x, temb_silu, context)
             skips.extend(block_skips)
-            self._block_done(x, skips)
+            done(x, skips)
 
         if self.mid_block is not None:
             x = self.mid_block(x, temb_silu, context)
-            self._block_done(x)
+            done(x)
 
         # When the latent is not a multiple of the total downsampling, the stride-2 convolutions
         # rounded up; each upsampler then targets the size of the skip it will be joined with
@@ -173,14 +148,10 @@ class UNet2DConditionModel(nn.Module):
                 remaining = len(block.resnets)
                 size = tuple(skips[-remaining - 1].shape[1:3])
             x = block(x, temb_silu, context, skips, size)
-            self._block_done(x)
+            done(x)
 
         x = self.conv_act(self.conv_norm_out(x))
         return self.conv_out(x)
-
-    def _block_done(self, *arrays) -> None:
-        if self._evaluate_per_block:
-            mx.eval(*arrays)
 
     # ------------------------------------------------------------------ input checks
 

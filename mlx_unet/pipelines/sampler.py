@@ -14,9 +14,9 @@ from typing import Iterator
 
 import mlx.core as mx
 
-from ..cpu import on_cpu
 from ..errors import InputError
 from ..models.unet import UNet2DConditionModel
+from .run import RunSettings
 
 VAE_SCALE_FACTOR = 8  # pixels per latent cell in every SD / SDXL VAE
 
@@ -32,25 +32,46 @@ class Step:
     seconds: float  # wall time of this step
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """What every step of a run is conditioned on (``Sampler.prepare_conditioning``). Under
+    classifier-free guidance the batch is doubled, the negative half first as diffusers has it."""
+
+    context: mx.array  # (B or 2B, tokens, width), in the UNet's dtype
+    added_embedding: mx.array | None  # SDXL's (B or 2B, time_embed_dim); None for SD 1.x/2.x
+    guidance_scale: float
+    guidance_rescale: float = 0.0
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts (``Sampler.prepare_latents``): float32 latents as the first step takes
+    them, the timesteps to run, and the key of the stochastic samplers' per-step noise."""
+
+    latents: mx.array
+    timesteps: mx.array
+    key: mx.array
+
+
 class Sampler:
     """A UNet and a scheduler; ``sampler(...)`` returns the final latents, ``sampler.steps(...)``
     yields a ``Step`` after each one (the last one's latents are the result).
 
-    ``compile``: run the UNet through ``mx.compile`` (:meth:`UNet2DConditionModel.compile`);
-    by default on Metal and CUDA, where it pays, and not on the CPU, where it does not.
-    ``low_memory``: for 8-16 GB machines: the UNet evaluates block by block with a small
-    buffer cache (:meth:`UNet2DConditionModel.low_memory`), and classifier-free guidance runs
-    its two halves one after the other instead of as one batch of two.
+    ``compile`` and ``low_memory`` are the settings of its runs (``pipelines.run.RunSettings``):
+    the UNet through ``mx.compile``, by default on Metal and CUDA and not on the CPU; for 8-16 GB
+    machines, the UNet evaluated block by block with a small buffer cache, and classifier-free
+    guidance's two halves one after the other instead of as one batch of two. The UNet itself
+    is never changed.
     """
 
     def __init__(self, unet: UNet2DConditionModel, scheduler, compile: bool | None = None, low_memory: bool = False):
         self.unet = unet
         self.scheduler = scheduler
-        self.low_memory = low_memory
-        unet.low_memory(low_memory)
-        if compile is None:
-            compile = not on_cpu() and not low_memory
-        unet.compile(compile)
+        self.settings = RunSettings(compile=compile, low_memory=low_memory)
 
     def __call__(self, *args, **kwargs) -> mx.array:
         step = None
@@ -87,7 +108,8 @@ class Sampler:
         denoising_start: float | None = None,
         denoising_end: float | None = None,
     ) -> Iterator[Step]:
-        """Denoise; see the class docstring.
+        """Denoise; see the class docstring. The arguments are checked and the conditioning and
+        starting latents prepared at the call; the returned iterator runs the loop.
 
         Sizes are in pixels (the latent is 8x smaller); they default to the UNet's sample_size.
         ``latents``: initial noise (B, h, w, C) instead of drawing it from ``seed``.
@@ -97,35 +119,58 @@ class Sampler:
         Without a negative prompt, classifier-free guidance uses zeros (SDXL's
         ``force_zeros_for_empty_prompt``).
         """
-        unet, sched = self.unet, self.scheduler
-        config = unet.config
-        dtype = unet.dtype
+        size = self._pixel_size(height, width, latents, image_latents)
+        conditioning = self.prepare_conditioning(
+            prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale, size=size, original_size=original_size,
+            crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+            negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left,
+            negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score, img2img=image_latents is not None,
+        )
+        start = self.prepare_latents(
+            prompt_embeds.shape[0], size, num_inference_steps, seed=seed, latents=latents,
+            image_latents=image_latents, strength=strength, denoising_start=denoising_start,
+            denoising_end=denoising_end,
+        )
+        return self.loop(conditioning, start)
+
+    def prepare_conditioning(
+        self,
+        prompt_embeds: mx.array,
+        pooled_prompt_embeds: mx.array | None = None,
+        *,
+        negative_prompt_embeds: mx.array | None = None,
+        negative_pooled_prompt_embeds: mx.array | None = None,
+        guidance_scale: float = 5.0,
+        guidance_rescale: float = 0.0,
+        size: tuple[int, int],
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        img2img: bool = False,
+    ) -> Conditioning:
+        """The context and (SDXL) added embedding of a run, for ``size`` = (height, width) pixels;
+        the arguments are those of :meth:`steps`."""
+        unet = self.unet
+        config, dtype = unet.config, unet.dtype
         batch = prompt_embeds.shape[0]
-        key = mx.random.key(seed if seed is not None else int(time.time_ns() % 2**31))
-        noise_key, step_key = mx.random.split(key)
-
-        if image_latents is not None:
-            _, h, w, _ = image_latents.shape
-            height, width = h * VAE_SCALE_FACTOR, w * VAE_SCALE_FACTOR
-        elif latents is not None:
-            height, width = latents.shape[1] * VAE_SCALE_FACTOR, latents.shape[2] * VAE_SCALE_FACTOR
-        default = (config.sample_size or 128) * VAE_SCALE_FACTOR
-        height, width = height or default, width or default
-        if height % VAE_SCALE_FACTOR or width % VAE_SCALE_FACTOR:
-            raise InputError(f"height and width must be multiples of {VAE_SCALE_FACTOR}, got {height}x{width}.")
-        shape = (batch, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR, config.in_channels)
-
-        # --- conditioning, negative half first as diffusers concatenates it
         guided = guidance_scale > 1.0
-        context = prompt_embeds
-        added = {}
+        added = None
         if config.has_text_time_embedding:
             if pooled_prompt_embeds is None:
                 raise InputError("this SDXL UNet needs pooled_prompt_embeds (the pooled text embedding).")
             time_ids, negative_time_ids = self._time_ids(
-                pooled_prompt_embeds.shape[-1], (height, width), original_size, crops_coords_top_left, target_size,
+                pooled_prompt_embeds.shape[-1], size, original_size, crops_coords_top_left, target_size,
                 negative_original_size, negative_crops_coords_top_left, negative_target_size,
-                aesthetic_score, negative_aesthetic_score, img2img=image_latents is not None,
+                aesthetic_score, negative_aesthetic_score, img2img,
             )
             text_embeds = pooled_prompt_embeds
             time_ids = mx.broadcast_to(time_ids, (batch, time_ids.shape[0]))
@@ -137,14 +182,35 @@ class Sampler:
                 text_embeds = mx.concatenate([negative_pooled, text_embeds])
                 time_ids = mx.concatenate([mx.broadcast_to(negative_time_ids, time_ids.shape), time_ids])
             # The same for every step: computed once here, not in each UNet call.
-            added = {"added_embedding": unet.added_embedding(text_embeds.astype(dtype), time_ids)}
+            added = unet.added_embedding(text_embeds.astype(dtype), time_ids)
             mx.eval(added)
+        context = prompt_embeds
         if guided:
             negative = mx.zeros_like(prompt_embeds) if negative_prompt_embeds is None else negative_prompt_embeds
             context = mx.concatenate([negative, prompt_embeds])
-        context = context.astype(dtype)
+        return Conditioning(context.astype(dtype), added, guidance_scale, guidance_rescale)
 
-        # --- schedule and starting latents
+    def prepare_latents(
+        self,
+        batch: int,
+        size: tuple[int, int],
+        num_inference_steps: int,
+        *,
+        seed: int | None = None,
+        latents: mx.array | None = None,
+        image_latents: mx.array | None = None,
+        strength: float = 0.3,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+    ) -> Start:
+        """Set the scheduler's timesteps and make the starting latents of ``batch`` images of
+        ``size`` = (height, width) pixels; the arguments are those of :meth:`steps`."""
+        sched = self.scheduler
+        key = mx.random.key(seed if seed is not None else int(time.time_ns() % 2**31))
+        noise_key, step_key = mx.random.split(key)
+        height, width = size
+        shape = (batch, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR, self.unet.config.in_channels)
+
         sched.set_timesteps(num_inference_steps)
         timesteps = sched.timesteps
         train_steps = sched.config.num_train_timesteps
@@ -166,37 +232,60 @@ class Sampler:
             # The base half of a hand-off stops at the same cutoff the refiner starts from.
             cutoff = int(round(train_steps - denoising_end * train_steps))
             timesteps = timesteps[: int((timesteps >= cutoff).sum().item())]
+        return Start(x, timesteps, step_key)
 
-        # --- the loop: one evaluation per step
+    def loop(self, conditioning: Conditioning, start: Start) -> Iterator[Step]:
+        """The denoising loop, one evaluation per step, from what the two ``prepare_`` methods
+        made (``prepare_latents`` just before: it set the scheduler up). The run settings hold
+        from the first step until the loop ends or is closed."""
+        sched = self.scheduler
+        dtype = self.unet.dtype
+        guided, scale = conditioning.guided, conditioning.guidance_scale
+        x, timesteps = start.latents, start.timesteps
         total = timesteps.shape[0]
-        step_keys = mx.random.split(step_key, max(total, 1))
-        for i in range(total):
-            start = time.perf_counter()
-            t = timesteps[i]
-            model_input = mx.concatenate([x, x]) if guided else x
-            model_input = sched.scale_model_input(model_input, t)
-            prediction = self._predict(model_input.astype(dtype), t, context, added).astype(mx.float32)
-            if guided:
-                uncond, cond = mx.split(prediction, 2)
-                prediction = uncond + guidance_scale * (cond - uncond)
-                if guidance_rescale > 0:
-                    prediction = _rescale_guidance(prediction, cond, guidance_rescale)
-            noise = mx.random.normal(x.shape, key=step_keys[i]) if sched.stochastic else None
-            x = sched.step(prediction, t, x, noise=noise).prev_sample
-            mx.eval(x)
-            yield Step(i, total, float(t.item()), x, time.perf_counter() - start)
+        step_keys = mx.random.split(start.key, max(total, 1))
+        with self.settings.applied():
+            forward = self.settings.forward(self.unet)
+            for i in range(total):
+                begin = time.perf_counter()
+                t = timesteps[i]
+                model_input = mx.concatenate([x, x]) if guided else x
+                model_input = sched.scale_model_input(model_input, t)
+                prediction = self._predict(forward, model_input.astype(dtype), t, conditioning).astype(mx.float32)
+                if guided:
+                    uncond, cond = mx.split(prediction, 2)
+                    prediction = uncond + scale * (cond - uncond)
+                    if conditioning.guidance_rescale > 0:
+                        prediction = _rescale_guidance(prediction, cond, conditioning.guidance_rescale)
+                noise = mx.random.normal(x.shape, key=step_keys[i]) if sched.stochastic else None
+                x = sched.step(prediction, t, x, noise=noise).prev_sample
+                mx.eval(x)
+                yield Step(i, total, float(t.item()), x, time.perf_counter() - begin)
 
     # ------------------------------------------------------------------ helpers
 
-    def _predict(self, model_input, t, context, added) -> mx.array:
-        if not self.low_memory or model_input.shape[0] == 1:
-            return self.unet(model_input, t, context, **added)
+    def _pixel_size(self, height, width, latents, image_latents) -> tuple[int, int]:
+        if image_latents is not None:
+            _, h, w, _ = image_latents.shape
+            height, width = h * VAE_SCALE_FACTOR, w * VAE_SCALE_FACTOR
+        elif latents is not None:
+            height, width = latents.shape[1] * VAE_SCALE_FACTOR, latents.shape[2] * VAE_SCALE_FACTOR
+        default = (self.unet.config.sample_size or 128) * VAE_SCALE_FACTOR
+        height, width = height or default, width or default
+        if height % VAE_SCALE_FACTOR or width % VAE_SCALE_FACTOR:
+            raise InputError(f"height and width must be multiples of {VAE_SCALE_FACTOR}, got {height}x{width}.")
+        return height, width
+
+    def _predict(self, forward, model_input, t, conditioning: Conditioning) -> mx.array:
+        added = conditioning.added_embedding
+        if not self.settings.low_memory or model_input.shape[0] == 1:
+            return forward(model_input, t, conditioning.context, added_embedding=added)
         # One sample at a time: the activations of a batch of one, at the cost of reading the
         # weights once per sample.
         halves = []
         for i in range(model_input.shape[0]):
-            one = {name: value[i:i + 1] for name, value in added.items()}
-            halves.append(self.unet(model_input[i:i + 1], t, context[i:i + 1], **one))
+            one = None if added is None else added[i:i + 1]
+            halves.append(forward(model_input[i:i + 1], t, conditioning.context[i:i + 1], added_embedding=one))
             mx.eval(halves[-1])
         return mx.concatenate(halves)
 

@@ -13,6 +13,7 @@ the base UNet is released.
 from __future__ import annotations
 
 import json
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -276,11 +277,14 @@ class SDXLPipeline:
     def _denoise(stage, pipe: "SDXLPipeline", e: PromptEmbeddings, callback, low_memory, scheduler, **kwargs):
         sampler = Sampler(pipe.unet, pipe.scheduler(scheduler), low_memory=low_memory)
         x = None
-        for step in sampler.steps(e.context, e.pooled, negative_prompt_embeds=e.negative_context,
-                                  negative_pooled_prompt_embeds=e.negative_pooled, **kwargs):
-            x = step.latents
-            if callback is not None:
-                callback(stage, step)
+        steps = sampler.steps(e.context, e.pooled, negative_prompt_embeds=e.negative_context,
+                              negative_pooled_prompt_embeds=e.negative_pooled, **kwargs)
+        # Closed here, not when collected, if the callback raises: the run's settings end with it.
+        with closing(steps):
+            for step in steps:
+                x = step.latents
+                if callback is not None:
+                    callback(stage, step)
         if x is None:
             raise PipelineError("the schedule leaves no denoising step to run; raise steps or lower refiner_start.")
         return x

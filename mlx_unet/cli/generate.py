@@ -1,50 +1,29 @@
 """Text to image from the command line:
 
-    python -m mlx_unet.generate "a photo of an astronaut riding a horse" --model models/sdxl -o out.png
+    mlx-unet generate "a photo of an astronaut riding a horse" --model models/sdxl -o out.png
 
---model is a pipeline folder written by convert.py (a Hub repo id, diffusers folder or original
-single file converted whole). Several images (--batch-size) are written as out.png, out-1.png, ...
+--model is a pipeline folder written by `mlx-unet convert` (from a Hub repo id, a diffusers
+folder or an original single file, converted whole). Several images (--batch-size) are written
+as out.png, out-1.png, ...
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import struct
 import sys
-import tempfile
 import time
-import zlib
 from pathlib import Path
 from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from .configs.base import DTYPES
-from .errors import MlxUnetError
-from .pipelines.sdxl import SDXLPipeline
-from .schedulers import SAMPLERS
-
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    """An (H, W, 3) uint8 image as an 8-bit RGB PNG, written atomically (temp file + rename)."""
-    height, width, _ = image.shape
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, width * 3)], axis=1)  # filter 0 per row
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(png)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+from ..configs.base import DTYPES
+from ..errors import MlxUnetError
+from ..pipelines.images import write_png
+from ..pipelines.sdxl import SDXLPipeline
+from ..schedulers import SAMPLERS
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -73,10 +52,10 @@ class Progress:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_unet.generate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="mlx-unet generate", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", help="what to draw")
-    p.add_argument("--model", type=Path, required=True, help="converted pipeline folder (convert.py output)")
+    p.add_argument("--model", type=Path, required=True, help="converted pipeline folder (mlx-unet convert's output)")
     p.add_argument("-o", "--output", type=Path, default=Path("image.png"), help="PNG to write (default: image.png)")
     p.add_argument("--negative-prompt", help="what to steer away from (default: none; SDXL then guides against zeros)")
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
@@ -121,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_args(parser, args)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
+    written: list[Path] = []
     try:
         start = time.perf_counter()
         dtypes = dict(dtype=DTYPES[args.dtype], vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
@@ -134,18 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                       height=args.height, width=args.width, num_images_per_prompt=args.batch_size, seed=seed,
                       scheduler=args.scheduler, refiner=refiner, refiner_start=args.refiner_start,
                       low_memory=args.low_memory, callback=progress)
+        paths = output_paths(args.output, len(images))
+        for path, image in zip(paths, images):
+            write_png(path, image)
+            written.append(path)
     except KeyboardInterrupt:
-        print("\ninterrupted; nothing was written.", file=sys.stderr)
+        print(f"\ninterrupted; {'wrote ' + ', '.join(map(str, written)) if written else 'nothing was written'}.",
+              file=sys.stderr)
         return 130
-    except OSError as e:
+    except (MlxUnetError, OSError) as e:  # a user's error; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except MlxUnetError as e:  # a user error; anything else is a bug and keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    paths = output_paths(args.output, len(images))
-    for path, image in zip(paths, images):
-        write_png(path, image)
     for stage, seconds in progress.seconds.items():
         # The first step includes one-time work (kernel builds, weight reads): the median is typical.
         log(f"{stage}: {len(seconds)} steps, median {np.median(seconds):.2f} s/step")

@@ -1,0 +1,108 @@
+"""How a run calls the UNet: compiled or not, in low-memory mode or not. These are settings of
+the run, not of the model: the UNet is never changed, and the process-wide MLX buffer cache
+limit that low-memory mode lowers is restored when the run ends (by an exception too).
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator
+
+import mlx.core as mx
+
+from ..cpu import on_cpu
+from ..models.unet import UNet2DConditionModel
+
+Forward = Callable[..., mx.array]  # called as the UNet is: (sample, timestep, context, **conditioning)
+
+
+class CompiledForward:
+    """The UNet's forward through ``mx.compile``, made once per UNet by :func:`compiled_forward`.
+
+    The graph is traced once per input shape and dtype: a new resolution, batch size or dtype
+    traces again; new timesteps, prompts or weights of the same shapes do not (the weights are
+    read at each call, so loading new ones needs no recompile). Elementwise chains (norms, SiLU,
+    residual adds) become one kernel each. On Metal and CUDA that saves memory traffic and
+    launches. On the CPU MLX builds each fused kernel with g++: the first SDXL call takes about
+    45 s more (kernels are cached on disk for later runs) and later calls are no faster, so runs
+    compile by default only off the CPU. ``benchmarks/bench_unet.py --compile`` measures both.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel):
+        # mx.compile keeps what it is given as ``inputs`` (the weights it reads at each call).
+        # Given the UNet, the cache of compiled forwards would keep every UNet alive; so it
+        # gets a dict that holds the UNet only during a call.
+        self._unet = weakref.ref(unet)
+        self._weights: dict[str, UNet2DConditionModel] = {}
+        self._compiled = mx.compile(self._denoise, inputs=self._weights)
+
+    def _denoise(self, *inputs: mx.array) -> mx.array:
+        return self._unet().denoise(*inputs)
+
+    def __call__(self, sample, timestep, encoder_hidden_states, **conditioning) -> mx.array:
+        unet = self._unet()
+        inputs = unet.checked_inputs(sample, timestep, encoder_hidden_states, **conditioning)
+        self._weights["unet"] = unet
+        try:
+            return self._compiled(*inputs)
+        finally:
+            self._weights.clear()
+
+
+# By id: modules are dicts, so not hashable (nor weak keys). An entry goes with its UNet.
+_COMPILED: dict[int, CompiledForward] = {}
+
+
+def compiled_forward(unet: UNet2DConditionModel) -> CompiledForward:
+    """The compiled forward of ``unet``, the same one for every run on it: a new ``mx.compile``
+    wrapper would trace again, and each Sampler (each image) asks for one."""
+    forward = _COMPILED.get(id(unet))
+    if forward is None:
+        forward = _COMPILED[id(unet)] = CompiledForward(unet)
+        weakref.finalize(unet, _COMPILED.pop, id(unet), None)
+    return forward
+
+
+@contextmanager
+def cache_limit(limit_bytes: int) -> Iterator[None]:
+    """MLX's buffer cache (freed buffers kept for reuse) limited to ``limit_bytes`` inside the
+    ``with`` block; the previous limit is restored after it."""
+    previous = mx.set_cache_limit(limit_bytes)
+    try:
+        yield
+    finally:
+        mx.set_cache_limit(previous)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """``compile``: run the UNet through ``mx.compile`` (:class:`CompiledForward`); None: on
+    Metal and CUDA, where it pays, and not on the CPU, where it does not.
+    ``low_memory``: for 8-16 GB machines, a lower peak at some cost in speed: the UNet is
+    evaluated block by block (so no lazy graph of the whole forward is built and held, and none
+    is compiled: this overrides ``compile``) and MLX's buffer cache is limited to
+    ``cache_limit_gb`` during the run. ``benchmarks/bench_unet.py --low-memory`` measures it.
+    """
+
+    compile: bool | None = None
+    low_memory: bool = False
+    cache_limit_gb: float = 0.25
+
+    @property
+    def compiles(self) -> bool:
+        if self.low_memory:
+            return False
+        return not on_cpu() if self.compile is None else self.compile
+
+    def forward(self, unet: UNet2DConditionModel) -> Forward:
+        """What to call in place of ``unet(...)`` in a run with these settings."""
+        if self.low_memory:
+            return partial(unet, after_block=mx.eval)
+        return compiled_forward(unet) if self.compiles else unet
+
+    def applied(self) -> AbstractContextManager:
+        """The process-wide part of the settings (the cache limit), for a ``with`` block."""
+        return cache_limit(int(self.cache_limit_gb * 2**30)) if self.low_memory else nullcontext()
