@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mlx_unet import SDXLPipeline, UNetConfig, VAEConfig  # noqa: E402
-from mlx_unet.conversion import convert  # noqa: E402
+from mlx_unet.convert import convert  # noqa: E402
 from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG  # noqa: E402
 from mlx_unet import CLIPTextConfig  # noqa: E402
 

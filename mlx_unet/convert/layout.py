@@ -49,16 +49,16 @@ class ModelKind:
 
 
 UNET = ModelKind("UNet", ("UNet2DConditionModel",), WEIGHTS, WEIGHTS, UNetConfig.from_json, UNet2DConditionModel,
-                 UNetConfig.to_diffusers_dict)
+                 UNetConfig.to_dict)
 MODELS: dict[str, ModelKind] = {
     "unet": UNET,
     "text_encoder": ModelKind("text encoder", ("CLIPTextModel",), "model", "pytorch_model", CLIPTextConfig.from_json,
-                              CLIPTextModel, CLIPTextConfig.to_transformers_dict, _text_encoder_names),
+                              CLIPTextModel, CLIPTextConfig.to_dict, _text_encoder_names),
     "text_encoder_2": ModelKind("second text encoder", ("CLIPTextModelWithProjection",), "model", "pytorch_model",
-                                CLIPTextConfig.from_json, CLIPTextModel, CLIPTextConfig.to_transformers_dict,
+                                CLIPTextConfig.from_json, CLIPTextModel, CLIPTextConfig.to_dict,
                                 _text_encoder_names),
     "vae": ModelKind("VAE", ("AutoencoderKL",), WEIGHTS, WEIGHTS, VAEConfig.from_json, AutoencoderKL,
-                     VAEConfig.to_diffusers_dict),
+                     VAEConfig.to_dict),
 }
 
 
