@@ -16,6 +16,7 @@ from mlx_unet import cpu
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_benchmark_quick_run_reports_every_column():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_unet.py"), "--quick"],
                           capture_output=True, text=True, cwd=ROOT)
@@ -28,6 +29,7 @@ def test_benchmark_quick_run_reports_every_column():
     assert float(row[7]) > 0 and row[8].endswith("%")  # sgemm measured between our forwards
 
 
+@pytest.mark.slow
 def test_benchmark_runs_compiled_and_in_low_memory_mode():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_unet.py"), "--quick", "--compile",
                            "--low-memory", "--no-torch"], capture_output=True, text=True, cwd=ROOT)

@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = r"(\d+\.\d+)"
 
 
+@pytest.mark.slow
 def test_benchmark_quick_run_reports_every_stage_and_the_same_image():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_text_to_image.py"), "--quick"],
                           capture_output=True, text=True, cwd=ROOT)

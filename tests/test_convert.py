@@ -58,7 +58,9 @@ def family(request):
     return request.param, config, torch_unet(config, seed=30)
 
 
-@pytest.mark.parametrize("form", ["plain", "fp16-variant", "sharded"])
+# The file forms do not depend on the family: every family plain, the other forms in the slow tier.
+@pytest.mark.parametrize("form", ["plain", pytest.param("fp16-variant", marks=pytest.mark.slow),
+                                  pytest.param("sharded", marks=pytest.mark.slow)])
 def test_diffusers_folder_converts_and_matches(tmp_path, family, form):
     name, config, reference = family
     folder = tmp_path / "unet"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import pytest
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from original_layout import to_original_layout
@@ -46,6 +47,7 @@ def rss_gib() -> float:
     return int([line for line in open("/proc/self/status") if line.startswith("VmRSS")][0].split()[1]) / 2**20
 
 
+@pytest.mark.slow
 def test_sdxl_base_single_file_fp16_full_size(tmp_path):
     config = UNetConfig.from_preset("sdxl-base")
     source = torch_unet(config, seed=50, dtype=torch.float16)

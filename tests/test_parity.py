@@ -54,7 +54,7 @@ def test_fp32_matches_diffusers_with_per_item_timesteps(family, height, width):
     assert relative_error(run_mlx(ours, inputs), run_torch(reference, inputs)) <= FP32_BOUND
 
 
-@pytest.mark.parametrize("height,width", [(36, 44), (40, 40), (33, 27), (30, 34)])
+@pytest.mark.parametrize("height,width", [(36, 44), pytest.param(40, 40, marks=pytest.mark.slow), (33, 27), (30, 34)])
 def test_fp32_odd_latent_sizes(family, height, width):
     """36x44 and 40x40 are multiples of the downsampling; 33x27 and 30x34 are not, so the
     upsamplers must target the skip sizes instead of doubling."""
@@ -63,7 +63,9 @@ def test_fp32_odd_latent_sizes(family, height, width):
     assert relative_error(run_mlx(ours, inputs), run_torch(reference, inputs)) <= FP32_BOUND
 
 
-@pytest.mark.parametrize("timestep", [0, 999, 457.25, [321.5], [7]], ids=["int0", "int999", "float", "float(1,)", "int(1,)"])
+@pytest.mark.parametrize("timestep", [0, pytest.param(999, marks=pytest.mark.slow), 457.25, [321.5],
+                                      pytest.param([7], marks=pytest.mark.slow)],
+                         ids=["int0", "int999", "float", "float(1,)", "int(1,)"])
 def test_fp32_timestep_forms(family, timestep):
     name, config, reference, ours = family
     inputs = _inputs(name, config, seed=3, timesteps=timestep)

@@ -14,7 +14,7 @@ from ..errors import MlxUnetError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="convert.py",
+        prog="mlx-unet convert",
         description="Convert a Stable Diffusion XL checkpoint to an MLX model folder. By default the whole "
         "pipeline: unet/, text_encoder/ (not in a refiner), text_encoder_2/, vae/ (each config.json + "
         "model.safetensors), tokenizer/, tokenizer_2/, scheduler/ and model_index.json, for "
