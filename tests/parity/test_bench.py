@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mlx_unet import cpu
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

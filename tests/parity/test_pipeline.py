@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
@@ -24,7 +25,7 @@ from mlx_unet import UNet2DConditionModel
 from mlx_unet.pipelines.sampler import Sampler
 from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG, make_scheduler
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FP32 = 1e-4
 
 
@@ -180,6 +181,36 @@ def test_sd_unets_without_added_conditioning(family):
                         height=128, width=128, output_type="latent").images
     ours = Sampler(models.ours, make_scheduler("dpmpp_2m_karras", SDXL_SCHEDULER_CONFIG))(
         **to_mlx(emb), latents=mx.array(start), num_inference_steps=6, guidance_scale=7.5, height=128, width=128)
+    assert relative_error(np.array(ours), nhwc(expected)) <= FP32
+
+
+# SD 2.x 768-v: the UNet predicts v, the scheduler turns it into the denoised sample.
+V_PREDICTION = {**SDXL_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
+THEIR_V_SCHEDULERS = {
+    "euler": lambda: EulerDiscreteScheduler.from_config(V_PREDICTION),
+    "dpmpp_2m": lambda: DPMSolverMultistepScheduler.from_config(V_PREDICTION, algorithm_type="dpmsolver++", solver_order=2),
+    "ddim": lambda: DDIMScheduler.from_config(V_PREDICTION),
+}
+
+
+@pytest.mark.parametrize("sampler", list(THEIR_V_SCHEDULERS))
+def test_sd2_v_prediction_loop_matches_diffusers(sampler):
+    """A whole SD 2.x v-prediction run (with guidance rescale, as 768-v models are run), not only
+    the scheduler step: the UNet's output is read as v through the loop."""
+    models = Models("sd2", 64)
+    emb = embeddings(models.config, seed=15, pooled=False, negative=True)
+    start = noise((1, 16, 16, 4), seed=16)
+    scheduler = THEIR_V_SCHEDULERS[sampler]()
+    assert scheduler.config.prediction_type == "v_prediction"
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=models.torch,
+                                   scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    with torch.no_grad():
+        expected = pipe(**to_torch(emb), latents=nchw(start), num_inference_steps=5,
+                        guidance_scale=6.0, guidance_rescale=0.7, height=128, width=128, output_type="latent").images
+    ours = Sampler(models.ours, make_scheduler(sampler, V_PREDICTION))(
+        **to_mlx(emb), latents=mx.array(start), num_inference_steps=5, guidance_scale=6.0, guidance_rescale=0.7,
+        height=128, width=128)
     assert relative_error(np.array(ours), nhwc(expected)) <= FP32
 
 

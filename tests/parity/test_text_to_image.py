@@ -49,6 +49,7 @@ def _compare(ours: np.ndarray, theirs: np.ndarray) -> None:
 
 
 @torch.no_grad()
+@pytest.mark.usefixtures("code_path")  # the whole run on the CPU kernels and on plain MLX
 @pytest.mark.parametrize("negative", [None, "blurry, low quality"])
 def test_text_to_image_matches_diffusers(models, negative):
     latents = _latents(2)

@@ -20,7 +20,7 @@ from mlx_unet.errors import ConversionError
 from mlx_unet.naming.ldm_unet import ema_name
 from mlx_unet.safetensors_io import SafetensorsReader
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FP32 = 1e-4
 
 

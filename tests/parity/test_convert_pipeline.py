@@ -30,7 +30,7 @@ from mlx_unet import UNetConfig, WeightsError
 from mlx_unet.configs.base import FORMAT_KEY
 from mlx_unet.convert import convert, fetch_tokenizers
 from mlx_unet.errors import ConversionError
-from mlx_unet.safetensors_io import WeightsError, SafetensorsReader
+from mlx_unet.safetensors_io import SafetensorsReader
 from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG
 from mlx_unet import CLIPTextConfig
 from mlx_unet.naming.clip import checkpoint_names
@@ -38,7 +38,7 @@ from mlx_unet.tokenizer import CLIPTokenizer
 from mlx_unet import VAEConfig
 from mlx_unet.weights import torch_to_mlx_layout
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 300  # token rows: the tokenizer files here are stand-ins, the conversion only copies them
 MODELS = ("unet", "text_encoder", "text_encoder_2", "vae")
 

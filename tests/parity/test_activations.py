@@ -155,7 +155,7 @@ def test_fitted_constants_are_what_the_fitting_script_prints():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "tools" / "fit_approximations.py"
+    path = Path(__file__).resolve().parents[2] / "tools" / "fit_approximations.py"
     spec = importlib.util.spec_from_file_location("fit_approximations", path)
     fit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fit)

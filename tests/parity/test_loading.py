@@ -9,7 +9,6 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from reference import make_inputs, mlx_weights, relative_error, run_mlx, run_torch, tiny_config, torch_unet
 
-import mlx_unet.cpu.conv
 from mlx_unet import ConfigError, UNet2DConditionModel, WeightsError, cpu
 from mlx_unet.weights import load_weights, weight_layouts
 

@@ -19,7 +19,7 @@ from reference import relative_error
 from mlx_unet import SDXLPipeline, UNet2DConditionModel, cli
 from mlx_unet.pipelines.images import write_png
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "a watercolour of a lighthouse at dusk"
 RUN = ["--steps", "2", "--height", str(SIZE), "--width", str(SIZE), "--seed", "3"]  # later flags override
 API_RUN = dict(steps=2, height=SIZE, width=SIZE, seed=3)  # the same run through SDXLPipeline
@@ -58,6 +58,7 @@ def _differ(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 @torch.no_grad()
+@pytest.mark.usefixtures("code_path")  # float16 on the CPU kernels and on plain MLX
 def test_the_default_run_matches_diffusers(files):
     pipe = _pipeline(files)
     assert pipe.unet.dtype == mx.float16 and pipe.vae.dtype == mx.float32

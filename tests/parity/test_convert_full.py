@@ -18,7 +18,7 @@ from reference import make_inputs, relative_error, release_memory, run_torch, to
 from mlx_unet import UNetConfig
 from mlx_unet.safetensors_io import TensorSpec, write_safetensors
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # The converter's own peak resident memory (VmHWM: unlike ru_maxrss it is not inherited from
 # this large pytest process across fork and exec).

@@ -15,8 +15,7 @@ from reference_text import mlx_text_encoder, run_torch, token_ids, torch_text_cl
 from safetensors.numpy import load_file
 from transformers import CLIPTextConfig as TorchCLIPTextConfig
 
-from mlx_unet import ConfigError, InputError, WeightsError
-from mlx_unet import CLIPTextConfig, CLIPTextModel
+from mlx_unet import CLIPTextConfig, CLIPTextModel, WeightsError
 from mlx_unet.configs.clip import TEXT_PRESETS
 from mlx_unet.naming.clip import checkpoint_names
 from mlx_unet.weights import load_weights
@@ -135,73 +134,7 @@ def test_missing_fields_take_transformers_defaults():
         assert ours[key] == theirs[key], key
 
 
-def test_bare_model_ignores_projection_dim():
-    config = CLIPTextConfig.from_preset("tiny-clip-l", projection_dim=None)
-    assert not config.with_projection and "text_projection" not in CLIPTextModel(config)
-
-
-BAD_CONFIGS = [
-    ("tiny-clip-l", {"hidden_act": "relu"}, "'hidden_act' = 'relu' is not supported"),
-    ("tiny-clip-l", {"eos_token_id": [2, 49407]}, "'eos_token_id' must be one token id"),
-    ("tiny-clip-l", {"eos_token_id": None}, "'eos_token_id' must be one token id"),
-    ("tiny-clip-l", {"eos_token_id": 49408}, "'eos_token_id' must be one token id"),
-    ("tiny-clip-l", {"num_attention_heads": 7}, "does not split into 7 attention heads"),
-    ("tiny-clip-l", {"hidden_size": 0}, "'hidden_size' must be a positive integer"),
-    ("tiny-clip-l", {"num_hidden_layers": True}, "'num_hidden_layers' must be a positive integer"),
-    ("tiny-clip-l", {"layer_norm_eps": 0}, "'layer_norm_eps' must be a positive number"),
-    ("tiny-clip-l", {"layer_norm_eps": None}, "'layer_norm_eps' must be a positive number"),
-    ("tiny-clip-l", {"architectures": ["CLIPModel"]}, "'architectures'"),
-    ("tiny-clip-l", {"architectures": None}, "'architectures'"),
-    ("tiny-clip-l", {"model_type": "clip"}, "not a CLIP text encoder"),
-    ("tiny-clip-bigg", {"projection_dim": None}, "'projection_dim' must be a positive integer"),
-]
-
-
-def test_bad_config_values_are_refused():
-    # One test for all cases: each test pays about half a second of memory release (conftest).
-    for preset, overrides, match in BAD_CONFIGS:
-        with pytest.raises(ConfigError, match=match):
-            CLIPTextConfig.from_preset(preset, **overrides)
-
-
-def test_bad_config_sources_are_refused(tmp_path):
-    assert issubclass(ConfigError, ValueError)
-    with pytest.raises(ConfigError, match="must be a JSON object"):
-        CLIPTextConfig.from_dict([])
-    with pytest.raises(ConfigError, match="pass its 'text_config' entry"):
-        CLIPTextConfig.from_dict({"model_type": "clip", "text_config": {}})
-    with pytest.raises(ConfigError, match="unknown text encoder preset"):
-        CLIPTextConfig.from_preset("sdxl-clip-h")
-    with pytest.raises(ConfigError, match="no text encoder config"):
-        CLIPTextConfig.from_json(tmp_path)
-    (tmp_path / "config.json").write_text("{")
-    with pytest.raises(ConfigError, match="not valid JSON"):
-        CLIPTextConfig.from_json(tmp_path)
-
-
 # ---------------------------------------------------------------------- input checks
-
-
-BAD_INPUTS = [
-    (np.zeros((1, 5), np.int32), -2, "must be an mlx array"),
-    (mx.zeros((1, 5)), -2, "integer token ids, got dtype mlx.core.float32"),
-    (mx.zeros((5,), mx.int32), -2, r"input_ids\[None\]"),
-    (mx.zeros((1, 0), mx.int32), -2, r"must be \(batch, tokens\)"),
-    (mx.zeros((1, 78), mx.int32), -2, "78 tokens but this encoder takes at most 77"),
-    (mx.array([[49406, 49408]]), -2, "token id 49408, outside"),
-    (mx.array([[49406, -1]]), -2, "token id -1, outside"),
-    (mx.zeros((1, 5), mx.int32), 4, "hidden_layer must be an int from -4 to 3"),
-    (mx.zeros((1, 5), mx.int32), -5, "hidden_layer must be an int from -4 to 3"),
-    (mx.zeros((1, 5), mx.int32), 1.0, "hidden_layer must be an int"),
-    (mx.zeros((1, 5), mx.int32), True, "hidden_layer must be an int"),
-]
-
-
-def test_bad_inputs_are_refused():
-    model = CLIPTextModel(CLIPTextConfig.from_preset("tiny-clip-l"))
-    for ids, hidden_layer, match in BAD_INPUTS:
-        with pytest.raises(InputError, match=match):
-            model(ids, hidden_layer)
 
 
 # ---------------------------------------------------------------------- weights
@@ -212,19 +145,6 @@ def _save_folder(model: CLIPTextModel, folder) -> dict[str, mx.array]:
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
     (folder / "config.json").write_text(json.dumps(model.config.to_transformers_dict()))
     return weights
-
-
-def test_weights_round_trip_through_a_safetensors_folder(tmp_path):
-    config = CLIPTextConfig.from_preset("tiny-clip-bigg")
-    model = mlx_text_encoder(torch_text_encoder(config, seed=3).state_dict(), config)
-    _save_folder(model, tmp_path)
-    ids = mx.array(token_ids(config, 2, 77, seed=4))
-    loaded = CLIPTextModel.from_pretrained(tmp_path)
-    assert loaded.config == config
-    for theirs, ours in zip(model(ids), loaded(ids)):
-        np.testing.assert_array_equal(np.array(theirs), np.array(ours))
-    half = CLIPTextModel.from_pretrained(tmp_path, dtype=mx.float16)
-    assert half.dtype == mx.float16 and half.text_projection.weight.dtype == mx.float16
 
 
 def test_missing_and_unconverted_keys_are_refused(tmp_path):
@@ -239,6 +159,19 @@ def test_missing_and_unconverted_keys_are_refused(tmp_path):
     with pytest.raises(WeightsError, match=r"unexpected \(text_model.embeddings.position_ids\)"):
         load_weights(CLIPTextModel(config), old)
     assert "text_model.embeddings.position_ids" not in checkpoint_names(old)
+
+
+def test_weights_round_trip_through_a_safetensors_folder(tmp_path):
+    config = CLIPTextConfig.from_preset("tiny-clip-bigg")
+    model = mlx_text_encoder(torch_text_encoder(config, seed=3).state_dict(), config)
+    _save_folder(model, tmp_path)
+    ids = mx.array(token_ids(config, 2, 77, seed=4))
+    loaded = CLIPTextModel.from_pretrained(tmp_path)
+    assert loaded.config == config
+    for theirs, ours in zip(model(ids), loaded(ids)):
+        np.testing.assert_array_equal(np.array(theirs), np.array(ours))
+    half = CLIPTextModel.from_pretrained(tmp_path, dtype=mx.float16)
+    assert half.dtype == mx.float16 and half.text_projection.weight.dtype == mx.float16
 
 
 @pytest.mark.parametrize("preset", ["tiny-clip-l", "tiny-clip-bigg"])
