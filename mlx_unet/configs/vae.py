@@ -145,18 +145,12 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
         "scaling_factor": 0.13025,
         "force_upcast": True,
     },
-    # SDXL's structure (four levels, so latents are 1/8 of the image) at a width that runs in
-    # milliseconds; its 128-pixel tiles match the tiny UNet preset's 16-pixel latents.
-    "tiny": {
-        "block_out_channels": [16, 32, 32, 32],
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "layers_per_block": 2,
-        "latent_channels": 4,
-        "norm_num_groups": 8,
-        "sample_size": 128,
-        "scaling_factor": 0.13025,
-        "force_upcast": False,
-    },
+}
+
+# SDXL's structure (four levels, so latents are 1/8 of the image) at a width that runs in
+# milliseconds; its 128-pixel tiles match the tiny UNet preset's 16-pixel latents.
+VAE_PRESETS["tiny"] = {
+    **VAE_PRESETS["sdxl"], "block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8, "sample_size": 128,
+    "force_upcast": False,
 }
 VAEConfig.presets = VAE_PRESETS
