@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 import mlx_unet  # noqa: E402,F401  (before mlx: picks the fast BLAS on Linux)
 import mlx.core as mx  # noqa: E402
 
-from mlx_unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from mlx_unet import UNet2DConditionModel, UNetConfig, cpu  # noqa: E402
 from mlx_unet import Sampler  # noqa: E402
 from mlx_unet.schedulers import SAMPLERS, SDXL_SCHEDULER_CONFIG, make_scheduler  # noqa: E402
 
@@ -52,7 +52,7 @@ def demo_inputs(seed: int):
     """A tiny SDXL-shaped UNet with random weights and random 'prompt embeddings'."""
     mx.random.seed(seed)
     config = UNetConfig.from_preset("tiny")
-    unet = UNet2DConditionModel(config)
+    unet = cpu.prepare(UNet2DConditionModel(config))  # the CPU kernels on the CPU, as from_pretrained does
     pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
     embeddings = {
         "prompt_embeds": mx.random.normal((1, 77, config.cross_attention_dim)),

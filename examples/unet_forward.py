@@ -14,11 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
-import mlx_unet  # noqa: E402  (before mlx: picks the fast BLAS on Linux)
+import mlx_unet  # noqa: E402,F401  (before mlx: picks the fast BLAS on Linux)
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from mlx_unet import PRESETS, UNet2DConditionModel, UNetConfig  # noqa: E402
+from mlx_unet import PRESETS, UNet2DConditionModel, UNetConfig, cpu  # noqa: E402
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
             mx.random.seed(args.seed)
             model = UNet2DConditionModel(UNetConfig.from_preset(args.preset))
             model.set_dtype(dtype)
+            model = cpu.prepare(model)  # the CPU kernels on the CPU, as from_pretrained does
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

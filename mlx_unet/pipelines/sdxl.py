@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..configs.base import FORMAT_KEY, FORMAT_VERSION
+from ..configs.base import FORMAT_KEY, FORMAT_VERSION, newer_format
 from ..cpu import on_cpu
 from ..errors import PipelineError
 from ..models.clip import CLIPTextModel
@@ -97,7 +97,7 @@ class SDXLPipeline:
         index_path = folder / "model_index.json"
         if not index_path.is_file():
             hint = " (convert.py --unet-only output is a UNet, not a pipeline)" if (folder / "config.json").is_file() else ""
-            raise PipelineError(f"{folder} has no model_index.json{hint}; convert a whole pipeline with convert.py first.")
+            raise PipelineError(f"{folder} has no model_index.json{hint}; convert a whole pipeline with mlx-unet convert first.")
         try:
             index = json.loads(index_path.read_text())
         except json.JSONDecodeError as e:
@@ -105,12 +105,13 @@ class SDXLPipeline:
         if FORMAT_KEY not in index:
             raise PipelineError(
                 f"{folder} is a diffusers pipeline (PyTorch weights), not a converted one; convert it with "
-                f"convert.py {folder} OUT_DIR and pass OUT_DIR."
+                f"mlx-unet convert {folder} OUT_DIR and pass OUT_DIR."
             )
         if index[FORMAT_KEY] != FORMAT_VERSION:
+            fix = ("upgrade mlx-unet (pip install -U mlx-unet) to read it" if newer_format(index[FORMAT_KEY])
+                   else "convert the model again with this version's mlx-unet convert")
             raise PipelineError(
-                f"{folder} was converted in format {index[FORMAT_KEY]!r}, and this version reads {FORMAT_VERSION!r}; "
-                "convert the model again with this version's convert.py."
+                f"{folder} was converted in format {index[FORMAT_KEY]!r}, and this version reads {FORMAT_VERSION!r}; {fix}."
             )
 
         def present(name: str) -> bool:

@@ -2,6 +2,8 @@
 components: the diffusers pipeline is saved, converted whole by our converter, loaded by
 SDXLPipeline, and both make an image from the same prompt and initial latents."""
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 
 from mlx_unet import CLIPTextConfig as OurTextConfig
 from mlx_unet import PipelineError, SDXLPipeline, VAEConfig
+from mlx_unet.configs.base import FORMAT_KEY
 from mlx_unet.convert import convert
 
 PROMPT = "a photo of an astronaut riding a horse, 35mm"
@@ -136,8 +139,13 @@ def test_text_encoders_are_released_before_denoising(models):
     assert seen == [None, None]
 
 
-def test_folders_that_are_not_converted_pipelines_are_refused(models):
+def test_folders_that_are_not_converted_pipelines_are_refused(models, tmp_path):
     with pytest.raises(PipelineError, match="model_index.json.*--unet-only"):
         SDXLPipeline.from_pretrained(models["mlx"] / "unet")
     with pytest.raises(PipelineError, match="diffusers pipeline .PyTorch weights., not a converted one"):
         SDXLPipeline.from_pretrained(models["diffusers"])
+    index = json.loads((models["mlx"] / "model_index.json").read_text())
+    for version, fix in (("2", "upgrade mlx-unet"), ("0", "convert the model again")):
+        (tmp_path / "model_index.json").write_text(json.dumps({**index, FORMAT_KEY: version}))
+        with pytest.raises(PipelineError, match=f"converted in format '{version}'.*; {fix}"):
+            SDXLPipeline.from_pretrained(tmp_path)
