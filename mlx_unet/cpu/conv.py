@@ -36,13 +36,18 @@ class Conv2d(nn.Conv2d):
     """Takes the place of a square-kernel, ungrouped, undilated ``nn.Conv2d`` over NHWC input
     (``from_module``), with the same parameters."""
 
+    def __init__(self, weight: mx.array, bias: mx.array, stride: int = 1, padding: int = 0):
+        # nn.Module's __init__, not nn.Conv2d's: that draws a random kernel only to drop it,
+        # moving MLX's global random state (see linear.Linear).
+        nn.Module.__init__(self)
+        self.weight = self.laid_out(weight)
+        self.bias = bias
+        self.stride, self.padding = (stride, stride), (padding, padding)
+        self.dilation, self.groups = 1, 1
+
     @classmethod
     def from_module(cls, module: nn.Conv2d) -> "Conv2d":
-        out_channels, k, _, in_channels = module.weight.shape
-        layer = cls(in_channels, out_channels, k, stride=module.stride, padding=module.padding)
-        layer.update(module.parameters())
-        layer.weight = cls.laid_out(module.weight)
-        return layer
+        return cls(module.weight, module.bias, module.stride[0], module.padding[0])
 
     @staticmethod
     def supports(module: nn.Conv2d) -> bool:

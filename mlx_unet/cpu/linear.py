@@ -39,13 +39,18 @@ def _padded_rows(x: mx.array) -> int:
 class Linear(nn.Linear):
     """Takes the place of an ``nn.Linear`` (``from_module``), with the same parameters."""
 
+    def __init__(self, weight: mx.array, bias: mx.array | None = None):
+        # nn.Module's __init__, not nn.Linear's: that draws random weights only to drop them,
+        # which would move MLX's global random state (a seeded run's noise would then depend on
+        # whether the kernels were swapped in).
+        nn.Module.__init__(self)
+        self.weight = self.laid_out(weight)
+        if bias is not None:
+            self.bias = bias
+
     @classmethod
     def from_module(cls, module: nn.Linear) -> "Linear":
-        output_dims, input_dims = module.weight.shape
-        layer = cls(input_dims, output_dims, bias="bias" in module)
-        layer.update(module.parameters())
-        layer.weight = cls.laid_out(module.weight)
-        return layer
+        return cls(module.weight, module.get("bias"))
 
     @staticmethod
     def laid_out(weight: mx.array) -> mx.array:

@@ -7,6 +7,7 @@ whole float range that matters, extremes included, and in half precision.
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -120,7 +121,7 @@ def test_cpu_attention_in_half_precision(dtype):
 @pytest.mark.parametrize("bias", [True, False])
 def test_half_precision_linear_is_the_float32_product_rounded_once(dtype, bias):
     rng = np.random.default_rng(5)
-    layer = Linear(96, 48, bias=bias)
+    layer = Linear.from_module(nn.Linear(96, 48, bias=bias))
     layer.set_dtype(dtype)
     x = mx.array(rng.normal(0, 1, (2, 5, 96)).astype(np.float32)).astype(dtype)
     params = {k: np.array(v.astype(mx.float32)) for k, v in layer.parameters().items()}
@@ -139,7 +140,7 @@ def test_half_precision_linear_is_the_float32_product_rounded_once(dtype, bias):
 def test_linear_pads_awkward_row_counts_without_changing_the_result(dtype, shape):
     # 77 rows (SDXL's text tokens) are padded to 80 for OpenBLAS, 154 to 160; 15 are left as they are.
     rng = np.random.default_rng(6)
-    layer = Linear(96, 48)
+    layer = Linear.from_module(nn.Linear(96, 48))
     layer.set_dtype(dtype)
     x = mx.array(rng.normal(0, 1, shape).astype(np.float32)).astype(dtype)
     params = {k: np.array(v.astype(mx.float32)) for k, v in layer.parameters().items()}

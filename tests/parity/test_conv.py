@@ -15,8 +15,7 @@ def _pair(in_channels, out_channels, kernel, stride, padding, seed=0):
     weight = rng.uniform(-1, 1, (out_channels, in_channels, kernel, kernel)).astype(np.float32)
     weight /= np.sqrt(in_channels * kernel * kernel)
     bias = rng.uniform(-0.5, 0.5, out_channels).astype(np.float32)
-    ours = Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding)
-    ours.update({"weight": Conv2d.laid_out(mx.array(weight.transpose(0, 2, 3, 1))), "bias": mx.array(bias)})
+    ours = Conv2d(mx.array(weight.transpose(0, 2, 3, 1)), mx.array(bias), stride=stride, padding=padding)
 
     def reference(x):
         y = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(weight),

@@ -84,6 +84,16 @@ def test_swapped_layers_compute_what_the_plain_ones_do():
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5, err_msg=str(index))
 
 
+def test_accelerate_leaves_the_random_state_alone():
+    """A seeded run draws the same noise whether or not the kernels were swapped in."""
+    model = UNet2DConditionModel(UNetConfig.from_preset("tiny"))
+    mx.random.seed(3)
+    cpu.accelerate(model)
+    after_swap = mx.random.normal((4,))
+    mx.random.seed(3)
+    assert mx.array_equal(after_swap, mx.random.normal((4,)))
+
+
 def test_prepare_follows_the_switch(monkeypatch):
     config = UNetConfig.from_preset("tiny")
     monkeypatch.setenv(cpu.ENV_SWITCH, "0")
