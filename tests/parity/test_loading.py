@@ -86,7 +86,7 @@ def test_weights_are_laid_out_for_the_cpu(tmp_path, reference, dtype):
 
 def test_plain_code_path_keeps_mlx_layers_and_row_major_weights(tmp_path, reference, monkeypatch):
     """``cpu_kernels=False`` and ``MLX_UNET_CPU_KERNELS=0`` both load the plain MLX model (the
-    code Metal and CUDA run); by default on the CPU the kernels are swapped in."""
+    code Metal and CUDA run); that by default the CPU gets the kernels is tests/unit/test_cpu_swap.py's."""
     config, model = reference
     folder = write_folder(tmp_path / "u", config, mlx_weights(model.state_dict()))
     plain = UNet2DConditionModel.from_pretrained(folder, cpu_kernels=False)
@@ -97,8 +97,6 @@ def test_plain_code_path_keeps_mlx_layers_and_row_major_weights(tmp_path, refere
         assert weight_layouts(ours) == {}
         for name, value in tree_flatten(ours.parameters()):
             assert memoryview(value).strides == row_major_strides(value.shape, value.itemsize), name
-    monkeypatch.delenv(cpu.ENV_SWITCH)
-    assert type(UNet2DConditionModel.from_pretrained(folder).conv_in) is cpu.conv.Conv2d
 
 
 def test_loaded_parameters_all_reach_the_output(tmp_path, reference):

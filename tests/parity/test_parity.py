@@ -19,6 +19,7 @@ from reference import (
     torch_unet,
 )
 
+from mlx_unet import cpu
 from mlx_unet.models.attention import ScaledDotProductAttention
 
 FP32_BOUND = 1e-4
@@ -117,7 +118,8 @@ def _run_torch_bf16(reference, inputs):
 
 
 @pytest.mark.parametrize("upcast", [True, False])
-def test_upcast_attention_runs_attention_in_float32(upcast, code_path, monkeypatch):
+@both_paths
+def test_upcast_attention_runs_attention_in_float32(upcast, monkeypatch):
     """SD 2.x's upcast_attention: a float16 model hands float32 queries, keys and values to the
     attention kernel (on the plain path that is mx.fast's, which on Metal computes in the input
     dtype), and the output still matches diffusers."""
@@ -132,8 +134,8 @@ def test_upcast_attention_runs_attention_in_float32(upcast, code_path, monkeypat
     out = run_mlx(ours, inputs)
     assert relative_error(out, run_torch(reference, inputs)) <= FP16_BOUND
     # The CPU kernels' attention computes in float32 either way; the plain path's is the one
-    # the flag changes.
-    assert seen == (set() if code_path == "cpu-kernels" else {mx.float32 if upcast else mx.float16})
+    # the flag changes (off the CPU both code_path settings run the plain path).
+    assert seen == (set() if cpu.kernels_enabled() else {mx.float32 if upcast else mx.float16})
 
 
 # Every architecture field the config honours, at values no family preset uses, in two configs:
