@@ -35,11 +35,11 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 import mlx.nn as nn  # noqa: E402
 from mlx_unet import PRESETS, UNet2DConditionModel, UNetConfig, cpu  # noqa: E402
+from mlx_unet.configs.base import DTYPES  # noqa: E402
 from mlx_unet.models.attention import ScaledDotProductAttention  # noqa: E402
 from mlx_unet.pipelines.run import RunSettings  # noqa: E402
 from mlx_unet.weights import load_weights, torch_to_mlx_layout  # noqa: E402
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 # ---------------------------------------------------------------------- FLOP count

@@ -24,9 +24,9 @@ import mlx.core as mx  # noqa: E402
 
 from mlx_unet import UNet2DConditionModel, UNetConfig, cpu  # noqa: E402
 from mlx_unet import Sampler  # noqa: E402
+from mlx_unet.configs.base import DTYPES  # noqa: E402
 from mlx_unet.schedulers import SAMPLERS, SDXL_SCHEDULER_CONFIG, make_scheduler  # noqa: E402
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
 def parse_args(argv=None):

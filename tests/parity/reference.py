@@ -110,21 +110,23 @@ def make_inputs(config: UNetConfig, batch: int, height: int, width: int, seed: i
 
 @torch.no_grad()
 def run_torch(model: TorchUNet, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """diffusers' forward on the same inputs; returned NHWC."""
+    """diffusers' forward on the same inputs (cast to the model's dtype; the timesteps as they
+    are, diffusers casts them itself); returned NHWC float32."""
     t = inputs["timestep"]
+
+    def tensor(name: str) -> torch.Tensor:
+        return torch.from_numpy(inputs[name]).to(model.dtype)
+
     kwargs = {}
     if "text_embeds" in inputs:
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.from_numpy(inputs["text_embeds"]),
-            "time_ids": torch.from_numpy(inputs["time_ids"]),
-        }
+        kwargs["added_cond_kwargs"] = {"text_embeds": tensor("text_embeds"), "time_ids": tensor("time_ids")}
     out = model(
-        torch.from_numpy(inputs["sample"]).permute(0, 3, 1, 2),
+        tensor("sample").permute(0, 3, 1, 2),
         torch.from_numpy(t) if t.ndim else t.item(),
-        torch.from_numpy(inputs["encoder_hidden_states"]),
+        tensor("encoder_hidden_states"),
         **kwargs,
     ).sample
-    return out.permute(0, 2, 3, 1).numpy()
+    return out.float().permute(0, 2, 3, 1).numpy()  # .float(): numpy has no bfloat16
 
 
 def run_mlx(model: UNet2DConditionModel, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -99,22 +99,9 @@ def test_bf16_is_as_close_to_float32_as_diffusers_bf16(reference_family):
     inputs = _inputs(name, config, seed=8, timesteps=[80.0, 920.0])
     exact = run_torch(reference, inputs)
     ours = run_mlx(mlx_from_torch(reference, config, dtype=mx.bfloat16), inputs)
-    theirs = _run_torch_bf16(reference, inputs)
+    theirs = run_torch(copy.deepcopy(reference).to(torch.bfloat16), inputs)
     assert np.isfinite(ours).all()
     assert relative_error(ours, exact) <= 2 * relative_error(theirs, exact)
-
-
-@torch.no_grad()
-def _run_torch_bf16(reference, inputs):
-    model = copy.deepcopy(reference).to(torch.bfloat16)
-    t = inputs["timestep"]
-    kwargs = {}
-    if "text_embeds" in inputs:
-        kwargs["added_cond_kwargs"] = {k: torch.from_numpy(inputs[k]).to(torch.bfloat16) for k in ("text_embeds", "time_ids")}
-    out = model(torch.from_numpy(inputs["sample"]).permute(0, 3, 1, 2).to(torch.bfloat16),
-                torch.from_numpy(t) if t.ndim else t.item(),
-                torch.from_numpy(inputs["encoder_hidden_states"]).to(torch.bfloat16), **kwargs).sample
-    return out.float().permute(0, 2, 3, 1).numpy()
 
 
 @pytest.mark.parametrize("upcast", [True, False])
