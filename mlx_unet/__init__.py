@@ -11,6 +11,8 @@ from .errors import (  # noqa: E402
     ConversionError,
     InputError,
     MlxUnetError,
+    MlxUnetWarning,
+    NonFiniteWarning,
     PipelineError,
     WeightsError,
 )
@@ -32,6 +34,8 @@ __all__ = [
     "ConversionError",
     "InputError",
     "MlxUnetError",
+    "MlxUnetWarning",
+    "NonFiniteWarning",
     "PipelineError",
     "SDXLPipeline",
     "Sampler",

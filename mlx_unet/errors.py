@@ -1,4 +1,5 @@
-"""The errors a user can cause: one base class, which every command prints as one line and exit 2.
+"""The errors a user can cause: one base class, which every command prints as one line and exit 2;
+and the warnings, one base class too.
 
 Anything raised that is not an ``MlxUnetError`` is a bug and keeps its traceback. The subclasses
 say which kind of input was wrong; they derive from ValueError too, so code that caught
@@ -28,3 +29,12 @@ class ConversionError(MlxUnetError):
 
 class PipelineError(MlxUnetError):
     """A pipeline folder that cannot be used (not converted, parts missing or mismatched)."""
+
+
+class MlxUnetWarning(UserWarning):
+    """Something a user should know that does not stop the work (the commands print it as one
+    line ``warning: ...`` on stderr, whatever the progress setting)."""
+
+
+class NonFiniteWarning(MlxUnetWarning):
+    """NaN or infinite values in weights or latents: the images will be black or noise."""

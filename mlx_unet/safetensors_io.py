@@ -14,12 +14,13 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NoReturn
 
 import mlx.core as mx
 import numpy as np
 
 from .errors import WeightsError
+from .jsonfile import InvalidJSON, json_type, parse_json
 
 
 # safetensors dtype name -> (numpy dtype of the stored bytes, MLX dtype it reads as)
@@ -49,56 +50,106 @@ class TensorInfo:
     end: int
 
 
-class SafetensorsReader:
-    """The header of a safetensors file, validated; ``read(name)`` loads one tensor."""
+def _short(value) -> str:
+    # A hostile header can hold megabytes in one entry; the message shows its start.
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
-    def __init__(self, path: str | Path):
+
+def _is_count(value) -> bool:
+    # JSON's true is a Python int and 2.0 compares equal to 2: the format's counts are integers only.
+    return type(value) is int and value >= 0
+
+
+class SafetensorsReader:
+    """The header of a safetensors file, validated; ``read(name)`` loads one tensor.
+
+    The header is held to the reference loader's rules (the ``safetensors`` package: integer
+    counts, tensors that cover the data exactly, metadata of strings), and refused too where
+    readers could disagree on its tensors (a name given twice, of which the reference keeps the
+    last). A refusal is a ``WeightsError`` naming the file, its problem and ``fix`` (what to do).
+    """
+
+    def __init__(self, path: str | Path, fix: str = "download or copy it again"):
         self.path = Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise WeightsError(f"{self.path} is not a safetensors file (only {size} bytes).")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(_MAX_HEADER, size - 8):
-                raise WeightsError(
-                    f"{self.path} is not a safetensors file (its first 8 bytes do not give a header "
-                    "length that fits the file)."
-                )
-            raw = f.read(header_len)
+        self.fix = fix
         try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise WeightsError(f"{self.path} has a corrupt safetensors header (not valid JSON).") from None
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(8)
+                if len(head) < 8:
+                    self._refuse(f"is not a safetensors file (only {size} bytes)")
+                (header_len,) = struct.unpack("<Q", head)
+                if header_len > min(_MAX_HEADER, size - 8):
+                    self._refuse("is not a safetensors file (its first 8 bytes do not give a header length that "
+                                 "fits the file)")
+                raw = f.read(header_len)
+        except FileNotFoundError:
+            self._refuse("does not exist")
+        except IsADirectoryError:
+            self._refuse("is a folder, not a safetensors file")
+        except PermissionError:
+            self._refuse("cannot be read (permission denied)", "make it readable")
+        except OSError as e:
+            self._refuse(f"cannot be read ({e.strerror or e})")
+        try:
+            header = parse_json(raw)
+        except InvalidJSON as e:
+            self._corrupt(f"not valid JSON: {e.reason}")
         if not isinstance(header, dict):
-            raise WeightsError(f"{self.path} has a corrupt safetensors header (not a JSON object).")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+            self._corrupt(f"a JSON {json_type(header)}, not an object")
+        self.metadata: dict[str, str] = self._parse_metadata(header.pop("__metadata__", None))
         data_start = 8 + header_len
-        self.tensors: dict[str, TensorInfo] = {}
-        for name, entry in header.items():
-            info = self._parse_entry(name, entry, data_start)
-            if info.end > size:
-                raise WeightsError(
-                    f"{self.path} is truncated: tensor {name!r} ends at byte {info.end} but the file has "
-                    f"{size} bytes; download or copy it again."
-                )
-            self.tensors[name] = info
+        self.tensors = {name: self._parse_entry(name, entry, data_start) for name, entry in header.items()}
+        data_end = self._check_tiling(data_start)
+        if data_end > size:
+            last = max(self.tensors.values(), key=lambda t: t.end)
+            self._refuse(f"is truncated: tensor {last.name!r} ends at byte {data_end} but the file has {size} bytes")
+        if data_end < size:
+            self._corrupt(f"the file has {size - data_end} bytes after its last tensor")
+
+    def _refuse(self, problem: str, fix: str | None = None) -> NoReturn:
+        raise WeightsError(f"{self.path} {problem}; {fix or self.fix}.")
+
+    def _corrupt(self, problem: str) -> NoReturn:
+        self._refuse(f"has a corrupt safetensors header ({problem})")
+
+    def _parse_metadata(self, metadata) -> dict[str, str]:
+        if metadata is None:
+            return {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            self._corrupt("__metadata__ must map names to strings")
+        return metadata
 
     def _parse_entry(self, name: str, entry, data_start: int) -> TensorInfo:
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            itemsize = np.dtype(_DTYPES[dtype][0]).itemsize
-            valid = all(isinstance(d, int) and d >= 0 for d in shape) and 0 <= begin <= end
-        except (KeyError, TypeError, ValueError):
-            valid = False
-        if not valid:
-            raise WeightsError(f"{self.path} has a corrupt safetensors header (entry {name!r}: {entry!r}).")
-        if end - begin != math.prod(shape) * itemsize:
-            raise WeightsError(
-                f"{self.path} has a corrupt safetensors header ({name!r} is {dtype} {list(shape)} but "
-                f"spans {end - begin} bytes)."
-            )
-        return TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            self._corrupt(f"entry {name!r} is {_short(entry)}, not a dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            self._corrupt(f"entry {name!r} has shape {_short(shape)}, not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            self._corrupt(f"entry {name!r} has data_offsets {_short(offsets)}, not two non-negative integers")
+        if not isinstance(dtype, str):
+            self._corrupt(f"entry {name!r} has dtype {_short(dtype)}, not a name")
+        if dtype not in _DTYPES:
+            self._refuse(f"holds tensor {name!r} of dtype {_short(dtype)}, which mlx-unet does not read (it reads "
+                         f"{', '.join(_DTYPES)})", "convert the weights to float16, bfloat16 or float32")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * np.dtype(_DTYPES[dtype][0]).itemsize:
+            self._corrupt(f"{name!r} is {dtype} {shape} but its data_offsets span {end - begin} bytes")
+        return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+    def _check_tiling(self, data_start: int) -> int:
+        """The end of the data: the tensors, in file order, must cover it with neither gaps nor
+        overlaps (bytes that two tensors share, or that none owns, are the reference's refusal)."""
+        end = data_start
+        for info in sorted(self.tensors.values(), key=lambda t: (t.begin, t.end)):
+            if info.begin != end:
+                where = "overlaps the tensor before it" if info.begin < end else "leaves a gap before it"
+                self._corrupt(f"tensor {info.name!r} at data bytes {info.begin - data_start} to "
+                              f"{info.end - data_start} {where}")
+            end = info.end
+        return end
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

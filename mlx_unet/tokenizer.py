@@ -18,7 +18,6 @@ library; ftfy plays no part) takes a prompt through these steps, as this module 
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 import warnings
@@ -28,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ConfigError, InputError
+from .jsonfile import read_json, read_text
 
 
 END_OF_WORD = "</w>"
@@ -157,8 +157,8 @@ class CLIPTokenizer:
                                      "SDXL's CLIP tokenizers pad and truncate on the right.")
         special_map = folder / "special_tokens_map.json"
         added_file = folder / "added_tokens.json"
-        added, named = _added_tokens(config, _read_json(special_map) if special_map.is_file() else {},
-                                     _read_json(added_file) if added_file.is_file() else {})
+        added, named = _added_tokens(config, _read_json(special_map) if special_map.exists() else {},
+                                     _read_json(added_file) if added_file.exists() else {})
         _check_vocab(folder, vocab, merges, added)
         return cls(vocab, merges, added, named, max_length)
 
@@ -230,22 +230,19 @@ def _token_bytes(token: str) -> bytes:
     return token.encode("utf-8")
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
+def _check_present(path: Path) -> None:
+    if not path.exists():
         raise ConfigError(f"{path} is missing; copy the tokenizer folder whole from the pipeline.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); download it again.") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object; download it again.")
-    return data
+
+
+def _read_json(path: Path) -> dict:
+    _check_present(path)
+    return read_json(path, f"tokenizer's {path.name}", ConfigError)
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing; copy the tokenizer folder whole from the pipeline.")
-    lines = path.read_text(encoding="utf-8").split("\n")
+    _check_present(path)
+    lines = read_text(path, "tokenizer's merges.txt", ConfigError).split("\n")
     if lines[-1] == "":
         lines.pop()
     merges = []

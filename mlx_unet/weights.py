@@ -8,6 +8,7 @@ of the file.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -17,7 +18,10 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import cpu
-from .errors import WeightsError
+from .errors import NonFiniteWarning, WeightsError
+from .safetensors_io import SafetensorsReader
+
+_RECONVERT = "convert the model again with mlx-unet convert"
 
 
 def torch_to_mlx_layout(array):
@@ -93,6 +97,7 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array], dtype: mx.Dtype
     coexist for more than one tensor."""
     check_weights(model, weights)
     layouts = weight_layouts(model)
+    nonfinite = []
     for name in list(weights):
         value = weights.pop(name)
         if dtype is not None:
@@ -101,8 +106,16 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array], dtype: mx.Dtype
         # would be copied by every product that reads it), except the weights that the CPU
         # kernels lay out for their products (cpu/linear.py, cpu/conv.py).
         value = layouts[name](value) if name in layouts else mx.contiguous(value)
-        mx.eval(value)
+        finite = mx.all(mx.isfinite(value))
+        mx.eval(value, finite)  # one pass: the check costs no second read of the weights
+        if not finite.item():
+            nonfinite.append(name)
         model.update(tree_unflatten([(name, value)]))
+    if nonfinite:
+        shown = ", ".join(nonfinite[:5]) + (f", ... ({len(nonfinite) - 5} more)" if len(nonfinite) > 5 else "")
+        warnings.warn(NonFiniteWarning(
+            f"the {_model_name(model)}'s weights hold NaN or inf values in {len(nonfinite)} tensors ({shown}); it will "
+            "make black images: convert the model again from an intact download."), stacklevel=2)
 
 
 def weight_layouts(model: nn.Module) -> dict[str, Callable[[mx.array], mx.array]]:
@@ -122,10 +135,13 @@ def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None =
         )
     weights: dict[str, mx.array] = {}
     for file in files:
+        # The converter's validation first (it reads the header alone): mx.load takes some malformed
+        # headers (overlapping tensors, say) and fails on others without naming the file.
+        SafetensorsReader(file, fix=_RECONVERT)
         try:
             part = mx.load(str(file))
         except Exception as e:  # MLX raises RuntimeError/ValueError with a terse message
-            raise WeightsError(f"{file} is not a readable safetensors file ({e}); re-create it with convert.py.") from None
+            raise WeightsError(f"{file} is not a readable safetensors file ({e}); {_RECONVERT}.") from None
         duplicated = weights.keys() & part.keys()
         if duplicated:
             raise WeightsError(f"{file} repeats tensors already loaded from another file ({_names(duplicated)}).")

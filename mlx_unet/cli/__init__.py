@@ -29,4 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"{_usage()}\n\nerror: unknown command {command!r}", file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[command][0]).main(rest)
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+    except KeyboardInterrupt:  # Ctrl-C while the command's modules load: nothing has started
+        print("\ninterrupted; nothing was written.", file=sys.stderr)
+        return 130
+    return module.main(rest)

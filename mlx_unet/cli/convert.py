@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
 from ..configs.base import DTYPES
 from ..convert import convert
-from ..errors import MlxUnetError
+from .common import ArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="mlx-unet convert",
         description="Convert a Stable Diffusion XL checkpoint to an MLX model folder. By default the whole "
         "pipeline: unet/, text_encoder/ (not in a refiner), text_encoder_2/, vae/ (each config.json + "
@@ -52,18 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> int:
         convert(args.source, args.out_dir, dtype=args.dtype, variant=args.variant, revision=args.revision,
                 force=args.force, ema=args.ema, allow_pickle=args.allow_pickle, config=args.config,
-                progress=not args.quiet, unet_only=args.unet_only, vae_dtype=args.vae_dtype,
-                tokenizers=args.tokenizers)
-    except MlxUnetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.strerror or e} ({e.filename or ''})".replace(" ()", ""), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; nothing was written.", file=sys.stderr)
-        return 130
-    return 0
+                progress=not args.quiet, unet_only=args.unet_only, vae_dtype=args.vae_dtype, tokenizers=args.tokenizers)
+        return 0
+
+    return run_command(run, lambda: "nothing was written")

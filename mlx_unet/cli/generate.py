@@ -20,16 +20,13 @@ import mlx.core as mx
 import numpy as np
 
 from ..configs.base import DTYPES
-from ..errors import MlxUnetError
-from ..pipelines.images import write_png
+from ..pipelines.arguments import RunArguments
+from ..pipelines.folder import PipelineFolder
+from ..pipelines.images import check_writable, output_paths, write_pngs
+from ..pipelines.preflight import check_prompts, check_run
 from ..pipelines.sdxl import SDXLPipeline
 from ..schedulers import SAMPLERS
-
-
-def output_paths(output: Path, count: int) -> list[Path]:
-    if count == 1:
-        return [output]
-    return [output] + [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(1, count)]
+from .common import ArgumentParser, run_command
 
 
 class Progress:
@@ -52,7 +49,7 @@ class Progress:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx-unet generate", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="mlx-unet generate", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", type=Path, required=True, help="converted pipeline folder (mlx-unet convert's output)")
@@ -77,60 +74,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(p: argparse.ArgumentParser, args) -> None:
-    if args.steps < 1:
-        p.error("--steps must be at least 1")
-    if args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value < 8 or value % 8):
-            p.error(f"--{name} must be a positive multiple of 8, got {value}")
-    if not 0 < args.refiner_start < 1:
-        p.error(f"--refiner-start must be between 0 and 1, got {args.refiner_start}")
-    if args.output.suffix.lower() != ".png":
-        p.error(f"--output must be a .png file, got {args.output}")
-    if not args.output.parent.is_dir():
-        p.error(f"the folder of --output does not exist: {args.output.parent}")
+# The API's name of each option whose flag differs, for the messages of the shared checks.
+_FLAGS = (("steps", "--steps"), ("guidance", "--guidance"), ("height", "--height"), ("width", "--width"),
+          ("num_images_per_prompt", "--batch-size"), ("seed", "--seed"), ("refiner_start", "--refiner-start"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-    written: list[Path] = []
-    try:
-        start = time.perf_counter()
-        dtypes = dict(dtype=DTYPES[args.dtype], vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
-        pipe = SDXLPipeline.from_pretrained(args.model, **dtypes)
-        refiner = SDXLPipeline.from_pretrained(args.refiner, **dtypes) if args.refiner is not None else None
-        if args.tile_vae:
-            (refiner or pipe).vae.enable_tiling()
-        log(f"loaded {args.model} in {time.perf_counter() - start:.1f} s; seed {seed}")
-        progress = Progress(not args.quiet)
-        images = pipe(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                      height=args.height, width=args.width, num_images_per_prompt=args.batch_size, seed=seed,
-                      scheduler=args.scheduler, refiner=refiner, refiner_start=args.refiner_start,
-                      low_memory=args.low_memory, callback=progress)
-        paths = output_paths(args.output, len(images))
-        for path, image in zip(paths, images):
-            write_png(path, image)
-            written.append(path)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; {'wrote ' + ', '.join(map(str, written)) if written else 'nothing was written'}.",
-              file=sys.stderr)
-        return 130
-    except (MlxUnetError, OSError) as e:  # a user's error; anything else is a bug and keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _checked(args) -> tuple[RunArguments, list[Path]]:
+    """The run's numbers and output paths, checked before anything is read."""
+    run = RunArguments(args.steps, args.guidance, 0.0, args.height, args.width, args.batch_size, args.seed,
+                       refiner_start=args.refiner_start, refined=args.refiner is not None, flags=_FLAGS)
+    check_prompts(args.prompt)
+    if args.negative_prompt is not None:
+        check_prompts(args.negative_prompt, "--negative-prompt")
+    return run, output_paths(args.output, args.batch_size)
+
+
+def _generate(args, log, written: list[Path]) -> int:
+    start = time.perf_counter()
+    run, paths = _checked(args)
+    dtype = DTYPES[args.dtype]
+    vae_dtype = DTYPES[args.vae_dtype] if args.vae_dtype else None
+    base = PipelineFolder.read(args.model)
+    refiner_parts = PipelineFolder.read(args.refiner) if args.refiner is not None else None
+    plan = check_run(run, base, refiner_parts, prompts=1, scheduler=args.scheduler, dtype=dtype, vae_dtype=vae_dtype,
+                     tiled_vae=args.tile_vae, low_memory=args.low_memory)
+    check_writable(paths, plan.height, plan.width)  # before loading: a failed write would waste the run
+    seed = run.seed if run.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
+    pipe = SDXLPipeline.from_pretrained(base, dtype=dtype, vae_dtype=vae_dtype)
+    refiner = SDXLPipeline.from_pretrained(refiner_parts, dtype=dtype, vae_dtype=vae_dtype) if refiner_parts else None
+    if args.tile_vae:
+        (refiner or pipe).vae.enable_tiling()
+    log(f"loaded {args.model} in {time.perf_counter() - start:.1f} s; seed {seed}; "
+        f"estimated peak memory {plan.estimate.peak / 2**30:.2f} GiB")
+    progress = Progress(not args.quiet)
+    images = pipe(args.prompt, args.negative_prompt, steps=run.steps, guidance=run.guidance, height=run.height,
+                  width=run.width, num_images_per_prompt=run.num_images_per_prompt, seed=seed,
+                  scheduler=args.scheduler, refiner=refiner, refiner_start=run.refiner_start,
+                  low_memory=args.low_memory, callback=progress)
+    write_pngs(paths, images)
+    written += paths
     for stage, seconds in progress.seconds.items():
         # The first step includes one-time work (kernel builds, weight reads): the median is typical.
         log(f"{stage}: {len(seconds)} steps, median {np.median(seconds):.2f} s/step")
     log(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.1f} s; "
         f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    written: list[Path] = []
+    return run_command(lambda: _generate(args, log, written),
+                       lambda: f"wrote {', '.join(map(str, written))}" if written else "nothing was written")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ dataclass, by one rule for its keys (``config_fields``):
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, ClassVar, Collection, Iterator, Mapping
 import mlx.core as mx
 
 from ..errors import ConfigError
+from ..jsonfile import read_json
 
 FORMAT_VERSION = "1"
 # model_index.json key marking a pipeline folder that convert.py wrote (diffusers reads keys
@@ -41,19 +41,15 @@ SECTION_KEYS = ("format_version",)
 BOOKKEEPING = frozenset({"transformers_version", "torch_dtype", "dtype"})
 
 
-def read_config_json(path: str | Path, model: str, filename: str = "config.json") -> Any:
+def read_config_json(path: str | Path, model: str, filename: str = "config.json") -> dict[str, Any]:
     """The fields of a ``config.json`` file, or of the one inside a folder, for a ``model``
     ("UNet", "VAE", ...) named in the errors."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and path.name != filename:  # a folder named config.json is a malformed file, not a model
         path = path / filename
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"no {model} config at {path}; pass a folder holding {filename}.") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
-    return raw  # (from_dict checks that it is an object)
+    if not path.exists():  # the user named this path: the fix is another one, not a download
+        raise ConfigError(f"no {model} config at {path}; pass a folder holding {filename}.")
+    return read_json(path, f"{model} config", ConfigError, "download it again, or convert the model again")
 
 
 def preset(presets: Mapping[str, dict[str, Any]], name: str, model: str) -> dict[str, Any]:

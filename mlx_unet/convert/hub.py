@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Iterable
@@ -12,10 +13,29 @@ from .layout import MODEL_INDEX, MODELS, SCHEDULER_CONFIG, TOKENIZERS, UNET, WEI
 from .tokenizer_files import TOKENIZER_FILES
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What people pass as files (weights, configs): a name ending so is a mistyped local path, never
+# a repo id, and is reported missing at once instead of being looked up on the network.
+_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".bin", ".pt", ".pth", ".json", ".yaml", ".yml")
+
+
+def looks_local(text: str) -> bool:
+    """Whether ``text`` names a local path: it exists (a link counts, even a dangling or
+    looping one), starts like a path (``.``, ``/``, ``~``) or ends in a file suffix."""
+    return (os.path.lexists(Path(text).expanduser()) or text.startswith((".", "/", "~", "\\"))
+            or text.lower().endswith(_FILE_SUFFIXES))
 
 
 def is_repo_id(text: str) -> bool:
-    return bool(_REPO_ID.match(text)) and not text.startswith((".", "/", "~"))
+    return bool(_REPO_ID.match(text)) and not looks_local(text)
+
+
+def missing_path(text: str, what: str) -> str:
+    """Why local path ``text`` cannot be read, as the start of a sentence about ``what``."""
+    path = Path(text).expanduser()
+    if path.is_symlink() and not path.exists():
+        return (f"{what} {text} is a symbolic link to {os.readlink(path)}, which does not exist or loops back; "
+                "fix the link or pass the file itself")
+    return f"{what} {text} does not exist"
 
 
 def is_offline() -> bool:
@@ -118,6 +138,10 @@ def fetch_tokenizers(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise ConversionError(f"--tokenizers {spec} is a file; pass a diffusers SDXL folder or a Hub repo id.")
+    if looks_local(spec):
+        raise ConversionError(f"{missing_path(spec, '--tokenizers')}; pass a diffusers SDXL folder or a Hub repo id.")
     if not is_repo_id(spec):
         raise ConversionError(f"--tokenizers {spec} is neither a folder nor a Hub repo id (owner/name).")
     names = [f"{t}/{f}" for t in TOKENIZERS.values() for f in TOKENIZER_FILES]

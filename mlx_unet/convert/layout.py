@@ -3,13 +3,13 @@ model_index.json; and the choices of one conversion."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import mlx.nn as nn
 
+from .. import jsonfile
 from ..configs.clip import CLIPTextConfig
 from ..configs.unet import UNetConfig
 from ..configs.vae import VAEConfig
@@ -103,14 +103,11 @@ def weight_files(folder: Path, kind: ModelKind, variant: str | None, prefer_fp16
     """The weight files of a diffusers or transformers model folder: one file, or an index's shards."""
     for name, shard_pattern in weight_candidates(kind, variant, prefer_fp16):
         path = folder / name
-        if not path.is_file():
+        if not path.exists():  # a folder in a weights file's place is refused by its reader, not skipped
             continue
         if shard_pattern is None:
             return [path]
-        try:
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
-            raise ConversionError(f"{path} is not a valid shard index (no weight_map).") from None
+        shards = _shards(path)
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise ConversionError(
@@ -123,11 +120,26 @@ def weight_files(folder: Path, kind: ModelKind, variant: str | None, prefer_fp16
     raise ConversionError(f"no {kind.what} weights in {folder}: expected {wanted}.")
 
 
+def _shards(index: Path) -> list[str]:
+    """The shard file names a ``*.safetensors.index.json`` lists."""
+    weight_map = read_json(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(s, str) for s in weight_map.values()):
+        raise ConversionError(f"{index} is not a valid shard index (no weight_map of tensor names to files); "
+                              "download it again.")
+    # A shard is a file beside its index: a path elsewhere would read a file the folder does not hold.
+    outside = sorted(s for s in set(weight_map.values()) if Path(s).name != s or s in ("", ".", ".."))
+    if outside:
+        raise ConversionError(f"{index} lists shard {outside[0]!r}, which is not a file name in its folder; "
+                              "download it again.")
+    return sorted(set(weight_map.values()))
+
+
 def unet_folder(folder: Path) -> Path:
     """The UNet's folder of a pipeline root or of a UNet folder."""
-    if (folder / "unet" / "config.json").is_file():
+    # exists(), not is_file(): a folder named config.json is then refused as such by the config reader.
+    if (folder / "unet" / "config.json").exists():
         return folder / "unet"
-    if (folder / "config.json").is_file():
+    if (folder / "config.json").exists():
         return folder
     raise ConversionError(
         f"{folder} is not a diffusers model: expected unet/config.json (pipeline folder) or config.json (UNet folder)."
@@ -135,15 +147,8 @@ def unet_folder(folder: Path) -> Path:
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConversionError(f"no {what} at {path}; download it again.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} is not valid JSON ({e}); download it again.") from None
-    if not isinstance(raw, dict):
-        raise ConversionError(f"{path} must hold a JSON object, got {type(raw).__name__}.")
-    return raw
+    """A JSON object of the source being converted (``jsonfile.read_json``, as a ConversionError)."""
+    return jsonfile.read_json(path, what, ConversionError)
 
 
 def listed(index: dict[str, Any], name: str) -> str | None:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..configs.base import FORMAT_KEY, FORMAT_VERSION
-from ..errors import ConversionError
+from ..configs.pipeline import check_components_fit
+from ..errors import ConfigError, ConversionError
 from ..naming import Take
 from .hub import fetch_tokenizers
 from .layout import MODEL_INDEX, MODELS, SCHEDULER_CONFIG, TOKENIZERS, UNET, ModelKind, Options, listed, read_json, \
@@ -121,26 +122,8 @@ def plan_pipeline_folder(folder: Path, options: Options, tokenizers: str | None 
 
 def check_widths(models: dict[str, Plan]) -> None:
     """The models must fit together: token states, pooled embedding and latents."""
-    unet = models["unet"].config
     encoders = [models[n].config for n in TOKENIZERS if n in models]
-    width = sum(c.hidden_size for c in encoders)
-    if width != unet.cross_attention_dim:
-        raise ConversionError(
-            f"the text encoders give {' + '.join(str(c.hidden_size) for c in encoders)}-wide token states but the "
-            f"UNet's cross-attention takes {unet.cross_attention_dim}; these models do not belong together."
-        )
-    if unet.has_text_time_embedding:
-        pooled = encoders[-1].projection_dim if encoders[-1].with_projection else encoders[-1].hidden_size
-        ids, remainder = divmod(unet.projection_class_embeddings_input_dim - pooled, unet.addition_time_embed_dim)
-        if remainder or ids <= 0:
-            raise ConversionError(
-                f"the second text encoder's pooled embedding is {pooled} wide, which does not fit the UNet's added "
-                f"embedding ({unet.projection_class_embeddings_input_dim} = pooled + time ids x "
-                f"{unet.addition_time_embed_dim}); these models do not belong together."
-            )
-    vae = models["vae"].config
-    if vae.latent_channels != unet.out_channels:
-        raise ConversionError(
-            f"the VAE has {vae.latent_channels} latent channels but the UNet predicts {unet.out_channels}; "
-            "these models do not belong together."
-        )
+    try:
+        check_components_fit(models["unet"].config, encoders, models["vae"].config)
+    except ConfigError as e:
+        raise ConversionError(str(e)) from None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConversionError
-from .hub import fetch_pipeline, fetch_unet, is_offline, is_repo_id, repo_files, snapshot
+from .hub import fetch_pipeline, fetch_unet, is_offline, is_repo_id, looks_local, missing_path, repo_files, snapshot
 from .layout import MODEL_INDEX, Options
 from .plan import PipelinePlan, Plan, only_unet, plan_pipeline_folder, plan_unet_folder
 from .single_file import holds_more_than_a_unet, plan_pipeline_single_file, plan_unet_single_file
@@ -41,6 +41,8 @@ def _local_source(source: str) -> Path | None:
     path = Path(source).expanduser()
     if path.exists():
         return path
+    if looks_local(source):
+        raise ConversionError(f"{missing_path(source, 'the source')}; check the path.")
     if is_repo_id(source):
         return None
     raise ConversionError(f"{source} is neither a file, a folder nor a Hub repo id (owner/name).")

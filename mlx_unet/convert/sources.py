@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -48,15 +49,13 @@ class PickleSource(TensorSource):
             raise ConversionError("reading a pickle checkpoint needs PyTorch: pip install torch.") from None
         self.tensors = {}
         for file in files:
-            try:
-                obj = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception as e:  # torch raises many kinds for corrupt or unsafe pickles
-                raise ConversionError(f"{file} could not be loaded as a weights-only PyTorch pickle ({e}).") from None
+            obj = _load_pickle(torch, file)
             if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
                 obj = obj["state_dict"]  # Lightning .ckpt
             if not isinstance(obj, dict):
-                raise ConversionError(f"{file} does not hold a state dict (it holds {type(obj).__name__}).")
-            self.tensors.update({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+                raise ConversionError(f"{file} does not hold a state dict (it holds a {type(obj).__name__}); pass "
+                                      "a checkpoint of named tensors.")
+            self.tensors.update({k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)})
         self.shapes = {k: tuple(v.shape) for k, v in self.tensors.items()}
 
     def read(self, key: str) -> mx.array:
@@ -68,14 +67,40 @@ class PickleSource(TensorSource):
         return mx.array(tensor.numpy())
 
 
+def _load_pickle(torch, file: Path):
+    """``torch.load(weights_only=True)`` of ``file``, its failures in our words: torch's own
+    advise ``weights_only=False``, which would run whatever the file asks."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch refuses a callable or class it does not allow by naming the pickle's GLOBAL; its other
+        # refusals ("Unsupported operand", ...) are bytes that are no pickle at all.
+        if "GLOBAL" in str(e):
+            raise ConversionError(
+                f"{file} is not a plain weights pickle: it asks to run code or build objects other than "
+                "tensors, so it was not loaded and nothing in it ran; convert it to safetensors with a tool "
+                "you trust, or get a .safetensors version of it."
+            ) from None
+        raise _corrupt_pickle(file) from None
+    except OSError as e:
+        raise ConversionError(f"{file} cannot be read ({e.strerror or e}).") from None
+    except Exception:  # torch fails on a damaged file with whatever its reader hits (EOFError, KeyError, ...)
+        raise _corrupt_pickle(file) from None
+
+
+def _corrupt_pickle(file: Path) -> ConversionError:
+    return ConversionError(f"{file} is not a readable PyTorch pickle (it is corrupt or truncated); download or "
+                           "copy it again.")
+
+
 def open_tensors(files: Sequence[Path], allow_pickle: bool) -> TensorSource:
-    pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
+    pickles = [f for f in files if f.suffix.lower() in PICKLE_SUFFIXES]  # model.CKPT is a pickle too
     if not pickles:
         return SafetensorsSource(files)
     if not allow_pickle:
         raise ConversionError(
-            f"{pickles[0]} is a PyTorch pickle, and loading a pickle can run code hidden in it. Prefer a "
-            ".safetensors file; if you trust this one, pass --allow-pickle (it is then loaded with "
+            f"{pickles[0]} is a PyTorch pickle, and loading a pickle can run code hidden in it; prefer a "
+            ".safetensors file, or if you trust this one, pass --allow-pickle (it is then loaded with "
             "torch.load(weights_only=True))."
         )
     return PickleSource(files)

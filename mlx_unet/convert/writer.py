@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +17,7 @@ import mlx.core as mx
 
 from ..configs.base import DTYPES, FORMAT_VERSION
 from ..configs.unet import UNetConfig
-from ..errors import ConversionError, WeightsError
+from ..errors import ConversionError, MlxUnetWarning, NonFiniteWarning, WeightsError
 from ..safetensors_io import TensorSpec, write_safetensors
 from ..weights import check_shapes, model_shapes, torch_to_mlx_layout, torch_to_mlx_shape
 from .layout import MODEL_INDEX, SCHEDULER_CONFIG, Options
@@ -24,6 +25,7 @@ from .plan import PipelinePlan, Plan, check_widths
 from .resolve import check_out_dir_apart, plan_source
 
 OUTPUT_WEIGHTS = "model.safetensors"
+WARNING = "warning: "  # the prefix of a plan's notes that are warnings
 
 
 class _Progress:
@@ -73,10 +75,10 @@ def _replace_dir_atomically(out_dir: Path, write: Callable[[Path], None], force:
     On any failure the partial folder is removed and an existing ``out_dir`` is left untouched.
     """
     _check_out_dir(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    old = None
+    created = _make_parents(out_dir.parent)
+    old = partial = None
     try:
+        partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
         write(partial)
         umask = os.umask(0)
         os.umask(umask)
@@ -86,14 +88,31 @@ def _replace_dir_atomically(out_dir: Path, write: Callable[[Path], None], force:
             os.rename(out_dir, old / "previous")
         os.rename(partial, out_dir)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
         if old is not None and (old / "previous").exists() and not out_dir.exists():
             os.rename(old / "previous", out_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        for folder in created:  # deepest first; only what this call made, and only if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; the folders it created, deepest first, for a failure to remove."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir()
+    return missing
 
 
 def _checked_shapes(plan: Plan) -> dict[str, tuple[int, ...]]:
@@ -188,7 +207,10 @@ def convert(
     else:
         log(f"source: {planned.description}, {len(planned.names)} UNet tensors")
     for note in notes:
-        log(f"  {note}")
+        if note.startswith(WARNING):  # what the user asked for that was not done: never silenced
+            warnings.warn(MlxUnetWarning(note[len(WARNING):]), stacklevel=2)
+        else:
+            log(f"  {note}")
 
     nonfinite: list[str] = []
     specs = {sub: _specs(plan, expected[sub], nonfinite, f"{sub}/" if sub else "") for sub, plan in layout.items()}
@@ -202,14 +224,19 @@ def convert(
             (folder / sub).mkdir(exist_ok=True)
             metadata = {"format": "mlx", "mlx_unet_format_version": FORMAT_VERSION, "source": plan.description,
                         "dtype": plan.dtype}
-            write_safetensors(folder / sub / OUTPUT_WEIGHTS, specs[sub], metadata, on_tensor=lambda spec: show(spec.nbytes))
+            try:
+                write_safetensors(folder / sub / OUTPUT_WEIGHTS, specs[sub], metadata,
+                                  on_tensor=lambda spec: show(spec.nbytes))
+            except OSError as e:  # a full disk names no file: name the one being written, as it will be called
+                raise OSError(e.errno, e.strerror, str(out_dir / sub / OUTPUT_WEIGHTS)) from None
             (folder / sub / "config.json").write_text(json.dumps(plan.kind.config_dict(plan.config), indent=2) + "\n")
 
     _replace_dir_atomically(out_dir, write, force)
     if nonfinite:
         shown = ", ".join(nonfinite[:5]) + (f", ... ({len(nonfinite) - 5} more)" if len(nonfinite) > 5 else "")
-        log(f"warning: {len(nonfinite)} tensors hold NaN or inf values after conversion to {dtype} ({shown}); "
-            "the model will likely produce NaN.")
+        warnings.warn(NonFiniteWarning(
+            f"{len(nonfinite)} tensors hold NaN or inf values after conversion to {dtype} ({shown}); the model will "
+            "likely make black images: check the source, or convert to float32 if float16 overflowed."), stacklevel=2)
     dtypes = {sub or "unet": plan.dtype for sub, plan in layout.items()}
     log(f"wrote {out_dir} ({total / 1e9:.2f} GB, {', '.join(sorted(set(dtypes.values())))})")
     configs = {sub or "unet": plan.config for sub, plan in layout.items()}

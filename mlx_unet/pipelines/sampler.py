@@ -9,16 +9,26 @@ rescale, the micro-conditioning time ids, img2img strength, and the base -> refi
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
 
-from ..errors import InputError
+from ..errors import InputError, NonFiniteWarning
 from ..models.unet import UNet2DConditionModel
+from .arguments import (
+    MAX_GUIDANCE,
+    MAX_STEPS,
+    PIXELS_PER_LATENT,
+    check_finite_array,
+    check_int,
+    check_real,
+    check_seed,
+    check_size,
+    strength_steps,
+)
 from .run import RunSettings
-
-VAE_SCALE_FACTOR = 8  # pixels per latent cell in every SD / SDXL VAE
 
 
 @dataclass(frozen=True)
@@ -74,11 +84,8 @@ class Sampler:
         self.settings = RunSettings(compile=compile, low_memory=low_memory)
 
     def __call__(self, *args, **kwargs) -> mx.array:
-        step = None
-        for step in self.steps(*args, **kwargs):
+        for step in self.steps(*args, **kwargs):  # steps() refuses a run of no step
             pass
-        if step is None:  # no step to run (e.g. denoising_start past the last timestep)
-            raise InputError("the schedule leaves no denoising step to run; check denoising_start/strength.")
         return step.latents
 
     def steps(
@@ -119,6 +126,12 @@ class Sampler:
         Without a negative prompt, classifier-free guidance uses zeros (SDXL's
         ``force_zeros_for_empty_prompt``).
         """
+        self._check_arguments(num_inference_steps, guidance_scale, guidance_rescale, seed, strength,
+                              denoising_start, denoising_end, image_latents is not None,
+                              prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                              negative_prompt_embeds=negative_prompt_embeds,
+                              negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                              latents=latents, image_latents=image_latents)
         size = self._pixel_size(height, width, latents, image_latents)
         conditioning = self.prepare_conditioning(
             prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -135,6 +148,10 @@ class Sampler:
             image_latents=image_latents, strength=strength, denoising_start=denoising_start,
             denoising_end=denoising_end,
         )
+        if start.timesteps.shape[0] == 0:
+            raise InputError(f"the schedule of {num_inference_steps} steps leaves no step to run from denoising_start "
+                             f"{denoising_start} / denoising_end {denoising_end}; raise num_inference_steps or move "
+                             "the hand-off away from the end of the schedule.")
         return self.loop(conditioning, start)
 
     def prepare_conditioning(
@@ -209,29 +226,19 @@ class Sampler:
         key = mx.random.key(seed if seed is not None else int(time.time_ns() % 2**31))
         noise_key, step_key = mx.random.split(key)
         height, width = size
-        shape = (batch, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR, self.unet.config.in_channels)
-
-        sched.set_timesteps(num_inference_steps)
-        timesteps = sched.timesteps
-        train_steps = sched.config.num_train_timesteps
+        shape = (batch, height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT, self.unet.config.in_channels)
+        if denoising_start is not None and image_latents is None:
+            raise InputError("denoising_start needs image_latents (the base model's output to refine).")
+        timesteps, begin = schedule(sched, num_inference_steps, img2img=image_latents is not None, strength=strength,
+                                    denoising_start=denoising_start, denoising_end=denoising_end)
         if image_latents is None:
-            if denoising_start is not None:
-                raise InputError("denoising_start needs image_latents (the base model's output to refine).")
-            begin = 0
             noise = latents if latents is not None else mx.random.normal(shape, key=noise_key)
             x = noise.astype(mx.float32) * sched.init_noise_sigma
         else:
-            begin = self._start_index(timesteps, num_inference_steps, strength, denoising_start, train_steps)
             x = image_latents.astype(mx.float32)
             if denoising_start is None:  # img2img: noise the image up to the first timestep
                 noise = latents if latents is not None else mx.random.normal(shape, key=noise_key)
-                x = sched.add_noise(x, noise.astype(mx.float32), timesteps[begin:begin + 1])
-        sched.set_begin_index(begin)
-        timesteps = timesteps[begin:]
-        if denoising_end is not None and 0 < denoising_end < 1:
-            # The base half of a hand-off stops at the same cutoff the refiner starts from.
-            cutoff = int(round(train_steps - denoising_end * train_steps))
-            timesteps = timesteps[: int((timesteps >= cutoff).sum().item())]
+                x = sched.add_noise(x, noise.astype(mx.float32), timesteps[:1])
         return Start(x, timesteps, step_key)
 
     def loop(self, conditioning: Conditioning, start: Start) -> Iterator[Step]:
@@ -244,6 +251,7 @@ class Sampler:
         x, timesteps = start.latents, start.timesteps
         total = timesteps.shape[0]
         step_keys = mx.random.split(start.key, max(total, 1))
+        warned = False
         with self.settings.applied():
             forward = self.settings.forward(self.unet)
             for i in range(total):
@@ -260,21 +268,43 @@ class Sampler:
                 noise = mx.random.normal(x.shape, key=step_keys[i]) if sched.stochastic else None
                 x = sched.step(prediction, t, x, noise=noise).prev_sample
                 mx.eval(x)
+                if not warned and not mx.all(mx.isfinite(x)).item():
+                    warned = True  # once: every later step of the run inherits the NaN
+                    warnings.warn(NonFiniteWarning(
+                        f"step {i + 1} of {total} made NaN or infinite latents, so the image will be black or noise; "
+                        "the weights may hold NaN, or float16 overflowed (try --dtype float32 / dtype=mx.float32)."))
                 yield Step(i, total, float(t.item()), x, time.perf_counter() - begin)
 
     # ------------------------------------------------------------------ helpers
 
+    @staticmethod
+    def _check_arguments(steps, guidance_scale, guidance_rescale, seed, strength, denoising_start, denoising_end,
+                         img2img: bool, **arrays) -> None:
+        check_int("num_inference_steps", steps, 1, MAX_STEPS)
+        check_real("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE)
+        check_real("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        check_seed(seed)
+        if img2img and denoising_start is None:
+            check_real("strength", strength, 0.0, 1.0, open_below=True)
+            if strength_steps(steps, strength) < 1:
+                raise InputError(f"strength {strength:g} of {steps} steps leaves no step to run; raise "
+                                 f"num_inference_steps or strength to at least {1 / steps:.3g}.")
+        for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+            if value is not None:
+                check_real(name, value, 0.0, 1.0, open_below=True)
+        for name, array in arrays.items():
+            if array is not None:
+                check_finite_array(name, array)
+
     def _pixel_size(self, height, width, latents, image_latents) -> tuple[int, int]:
         if image_latents is not None:
             _, h, w, _ = image_latents.shape
-            height, width = h * VAE_SCALE_FACTOR, w * VAE_SCALE_FACTOR
+            height, width = h * PIXELS_PER_LATENT, w * PIXELS_PER_LATENT
         elif latents is not None:
-            height, width = latents.shape[1] * VAE_SCALE_FACTOR, latents.shape[2] * VAE_SCALE_FACTOR
-        default = (self.unet.config.sample_size or 128) * VAE_SCALE_FACTOR
-        height, width = height or default, width or default
-        if height % VAE_SCALE_FACTOR or width % VAE_SCALE_FACTOR:
-            raise InputError(f"height and width must be multiples of {VAE_SCALE_FACTOR}, got {height}x{width}.")
-        return height, width
+            height, width = latents.shape[1] * PIXELS_PER_LATENT, latents.shape[2] * PIXELS_PER_LATENT
+        default = (self.unet.config.sample_size or 128) * PIXELS_PER_LATENT
+        height, width = check_size("height", height), check_size("width", width)
+        return height or default, width or default
 
     def _predict(self, forward, model_input, t, conditioning: Conditioning) -> mx.array:
         added = conditioning.added_embedding
@@ -321,19 +351,34 @@ class Sampler:
                 negative = ids
         return mx.array(ids, dtype=mx.float32), mx.array(negative, dtype=mx.float32)
 
-    def _start_index(self, timesteps, steps, strength, denoising_start, train_steps) -> int:
-        """Where img2img starts in the schedule (diffusers' get_timesteps)."""
-        order = self.scheduler.order
-        if denoising_start is None:
-            if not 0 <= strength <= 1:
-                raise InputError(f"strength must be between 0 and 1, got {strength}.")
-            init = min(int(steps * strength), steps)
-            return max(steps - init, 0) * order
-        cutoff = int(round(train_steps - denoising_start * train_steps))
-        remaining = int((timesteps < cutoff).sum().item())
-        if order == 2 and remaining % 2 == 0:
-            remaining += 1  # do not start between the two evaluations of a second-order step
-        return timesteps.shape[0] - remaining
+
+def schedule(scheduler, num_inference_steps: int, *, img2img: bool = False, strength: float = 0.3,
+             denoising_start: float | None = None, denoising_end: float | None = None) -> tuple[mx.array, int]:
+    """The timesteps a run takes, and the index of the first in the scheduler's whole schedule
+    (set as its begin index). Sets the scheduler's timesteps. ``img2img`` starts at ``strength``
+    of the schedule, or at ``denoising_start`` (the refiner's half of a hand-off);
+    ``denoising_end`` stops the base half at the same cutoff."""
+    scheduler.set_timesteps(num_inference_steps)
+    timesteps = scheduler.timesteps
+    train_steps = scheduler.config.num_train_timesteps
+    begin = _start_index(scheduler, timesteps, num_inference_steps, strength, denoising_start, train_steps) if img2img else 0
+    scheduler.set_begin_index(begin)
+    timesteps = timesteps[begin:]
+    if denoising_end is not None and 0 < denoising_end < 1:
+        cutoff = int(round(train_steps - denoising_end * train_steps))
+        timesteps = timesteps[: int((timesteps >= cutoff).sum().item())]
+    return timesteps, begin
+
+
+def _start_index(scheduler, timesteps, steps, strength, denoising_start, train_steps) -> int:
+    """Where img2img starts in the schedule (diffusers' get_timesteps)."""
+    if denoising_start is None:
+        return max(steps - strength_steps(steps, strength), 0) * scheduler.order
+    cutoff = int(round(train_steps - denoising_start * train_steps))
+    remaining = int((timesteps < cutoff).sum().item())
+    if scheduler.order == 2 and remaining % 2 == 0:
+        remaining += 1  # do not start between the two evaluations of a second-order step
+    return timesteps.shape[0] - remaining
 
 
 def _rescale_guidance(guided: mx.array, cond: mx.array, factor: float) -> mx.array:

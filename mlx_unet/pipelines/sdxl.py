@@ -12,7 +12,6 @@ the base UNet is released.
 
 from __future__ import annotations
 
-import json
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,24 +20,16 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..configs.base import FORMAT_KEY, FORMAT_VERSION, newer_format
 from ..cpu import on_cpu
-from ..errors import PipelineError
+from ..errors import InputError, PipelineError
 from ..models.clip import CLIPTextModel
 from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
-from ..schedulers import SAMPLERS, make_scheduler, read_config
 from ..tokenizer import CLIPTokenizer
+from .arguments import RunArguments, check_finite_array, check_int
+from .folder import TEXT_PARTS, PipelineFolder
+from .preflight import check_prompts, check_run
 from .sampler import Sampler, Step
-
-
-# diffusers' scheduler class -> our sampler name, to default to the model's own sampler.
-_SAMPLER_OF_CLASS = {
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "DDIMScheduler": "ddim",
-}
 
 
 @dataclass
@@ -52,16 +43,9 @@ class PromptEmbeddings:
     negative_pooled: mx.array | None
 
 
-def _as_list(prompt: str | Sequence[str], name: str) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise PipelineError(f"{name} must be a string or a non-empty list of strings.")
-    return prompts
-
-
 def _per_prompt(value: str | Sequence[str], name: str, count: int) -> list[str]:
     """``value`` for each of ``count`` prompts: one string (or a list of one) serves them all."""
-    values = _as_list(value, name)
+    values = check_prompts(value, name)
     if len(values) == 1:
         return values * count
     if len(values) != count:
@@ -72,16 +56,14 @@ def _per_prompt(value: str | Sequence[str], name: str, count: int) -> list[str]:
 class SDXLPipeline:
     """``SDXLPipeline.from_pretrained(folder)(prompt)`` -> uint8 images (B, H, W, 3)."""
 
-    def __init__(self, folder: Path, unet: UNet2DConditionModel, vae: AutoencoderKL,
-                 tokenizers: list[CLIPTokenizer | None], encoder_folders: list[Path | None],
-                 dtype: mx.Dtype, force_zeros_for_empty_prompt: bool, keep_text_encoders: bool = False):
-        self.folder = folder
+    def __init__(self, parts: PipelineFolder, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                 tokenizers: list[CLIPTokenizer | None], dtype: mx.Dtype, keep_text_encoders: bool = False):
+        self.parts = parts
+        self.folder = parts.path
         self.unet = unet
         self.vae = vae
         self.tokenizers = tokenizers
-        self.encoder_folders = encoder_folders
         self.dtype = dtype
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.keep_text_encoders = keep_text_encoders
         self._encoders: list[CLIPTextModel | None] | None = None
 
@@ -92,51 +74,21 @@ class SDXLPipeline:
                         keep_text_encoders: bool = False) -> "SDXLPipeline":
         """Load a converted pipeline folder. ``dtype`` is for the UNet and text encoders; the VAE
         defaults to float32 unless its config says it is safe in half precision (the fp16-fix VAE).
-        ``keep_text_encoders``: keep them loaded between calls (faster repeated prompts, more memory)."""
-        folder = Path(folder).expanduser()
-        index_path = folder / "model_index.json"
-        if not index_path.is_file():
-            hint = " (convert.py --unet-only output is a UNet, not a pipeline)" if (folder / "config.json").is_file() else ""
-            raise PipelineError(f"{folder} has no model_index.json{hint}; convert a whole pipeline with mlx-unet convert first.")
-        try:
-            index = json.loads(index_path.read_text())
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"{index_path} is not valid JSON ({e}); convert the pipeline again.") from None
-        if FORMAT_KEY not in index:
-            raise PipelineError(
-                f"{folder} is a diffusers pipeline (PyTorch weights), not a converted one; convert it with "
-                f"mlx-unet convert {folder} OUT_DIR and pass OUT_DIR."
-            )
-        if index[FORMAT_KEY] != FORMAT_VERSION:
-            fix = ("upgrade mlx-unet (pip install -U mlx-unet) to read it" if newer_format(index[FORMAT_KEY])
-                   else "convert the model again with this version's mlx-unet convert")
-            raise PipelineError(
-                f"{folder} was converted in format {index[FORMAT_KEY]!r}, and this version reads {FORMAT_VERSION!r}; {fix}."
-            )
-
-        def present(name: str) -> bool:
-            entry = index.get(name)
-            return isinstance(entry, list) and entry[0] is not None and (folder / name).is_dir()
-
-        for needed in ("unet", "vae", "text_encoder_2", "tokenizer_2"):
-            if not present(needed):
-                raise PipelineError(f"{folder} has no {needed}/; convert the whole pipeline with convert.py (without --unet-only).")
-        names = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
-        tokenizers = [CLIPTokenizer.from_folder(folder / t) if present(t) else None for t, _ in names]
-        encoders = [folder / e if present(e) else None for _, e in names]
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=vae_dtype)
-        return cls(folder, unet, vae, tokenizers, encoders, dtype,
-                   bool(index.get("force_zeros_for_empty_prompt", True)), keep_text_encoders)
+        ``keep_text_encoders``: keep them loaded between calls (faster repeated prompts, more memory).
+        The whole folder is checked (``PipelineFolder.read``) before any weights are read."""
+        parts = folder if isinstance(folder, PipelineFolder) else PipelineFolder.read(folder)
+        tokenizers = [None if parts.part(t) is None else CLIPTokenizer.from_folder(parts.part(t)) for t, _ in TEXT_PARTS]
+        unet = UNet2DConditionModel.from_pretrained(parts.part("unet"), dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(parts.part("vae"), dtype=vae_dtype)
+        return cls(parts, unet, vae, tokenizers, dtype, keep_text_encoders)
 
     def _text_encoders(self) -> list[CLIPTextModel | None]:
         if self._encoders is None:
             # On the CPU half precision is slower (no fast half matmul: Linear widens weights at
             # every call) and no smaller for long (the encoders are released after the prompt).
             dtype = mx.float32 if on_cpu() else self.dtype
-            self._encoders = [
-                None if f is None else CLIPTextModel.from_pretrained(f, dtype=dtype) for f in self.encoder_folders
-            ]
+            folders = [self.parts.part(e) for _, e in TEXT_PARTS]
+            self._encoders = [None if f is None else CLIPTextModel.from_pretrained(f, dtype=dtype) for f in folders]
         return self._encoders
 
     def release_text_encoders(self) -> None:
@@ -146,15 +98,7 @@ class SDXLPipeline:
     def scheduler(self, name: str | None = None):
         """The named sampler (see ``schedulers.SAMPLERS``) on this model's scheduler config;
         by default the sampler the model ships with."""
-        path = self.folder / "scheduler" / "scheduler_config.json"
-        shipped = read_config(path) if path.is_file() else None  # read once: it picks and configures
-        if name is None:
-            name = _SAMPLER_OF_CLASS.get((shipped or {}).get("_class_name"), "euler")
-            if name == "dpmpp_2m" and (shipped or {}).get("use_karras_sigmas"):
-                name = "dpmpp_2m_karras"
-        if name not in SAMPLERS:
-            raise PipelineError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}.")
-        return make_scheduler(name, shipped)
+        return self.parts.make_scheduler(name)
 
     # ------------------------------------------------------------------ prompt
 
@@ -176,19 +120,25 @@ class SDXLPipeline:
         context = mx.concatenate(states, axis=-1) if len(states) > 1 else states[0]
         return context, pooled
 
+    def _check_clip_skip(self, clip_skip: int | None) -> None:
+        if clip_skip is not None:
+            layers = min(c.num_hidden_layers for c in self.parts.encoders if c is not None)
+            check_int("clip_skip", clip_skip, 0, layers - 1)
+
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                       prompt_2: str | Sequence[str] | None = None,
                       negative_prompt_2: str | Sequence[str] | None = None,
                       clip_skip: int | None = None, guided: bool = True) -> PromptEmbeddings:
-        prompts = _as_list(prompt, "prompt")
-        prompts_2 = prompts if prompt_2 is None else _as_list(prompt_2, "prompt_2")
+        prompts = check_prompts(prompt)
+        self._check_clip_skip(clip_skip)
+        prompts_2 = prompts if prompt_2 is None else check_prompts(prompt_2, "prompt_2")
         if len(prompts_2) != len(prompts):
             raise PipelineError(f"prompt_2 has {len(prompts_2)} entries for {len(prompts)} prompts.")
         context, pooled = self._encode(prompts, prompts_2, clip_skip)
         negative_context = negative_pooled = None
         # SDXL base encodes no negative prompt when none is given: zeros stand in for it (as in
         # diffusers, a lone negative_prompt_2 does not change that).
-        zero_negative = negative_prompt is None and self.force_zeros_for_empty_prompt
+        zero_negative = negative_prompt is None and self.parts.force_zeros_for_empty_prompt
         if guided and not zero_negative:
             negatives = _per_prompt("" if negative_prompt is None else negative_prompt, "negative_prompt", len(prompts))
             negatives_2 = negatives if negative_prompt_2 is None else \
@@ -237,15 +187,26 @@ class SDXLPipeline:
         (diffusers' ensemble of experts: ``denoising_end`` / ``denoising_start``).
         ``callback(stage, step)`` is called after every step; stage is "base" or "refiner".
         """
-        if num_images_per_prompt < 1:
-            raise PipelineError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}.")
+        args = RunArguments(steps, guidance, guidance_rescale, height, width, num_images_per_prompt, seed, strength,
+                            refiner_start, img2img=image is not None, refined=refiner is not None)
         if output not in ("uint8", "float", "latent"):
-            raise PipelineError(f"output must be 'uint8', 'float' or 'latent', got {output!r}.")
-        if refiner is not None and not 0 < refiner_start < 1:
-            raise PipelineError(f"refiner_start must be between 0 and 1, got {refiner_start}.")
-        if image is not None and refiner is not None:
-            raise PipelineError("img2img (image=) runs one model; refine its output in a second call instead.")
-        guided = guidance > 1.0
+            raise InputError(f"output must be 'uint8', 'float' or 'latent', got {output!r}.")
+        count = len(check_prompts(prompt))
+        for name, text in (("negative_prompt", negative_prompt), ("prompt_2", prompt_2),
+                           ("negative_prompt_2", negative_prompt_2)):
+            if text is not None:
+                check_prompts(text, name)
+        size = None  # the image's or the latents' size, where given, else the arguments'
+        if latents is not None:
+            check_finite_array("latents", latents)
+            size = (latents.shape[1] * 8, latents.shape[2] * 8) if latents.ndim == 4 else None
+        if image is not None:
+            size = _checked_image(image, count * num_images_per_prompt)
+        self._check_clip_skip(clip_skip)
+        check_run(args, self.parts, None if refiner is None else refiner.parts, prompts=count, scheduler=scheduler,
+                  dtype=self.dtype, vae_dtype=(refiner or self).vae.dtype, tiled_vae=(refiner or self).vae.use_tiling,
+                  low_memory=low_memory, image_size=size)
+        guided = args.guided
         prompt_args = dict(negative_prompt=negative_prompt, prompt_2=prompt_2,
                            negative_prompt_2=negative_prompt_2, clip_skip=clip_skip, guided=guided)
         embeddings = self._repeat(self.encode_prompt(prompt, **prompt_args), num_images_per_prompt)
@@ -286,18 +247,13 @@ class SDXLPipeline:
                 x = step.latents
                 if callback is not None:
                     callback(stage, step)
-        if x is None:
-            raise PipelineError("the schedule leaves no denoising step to run; raise steps or lower refiner_start.")
         return x
 
     def encode_image(self, image: np.ndarray | mx.array, batch: int, seed: int | None = None) -> mx.array:
         """Images (1 or ``batch``, H, W, 3), uint8 or floats in [0, 1], -> scaled latents, drawn
         from the VAE's latent distribution as diffusers' img2img does (with a key from ``seed``)."""
+        _checked_image(image, batch)
         image = mx.array(image) if isinstance(image, np.ndarray) else image
-        if image.ndim != 4 or image.shape[-1] != 3 or image.shape[0] not in (1, batch):
-            raise PipelineError(f"image must be (1 or {batch}, height, width, 3) RGB, got shape {tuple(image.shape)}.")
-        if image.shape[1] % 8 or image.shape[2] % 8:
-            raise PipelineError(f"image height and width must be multiples of 8, got {image.shape[1]}x{image.shape[2]}.")
         pixels = image.astype(mx.float32) / 255 if image.dtype == mx.uint8 else image.astype(mx.float32)
         vae = self.vae
         # A key apart from the ones Sampler splits from the same seed for its noise.
@@ -312,7 +268,24 @@ class SDXLPipeline:
         images = vae.decode((latents / vae.config.scaling_factor).astype(vae.dtype))
         # diffusers' postprocessing: [-1, 1] -> [0, 1], clamped, in float32, then x255 rounded.
         images = np.array(mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0))
+        images = np.nan_to_num(images)  # NaN latents (warned of per step) decode to black, without a second warning
         return (images * 255).round().astype(np.uint8) if as_uint8 else images
+
+
+def _checked_image(image, batch: int) -> tuple[int, int]:
+    """An img2img input's (height, width), after checking its shape and values."""
+    if not isinstance(image, (np.ndarray, mx.array)):
+        raise InputError(f"image must be a numpy or MLX array (B, H, W, 3), got {type(image).__name__}.")
+    if image.ndim != 4 or image.shape[-1] != 3 or image.shape[0] not in (1, batch):
+        raise PipelineError(f"image must be (1 or {batch}, height, width, 3) RGB, got shape {tuple(image.shape)}.")
+    if image.shape[1] % 8 or image.shape[2] % 8:
+        raise PipelineError(f"image height and width must be multiples of 8, got {image.shape[1]}x{image.shape[2]}.")
+    values = mx.array(image) if isinstance(image, np.ndarray) else image
+    if values.dtype != mx.uint8:
+        check_finite_array("image", values)
+        if mx.any((values < 0) | (values > 1)).item():
+            raise InputError("image holds values outside [0, 1]; pass uint8 pixels or floats in [0, 1].")
+    return image.shape[1], image.shape[2]
 
 
 __all__ = ["PipelineError", "PromptEmbeddings", "SDXLPipeline"]

@@ -133,10 +133,7 @@ def read_config(source: Any) -> dict[str, Any]:
                 break
         else:
             raise ConfigError(f"no {SCHEDULER_CONFIG_NAME} in {source} (nor in its scheduler/ folder).")
-    raw = read_config_json(path, "scheduler", SCHEDULER_CONFIG_NAME)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}.")
-    return raw
+    return read_config_json(path, "scheduler", SCHEDULER_CONFIG_NAME)
 
 
 def parse_config(config_cls: type, source: Any, overrides: Mapping[str, Any]) -> Any:
@@ -146,9 +143,9 @@ def parse_config(config_cls: type, source: Any, overrides: Mapping[str, Any]) ->
     the other schedulers are accepted and read past.
     """
     defaults = {f.name: f.default for f in fields(config_cls)}
+    given = {**read_config(source), **overrides}  # outside named(): a bad file's error starts with its path
     with named(config_cls.__name__):
-        kwargs = config_fields({**read_config(source), **overrides}, defaults, "diffusers scheduler",
-                               accepted=KNOWN_SCHEDULER_KEYS)
+        kwargs = config_fields(given, defaults, "diffusers scheduler", accepted=KNOWN_SCHEDULER_KEYS)
     return config_cls(**kwargs)
 
 

@@ -388,7 +388,7 @@ def test_other_bad_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     for source, message in [
         (tmp_path / "empty", "is not a diffusers model: expected unet/config.json"),
-        (tmp_path / "nothing-here", "is neither a file, a folder nor a Hub repo id"),
+        (tmp_path / "nothing-here", "nothing-here does not exist; check the path"),
     ]:
         proc = run_cli(source, tmp_path / "out")
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

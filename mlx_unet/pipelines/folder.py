@@ -1,0 +1,150 @@
+"""A converted pipeline folder, read and checked whole before any weights are loaded.
+
+``mlx-unet convert`` writes ``model_index.json`` (diffusers' layout plus our format marker), one
+folder per model (``config.json`` + ``*.safetensors``), the tokenizer folders and the scheduler
+config. Everything a run needs from the folder is checked here, from the small files alone: that
+each listed part is there, that the configs parse and that the models fit together; so a broken
+folder is refused in one sentence at once, not after the UNet has loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..configs.base import FORMAT_KEY, FORMAT_VERSION, newer_format
+from ..configs.clip import CLIPTextConfig
+from ..configs.pipeline import check_components_fit
+from ..configs.unet import UNetConfig
+from ..configs.vae import VAEConfig
+from ..errors import MlxUnetError, PipelineError
+from ..jsonfile import read_json
+from ..schedulers import SAMPLERS, make_scheduler, read_config
+
+# diffusers' scheduler class -> our sampler name, to default to the model's own sampler.
+_SAMPLER_OF_CLASS = {
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "DDIMScheduler": "ddim",
+}
+MODEL_INDEX = "model_index.json"
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+# (tokenizer, text encoder) pairs in the order SDXL concatenates their states.
+TEXT_PARTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+REQUIRED = ("unet", "vae", "tokenizer_2", "text_encoder_2")  # a refiner has only the second encoder
+
+
+@dataclass(frozen=True)
+class PipelineFolder:
+    """What a converted folder holds, checked: its parts' folders and configs."""
+
+    path: Path
+    index: dict[str, Any]
+    unet: UNetConfig
+    vae: VAEConfig
+    encoders: tuple[CLIPTextConfig | None, CLIPTextConfig | None]  # by TEXT_PARTS; None where absent
+    scheduler: dict[str, Any] | None  # the shipped scheduler config, if any
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        return bool(self.index.get("force_zeros_for_empty_prompt", True))
+
+    def part(self, name: str) -> Path | None:
+        """The folder of part ``name`` ("unet", "tokenizer_2", ...), None where the pipeline has none."""
+        return _part(self.path, self.index, name)
+
+    def make_scheduler(self, name: str | None = None):
+        """The named sampler (see ``schedulers.SAMPLERS``) on the shipped scheduler config; by
+        default the sampler the model ships with."""
+        shipped = self.scheduler or {}
+        if name is None:
+            name = _SAMPLER_OF_CLASS.get(shipped.get("_class_name"), "euler")
+            if name == "dpmpp_2m" and shipped.get("use_karras_sigmas"):
+                name = "dpmpp_2m_karras"
+        if name not in SAMPLERS:
+            raise PipelineError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}.")
+        return make_scheduler(name, self.scheduler)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "PipelineFolder":
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise PipelineError(f"{folder} {what}; pass a pipeline folder written by mlx-unet convert.")
+        index_path = folder / MODEL_INDEX
+        if not index_path.is_file():
+            hint = " (mlx-unet convert --unet-only writes a UNet, not a pipeline)" if (folder / "config.json").is_file() else ""
+            raise PipelineError(f"{folder} has no {MODEL_INDEX}{hint}; convert a whole pipeline with mlx-unet convert first.")
+        index = read_json(index_path, MODEL_INDEX, PipelineError, "convert the pipeline again")
+        _check_format(folder, index)
+        _check_entries(index_path, index)
+        missing = [name for name in REQUIRED if index.get(name, [None])[0] is None]
+        if missing:
+            raise PipelineError(f"{folder} has no {', '.join(missing)} in {MODEL_INDEX}; convert the whole "
+                                "SDXL pipeline with mlx-unet convert (without --unet-only).")
+        def part(name: str) -> Path | None:
+            return _part(folder, index, name)
+
+        for tokenizer, encoder in TEXT_PARTS:
+            if (part(tokenizer) is None) != (part(encoder) is None):
+                raise PipelineError(f"{folder} lists only one of {tokenizer} and {encoder} in {MODEL_INDEX}; "
+                                    "each text encoder needs its tokenizer: convert the pipeline again.")
+        for name in index:
+            if not name.startswith("_") and part(name) is not None and not part(name).is_dir():
+                raise PipelineError(f"{folder} lists {name} in {MODEL_INDEX} but has no {name}/ folder; "
+                                    "copy the converted folder whole, or convert it again.")
+        try:
+            unet = UNetConfig.from_json(folder / "unet")
+            vae = VAEConfig.from_json(folder / "vae")
+            encoders = tuple(None if part(e) is None else CLIPTextConfig.from_json(part(e))
+                             for _, e in TEXT_PARTS)
+            scheduler = read_config(folder / SCHEDULER_CONFIG) if (folder / SCHEDULER_CONFIG).is_file() else None
+            check_components_fit(unet, [e for e in encoders if e is not None], vae)
+        except MlxUnetError as e:
+            raise PipelineError(f"{folder}: {e}") from None
+        for name in ("unet", "vae", *(e for _, e in TEXT_PARTS)):
+            weights = part(name)
+            if weights is not None and not any(weights.glob("*.safetensors")):
+                raise PipelineError(f"{weights} holds no .safetensors weights; copy the converted folder whole, "
+                                    "or convert it again.")
+        return cls(folder, index, unet, vae, encoders, scheduler)
+
+
+def _part(folder: Path, index: dict[str, Any], name: str) -> Path | None:
+    entry = index.get(name)
+    return folder / name if isinstance(entry, list) and entry[0] is not None else None
+
+
+def _check_format(folder: Path, index: dict[str, Any]) -> None:
+    if FORMAT_KEY not in index:
+        raise PipelineError(
+            f"{folder} is a diffusers pipeline (PyTorch weights), not a converted one; convert it with "
+            f"mlx-unet convert {folder} OUT_DIR and pass OUT_DIR."
+        )
+    if index[FORMAT_KEY] != FORMAT_VERSION:
+        fix = ("upgrade mlx-unet (pip install -U mlx-unet) to read it" if newer_format(index[FORMAT_KEY])
+               else "convert the model again with this version's mlx-unet convert")
+        raise PipelineError(
+            f"{folder} was converted in format {index[FORMAT_KEY]!r}, and this version reads {FORMAT_VERSION!r}; {fix}."
+        )
+
+
+def _check_entries(path: Path, index: dict[str, Any]) -> None:
+    """Each part is listed as diffusers writes it: [library, class], or [null, null] where absent."""
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list):
+            continue  # metadata, and settings such as force_zeros_for_empty_prompt
+        listed = len(entry) == 2 and all(isinstance(x, str) for x in entry)
+        absent = len(entry) == 2 and entry[0] is None and entry[1] is None
+        if not (listed or absent):
+            raise PipelineError(f"{path} lists {name} as {entry!r}, not [library, class] or [null, null] as "
+                                "diffusers writes it; convert the pipeline again.")
+    zeros = index.get("force_zeros_for_empty_prompt", True)
+    if not isinstance(zeros, bool):
+        raise PipelineError(f"{path} sets force_zeros_for_empty_prompt to {zeros!r}, not true or false; "
+                            "convert the pipeline again.")
+    for name in REQUIRED:
+        if name in index and not isinstance(index[name], list):
+            raise PipelineError(f"{path} lists {name} as {index[name]!r}, not [library, class]; convert the pipeline again.")

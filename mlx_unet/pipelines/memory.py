@@ -1,0 +1,364 @@
+"""How much memory a run needs, estimated from the configs before anything is allocated, and
+whether this process can get that much.
+
+A run's peak is the largest of its stages, each the weights resident at that point plus that
+stage's working memory (see ``sdxl.py``: the UNet and the VAE are loaded with the pipeline, the
+text encoders only for the prompt; a refiner pipeline holds its own UNet and VAE from its load):
+
+- "text encoders": the encoders' weights and their (small) activations;
+- "denoise" / "refine": one UNet forward's activations, for the whole guided batch, or for one
+  sample at a time under ``low_memory`` (``Sampler._predict``);
+- "decode": the VAE decoder's activations at the full image size, or at one tile's size with
+  ``vae.enable_tiling()``, plus the decoded images.
+
+Activations are counted per layer shape from the configs and scaled by factors measured on
+real runs (``benchmarks/bench_memory_estimate.py`` prints measured against estimated), so that
+the estimate bounds MLX's peak from above without being loose where activations dominate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..configs.clip import CLIPTextConfig
+from ..configs.unet import UNetConfig
+from ..configs.vae import VAEConfig
+from ..cpu import kernels_enabled, on_cpu
+from ..errors import InputError
+from .arguments import PIXELS_PER_LATENT
+
+BUDGET_ENV = "MLX_UNET_MEMORY_BUDGET_GB"
+GIB = 2**30
+F32 = 4  # bytes: GroupNorm statistics, the CPU kernels' products and the softmax run in float32
+TOKENS = 77  # CLIP's context
+
+# Working memory of a layer, in float32 copies of its largest activation, by code path (CPU
+# kernels, plain MLX), measured with benchmarks/bench_memory_estimate.py on the CPU: the SDXL
+# VAE decoder at 256 px took 10.4 copies with the kernels and 32 on the plain path (MLX's
+# convolution first copies every 3x3 patch, 9x its input); the tiny pipeline's 10 and 34.
+RESNET_WORK = {True: 11.0, False: 36.0}  # GroupNorm's float32 copies, SiLU, convolution, sum
+UNET_FEED_FORWARD_WORK = 3.0  # of the feed-forward's 8x-wide GEGLU activation
+TEXT_WORK = 8.0  # of a text encoder layer's MLP activation
+# The CPU kernels' chunked attention, whatever its size: MLX runs several chunks of the lazy
+# graph at once, each with its float32 temporaries (measured 65-91 MiB at 1024-4096 tokens,
+# 2-8 heads, against 2 MiB of scores per chunk).
+CHUNKED_ATTENTION = 128 * 2**20
+# What every stage holds besides weights and layer activations (latents, prompt embeddings,
+# timesteps, the scheduler's tables, allocator rounding): the tiny pipeline's runs measured up to
+# 1.3 MiB above the estimate without it.
+STAGE_ALLOWANCE = 8 * 2**20
+
+# What this process itself needs besides MLX's buffers: Python, the MLX and BLAS libraries and
+# their threads. Measured after ``import mlx_unet`` and one product on this 2-core Linux machine:
+# 39 MB resident, 0.55 GB of address space. Resident limits keep this allowance free; under an
+# address-space limit what is mapped already is known (/proc/self/status) and this covers growth.
+RESIDENT_HEADROOM = GIB // 2
+ADDRESS_SPACE_HEADROOM = GIB // 4
+
+# ---------------------------------------------------------------------- parameter counts
+
+
+def _conv(cin: int, cout: int, k: int = 3) -> int:
+    return cin * cout * k * k + cout
+
+
+def _linear(cin: int, cout: int, bias: bool = True) -> int:
+    return cin * cout + (cout if bias else 0)
+
+
+def _resnet(cin: int, cout: int, temb: int | None) -> int:
+    """models.resnet.ResnetBlock2D: two norms, two 3x3 convolutions, time projection, shortcut."""
+    shortcut = _conv(cin, cout, 1) if cin != cout else 0
+    return 2 * cin + _conv(cin, cout) + (_linear(temb, cout) if temb else 0) + 2 * cout + _conv(cout, cout) + shortcut
+
+
+def _transformer(c: int, depth: int, context: int) -> int:
+    """models.attention.Transformer2DModel: norm, projections and ``depth`` transformer blocks."""
+    block = 6 * c + 4 * c * c + c + 2 * c * c + 2 * context * c + c + _linear(c, 8 * c) + _linear(4 * c, c)
+    return 2 * c + 2 * _linear(c, c) + depth * block
+
+
+@cache
+def unet_parameters(c: UNetConfig) -> int:
+    """The parameter count of ``UNet2DConditionModel(c)``, from its config alone (building the
+    model would draw its random initial weights from MLX's global generator)."""
+    ch, temb = c.block_out_channels, c.time_embed_dim
+    n = _conv(c.in_channels, ch[0], c.conv_in_kernel) + _linear(ch[0], temb) + _linear(temb, temb)
+    if c.has_text_time_embedding:
+        n += _linear(c.projection_class_embeddings_input_dim, temb) + _linear(temb, temb)
+    for level, kind in enumerate(c.down_block_types):
+        cin = ch[max(level - 1, 0)]
+        for i in range(c.layers_per_block[level]):
+            n += _resnet(cin if i == 0 else ch[level], ch[level], temb)
+        if kind == "CrossAttnDownBlock2D":
+            n += sum(_transformer(ch[level], d, c.cross_attention_dim) for d in c.transformer_depths[level])
+        n += _conv(ch[level], ch[level]) if level < c.num_levels - 1 else 0
+    if c.mid_block_type is not None:
+        n += 2 * _resnet(ch[-1], ch[-1], temb) + _transformer(ch[-1], c.mid_transformer_depth, c.cross_attention_dim)
+    up, prev = tuple(reversed(ch)), ch[-1]
+    for index, kind in enumerate(c.up_block_types):
+        depths, out, skip = c.up_transformer_depths[index], up[index], up[min(index + 1, c.num_levels - 1)]
+        for i in range(len(depths)):
+            n += _resnet((prev if i == 0 else out) + (skip if i == len(depths) - 1 else out), out, temb)
+        if kind == "CrossAttnUpBlock2D":
+            n += sum(_transformer(out, d, c.cross_attention_dim) for d in depths)
+        n += _conv(out, out) if index < c.num_levels - 1 else 0
+        prev = out
+    return n + 2 * ch[0] + _conv(ch[0], c.out_channels, c.conv_out_kernel)
+
+
+@cache
+def vae_parameters(c: VAEConfig) -> int:
+    """The parameter count of ``AutoencoderKL(c)`` (encoder and decoder: both are loaded)."""
+    ch, lat, last = c.block_out_channels, c.latent_channels, len(c.block_out_channels) - 1
+    mid = 2 * _resnet(ch[-1], ch[-1], None) + (2 * ch[-1] + 4 * _linear(ch[-1], ch[-1]) if c.mid_block_add_attention else 0)
+    n = _conv(c.in_channels, ch[0]) + mid + 2 * ch[-1] + _conv(ch[-1], 2 * lat)  # encoder
+    for i in range(len(ch)):
+        n += sum(_resnet(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i], None) for j in range(c.layers_per_block))
+        n += _conv(ch[i], ch[i]) if i < last else 0
+    up = tuple(reversed(ch))
+    n += _conv(lat, up[0]) + mid + 2 * up[-1] + _conv(up[-1], c.out_channels)  # decoder
+    for i in range(len(up)):
+        n += sum(_resnet(up[max(i - 1, 0)] if j == 0 else up[i], up[i], None) for j in range(c.layers_per_block + 1))
+        n += _conv(up[i], up[i]) if i < last else 0
+    return n + (_conv(2 * lat, 2 * lat, 1) if c.use_quant_conv else 0) + (_conv(lat, lat, 1) if c.use_post_quant_conv else 0)
+
+
+@cache
+def text_encoder_parameters(c: CLIPTextConfig) -> int:
+    """The parameter count of ``CLIPTextModel(c)``."""
+    h = c.hidden_size
+    layer = 4 * h + 4 * _linear(h, h) + _linear(h, c.intermediate_size) + _linear(c.intermediate_size, h)
+    n = (c.vocab_size + c.max_position_embeddings) * h + c.num_hidden_layers * layer + 2 * h
+    return n + (_linear(h, c.projection_dim, bias=False) if c.with_projection else 0)
+
+
+# ---------------------------------------------------------------------- activations
+
+
+def _attention(batch: int, heads: int, tokens: int, nbytes: int, chunked: bool) -> int:
+    """Bytes of one self-attention's scores: the CPU kernels' chunks (``CHUNKED_ATTENTION``), or
+    the whole (batch, heads, tokens, tokens) matrix, which MLX's CPU backend materialises in the
+    inputs' dtype (measured). Metal's fused kernels need not, but not for every head width (the
+    VAE's single 512-wide head): counted on the plain path everywhere, an upper bound there."""
+    return CHUNKED_ATTENTION if chunked else batch * heads * tokens * tokens * nbytes
+
+
+def unet_activations(c: UNetConfig, latent: tuple[int, int], batch: int, dtype: mx.Dtype, chunked: bool) -> int:
+    """One forward's working memory: the skips held for the up blocks, plus the largest layer's."""
+    nbytes = mx.float32.size if c.upcast_attention else dtype.size
+    h, w = latent
+    skips = h * w * c.block_out_channels[0]  # conv_in's output
+    largest = 0
+    for level, kind in enumerate(c.down_block_types):
+        pixels = math.ceil(h / 2**level) * math.ceil(w / 2**level)
+        channels = c.block_out_channels[level]
+        # The up block of this level concatenates a skip to its input: up to twice the width.
+        largest = max(largest, batch * RESNET_WORK[chunked] * pixels * 2 * channels * F32)
+        skips += pixels * channels * (c.layers_per_block[level] + (level < c.num_levels - 1))
+        if kind == "CrossAttnDownBlock2D":
+            feed_forward = batch * UNET_FEED_FORWARD_WORK * pixels * 8 * channels * F32
+            scores = _attention(batch, c.num_attention_heads[level], pixels, nbytes, chunked)
+            largest = max(largest, feed_forward + scores)
+    return int(batch * skips * dtype.size + largest)
+
+
+def vae_decode_activations(c: VAEConfig, pixels: tuple[int, int], batch: int, dtype: mx.Dtype, chunked: bool) -> int:
+    """The decoder's working memory at ``pixels`` (height, width): the largest up level's output
+    (the second-to-last level's channels after its upsampler, at the full size), and the mid
+    block's one-head attention over every latent pixel."""
+    f = c.downsample_factor
+    h, w = math.ceil(pixels[0] / f), math.ceil(pixels[1] / f)
+    up = tuple(reversed(c.block_out_channels))
+    largest = max(up[i] * h * w * 4**min(i + 1, len(up) - 1) for i in range(len(up)))
+    scores = _attention(batch, 1, h * w, dtype.size, chunked) if c.mid_block_add_attention else 0
+    return int(batch * RESNET_WORK[chunked] * largest * F32 + scores)
+
+
+def _images(batch: int, pixels: tuple[int, int], channels: int) -> int:
+    """The decoded images: the VAE's output, its float32 copy, the [0, 1] array and the uint8 one."""
+    return batch * pixels[0] * pixels[1] * channels * (3 * F32 + 1)
+
+
+def text_activations(encoders: Sequence[CLIPTextConfig], images: int) -> int:
+    batch = 2 * images  # the prompts and the negative prompts
+    return int(max((TEXT_WORK * batch * TOKENS * e.intermediate_size * F32 for e in encoders), default=0))
+
+
+# ---------------------------------------------------------------------- the estimate
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    """Bytes at each stage of a run (weights resident then, plus that stage's work); ``peak``
+    is the largest. ``height`` x ``width`` and ``images`` say what run it is for."""
+
+    height: int
+    width: int
+    images: int
+    stages: dict[str, int] = field(hash=False)
+
+    @property
+    def peak(self) -> int:
+        return max(self.stages.values())
+
+    def describe(self) -> str:
+        """e.g. "about 310 GiB (decode 270 GiB, denoise 38 GiB)": the two largest stages."""
+        top = sorted(self.stages.items(), key=lambda kv: -kv[1])[:2]
+        return f"about {_gib(self.peak)} ({', '.join(f'{name} {_gib(b)}' for name, b in top)})"
+
+
+def _gib(nbytes: float) -> str:
+    value = nbytes / GIB
+    return f"{value:.3g} GiB" if value < 100 else f"{value:.0f} GiB"
+
+
+def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextConfig], *, height: int, width: int,
+                 images: int, guided: bool, dtype: mx.Dtype, vae_dtype: mx.Dtype, tiled_vae: bool, low_memory: bool,
+                 cpu_kernels: bool | None = None, refiner: UNetConfig | None = None) -> RunEstimate:
+    """The memory a run of ``images`` images of ``height`` x ``width`` pixels needs at each stage.
+    ``cpu_kernels`` None: whether ``mlx_unet.cpu`` puts its kernels in here (chunked attention)."""
+    chunked = kernels_enabled(cpu_kernels)
+    unets = [unet] + ([refiner] if refiner is not None else [])
+    # Each pipeline (base, refiner) holds its UNet and VAE for as long as it lives.
+    resident = sum(unet_parameters(u) for u in unets) * dtype.size + len(unets) * vae_parameters(vae) * vae_dtype.size
+    encoder_dtype = mx.float32 if on_cpu() else dtype  # as sdxl.SDXLPipeline._text_encoders
+    text = sum(text_encoder_parameters(e) for e in encoders) * encoder_dtype.size
+    latent = (height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT)
+    batch = 1 if low_memory else images * (2 if guided else 1)
+    resident += STAGE_ALLOWANCE
+    stages = {"text encoders": resident + text + text_activations(encoders, images)}
+    for name, config in zip(("denoise", "refine"), unets):
+        stages[name] = resident + unet_activations(config, latent, batch, dtype, chunked)
+    tile = vae.sample_size
+    decoded = (min(height, tile), min(width, tile)) if tiled_vae else (height, width)
+    stages["decode"] = (resident + vae_decode_activations(vae, decoded, images, vae_dtype, chunked)
+                        + _images(images, (height, width), vae.out_channels))
+    return RunEstimate(height, width, images, stages)
+
+
+# ---------------------------------------------------------------------- what this process can get
+
+
+def _cgroup_limit() -> tuple[int, str] | None:
+    """The memory limit of this process's cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        name = "memory.max" if controllers == "" else "memory.limit_in_bytes" if "memory" in controllers.split(",") else None
+        if name is None:
+            continue
+        root = Path("/sys/fs/cgroup") if controllers == "" else Path("/sys/fs/cgroup/memory")
+        for folder in (root / path.lstrip("/"), root):  # inside a container the path may not be mounted
+            try:
+                value = (folder / name).read_text().strip()
+            except OSError:
+                continue
+            if value.isdigit():
+                return int(value), f"cgroup {name}"
+            break  # "max": unlimited
+    return None
+
+
+def _unavailable(field_name: str) -> int:
+    """Address space this process has mapped that the estimate does not count: all it has mapped
+    (``field_name`` of /proc/self/status) less MLX's buffers, which hold the weights the estimate
+    counts. Where /proc is absent (macOS), ``RESIDENT_HEADROOM`` stands in for it."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return RESIDENT_HEADROOM
+    kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith(field_name + ":")), None)
+    return RESIDENT_HEADROOM if kib is None else max(kib * 1024 - mx.get_active_memory(), 0)
+
+
+def _limits() -> list[tuple[int, str]]:
+    """(usable bytes, what limits it), one entry per limit that applies."""
+    limits = [(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") - RESIDENT_HEADROOM, "physical memory")]
+    if mx.metal.is_available():
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        # Past the recommended working set, Metal pages the GPU's buffers out: the practical limit.
+        size = info.get("max_recommended_working_set_size", info.get("memory_size"))
+        if size:
+            limits.append((int(size) - RESIDENT_HEADROOM, "Metal's recommended working set"))
+    for kind, name, mapped in ((resource.RLIMIT_AS, "RLIMIT_AS", "VmSize"),
+                               (getattr(resource, "RLIMIT_DATA", None), "RLIMIT_DATA", "VmData")):
+        soft = resource.RLIM_INFINITY if kind is None else resource.getrlimit(kind)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append((soft - _unavailable(mapped) - ADDRESS_SPACE_HEADROOM, f"the address-space limit ({name})"))
+    cgroup = _cgroup_limit()
+    if cgroup is not None:
+        limits.append((cgroup[0] - RESIDENT_HEADROOM, cgroup[1]))
+    return limits
+
+
+def available_memory() -> tuple[int, str]:
+    """The bytes a run may use here and what sets that: ``MLX_UNET_MEMORY_BUDGET_GB`` (GiB) when
+    set, else the smallest of the limits that apply, less what the process itself needs."""
+    budget = os.environ.get(BUDGET_ENV)
+    if budget:
+        try:
+            value = float(budget)
+        except ValueError:
+            value = -1.0
+        if not value > 0 or not math.isfinite(value):
+            raise InputError(f"{BUDGET_ENV} must be a positive number of GiB, got {budget!r}.")
+        return int(value * GIB), BUDGET_ENV
+    usable, what = min(_limits())
+    return max(usable, 0), what
+
+
+def check_run_fits(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextConfig], **run) -> RunEstimate:
+    """``estimate_run``'s estimate; InputError when it is more than ``available_memory()``, with
+    what would fit instead."""
+    estimate = estimate_run(unet, vae, encoders, **run)
+    budget, what = available_memory()
+    if estimate.peak <= budget:
+        return estimate
+    limit = f"the {_gib(budget)} this machine has" if what == "physical memory" else f"the {_gib(budget)} {what} allows"
+    raise InputError(f"a {estimate.width}x{estimate.height} image{'s' * (estimate.images > 1)} "
+                     f"{'x' + str(estimate.images) + ' ' if estimate.images > 1 else ''}needs {estimate.describe()}, "
+                     f"more than {limit}; {_suggestions(unet, vae, encoders, run, budget)}.")
+
+
+def _suggestions(unet, vae, encoders, run: dict, budget: int) -> str:
+    def fits(**change) -> bool:
+        return estimate_run(unet, vae, encoders, **(run | change)).peak <= budget
+
+    ways = []
+    if not run["tiled_vae"] and fits(tiled_vae=True):
+        ways.append("decode in tiles (--tile-vae, vae.enable_tiling())")
+    if not run["low_memory"] and fits(low_memory=True):
+        ways.append("use --low-memory (low_memory=True)")
+    elif not run["low_memory"] and not run["tiled_vae"] and not ways and fits(low_memory=True, tiled_vae=True):
+        ways.append("decode in tiles and use low memory (--tile-vae --low-memory; vae.enable_tiling(), low_memory=True)")
+    side = _largest_square(fits, max(run["height"], run["width"]))
+    if side:
+        ways.append(f"make it smaller (at most about {side}x{side} fits, --height/--width)")
+    if run["images"] > 1 and fits(images=1):
+        most = max(n for n in range(1, run["images"]) if fits(images=n))
+        ways.append(f"make fewer images at once (at most {most})")
+    if not ways:
+        return "not even the smallest image fits: free memory, or use a smaller --dtype (dtype=) for the models"
+    return ", ".join(ways[:-1]) + (" or " if len(ways) > 1 else "") + ways[-1]
+
+
+def _largest_square(fits, below: int) -> int | None:
+    """The largest side (a multiple of 8 pixels, under ``below``) whose square image fits."""
+    low, high = 0, below // PIXELS_PER_LATENT  # in latent pixels; fits at low (or low is 0), not at high
+    while high - low > 1:
+        middle = (low + high) // 2
+        side = middle * PIXELS_PER_LATENT
+        low, high = (middle, high) if fits(height=side, width=side) else (low, middle)
+    return low * PIXELS_PER_LATENT or None

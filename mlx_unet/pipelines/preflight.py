@@ -1,0 +1,75 @@
+"""Everything a run can be refused for, checked before a model is loaded or memory allocated:
+the numbers (``RunArguments``), the prompts, the sampler, whether the schedule leaves each model
+a step, and whether the run fits in memory. ``mlx-unet generate`` runs these checks on the
+folders' configs before loading anything; ``SDXLPipeline.__call__`` on its loaded parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import mlx.core as mx
+
+from ..errors import InputError
+from .arguments import RunArguments
+from .folder import PipelineFolder
+from .memory import RunEstimate, check_run_fits
+from .sampler import schedule
+
+
+def check_prompts(prompts: Sequence[str], name: str = "prompt") -> list[str]:
+    """Prompts as text: a string or a non-empty list of strings, each encodable as UTF-8 (a
+    command line's undecodable bytes arrive as lone surrogates, which the tokenizer cannot take)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError(f"{name} must be a string or a non-empty list of strings.")
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"{name} {prompt!r} holds bytes that are not UTF-8 text (at character {e.start}); "
+                             "write it in UTF-8.") from None
+    return prompts
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run that passed every check: its size and its memory estimate."""
+
+    height: int
+    width: int
+    images: int
+    estimate: RunEstimate
+
+
+def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder | None, *, prompts: int,
+              scheduler: str | None, dtype: mx.Dtype, vae_dtype: mx.Dtype | None, tiled_vae: bool,
+              low_memory: bool, image_size: tuple[int, int] | None = None) -> RunPlan:
+    """Refuse (InputError / PipelineError) a run that cannot start or finish, before loading.
+
+    ``image_size``: an img2img input's (height, width), which sets the size. ``vae_dtype`` None
+    means the VAE's default (float32 where its config says ``force_upcast``)."""
+    default = (base.unet.sample_size or 128) * 8
+    height, width = image_size or (args.height or default, args.width or default)
+    if args.img2img and refiner is not None:
+        raise InputError("img2img (image=) runs one model; refine its output in a second call instead.")
+    end = args.refiner_start if refiner is not None else None
+    if len(schedule(base.make_scheduler(scheduler), args.steps, img2img=args.img2img, strength=args.strength,
+                    denoising_end=end)[0]) == 0:
+        raise InputError(f"refiner_start {args.refiner_start:g} of {args.steps} steps leaves the base model no step; "
+                         "raise steps or refiner_start.")
+    if refiner is not None and len(schedule(refiner.make_scheduler(scheduler), args.steps, img2img=True,
+                                            denoising_start=args.refiner_start)[0]) == 0:
+        raise InputError(f"refiner_start {args.refiner_start:g} of {args.steps} steps leaves the refiner no step; "
+                         "raise steps or lower refiner_start.")
+    images = prompts * args.num_images_per_prompt
+    last = refiner or base  # the folder whose VAE decodes
+    if vae_dtype is None:
+        vae_dtype = mx.float32 if last.vae.force_upcast else dtype
+    estimate = check_run_fits(
+        base.unet, last.vae, [e for e in base.encoders if e is not None], height=height, width=width, images=images,
+        guided=args.guided, dtype=dtype, vae_dtype=vae_dtype, tiled_vae=tiled_vae, low_memory=low_memory,
+        refiner=None if refiner is None else refiner.unet,
+    )
+    return RunPlan(height, width, images, estimate)
