@@ -338,7 +338,7 @@ def test_tokenizers_from_a_hub_repo_fetch_only_tokenizer_files(tmp_path, base, m
     assert requests == [["tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer_2/merges.txt",
                          "tokenizer_2/special_tokens_map.json", "tokenizer_2/vocab.json"]]
     assert fetch_tokenizers(str(snapshot)) == snapshot  # a local folder is used where it is
-    with pytest.raises(ConversionError, match="--tokenizers ./nowhere is neither a folder nor a Hub repo id"):
+    with pytest.raises(ConversionError, match="--tokenizers ./nowhere does not exist; pass a diffusers SDXL folder or a Hub repo id"):
         fetch_tokenizers("./nowhere")
 
 
