@@ -228,7 +228,7 @@ def convert(
                 write_safetensors(folder / sub / OUTPUT_WEIGHTS, specs[sub], metadata,
                                   on_tensor=lambda spec: show(spec.nbytes))
             except OSError as e:  # a full disk names no file: name the one being written, as it will be called
-                raise OSError(e.errno, e.strerror, str(out_dir / sub / OUTPUT_WEIGHTS)) from None
+                raise OSError(e.errno, e.strerror or str(e), str(out_dir / sub / OUTPUT_WEIGHTS)) from None
             (folder / sub / "config.json").write_text(json.dumps(plan.kind.config_dict(plan.config), indent=2) + "\n")
 
     _replace_dir_atomically(out_dir, write, force)

@@ -230,7 +230,7 @@ def test_bad_arguments_are_explained(base):
     emb = to_mlx(embeddings(base.config, seed=14))
     with pytest.raises(ValueError, match="needs pooled_prompt_embeds"):
         sampler(emb["prompt_embeds"], num_inference_steps=2)
-    with pytest.raises(ValueError, match="multiples of 8"):
+    with pytest.raises(ValueError, match="multiple of 8"):
         sampler(**emb, num_inference_steps=2, height=100, width=128)
     with pytest.raises(ValueError, match="denoising_start needs image_latents"):
         sampler(**emb, num_inference_steps=2, denoising_start=0.5)
