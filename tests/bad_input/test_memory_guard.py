@@ -12,7 +12,7 @@ import sys
 
 import mlx.core as mx
 import pytest
-from bad_input_helpers import PROMPT, ROOT
+from bad_input_helpers import PROMPT, ROOT, assert_user_error, run_cli
 
 from mlx_unet import (
     AutoencoderKL,
@@ -155,3 +155,16 @@ def test_refused_quickly_under_an_address_space_limit(tiny_pipeline):
     seconds, message = out.stdout.strip().split(" ", 1)
     assert float(seconds) < 1.0
     assert "RLIMIT_AS" in message and "at most about" in message, message
+
+
+def test_the_command_refuses_what_cannot_fit_before_loading(tiny_pipeline, tmp_path):
+    """The issue's repro: ``generate --height 8192 --width 8192`` on the tiny model, refused at start-up
+    with exit code 2 in one line that gives the estimate, the budget and what would fit. At an 8 GiB
+    budget the denoising fits and the decode does not, so tiling is one way out."""
+    env = {**os.environ, memory.BUDGET_ENV: "8"}
+    out = tmp_path / "big.png"
+    proc = run_cli("generate", PROMPT, "--model", str(tiny_pipeline), "-o", str(out), "--steps", "2",
+                   "--height", "8192", "--width", "8192", "--quiet", env=env, timeout=60)
+    line = assert_user_error(proc, "8192x8192 image needs about", f"8 GiB {memory.BUDGET_ENV}", "--tile-vae")
+    assert re.search(r"at most about \d+x\d+ fits", line), line
+    assert list(tmp_path.iterdir()) == []
