@@ -20,6 +20,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..configs.base import DTYPES
+from ..lora import read_lora
+from ..lora.apply import checked_scale
 from ..pipelines.arguments import RunArguments
 from ..pipelines.folder import PipelineFolder
 from ..pipelines.images import check_writable, output_paths, write_pngs
@@ -70,8 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VAE precision (default: float32, or the weights' when the VAE is safe in float16)")
     p.add_argument("--tile-vae", action="store_true", help="decode in tiles: less memory for large images")
     p.add_argument("--low-memory", action="store_true", help="for 8-16 GB machines: UNet block by block, guidance halves in turn")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA / LyCORIS file, folder or Hub repo id, at strength SCALE (default 1); repeatable; "
+                        "applied to the base model only when a refiner is given")
+    p.add_argument("--lora-mode", choices=("fuse", "live"), default="fuse",
+                   help="fuse: add LoRAs into the weights (default; no cost per step); live: run them beside "
+                        "each layer")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept .ckpt/.pt/.bin LoRA pickles (loaded with torch.load(weights_only=True); needs torch)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
+
+
+def _lora_spec(spec: str) -> tuple[str, float]:
+    """``FILE[:SCALE]`` -> (FILE, SCALE); a colon not followed by a number is part of the name."""
+    source, colon, tail = spec.rpartition(":")
+    if colon:
+        try:
+            return source, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
 
 
 # The API's name of each option whose flag differs, for the messages of the shared checks.
@@ -99,6 +120,9 @@ def _generate(args, log, written: list[Path]) -> int:
     plan = check_run(run, base, refiner_parts, prompts=1, scheduler=args.scheduler, dtype=dtype, vae_dtype=vae_dtype,
                      tiled_vae=args.tile_vae, low_memory=args.low_memory)
     check_writable(paths, plan.height, plan.width)  # before loading: a failed write would waste the run
+    adapters = []  # read and checked before the models load
+    for source, scale in map(_lora_spec, args.lora):
+        adapters.append((read_lora(source, allow_pickle=args.allow_pickle), checked_scale(scale)))
     seed = run.seed if run.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
     pipe = SDXLPipeline.from_pretrained(base, dtype=dtype, vae_dtype=vae_dtype)
     refiner = SDXLPipeline.from_pretrained(refiner_parts, dtype=dtype, vae_dtype=vae_dtype) if refiner_parts else None
@@ -106,6 +130,9 @@ def _generate(args, log, written: list[Path]) -> int:
         (refiner or pipe).vae.enable_tiling()
     log(f"loaded {args.model} in {time.perf_counter() - start:.1f} s; seed {seed}; "
         f"estimated peak memory {plan.estimate.peak / 2**30:.2f} GiB")
+    for lora, scale in adapters:
+        pipe.load_lora(lora, scale, fuse=args.lora_mode == "fuse")
+        log(f"LoRA {lora.describe()}; scale {scale:g}, {'fused' if args.lora_mode == 'fuse' else 'live'}")
     progress = Progress(not args.quiet)
     images = pipe(args.prompt, args.negative_prompt, steps=run.steps, guidance=run.guidance, height=run.height,
                   width=run.width, num_images_per_prompt=run.num_images_per_prompt, seed=seed,

@@ -14,6 +14,7 @@ from collections import defaultdict
 from typing import Any, Mapping
 
 from ..configs.clip import CLIPTextConfig
+from ..configs.families import SDXL_POOLED, UNET_FAMILIES
 from ..configs.unet import UNetConfig
 from ..configs.vae import VAEConfig
 from ..errors import ConfigError, ConversionError
@@ -21,13 +22,10 @@ from ..naming.ldm_unet import ADDED_EMBEDDING, TOP
 
 Shapes = Mapping[str, tuple[int, ...]]
 
-# Cross-attention width -> family. Head counts are not visible in the weights: SD 1.x uses 8 heads
-# at every level, the others 64-wide heads. SDXL's pooled text embedding is 1280 wide and each
-# micro-conditioning id a 256-wide sinusoid.
-_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL base", 1280: "SDXL refiner"}
+# Head counts are not visible in the weights: SD 1.x uses 8 heads at every level, the others
+# 64-wide heads. Each SDXL micro-conditioning id is a 256-wide sinusoid.
 _SD1_HEADS = 8
 _HEAD_WIDTH = 64  # also both SDXL text encoders' (12 heads for ViT-L, 20 for ViT-bigG)
-_SDXL_POOLED = 1280
 _SDXL_TIME_ID_DIM = 256
 _UNET_TOP = {*TOP.values(), *ADDED_EMBEDDING.values()}
 _NUMBERED = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)|middle_block\.(\d+)\.(.+)")
@@ -144,7 +142,7 @@ def _unet_config(shapes: Shapes, channels, down_layers, down_depths, up_depths, 
     if to_k is None:
         raise ConversionError("the file's UNet has no cross-attention layers; not a Stable Diffusion UNet.")
     cross = shapes[to_k][1]
-    if cross not in _FAMILIES:
+    if cross not in UNET_FAMILIES:
         raise ConversionError(
             f"cross-attention width {cross} matches no SD family (768 SD 1.x, 1024 SD 2.x, 2048 SDXL base, "
             "1280 SDXL refiner), so its head count is unknown; pass the model's diffusers config with --config."
@@ -188,7 +186,7 @@ def _unet_config(shapes: Shapes, channels, down_layers, down_depths, up_depths, 
         raw["time_embedding_dim"] = time_embed
     if "label_emb.0.0.weight" in shapes:
         width = shapes["label_emb.0.0.weight"][1]
-        time_ids, remainder = divmod(width - _SDXL_POOLED, _SDXL_TIME_ID_DIM)
+        time_ids, remainder = divmod(width - SDXL_POOLED, _SDXL_TIME_ID_DIM)
         if remainder or time_ids <= 0:
             raise ConversionError(
                 f"the file's label_emb takes {width} features, which is not SDXL's pooled text (1280) plus "
@@ -197,17 +195,6 @@ def _unet_config(shapes: Shapes, channels, down_layers, down_depths, up_depths, 
         raw.update(addition_embed_type="text_time", addition_time_embed_dim=_SDXL_TIME_ID_DIM,
                    projection_class_embeddings_input_dim=width)
     return _checked("UNet", lambda: UNetConfig.from_dict(raw))
-
-
-def unet_family(config: UNetConfig) -> str:
-    """The family a UNet config belongs to, for messages: "SDXL base (5 time ids)", "SD 1.x, inpainting"."""
-    family = _FAMILIES.get(config.cross_attention_dim, f"SD-like ({config.cross_attention_dim}-wide text)")
-    if config.has_text_time_embedding:
-        time_ids = (config.projection_class_embeddings_input_dim - _SDXL_POOLED) // config.addition_time_embed_dim
-        family = f"{family} ({time_ids} time ids)"
-    if config.in_channels == 9:
-        family += ", inpainting"
-    return family
 
 
 # ---------------------------------------------------------------------- VAE

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..configs.base import FORMAT_KEY, FORMAT_VERSION
+from ..configs.families import unet_family
 from ..configs.unet import UNetConfig
 from ..errors import ConversionError
 from ..naming import NameTable, Take
@@ -24,7 +25,7 @@ from ..naming.ldm_unet import UNET_PREFIX, UNetNames, ema_name
 from ..naming.ldm_vae import VAE_PREFIX, VAENames
 from ..schedulers import SDXL_SCHEDULER_CONFIG
 from .hub import fetch_tokenizers
-from .infer import infer_clip, infer_open_clip, infer_unet, infer_vae, unet_family, unfit
+from .infer import infer_clip, infer_open_clip, infer_unet, infer_vae, unfit
 from .layout import MODELS, TOKENIZERS, UNET, Options
 from .plan import PipelinePlan, Plan
 from .sources import TensorSource

@@ -11,6 +11,6 @@ from . import blas
 # Before anything imports MLX: MLX binds its BLAS symbols when its library loads.
 blas.preload()
 
-from .swap import ENV_SWITCH, accelerate, kernels_enabled, on_cpu, prepare  # noqa: E402
+from .swap import ENV_SWITCH, accelerate, is_accelerated, kernels_enabled, on_cpu, prepare  # noqa: E402
 
-__all__ = ["ENV_SWITCH", "accelerate", "blas", "kernels_enabled", "on_cpu", "prepare"]
+__all__ = ["ENV_SWITCH", "accelerate", "blas", "is_accelerated", "kernels_enabled", "on_cpu", "prepare"]

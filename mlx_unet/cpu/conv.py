@@ -36,24 +36,25 @@ class Conv2d(nn.Conv2d):
     """Takes the place of a square-kernel, ungrouped, undilated ``nn.Conv2d`` over NHWC input
     (``from_module``), with the same parameters."""
 
-    def __init__(self, weight: mx.array, bias: mx.array, stride: int = 1, padding: int = 0):
+    def __init__(self, weight: mx.array, bias: mx.array | None, stride: int = 1, padding: int = 0):
         # nn.Module's __init__, not nn.Conv2d's: that draws a random kernel only to drop it,
         # moving MLX's global random state (see linear.Linear).
         nn.Module.__init__(self)
         self.weight = self.laid_out(weight)
-        self.bias = bias
+        if bias is not None:
+            self.bias = bias
         self.stride, self.padding = (stride, stride), (padding, padding)
         self.dilation, self.groups = 1, 1
 
     @classmethod
     def from_module(cls, module: nn.Conv2d) -> "Conv2d":
-        return cls(module.weight, module.bias, module.stride[0], module.padding[0])
+        return cls(module.weight, module.get("bias"), module.stride[0], module.padding[0])
 
     @staticmethod
     def supports(module: nn.Conv2d) -> bool:
         """Whether this class computes ``module`` exactly: the convolutions SD models have."""
         weight = module.weight
-        return ("bias" in module and weight.shape[1] == weight.shape[2] and module.groups == 1 and module.dilation in (1, (1, 1))
+        return (weight.shape[1] == weight.shape[2] and module.groups == 1 and module.dilation in (1, (1, 1))
                 and module.stride[0] == module.stride[1] and module.padding[0] == module.padding[1])
 
     @staticmethod
@@ -76,15 +77,20 @@ class Conv2d(nn.Conv2d):
         """The (in, out) float32 matrix of kernel tap (a, b): a view of the laid-out weight."""
         return self.weight[:, a, b, :].T.astype(mx.float32)
 
-    def _bias(self) -> mx.array:
-        return self.bias.astype(mx.float32)
+    def _product(self, accumulated: mx.array | None, rows: mx.array, tap: mx.array) -> mx.array:
+        """``accumulated + rows @ tap`` in one BLAS call; the first product of a convolution
+        without bias (a LoRA's down projection) has nothing to add to."""
+        return rows @ tap if accumulated is None else mx.addmm(accumulated, rows, tap)
+
+    def _bias(self) -> mx.array | None:
+        return self.bias.astype(mx.float32) if "bias" in self else None
 
     def _by_taps(self, x: mx.array, out_h: int, out_w: int) -> mx.array:
         batch, _, _, channels = x.shape
         k, pad = self.weight.shape[1], self.padding[0]
         if k == 1 and pad == 0:  # a 1x1 convolution is one product over all pixels
             rows = x.reshape(-1, channels).astype(mx.float32)
-            return mx.addmm(self._bias(), rows, self._tap(0, 0)).reshape(batch, out_h, out_w, -1)
+            return self._product(self._bias(), rows, self._tap(0, 0)).reshape(batch, out_h, out_w, -1)
         # One extra zero row below the image: the last tap's run of rows ends k - 1 pixels past
         # the padded image.
         padded = mx.pad(x, [(0, 0), (pad, pad + 1), (pad, pad), (0, 0)])
@@ -98,7 +104,7 @@ class Conv2d(nn.Conv2d):
         for n in range(batch):
             out = bias
             for start, tap in taps:
-                out = mx.addmm(out, rows[n, start:start + length], tap)
+                out = self._product(out, rows[n, start:start + length], tap)
             images.append(out.reshape(out_h, wide, -1)[:, :out_w])
         return mx.stack(images)
 
@@ -111,5 +117,5 @@ class Conv2d(nn.Conv2d):
             [padded[:, a:a + span_h:stride, b:b + span_w:stride] for a in range(k) for b in range(k)], axis=-1
         ).astype(mx.float32)
         matrix = self.weight.transpose(1, 2, 3, 0).reshape(-1, self.weight.shape[0]).astype(mx.float32)
-        out = mx.addmm(self._bias(), patches.reshape(-1, patches.shape[-1]), matrix)
+        out = self._product(self._bias(), patches.reshape(-1, patches.shape[-1]), matrix)
         return out.reshape(x.shape[0], out_h, out_w, -1)

@@ -80,6 +80,12 @@ def _swap_children(module: nn.Module) -> None:
                     child[index] = _swapped(item)
 
 
+def is_accelerated(layer: nn.Module) -> bool:
+    """Whether ``layer`` is one of the CPU kernels ``accelerate`` swaps in for a Linear or Conv2d
+    (layers added beside it, a LoRA's, then get them too)."""
+    return isinstance(layer, (Linear, Conv2d))
+
+
 def accelerate(model: nn.Module) -> nn.Module:
     """Put the CPU kernels into ``model`` (in place) and return it."""
     _swap_children(model)

@@ -59,7 +59,8 @@ class UNet2DConditionModel(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        return self.conv_in.weight.dtype
+        # A norm's weight: LoRA wrappers and quantization replace Linear and Conv2d layers.
+        return self.conv_norm_out.weight.dtype
 
     def __call__(
         self,

@@ -12,6 +12,7 @@ from functools import partial
 from typing import Callable, Iterator
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from ..cpu import on_cpu
 from ..models.unet import UNet2DConditionModel
@@ -24,7 +25,10 @@ class CompiledForward:
 
     The graph is traced once per input shape and dtype: a new resolution, batch size or dtype
     traces again; new timesteps, prompts or weights of the same shapes do not (the weights are
-    read at each call, so loading new ones needs no recompile). Elementwise chains (norms, SiLU,
+    read at each call, so loading new ones, or fusing a LoRA, needs no recompile). Layers put
+    in or taken out (a live LoRA's wrappers) make a new structure, traced apart: a trace maps
+    the weights it reads by position, and a different tree of the same shapes would be read
+    wrongly. Elementwise chains (norms, SiLU,
     residual adds) become one kernel each. On Metal and CUDA that saves memory traffic and
     launches. On the CPU MLX builds each fused kernel with g++: the first SDXL call takes about
     45 s more (kernels are cached on disk for later runs) and later calls are no faster, so runs
@@ -37,7 +41,7 @@ class CompiledForward:
         # gets a dict that holds the UNet only during a call.
         self._unet = weakref.ref(unet)
         self._weights: dict[str, UNet2DConditionModel] = {}
-        self._compiled = mx.compile(self._denoise, inputs=self._weights)
+        self._compiled: dict[tuple[str, ...], Callable] = {}  # by the UNet's parameter names
 
     def _denoise(self, *inputs: mx.array) -> mx.array:
         return self._unet().denoise(*inputs)
@@ -45,9 +49,13 @@ class CompiledForward:
     def __call__(self, sample, timestep, encoder_hidden_states, **conditioning) -> mx.array:
         unet = self._unet()
         inputs = unet.checked_inputs(sample, timestep, encoder_hidden_states, **conditioning)
+        structure = tuple(name for name, _ in tree_flatten(unet.parameters()))
+        compiled = self._compiled.get(structure)
+        if compiled is None:
+            compiled = self._compiled[structure] = mx.compile(self._denoise, inputs=self._weights)
         self._weights["unet"] = unet
         try:
-            return self._compiled(*inputs)
+            return compiled(*inputs)
         finally:
             self._weights.clear()
 

@@ -27,7 +27,9 @@ from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from ..tokenizer import CLIPTokenizer
 from .arguments import RunArguments, check_finite_array, check_int
+from . import loras
 from .folder import TEXT_PARTS, PipelineFolder
+from .loras import PipelineLoRA
 from .preflight import check_prompts, check_run
 from .sampler import Sampler, Step
 
@@ -66,6 +68,7 @@ class SDXLPipeline:
         self.dtype = dtype
         self.keep_text_encoders = keep_text_encoders
         self._encoders: list[CLIPTextModel | None] | None = None
+        self.loras: list[PipelineLoRA] = []
 
     # ------------------------------------------------------------------ loading
 
@@ -89,11 +92,44 @@ class SDXLPipeline:
             dtype = mx.float32 if on_cpu() else self.dtype
             folders = [self.parts.part(e) for _, e in TEXT_PARTS]
             self._encoders = [None if f is None else CLIPTextModel.from_pretrained(f, dtype=dtype) for f in folders]
+            for lora in self.loras:
+                lora.apply_to_encoders(self._encoders)
+        return self._encoders
+
+    @property
+    def loaded_text_encoders(self) -> list[CLIPTextModel | None] | None:
+        """The text encoders while they are loaded (for a prompt, or kept), else None."""
         return self._encoders
 
     def release_text_encoders(self) -> None:
         self._encoders = None
+        for lora in self.loras:
+            lora.encoders_released()
         mx.clear_cache()
+
+    # ------------------------------------------------------------------ LoRA
+
+    def load_lora(self, source, scale: float = 1.0, *, fuse: bool = True, unet_scale: float | None = None,
+                  text_encoder_scale: float | None = None, weight_name: str | None = None,
+                  revision: str | None = None, allow_pickle: bool = False) -> PipelineLoRA:
+        """Apply a LoRA file (a path, a folder holding one, a Hub repo id, or a ``lora.LoRAFile``)
+        to the UNet and the text encoders; returns the handle that removes it.
+
+        ``scale`` is its strength (``unet_scale`` / ``text_encoder_scale`` set the parts apart).
+        ``fuse=True`` adds it into the weights (no cost per step; removed bit for bit);
+        ``fuse=False`` applies it live (a branch beside each layer: strength changeable without
+        reloading, and it works over quantized layers). Several LoRAs add up. The whole file is
+        checked before anything changes; modules that name no layer are listed in a warning.
+        """
+        handle = loras.load(self, source, scale, fuse, unet_scale, text_encoder_scale, weight_name, revision,
+                            allow_pickle)
+        self.loras.append(handle)
+        return handle
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA, newest first."""
+        for lora in reversed(list(self.loras)):
+            lora.remove()
 
     def scheduler(self, name: str | None = None):
         """The named sampler (see ``schedulers.SAMPLERS``) on this model's scheduler config;
