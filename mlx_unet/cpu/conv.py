@@ -57,6 +57,9 @@ class Conv2d(nn.Conv2d):
         return (weight.shape[1] == weight.shape[2] and module.groups == 1 and module.dilation in (1, (1, 1))
                 and module.stride[0] == module.stride[1] and module.padding[0] == module.padding[1])
 
+    # The weight's axes in the order they lie in memory: (kh, kw, in, out).
+    memory_order = (1, 2, 3, 0)
+
     @staticmethod
     def laid_out(weight: mx.array) -> mx.array:
         """``weight`` (out, kh, kw, in), unchanged in value and shape, laid out as (kh, kw, in, out)."""

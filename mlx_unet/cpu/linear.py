@@ -52,6 +52,9 @@ class Linear(nn.Linear):
     def from_module(cls, module: nn.Linear) -> "Linear":
         return cls(module.weight, module.get("bias"))
 
+    # The weight's axes in the order they lie in memory: (in, out).
+    memory_order = (1, 0)
+
     @staticmethod
     def laid_out(weight: mx.array) -> mx.array:
         """``weight`` (out, in), unchanged in value and shape, laid out in memory as its transpose."""

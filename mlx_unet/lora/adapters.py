@@ -122,7 +122,8 @@ class LowRank(Adapter):
     def problem(self) -> str | None:
         r = self.rank
         if self.up.ndim not in (2, 4) or self.up.shape[1] != r or math.prod(self.up.shape[2:]) != 1:
-            return f"its up matrix {tuple(self.up.shape)} does not fit its down matrix {tuple(self.down.shape)} (rank {r})"
+            return (f"its up matrix {tuple(self.up.shape)} does not fit its down matrix {tuple(self.down.shape)} "
+                    f"(rank {r})")
         if self.mid is not None and (self.mid.ndim != 4 or self.mid.shape[:2] != (r, r)
                                      or math.prod(self.down.shape[2:]) != 1):
             return f"its Tucker core {tuple(self.mid.shape)} does not fit rank {r} and down {tuple(self.down.shape)}"
@@ -134,6 +135,11 @@ class LowRank(Adapter):
         if self.mid is None:
             return (up @ down).reshape(shape)
         return mx.einsum("op,pqhw,qi->oihw", up, _f32(self.mid), down).reshape(shape)
+
+    def transposed_update(self) -> mx.array:
+        """The update of a Linear layer transposed, (in, out): down.T @ up.T, for weights kept so."""
+        out, r = self.up.shape[0], self.rank
+        return _f32(self.down).reshape(r, -1).T @ _f32(self.up).reshape(out, r).T
 
     def branch(self, shape: tuple[int, ...], geometry: ConvGeometry | None, dtype: mx.Dtype) -> nn.Module:
         out, r = self.up.shape[0], self.rank
@@ -311,7 +317,8 @@ def check_fits(adapter: Adapter, shape: tuple[int, ...], name: str) -> str | Non
         return f"{name} makes a {out}x{inner} update for a {width} weight"
     if isinstance(adapter, LowRank) and adapter.mid is None and adapter.down.ndim == 4 and len(shape) == 4 \
             and tuple(adapter.down.shape[2:]) != tuple(shape[2:]):
-        return f"{name} has a {adapter.down.shape[2]}x{adapter.down.shape[3]} kernel for a {shape[2]}x{shape[3]} convolution"
+        kernel = "x".join(map(str, adapter.down.shape[2:]))
+        return f"{name} has a {kernel} kernel for a {shape[2]}x{shape[3]} convolution"
     return None
 
 

@@ -52,6 +52,7 @@ class Layers:
     names: dict[str, list[Target]]
     shapes: dict[str, tuple[int, ...]]
     family: str
+    width: int  # what tells families apart: the UNet's cross-attention width, a text encoder's
 
 
 def model_layers(model: nn.Module, part: str | None = None) -> Layers:
@@ -61,14 +62,16 @@ def model_layers(model: nn.Module, part: str | None = None) -> Layers:
     if isinstance(model, UNet2DConditionModel):
         if part not in (None, UNET):
             raise InputError(f"a UNet takes a LoRA's unet part, not {part!r}.")
-        return Layers(UNET, unet_names(model.config, shapes), shapes, unet_family(model.config))
+        config = model.config
+        return Layers(UNET, unet_names(config, shapes), shapes, unet_family(config), config.cross_attention_dim)
     if isinstance(model, CLIPTextModel):
         part = part or (TEXT_ENCODER_2 if model.config.with_projection else TEXT_ENCODER)
         return text_encoder_layers(model.config, part, shapes)
     raise InputError(f"a LoRA applies to a UNet2DConditionModel or CLIPTextModel, not a {type(model).__name__}.")
 
 
-def text_encoder_layers(config: CLIPTextConfig, part: str, shapes: Mapping[str, tuple[int, ...]] | None = None) -> Layers:
+def text_encoder_layers(config: CLIPTextConfig, part: str,
+                        shapes: Mapping[str, tuple[int, ...]] | None = None) -> Layers:
     """A text encoder's layers, from its config alone where ``shapes`` is not given (a pipeline
     checks a LoRA against encoders it loads only for the prompt)."""
     if part not in (TEXT_ENCODER, TEXT_ENCODER_2):
@@ -78,22 +81,23 @@ def text_encoder_layers(config: CLIPTextConfig, part: str, shapes: Mapping[str, 
         shapes = {}
         for i in range(config.num_hidden_layers):
             layer = f"text_model.encoder.layers.{i}"
-            shapes.update({f"{layer}.self_attn.{p}": (width, width) for p in ("q_proj", "k_proj", "v_proj", "out_proj")})
+            shapes.update({f"{layer}.self_attn.{p}": (width, width) for p in ("q_proj", "k_proj", "v_proj",
+                                                                             "out_proj")})
             shapes.update({f"{layer}.mlp.fc1": (inner, width), f"{layer}.mlp.fc2": (width, inner)})
         if config.with_projection:
             shapes["text_projection"] = (config.projection_dim, width)
-    return Layers(part, text_encoder_names(part, config, shapes), dict(shapes), text_encoder_family(config.hidden_size))
+    return Layers(part, text_encoder_names(part, config, shapes), dict(shapes), text_encoder_family(config.hidden_size),
+                  config.hidden_size)
 
 
-def _lora_family(lora: LoRAFile, part: str) -> str | None:
-    """The family the file was made for, from the width its cross-attention keys and values (or a
-    text encoder's attention) take; None where it cannot tell."""
+def _lora_width(lora: LoRAFile, part: str) -> int | None:
+    """The width that tells families apart, as the file has it: what its cross-attention keys and
+    values take (a text encoder's attention); None where the file has no such module."""
+    ends = ("attn2_to_k", "attn2_to_v", "attn2_processor_to_k", "attn2_processor_to_v") if part == UNET \
+        else ("self_attn_q_proj", "self_attn_out_proj", "attn_out_proj")
     for module, adapter in lora.modules.get(part, {}).items():
-        flat = module.replace(".", "_")
-        if part == UNET and flat.endswith(("attn2_to_k", "attn2_to_v", "attn2_processor_to_k", "attn2_processor_to_v")):
-            return cross_attention_family(adapter.sizes()[1])
-        if part != UNET and flat.endswith(("self_attn_q_proj", "self_attn_out_proj", "attn_out_proj")):
-            return text_encoder_family(adapter.sizes()[1])
+        if module.replace(".", "_").endswith(ends):
+            return adapter.sizes()[1]
     return None
 
 
@@ -115,9 +119,10 @@ def plan(lora: LoRAFile, layers: Layers) -> tuple[list[Update], list[str]]:
                 problems.append(problem)
             updates.append(Update(target.path, fitted))
     if problems:
-        made_for = _lora_family(lora, layers.part)
-        if made_for is not None and made_for not in layers.family:
-            what = "UNet" if layers.part == UNET else "text encoder"
+        width = _lora_width(lora, layers.part)
+        if width is not None and width != layers.width:
+            made_for, what = (cross_attention_family(width), "UNet") if layers.part == UNET \
+                else (text_encoder_family(width), "text encoder")
             raise WeightsError(f"{lora.name} is a LoRA for {made_for}, and this {what} is {layers.family}; "
                                "use a LoRA made for this model.")
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

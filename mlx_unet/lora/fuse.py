@@ -14,15 +14,14 @@ operations, so the same bits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .adapters import Adapter
+from .adapters import Adapter, LowRank
 from .layers import base_of, torch_shape
-
-_BITS = {mx.float32: mx.uint32, mx.float16: mx.uint16, mx.bfloat16: mx.uint16}
 
 
 @dataclass(frozen=True)
@@ -33,50 +32,87 @@ class Lost:
     values: mx.array | None = None
 
 
-def _scaled_delta(layer: nn.Module, adapter: Adapter, scale: float) -> mx.array:
-    """``scale`` x the adapter's delta for ``layer``'s weight, float32, in MLX's layout (convolution
-    kernels (out, kh, kw, in))."""
-    delta = adapter.delta(torch_shape(layer)) * scale
-    return delta.transpose(0, 2, 3, 1) if delta.ndim == 4 else delta
+def _memory_order(layer: nn.Module) -> tuple[int, ...]:
+    """The order the weight's axes lie in memory: the CPU kernels keep theirs laid out for their
+    products (``memory_order``: (in, out) for a Linear), MLX's layers row-major."""
+    return getattr(type(layer), "memory_order", tuple(range(layer.weight.ndim)))
 
 
-def _set_weight(layer: nn.Module, weight: mx.array) -> None:
-    # The CPU kernels keep their weights laid out for their products (cpu/linear.py, cpu/conv.py).
-    laid_out = getattr(type(layer), "laid_out", None)
-    layer.weight = laid_out(weight) if laid_out is not None else weight
+def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(range(len(order)), key=order.__getitem__))
+
+
+def _update(layer: nn.Module, adapter: Adapter, order: tuple[int, ...]) -> mx.array:
+    """The adapter's update (without scales) for ``layer``'s weight, float32, with its axes in the
+    weight's memory order and contiguous: all the arithmetic runs on the weight as it lies in
+    memory (contiguous passes; the fused weight then needs no re-layout). A low-rank update of a
+    transposed Linear weight is computed so directly: down.T @ up.T."""
+    if order == (1, 0) and isinstance(adapter, LowRank):
+        return adapter.transposed_update()
+    update = adapter.update(torch_shape(layer))
+    if update.ndim == 4:
+        update = update.transpose(0, 2, 3, 1)  # MLX's (out, kh, kw, in)
+    return mx.contiguous(update.transpose(order))
+
+
+# Each a single pass (compiled). Fusing checks what subtraction gives back with the very function
+# that unfusing runs: a compiler may contract a multiply and an add into one rounding, and two
+# differently written expressions could then round differently.
+@partial(mx.compile, shapeless=True)
+def _add(weight: mx.array, update: mx.array, scale: mx.array) -> mx.array:
+    return (weight.astype(mx.float32) + update * scale).astype(weight.dtype)
+
+
+@partial(mx.compile, shapeless=True)
+def _subtract(weight: mx.array, update: mx.array, scale: mx.array) -> mx.array:
+    return (weight.astype(mx.float32) - update * scale).astype(weight.dtype)
+
+
+@partial(mx.compile, shapeless=True)
+def _lost(restored: mx.array, weight: mx.array) -> mx.array:
+    # != misses -0.0 (restored as +0.0): zeros are recorded whatever their sign. NaN != NaN: NaN
+    # weights are recorded too.
+    return (restored != weight) | (weight == 0)
+
+
+def _total(adapter: Adapter, scale: float) -> mx.array:
+    # The same float32 product in both directions, so that the delta has the same bits.
+    return mx.array(scale * adapter.scale, dtype=mx.float32)
+
+
+def _set_weight(layer: nn.Module, in_memory_order: mx.array, order: tuple[int, ...]) -> None:
+    # Transposed back to the weight's shape, a view: the memory stays as computed.
+    layer.weight = in_memory_order.transpose(_inverse(order))
     mx.eval(layer.weight)
-
-
-def _bits(a: mx.array) -> mx.array:
-    return a.view(_BITS[a.dtype]) if a.dtype in _BITS else a
 
 
 def fuse(layer: nn.Module, adapter: Adapter, scale: float) -> Lost:
     """Add ``scale`` x the adapter's delta to the weight of ``layer`` (its base, if wrapped)."""
     layer = base_of(layer)
-    weight = layer.weight
-    delta = _scaled_delta(layer, adapter, scale)
-    fused = (weight.astype(mx.float32) + delta).astype(weight.dtype)
-    restored = (fused.astype(mx.float32) - delta).astype(weight.dtype)
-    lost = _bits(restored) != _bits(weight)
+    order = _memory_order(layer)
+    weight = layer.weight.transpose(order)
+    update, total = _update(layer, adapter, order), _total(adapter, scale)
+    fused = _add(weight, update, total)
+    lost = _lost(_subtract(fused, update, total), weight)
     count = lost.sum()
     mx.eval(fused, count)
     record = Lost()
-    if count.item():
+    if count.item():  # flat indices in memory order, as unfuse reads them
         indices = mx.array(np.flatnonzero(np.array(lost)).astype(np.uint32))
         record = Lost(indices, weight.reshape(-1)[indices])
         mx.eval(record.values)
-    _set_weight(layer, fused)
+    _set_weight(layer, fused, order)
     return record
 
 
 def unfuse(layer: nn.Module, adapter: Adapter, scale: float, lost: Lost) -> None:
     """Undo ``fuse(layer, adapter, scale)``, the last fuse into this weight, bit for bit."""
     layer = base_of(layer)
-    weight = layer.weight
-    restored = (weight.astype(mx.float32) - _scaled_delta(layer, adapter, scale)).astype(weight.dtype)
+    order = _memory_order(layer)
+    weight = layer.weight.transpose(order)
+    restored = _subtract(weight, _update(layer, adapter, order), _total(adapter, scale))
     if lost.indices is not None:
         flat = restored.reshape(-1)
         flat[lost.indices] = lost.values
         restored = flat.reshape(weight.shape)
-    _set_weight(layer, restored)
+    _set_weight(layer, restored, order)
