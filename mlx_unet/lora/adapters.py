@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import WeightsError
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ def _dense(delta: mx.array, geometry: ConvGeometry | None, dtype: mx.Dtype) -> n
 
 class Adapter:
     """One layer's update. ``scale`` is the file's own (alpha / rank, or what the format says);
-    ``factors`` every tensor it holds (for the finiteness check and the memory it takes)."""
+    ``factors`` every tensor it holds (for the finiteness check)."""
 
     scale: float
 
@@ -324,13 +323,3 @@ def check_fits(adapter: Adapter, shape: tuple[int, ...], name: str) -> str | Non
 
 def nonfinite(adapter: Adapter) -> bool:
     return not all(mx.all(mx.isfinite(f)).item() for f in adapter.factors())
-
-
-def nbytes(adapter: Adapter) -> int:
-    return sum(f.nbytes for f in adapter.factors())
-
-
-def raise_unfit(problems: list[str], file: str) -> None:
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise WeightsError(f"{file} does not fit this model: {problems[0]}{more}.")

@@ -95,6 +95,22 @@ def test_update_matches_the_definition(lora_file, fuse):
     assert not any(isinstance(layer, LoRALayer) for _, layer in adaptable_layers(unet))
 
 
+@pytest.mark.usefixtures("code_path")
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "live"])
+def test_half_precision_against_the_float32_definition(lora_file, fuse):
+    path, tensors = lora_file
+    unet = _unet()
+    inputs = _inputs(unet)
+    reference = _run(_with_weights(unet, reference_weights(unet, tensors, scale=0.7)), inputs)
+    half = _unet(mx.float16)
+    apply_lora(half, path, scale=0.7, fuse=fuse)
+    args, extra = inputs
+    ours = np.array(half(*(a.astype(mx.float16) if a.dtype == mx.float32 else a for a in args),
+                         **{k: v.astype(mx.float16) for k, v in extra.items()}).astype(mx.float32))
+    print(f"float16 {'fused' if fuse else 'live'} vs float32 definition: {_relative(ours, reference):.2e}")
+    assert np.isfinite(ours).all() and _relative(ours, reference) <= 1e-2
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 def test_fuse_and_remove_restore_every_bit(lora_file, dtype):
     path, _ = lora_file
