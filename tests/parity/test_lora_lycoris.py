@@ -14,10 +14,29 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
-from lycoris_files import (CASES, NO_ALPHA, SGM_CASES, apply_reference, group_modules, kohya_modules, module_delta,
-                           part_of, peft_delta, peft_model, read, write_case)
+from lycoris_files import (
+    CASES,
+    NO_ALPHA,
+    SGM_CASES,
+    apply_reference,
+    group_modules,
+    kohya_modules,
+    module_delta,
+    part_of,
+    read,
+    write_case,
+)
+from lycoris_peft import peft_delta, peft_model
 from mlx.utils import tree_flatten
-from reference import make_inputs, mlx_from_torch, relative_error, run_mlx, run_torch, tiny_config, torch_unet
+from reference import (
+    make_inputs,
+    mlx_from_torch,
+    relative_error,
+    run_mlx,
+    run_torch,
+    tiny_config,
+    torch_unet,
+)
 from reference_text import mlx_text_encoder, token_ids, torch_text_encoder
 from reference_text import run_torch as run_torch_text
 
