@@ -125,8 +125,8 @@ def test_rank32_lora_fused_into_full_size_sdxl_and_removed_bit_for_bit(tmp_path)
     assert applied.modules == len(factors)
     elements = sum(before[name].size for name in touched)
     recorded = sum(u.record.indices.size for u in applied.updates if u.record.indices is not None)
-    print(f"\nbuilt in {built_s:.0f} s; fuse {fuse_s:.2f} s (goal {GOAL_SECONDS:g} s), MLX peak {peak_gib:.3f} GiB over "
-          f"the resident {resident / 2**30:.2f} GiB (goal {GOAL_PEAK_GIB:g}); {recorded / elements:.2%} of "
+    print(f"\nbuilt in {built_s:.0f} s; fuse {fuse_s:.2f} s (goal {GOAL_SECONDS:g} s), MLX peak {peak_gib:.3f} GiB "
+          f"over the resident {resident / 2**30:.2f} GiB (goal {GOAL_PEAK_GIB:g}); {recorded / elements:.2%} of "
           f"{elements / 1e6:.0f} M touched elements recorded")
 
     # W + scale * alpha / rank * up @ down, in float64.
