@@ -13,7 +13,7 @@ operations, so the same bits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import mlx.core as mx
@@ -42,42 +42,43 @@ def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(order)), key=order.__getitem__))
 
 
-def _update(layer: nn.Module, adapter: Adapter, order: tuple[int, ...]) -> mx.array:
-    """The adapter's update (without scales) for ``layer``'s weight, float32, with its axes in the
+def _delta(layer: nn.Module, adapter: Adapter, scale: float, order: tuple[int, ...]) -> mx.array:
+    """``scale`` x the adapter's update of ``layer``'s weight, float32, with its axes in the
     weight's memory order and contiguous: all the arithmetic runs on the weight as it lies in
-    memory (contiguous passes; the fused weight then needs no re-layout). A low-rank update of a
-    transposed Linear weight is computed so directly: down.T @ up.T."""
-    if order == (1, 0) and isinstance(adapter, LowRank):
-        return adapter.transposed_update()
-    update = adapter.update(torch_shape(layer))
-    if update.ndim == 4:
-        update = update.transpose(0, 2, 3, 1)  # MLX's (out, kh, kw, in)
-    return mx.contiguous(update.transpose(order))
+    memory (contiguous passes; the fused weight then needs no re-layout). A low-rank update takes
+    the scale in its small down matrix, and for a transposed Linear weight is computed as
+    (s down).T @ up.T, which lies as the weight does: no pass of its own over weight-sized data.
+    Fusing and unfusing compute it alike, to the bit."""
+    if isinstance(adapter, LowRank):
+        adapter = replace(adapter, down=adapter.down.astype(mx.float32) * scale, scale=1.0)
+        if order == (1, 0):
+            return adapter.transposed_update()
+        delta = adapter.update(torch_shape(layer))
+    else:
+        delta = adapter.update(torch_shape(layer)) * scale
+    if delta.ndim == 4:
+        delta = delta.transpose(0, 2, 3, 1)  # MLX's (out, kh, kw, in)
+    return mx.contiguous(delta.transpose(order))
 
 
-# Each a single pass (compiled). Fusing checks what subtraction gives back with the very function
-# that unfusing runs: a compiler may contract a multiply and an add into one rounding, and two
-# differently written expressions could then round differently.
+# Single passes, compiled. No multiply in them: a compiler could contract one with the add into
+# one rounding, and the two directions would then round differently.
 @partial(mx.compile, shapeless=True)
-def _add(weight: mx.array, update: mx.array, scale: mx.array) -> mx.array:
-    return (weight.astype(mx.float32) + update * scale).astype(weight.dtype)
+def _add(weight: mx.array, delta: mx.array) -> mx.array:
+    return (weight.astype(mx.float32) + delta).astype(weight.dtype)
 
 
 @partial(mx.compile, shapeless=True)
-def _subtract(weight: mx.array, update: mx.array, scale: mx.array) -> mx.array:
-    return (weight.astype(mx.float32) - update * scale).astype(weight.dtype)
+def _subtract(weight: mx.array, delta: mx.array) -> mx.array:
+    return (weight.astype(mx.float32) - delta).astype(weight.dtype)
 
 
 @partial(mx.compile, shapeless=True)
-def _lost(restored: mx.array, weight: mx.array) -> mx.array:
-    # != misses -0.0 (restored as +0.0): zeros are recorded whatever their sign. NaN != NaN: NaN
-    # weights are recorded too.
-    return (restored != weight) | (weight == 0)
-
-
-def _total(adapter: Adapter, scale: float) -> mx.array:
-    # The same float32 product in both directions, so that the delta has the same bits.
-    return mx.array(scale * adapter.scale, dtype=mx.float32)
+def _lost(fused: mx.array, delta: mx.array, weight: mx.array) -> mx.array:
+    """Where unfusing (``_subtract``, the same expression) would not give ``weight`` back. ``!=``
+    misses -0.0 (restored as +0.0): zeros are recorded whatever their sign; NaN != NaN records
+    NaN weights too."""
+    return (_subtract(fused, delta) != weight) | (weight == 0)
 
 
 def _set_weight(layer: nn.Module, in_memory_order: mx.array, order: tuple[int, ...]) -> None:
@@ -91,14 +92,14 @@ def fuse(layer: nn.Module, adapter: Adapter, scale: float) -> Lost:
     layer = base_of(layer)
     order = _memory_order(layer)
     weight = layer.weight.transpose(order)
-    update, total = _update(layer, adapter, order), _total(adapter, scale)
-    fused = _add(weight, update, total)
-    lost = _lost(_subtract(fused, update, total), weight)
-    count = lost.sum()
-    mx.eval(fused, count)
+    delta = _delta(layer, adapter, scale * adapter.scale, order)
+    fused = _add(weight, delta)
+    lost = _lost(fused, delta, weight)
+    mx.eval(fused, lost)
     record = Lost()
-    if count.item():  # flat indices in memory order, as unfuse reads them
-        indices = mx.array(np.flatnonzero(np.array(lost)).astype(np.uint32))
+    found = np.flatnonzero(np.asarray(lost))  # flat indices in memory order, as unfuse reads them
+    if found.size:
+        indices = mx.array(found.astype(np.uint32))
         record = Lost(indices, weight.reshape(-1)[indices])
         mx.eval(record.values)
     _set_weight(layer, fused, order)
@@ -110,9 +111,11 @@ def unfuse(layer: nn.Module, adapter: Adapter, scale: float, lost: Lost) -> None
     layer = base_of(layer)
     order = _memory_order(layer)
     weight = layer.weight.transpose(order)
-    restored = _subtract(weight, _update(layer, adapter, order), _total(adapter, scale))
+    restored = _subtract(weight, _delta(layer, adapter, scale * adapter.scale, order))
     if lost.indices is not None:
+        # Held by nothing else, so MLX writes the recorded values into its buffer in place.
         flat = restored.reshape(-1)
+        del restored
         flat[lost.indices] = lost.values
         restored = flat.reshape(weight.shape)
     _set_weight(layer, restored, order)
