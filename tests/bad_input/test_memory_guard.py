@@ -53,7 +53,8 @@ def test_parameter_counts_from_configs_match_the_models(build, config):
     assert counts[build](config) == sum(math.prod(s) for s in model_shapes(build(config)).values())
 
 
-@pytest.mark.parametrize("kernels", ["1", "0"], ids=["cpu-kernels", "plain-mlx"])
+@pytest.mark.parametrize("kernels", ["1", pytest.param("0", marks=pytest.mark.slow)],
+                         ids=["cpu-kernels", "plain-mlx"])
 def test_estimate_bounds_measured_peak(tiny_pipeline, kernels):
     """Measured in a fresh process per code path (the path is chosen when models load): the
     prompt + denoising loop and the decode of 2 guided images at 64 and 256 px. The estimate may

@@ -39,6 +39,7 @@ def test_benchmark_runs_compiled_and_in_low_memory_mode():
     assert row[:2] == ["16", "float32"] and row[3] == "-" and float(row[-1]) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sdxl-base", "sd15"])
 def test_flop_count_equals_torchs_flop_counter(family, monkeypatch):
     """The benchmark's count (every Linear, Conv2d and attention call of our forward, traced on

@@ -210,7 +210,9 @@ def write_single_file(path, model, config, ema_model=None):
     return path
 
 
-@pytest.mark.parametrize("name", list(SINGLE_FILE_FAMILIES))
+# SDXL base and SD 1.x in the fast tier; the other families are the same inference.
+@pytest.mark.parametrize("name", [n if n in ("sdxl-base", "sd15") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in SINGLE_FILE_FAMILIES])
 def test_single_file_with_inferred_config(tmp_path, name):
     config = SINGLE_FILE_FAMILIES[name]
     reference = torch_unet(config, seed=36)

@@ -50,7 +50,7 @@ def lora():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "live"])
+@pytest.mark.parametrize("fuse", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["fused", "live"])
 def test_kohya_image_on_both_code_paths(world, lora, code_path, fuse):
     reference = world.reference([("kohya_sgm", 1.0)], image=True)
     pipe = world.sdxl()

@@ -79,6 +79,7 @@ def test_base_and_refiner_hand_off_matches_diffusers(models):
     _compare(ours, theirs)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_original_single_file_makes_the_same_image(models, tmp_path):
     """An sgm-layout SDXL file converted whole. Its config is inferred from the tensors plus
