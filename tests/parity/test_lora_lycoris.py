@@ -122,8 +122,10 @@ def _text_errors(ours, reference) -> tuple[float, float]:
 
 
 # Three in the fast tier: the Tucker LoHa, and LoKr whole and decomposed.
-@pytest.mark.parametrize("case", [c if c in ("loha_tucker", "lokr", "lokr_both") else pytest.param(c, marks=pytest.mark.slow)
-                                  for c in ALL])
+FAST = ("loha_tucker", "lokr", "lokr_both")
+
+
+@pytest.mark.parametrize("case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in ALL])
 def test_definition_matches_peft(world, case):
     """Each module's delta by the definition (lycoris_files.module_delta) equals peft's, whose
     config built parameters of the file's shapes (LyCORIS's layout) wherever its rules can; each
