@@ -18,7 +18,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import cpu
+from .configs.quantization import Quantization, read_quantization
 from .errors import NonFiniteWarning, WeightsError
+from .quantize import prepare_structure, quantizable_paths, quantize_weights, quantized_paths
 from .safetensors_io import SafetensorsReader
 
 _RECONVERT = "convert the model again with mlx-unet convert"
@@ -100,7 +102,7 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array], dtype: mx.Dtype
     nonfinite = []
     for name in list(weights):
         value = weights.pop(name)
-        if dtype is not None:
+        if dtype is not None and mx.issubdtype(value.dtype, mx.floating):  # not a quantized layer's packed bits
             value = value.astype(dtype)
         # Parameters are row-major (a strided one, an mx.array of a transposed numpy view say,
         # would be copied by every product that reads it), except the weights that the CPU
@@ -125,8 +127,9 @@ def weight_layouts(model: nn.Module) -> dict[str, Callable[[mx.array], mx.array]
             for path, module in model.named_modules() if hasattr(module, "laid_out")}
 
 
-def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None = None) -> None:
-    """Load every ``*.safetensors`` file in ``folder`` into ``model``."""
+def read_weights_folder(model: nn.Module, folder: Path) -> dict[str, mx.array]:
+    """Every tensor of every ``*.safetensors`` file in ``folder`` (lazily: read as evaluated),
+    each file's header checked first."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise WeightsError(
@@ -146,13 +149,34 @@ def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None =
         if duplicated:
             raise WeightsError(f"{file} repeats tensors already loaded from another file ({_names(duplicated)}).")
         weights.update(part)
+    return weights
+
+
+def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None = None,
+                        quantize: Quantization | None = None) -> None:
+    """Load every ``*.safetensors`` file in ``folder`` into ``model``: into quantized layers where
+    the folder is quantized (its config's ``mlx_unet`` section), or quantizing the policy's layers
+    as they load where ``quantize`` asks (never a dense copy of the model either way)."""
+    stored = read_quantization(folder, _model_name(model))
+    weights = read_weights_folder(model, folder)
+    if stored is not None:
+        if quantize is not None and quantize != stored:
+            raise WeightsError(f"{folder} is quantized already ({stored.describe()}), so it cannot be quantized to "
+                               f"{quantize.describe()}; convert the dense model with those settings instead.")
+        prepare_structure(model, stored, quantized_paths(weights))
+    elif quantize is not None:
+        paths = quantizable_paths(model, quantize)
+        prepare_structure(model, quantize, paths)
+        weights = quantize_weights(weights, paths, quantize, dtype)
     load_weights(model, weights, dtype)
     if dtype is not None:
         mx.clear_cache()  # the file-dtype copies just freed would otherwise stay in MLX's cache
 
 
-def load_pretrained(model: nn.Module, folder: Path, dtype: mx.Dtype | None, cpu_kernels: bool | None) -> nn.Module:
+def load_pretrained(model: nn.Module, folder: Path, dtype: mx.Dtype | None, cpu_kernels: bool | None,
+                    quantize: Quantization | None = None) -> nn.Module:
     """``model`` (just built from its config) with ``folder``'s weights, then the CPU kernels
-    swapped in where ``cpu.kernels_enabled(cpu_kernels)``: config -> build -> load -> kernels."""
-    load_weights_folder(model, folder, dtype)
+    swapped in where ``cpu.kernels_enabled(cpu_kernels)``: config -> build -> quantize -> load ->
+    kernels."""
+    load_weights_folder(model, folder, dtype, quantize)
     return cpu.prepare(model, cpu_kernels)

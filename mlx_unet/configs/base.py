@@ -32,8 +32,8 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 # Our section of a model's config.json. diffusers warns about and drops a key its class does not
 # take, transformers keeps it as an attribute: both still load the file.
 SECTION = "mlx_unet"
-# What the section may hold, for this FORMAT_VERSION; quantization settings will join it.
-SECTION_KEYS = ("format_version",)
+# What the section may hold, for this FORMAT_VERSION (quantization: configs/quantization.py).
+SECTION_KEYS = ("format_version", "quantization")
 
 # Written by diffusers or transformers about the file, not the model (besides "_"-prefixed keys
 # such as _class_name, _diffusers_version, _name_or_path, _commit_hash). The dtype the weights
@@ -62,9 +62,9 @@ def preset(presets: Mapping[str, dict[str, Any]], name: str, model: str) -> dict
 # ---------------------------------------------------------------------- the key rule
 
 
-def section() -> dict[str, Any]:
-    """The ``mlx_unet`` section this version writes."""
-    return {"format_version": FORMAT_VERSION}
+def section(quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``mlx_unet`` section this version writes (with a quantized model's settings)."""
+    return {"format_version": FORMAT_VERSION, **({"quantization": quantization} if quantization else {})}
 
 
 def newer_format(version: Any) -> bool:
@@ -94,6 +94,10 @@ def check_section(value: Any) -> dict[str, Any]:
                 f"config field {SECTION!r} holds {key!r} = {value[key]!r}, which this mlx-unet does not "
                 f"implement (it knows {', '.join(SECTION_KEYS)})."
             )
+    if "quantization" in value:
+        from .quantization import Quantization  # here: it imports this module
+
+        Quantization.from_dict(value["quantization"])
     return value
 
 

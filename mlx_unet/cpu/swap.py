@@ -1,15 +1,16 @@
 """``accelerate(model)``: the one step that puts the CPU kernels into a model built from plain MLX.
 
 The model files use MLX's own layers (``nn.Linear``, ``nn.Conv2d``, ``nn.SiLU``, ``nn.GELU``,
-``mx.fast`` attention): the code a Mac or a CUDA machine runs. On the CPU those are slow
+``mx.fast`` attention; ``nn.QuantizedLinear`` in quantized models): the code a Mac or a CUDA
+machine runs. On the CPU those are slow
 (see each kernel's module), so this pass replaces each such module, wherever it sits in the
 tree, by its CPU counterpart with the same parameters, laid out in memory for the CPU's products.
 Names, shapes and values of every parameter stay as they are, so weights load and save alike.
 
 Only the exact classes in ``_SWAPS`` are replaced. Anything else is walked into: a wrapper
 around a layer (a LoRA layer holding its base ``nn.Linear``, say) keeps its own code and gets the
-CPU kernel for the layer inside it; a layer of another class (``nn.QuantizedLinear``) is left as
-MLX computes it.
+CPU kernel for the layer inside it; a layer of another class (a grouped convolution, say) is left
+as MLX computes it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from . import activations
 from .attention import ChunkedAttention
 from .conv import Conv2d
 from .linear import Linear
+from .quantized import QuantizedLinear
 
 ENV_SWITCH = "MLX_UNET_CPU_KERNELS"
 
@@ -54,6 +56,7 @@ _SWAPS: dict[type, Callable[[nn.Module], nn.Module]] = {
     QuickGELU: lambda _: activations.QuickGELU(),
     GatedGELU: lambda _: activations.GatedGELU(),
     ScaledDotProductAttention: lambda _: ChunkedAttention(),
+    nn.QuantizedLinear: QuantizedLinear.from_module,
 }
 
 
@@ -83,7 +86,7 @@ def _swap_children(module: nn.Module) -> None:
 def is_accelerated(layer: nn.Module) -> bool:
     """Whether ``layer`` is one of the CPU kernels ``accelerate`` swaps in for a Linear or Conv2d
     (layers added beside it, a LoRA's, then get them too)."""
-    return isinstance(layer, (Linear, Conv2d))
+    return isinstance(layer, (Linear, Conv2d, QuantizedLinear))
 
 
 def accelerate(model: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..configs.clip import LEGACY_EOS_TOKEN_ID, CLIPTextConfig
+from ..configs.quantization import Quantization, as_quantization
 from ..errors import InputError
 
 
@@ -202,16 +203,17 @@ class CLIPTextModel(nn.Module):
         return hidden_layer % (layers + 1)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: mx.Dtype | None = None,
-                        cpu_kernels: bool | None = None) -> "CLIPTextModel":
+    def from_pretrained(cls, folder: str | Path, dtype: mx.Dtype | None = None, cpu_kernels: bool | None = None,
+                        quantize: Quantization | int | None = None) -> "CLIPTextModel":
         """Load ``config.json`` and the MLX ``*.safetensors`` weights of a text encoder folder.
 
         ``dtype`` casts the weights (default: as stored). ``cpu_kernels``: swap in the CPU
         kernels (None: on the CPU unless ``MLX_UNET_CPU_KERNELS=0``; see ``mlx_unet.cpu``).
+        ``quantize``: as for ``UNet2DConditionModel.from_pretrained``.
         """
         from ..weights import load_pretrained
 
         folder = Path(folder)
         model = cls(CLIPTextConfig.from_json(folder))
-        return load_pretrained(model, folder, dtype, cpu_kernels)
+        return load_pretrained(model, folder, dtype, cpu_kernels, as_quantization(quantize))
 

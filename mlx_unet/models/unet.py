@@ -8,6 +8,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..configs.quantization import Quantization, as_quantization
 from ..configs.unet import UNetConfig
 from ..errors import InputError
 from .blocks import DownBlock, MidBlock, UpBlock
@@ -231,16 +232,18 @@ class UNet2DConditionModel(nn.Module):
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: mx.Dtype | None = None,
-                        cpu_kernels: bool | None = None) -> "UNet2DConditionModel":
+    def from_pretrained(cls, folder: str | Path, dtype: mx.Dtype | None = None, cpu_kernels: bool | None = None,
+                        quantize: Quantization | int | None = None) -> "UNet2DConditionModel":
         """Load ``config.json`` and the MLX ``*.safetensors`` weights of an MLX UNet folder.
 
         ``dtype`` casts the weights (default: as stored). ``cpu_kernels``: swap in the CPU
         kernels (None: on the CPU unless ``MLX_UNET_CPU_KERNELS=0``; see ``mlx_unet.cpu``).
+        ``quantize``: quantize a dense folder as it loads (a ``Quantization``, or bits: 8 or 4);
+        a quantized folder (``mlx-unet convert --quantize``) loads quantized by itself.
         """
         from ..weights import load_pretrained
 
         folder = Path(folder)
         config = UNetConfig.from_json(folder)
         model = cls(config)
-        return load_pretrained(model, folder, dtype, cpu_kernels)
+        return load_pretrained(model, folder, dtype, cpu_kernels, as_quantization(quantize))

@@ -1,5 +1,5 @@
 """``cpu.accelerate``: which modules it replaces, that parameters survive it, and how it composes
-with layers it does not know (LoRA-style wrappers, quantized layers). MLX only, no reference."""
+with layers it does not know (LoRA-style wrappers, grouped convolutions). MLX only, no reference."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -57,7 +57,7 @@ def test_accelerate_swaps_exactly_the_known_layers_and_keeps_every_parameter():
     assert [type(m) for m in model.gelus] == [activations.GELU, nn.GELU, activations.QuickGELU, activations.GatedGELU]
     assert type(model.attention) is ChunkedAttention
     assert type(model.wrapped) is LowRankWrapper and type(model.wrapped.base) is Linear  # walked into
-    assert type(model.quantized) is nn.QuantizedLinear  # left as MLX computes it
+    assert type(model.quantized) is cpu.quantized.QuantizedLinear  # dequantized for BLAS, stored quantized
     after = _values(model)
     assert after.keys() == before.keys()
     for name in before:
