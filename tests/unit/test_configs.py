@@ -170,8 +170,15 @@ def test_each_config_kind_checks_the_mlx_unet_section(kind):
     assert build(mlx_unet={"format_version": FORMAT_VERSION}) == build()
     with pytest.raises(ConfigError, match=r"newer mlx-unet .*upgrade mlx-unet"):
         build(mlx_unet={"format_version": str(int(FORMAT_VERSION) + 1), "quantization": {"bits": 4}})
-    with pytest.raises(ConfigError, match=r"'mlx_unet' holds 'quantization' = \{'bits': 4\}"):
+    with pytest.raises(ConfigError, match=r"'mlx_unet' holds 'pruning' = \{'ratio': 0.5\}"):
+        build(mlx_unet={"format_version": FORMAT_VERSION, "pruning": {"ratio": 0.5}})
+    with pytest.raises(ConfigError, match=r"quantization must hold bits, group_size and mode, got \{'bits': 4\}"):
         build(mlx_unet={"format_version": FORMAT_VERSION, "quantization": {"bits": 4}})
+    with pytest.raises(ConfigError, match="affine quantization takes 8 or 4 bits, got 3"):
+        build(mlx_unet={"format_version": FORMAT_VERSION, "quantization": {"bits": 3, "group_size": 64,
+                                                                             "mode": "affine"}})
+    quantized = {"format_version": FORMAT_VERSION, "quantization": {"bits": 4, "group_size": 64, "mode": "affine"}}
+    assert build(mlx_unet=quantized) == build()
     for bad in ({}, {"format_version": 1}, {"format_version": "0"}):
         with pytest.raises(ConfigError, match="format_version"):
             build(mlx_unet=bad)
