@@ -13,7 +13,8 @@ import sys
 import warnings
 from typing import Callable, NoReturn
 
-from ..errors import MlxUnetError
+from ..configs.quantization import MODES, Quantization, text_encoder_quantization
+from ..errors import InputError, MlxUnetError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -62,3 +63,30 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def add_quantization_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--quantize``, ``--q-group-size``, ``--q-mode``, ``--quantize-text-encoders``; ``what``
+    says what they act on ("as it loads", "in the output")."""
+    parser.add_argument("--quantize", type=int, choices=(8, 4), help=f"quantize the UNet {what} to 8 or 4 bits")
+    parser.add_argument("--q-group-size", type=int, choices=(32, 64, 128),
+                        help="weights per quantization group (default: 64; 32 for the mx modes)")
+    parser.add_argument("--q-mode", choices=list(MODES), default="affine",
+                        help="MLX quantization mode (default: affine; mxfp8/mxfp4 where the installed MLX has them)")
+    parser.add_argument("--quantize-text-encoders", choices=("none", "8", "4"),
+                        help="the text encoders' bits (default: 8 when --quantize is given; none: keep them dense)")
+
+
+def quantization_arguments(args: argparse.Namespace) -> tuple[Quantization | None, Quantization | None]:
+    """(the UNet's, the text encoders') quantization from the command line, checked."""
+    if args.quantize is None:
+        if args.q_group_size is not None or args.q_mode != "affine" or args.quantize_text_encoders not in (None, "none"):
+            raise InputError("--q-group-size, --q-mode and --quantize-text-encoders go with --quantize; add "
+                             "--quantize 8 or --quantize 4.")
+        return None, None
+    unet = Quantization.make(args.quantize, args.q_group_size, args.q_mode)
+    text = args.quantize_text_encoders
+    requested = False if text == "none" else None if text is None else \
+        Quantization.make(int(text), unet.group_size if unet.mode == "affine" else None,
+                          unet.mode if unet.mode == "affine" else {8: "mxfp8", 4: "mxfp4"}[int(text)])
+    return unet, text_encoder_quantization(unet, requested)

@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..configs.base import DTYPES
+from ..errors import InputError
 from ..lora import read_lora
 from ..lora.apply import checked_scale
 from ..pipelines.arguments import RunArguments
@@ -28,7 +29,7 @@ from ..pipelines.images import check_writable, output_paths, write_pngs
 from ..pipelines.preflight import check_prompts, check_run
 from ..pipelines.sdxl import SDXLPipeline
 from ..schedulers import SAMPLERS
-from .common import ArgumentParser, run_command
+from .common import ArgumentParser, add_quantization_arguments, quantization_arguments, run_command
 
 
 class Progress:
@@ -75,11 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="a LoRA / LyCORIS file, folder or Hub repo id, at strength SCALE (default 1); repeatable; "
                         "applied to the base model only when a refiner is given")
-    p.add_argument("--lora-mode", choices=("fuse", "live"), default="fuse",
-                   help="fuse: add LoRAs into the weights (default; no cost per step); live: run them beside "
-                        "each layer")
+    p.add_argument("--lora-mode", choices=("fuse", "live"),
+                   help="fuse: add LoRAs into the weights (no cost per step); live: run them beside each layer "
+                        "(default: fuse, or live where the UNet is quantized)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept .ckpt/.pt/.bin LoRA pickles (loaded with torch.load(weights_only=True); needs torch)")
+    add_quantization_arguments(p, "as it loads")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -113,26 +115,35 @@ def _checked(args) -> tuple[RunArguments, list[Path]]:
 def _generate(args, log, written: list[Path]) -> int:
     start = time.perf_counter()
     run, paths = _checked(args)
+    quantize, quantize_text = quantization_arguments(args)
     dtype = DTYPES[args.dtype]
     vae_dtype = DTYPES[args.vae_dtype] if args.vae_dtype else None
     base = PipelineFolder.read(args.model)
     refiner_parts = PipelineFolder.read(args.refiner) if args.refiner is not None else None
     plan = check_run(run, base, refiner_parts, prompts=1, scheduler=args.scheduler, dtype=dtype, vae_dtype=vae_dtype,
-                     tiled_vae=args.tile_vae, low_memory=args.low_memory)
+                     tiled_vae=args.tile_vae, low_memory=args.low_memory, quantize=quantize,
+                     quantize_text_encoders=quantize_text)
+    # LoRAs go live where the UNet is quantized: fusing into quantized weights is refused.
+    lora_mode = args.lora_mode or ("live" if base.quantization("unet", quantize) else "fuse")
+    if args.lora and lora_mode == "fuse" and base.quantization("unet", quantize):
+        raise InputError("--lora-mode fuse cannot fuse LoRAs into a quantized UNet (it would round them away); "
+                         "use --lora-mode live, the default for quantized models.")
     check_writable(paths, plan.height, plan.width)  # before loading: a failed write would waste the run
     adapters = []  # read and checked before the models load
     for source, scale in map(_lora_spec, args.lora):
         adapters.append((read_lora(source, allow_pickle=args.allow_pickle), checked_scale(scale)))
     seed = run.seed if run.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-    pipe = SDXLPipeline.from_pretrained(base, dtype=dtype, vae_dtype=vae_dtype)
-    refiner = SDXLPipeline.from_pretrained(refiner_parts, dtype=dtype, vae_dtype=vae_dtype) if refiner_parts else None
+    quantized = dict(quantize=quantize, quantize_text_encoders=quantize_text if quantize_text else False)
+    pipe = SDXLPipeline.from_pretrained(base, dtype=dtype, vae_dtype=vae_dtype, **quantized)
+    refiner = SDXLPipeline.from_pretrained(refiner_parts, dtype=dtype, vae_dtype=vae_dtype, **quantized) \
+        if refiner_parts else None
     if args.tile_vae:
         (refiner or pipe).vae.enable_tiling()
     log(f"loaded {args.model} in {time.perf_counter() - start:.1f} s; seed {seed}; "
         f"estimated peak memory {plan.estimate.peak / 2**30:.2f} GiB")
     for lora, scale in adapters:
-        pipe.load_lora(lora, scale, fuse=args.lora_mode == "fuse")
-        log(f"LoRA {lora.describe()}; scale {scale:g}, {'fused' if args.lora_mode == 'fuse' else 'live'}")
+        pipe.load_lora(lora, scale, fuse=lora_mode == "fuse")
+        log(f"LoRA {lora.describe()}; scale {scale:g}, {'fused' if lora_mode == 'fuse' else 'live'}")
     progress = Progress(not args.quiet)
     images = pipe(args.prompt, args.negative_prompt, steps=run.steps, guidance=run.guidance, height=run.height,
                   width=run.width, num_images_per_prompt=run.num_images_per_prompt, seed=seed,

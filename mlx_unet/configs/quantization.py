@@ -90,6 +90,18 @@ def as_quantization(value: "Quantization | int | None") -> "Quantization | None"
     return Quantization.make(value)
 
 
+def text_encoder_quantization(unet: "Quantization | None",
+                              requested: "Quantization | int | bool | None" = None) -> "Quantization | None":
+    """The text encoders' quantization: ``requested`` (bits, a Quantization, or False for dense);
+    by default 8 bits when the UNet is quantized (affine with its group size; mxfp8 beside mxfp4),
+    where the encoders lose less than the UNet and are used once per prompt."""
+    if requested is False or (requested is None and unet is None):
+        return None
+    if requested is None:
+        return Quantization.make(8, unet.group_size) if unet.mode == "affine" else Quantization.make(8, 32, "mxfp8")
+    return as_quantization(requested)
+
+
 def read_quantization(folder: str | Path, model: str) -> Quantization | None:
     """The quantization a model folder's config.json records (None: dense)."""
     section = read_config_json(folder, model).get(SECTION)

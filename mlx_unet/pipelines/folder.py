@@ -9,13 +9,14 @@ folder is refused in one sentence at once, not after the UNet has loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..configs.base import FORMAT_KEY, FORMAT_VERSION, newer_format
 from ..configs.clip import CLIPTextConfig
 from ..configs.pipeline import check_components_fit
+from ..configs.quantization import Quantization, read_quantization
 from ..configs.unet import UNetConfig
 from ..configs.vae import VAEConfig
 from ..errors import MlxUnetError, PipelineError
@@ -46,6 +47,11 @@ class PipelineFolder:
     vae: VAEConfig
     encoders: tuple[CLIPTextConfig | None, CLIPTextConfig | None]  # by TEXT_PARTS; None where absent
     scheduler: dict[str, Any] | None  # the shipped scheduler config, if any
+    quantized: dict[str, Quantization] = field(default_factory=dict)  # the parts stored quantized
+
+    def quantization(self, part: str, requested: Quantization | None) -> Quantization | None:
+        """How part ``part`` will be quantized: as stored, else as ``requested`` at load."""
+        return self.quantized.get(part, requested)
 
     @property
     def force_zeros_for_empty_prompt(self) -> bool:
@@ -102,6 +108,8 @@ class PipelineFolder:
                              for _, e in TEXT_PARTS)
             scheduler = read_config(folder / SCHEDULER_CONFIG) if (folder / SCHEDULER_CONFIG).is_file() else None
             check_components_fit(unet, [e for e in encoders if e is not None], vae)
+            stored = {name: read_quantization(part(name), name) for name in ("unet", *(e for _, e in TEXT_PARTS))
+                      if part(name) is not None}
         except MlxUnetError as e:
             raise PipelineError(f"{folder}: {e}") from None
         for name in ("unet", "vae", *(e for _, e in TEXT_PARTS)):
@@ -109,7 +117,7 @@ class PipelineFolder:
             if weights is not None and not any(weights.glob("*.safetensors")):
                 raise PipelineError(f"{weights} holds no .safetensors weights; copy the converted folder whole, "
                                     "or convert it again.")
-        return cls(folder, index, unet, vae, encoders, scheduler)
+        return cls(folder, index, unet, vae, encoders, scheduler, {k: q for k, q in stored.items() if q is not None})
 
 
 def _part(folder: Path, index: dict[str, Any], name: str) -> Path | None:

@@ -29,10 +29,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..configs.clip import CLIPTextConfig
+from ..configs.quantization import Quantization
 from ..configs.unet import UNetConfig
 from ..configs.vae import VAEConfig
 from ..cpu import kernels_enabled, on_cpu
 from ..errors import InputError
+from ..quantize import ATTENTION, DENSE_GROUPS, EMBEDDINGS, FEED_FORWARD, PROJECTIONS, TEXT
 from .arguments import PIXELS_PER_LATENT
 
 BUDGET_ENV = "MLX_UNET_MEMORY_BUDGET_GB"
@@ -141,6 +143,65 @@ def text_encoder_parameters(c: CLIPTextConfig) -> int:
     return n + (_linear(h, c.projection_dim, bias=False) if c.with_projection else 0)
 
 
+# ---------------------------------------------------------------------- quantized weights
+
+
+def _unet_linears(c: UNetConfig) -> list[tuple[str, int, int]]:
+    """(group, in, out) of every Linear weight of ``UNet2DConditionModel(c)`` (quantize.py's groups)."""
+    temb, ch = c.time_embed_dim, c.block_out_channels
+    layers = [(EMBEDDINGS, ch[0], temb), (EMBEDDINGS, temb, temb)]
+    if c.has_text_time_embedding:
+        layers += [(EMBEDDINGS, c.projection_class_embeddings_input_dim, temb), (EMBEDDINGS, temb, temb)]
+
+    def transformers(width: int, depths) -> None:
+        for depth in depths:
+            if c.use_linear_projection:
+                layers.extend([(PROJECTIONS, width, width)] * 2)
+            block = [(ATTENTION, width, width)] * 5 + [(ATTENTION, c.cross_attention_dim, width)] * 2 + \
+                [(ATTENTION, width, width), (FEED_FORWARD, width, 8 * width), (FEED_FORWARD, 4 * width, width)]
+            layers.extend(block * depth)
+
+    up = tuple(reversed(ch))
+    for level, kind in enumerate(c.down_block_types):
+        layers += [(EMBEDDINGS, temb, ch[level])] * c.layers_per_block[level]
+        if kind == "CrossAttnDownBlock2D":
+            transformers(ch[level], c.transformer_depths[level])
+    if c.mid_block_type is not None:
+        layers += [(EMBEDDINGS, temb, ch[-1])] * 2
+        transformers(ch[-1], [c.mid_transformer_depth])
+    for index, kind in enumerate(c.up_block_types):
+        depths = c.up_transformer_depths[index]
+        layers += [(EMBEDDINGS, temb, up[index])] * len(depths)
+        if kind == "CrossAttnUpBlock2D":
+            transformers(up[index], depths)
+    return layers
+
+
+def _text_linears(c: CLIPTextConfig) -> list[tuple[str, int, int]]:
+    h, inner = c.hidden_size, c.intermediate_size
+    layers = ([(TEXT, h, h)] * 4 + [(TEXT, h, inner), (TEXT, inner, h)]) * c.num_hidden_layers
+    return layers + ([(TEXT, h, c.projection_dim)] if c.with_projection else [])
+
+
+def model_bytes(parameters: int, linears: list[tuple[str, int, int]], dtype_size: int,
+                quantization: Quantization | None) -> int:
+    """Bytes of a model of ``parameters`` parameters in a ``dtype_size``-byte dtype, with the
+    Linear weights ``linears`` that the quantization policy takes quantized."""
+    if quantization is None:
+        return parameters * dtype_size
+    quantized = sum(i * o for group, i, o in linears
+                    if group not in DENSE_GROUPS and i % quantization.group_size == 0)
+    return int((parameters - quantized) * dtype_size + quantized * quantization.bits_per_weight(dtype_size) / 8)
+
+
+def unet_bytes(c: UNetConfig, dtype_size: int, quantization: Quantization | None = None) -> int:
+    return model_bytes(unet_parameters(c), _unet_linears(c), dtype_size, quantization)
+
+
+def text_encoder_bytes(c: CLIPTextConfig, dtype_size: int, quantization: Quantization | None = None) -> int:
+    return model_bytes(text_encoder_parameters(c), _text_linears(c), dtype_size, quantization)
+
+
 # ---------------------------------------------------------------------- activations
 
 
@@ -223,15 +284,19 @@ def _gib(nbytes: float) -> str:
 
 def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextConfig], *, height: int, width: int,
                  images: int, guided: bool, dtype: mx.Dtype, vae_dtype: mx.Dtype, tiled_vae: bool, low_memory: bool,
-                 cpu_kernels: bool | None = None, refiner: UNetConfig | None = None) -> RunEstimate:
+                 cpu_kernels: bool | None = None, refiner: UNetConfig | None = None,
+                 unet_quantization: Quantization | None = None,
+                 text_quantization: Quantization | None = None) -> RunEstimate:
     """The memory a run of ``images`` images of ``height`` x ``width`` pixels needs at each stage.
-    ``cpu_kernels`` None: whether ``mlx_unet.cpu`` puts its kernels in here (chunked attention)."""
+    ``cpu_kernels`` None: whether ``mlx_unet.cpu`` puts its kernels in here (chunked attention).
+    ``unet_quantization`` / ``text_quantization``: how the UNets / text encoders are quantized."""
     chunked = kernels_enabled(cpu_kernels)
     unets = [unet] + ([refiner] if refiner is not None else [])
     # Each pipeline (base, refiner) holds its UNet and VAE for as long as it lives.
-    resident = sum(unet_parameters(u) for u in unets) * dtype.size + len(unets) * vae_parameters(vae) * vae_dtype.size
+    resident = (sum(unet_bytes(u, dtype.size, unet_quantization) for u in unets)
+                + len(unets) * vae_parameters(vae) * vae_dtype.size)
     encoder_dtype = mx.float32 if on_cpu() else dtype  # as sdxl.SDXLPipeline._text_encoders
-    text = sum(text_encoder_parameters(e) for e in encoders) * encoder_dtype.size
+    text = sum(text_encoder_bytes(e, encoder_dtype.size, text_quantization) for e in encoders)
     latent = (height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT)
     batch = 1 if low_memory else images * (2 if guided else 1)
     resident += STAGE_ALLOWANCE

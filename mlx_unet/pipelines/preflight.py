@@ -11,6 +11,7 @@ from typing import Sequence
 
 import mlx.core as mx
 
+from ..configs.quantization import Quantization
 from ..errors import InputError
 from .arguments import RunArguments
 from .folder import PipelineFolder
@@ -45,11 +46,14 @@ class RunPlan:
 
 def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder | None, *, prompts: int,
               scheduler: str | None, dtype: mx.Dtype, vae_dtype: mx.Dtype | None, tiled_vae: bool,
-              low_memory: bool, image_size: tuple[int, int] | None = None) -> RunPlan:
+              low_memory: bool, image_size: tuple[int, int] | None = None,
+              quantize: Quantization | None = None, quantize_text_encoders: Quantization | None = None) -> RunPlan:
     """Refuse (InputError / PipelineError) a run that cannot start or finish, before loading.
 
     ``image_size``: an img2img input's (height, width), which sets the size. ``vae_dtype`` None
-    means the VAE's default (float32 where its config says ``force_upcast``)."""
+    means the VAE's default (float32 where its config says ``force_upcast``). ``quantize`` /
+    ``quantize_text_encoders``: what the models are quantized to as they load (parts stored
+    quantized count as stored)."""
     default = (base.unet.sample_size or 128) * 8
     height, width = image_size or (args.height or default, args.width or default)
     if args.img2img and refiner is not None:
@@ -70,6 +74,7 @@ def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder 
     estimate = check_run_fits(
         base.unet, last.vae, [e for e in base.encoders if e is not None], height=height, width=width, images=images,
         guided=args.guided, dtype=dtype, vae_dtype=vae_dtype, tiled_vae=tiled_vae, low_memory=low_memory,
-        refiner=None if refiner is None else refiner.unet,
+        refiner=None if refiner is None else refiner.unet, unet_quantization=base.quantization("unet", quantize),
+        text_quantization=base.quantization("text_encoder_2", quantize_text_encoders),
     )
     return RunPlan(height, width, images, estimate)

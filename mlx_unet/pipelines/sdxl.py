@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..cpu import on_cpu
+from ..configs.quantization import Quantization, as_quantization, text_encoder_quantization
 from ..errors import InputError, PipelineError
 from ..models.clip import CLIPTextModel
 from ..models.unet import UNet2DConditionModel
@@ -59,8 +60,10 @@ class SDXLPipeline:
     """``SDXLPipeline.from_pretrained(folder)(prompt)`` -> uint8 images (B, H, W, 3)."""
 
     def __init__(self, parts: PipelineFolder, unet: UNet2DConditionModel, vae: AutoencoderKL,
-                 tokenizers: list[CLIPTokenizer | None], dtype: mx.Dtype, keep_text_encoders: bool = False):
+                 tokenizers: list[CLIPTokenizer | None], dtype: mx.Dtype, keep_text_encoders: bool = False,
+                 quantize: Quantization | None = None, quantize_text_encoders: Quantization | None = None):
         self.parts = parts
+        self.quantize, self.quantize_text_encoders = quantize, quantize_text_encoders  # asked of dense parts
         self.folder = parts.path
         self.unet = unet
         self.vae = vae
@@ -74,24 +77,35 @@ class SDXLPipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: mx.Dtype = mx.float16, vae_dtype: mx.Dtype | None = None,
-                        keep_text_encoders: bool = False) -> "SDXLPipeline":
+                        keep_text_encoders: bool = False, quantize: Quantization | int | None = None,
+                        quantize_text_encoders: Quantization | int | bool | None = None) -> "SDXLPipeline":
         """Load a converted pipeline folder. ``dtype`` is for the UNet and text encoders; the VAE
         defaults to float32 unless its config says it is safe in half precision (the fp16-fix VAE).
         ``keep_text_encoders``: keep them loaded between calls (faster repeated prompts, more memory).
+        ``quantize``: quantize the UNet as it loads (bits, 8 or 4, or a ``Quantization``);
+        ``quantize_text_encoders`` the text encoders (default: 8 bits when ``quantize`` is given;
+        False: dense). Parts a quantized conversion stored load as stored; the VAE stays dense.
         The whole folder is checked (``PipelineFolder.read``) before any weights are read."""
         parts = folder if isinstance(folder, PipelineFolder) else PipelineFolder.read(folder)
+        quantize = as_quantization(quantize)
+        text = text_encoder_quantization(quantize, quantize_text_encoders)
         tokenizers = [None if parts.part(t) is None else CLIPTokenizer.from_folder(parts.part(t)) for t, _ in TEXT_PARTS]
-        unet = UNet2DConditionModel.from_pretrained(parts.part("unet"), dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(parts.part("unet"), dtype=dtype, quantize=quantize)
         vae = AutoencoderKL.from_pretrained(parts.part("vae"), dtype=vae_dtype)
-        return cls(parts, unet, vae, tokenizers, dtype, keep_text_encoders)
+        return cls(parts, unet, vae, tokenizers, dtype, keep_text_encoders, quantize, text)
 
     def _text_encoders(self) -> list[CLIPTextModel | None]:
         if self._encoders is None:
             # On the CPU half precision is slower (no fast half matmul: Linear widens weights at
             # every call) and no smaller for long (the encoders are released after the prompt).
             dtype = mx.float32 if on_cpu() else self.dtype
-            folders = [self.parts.part(e) for _, e in TEXT_PARTS]
-            self._encoders = [None if f is None else CLIPTextModel.from_pretrained(f, dtype=dtype) for f in folders]
+            self._encoders = []
+            for _, name in TEXT_PARTS:
+                folder = self.parts.part(name)
+                # A part stored quantized loads as stored; the default 8-bit of a dense one does not apply.
+                quantize = None if name in self.parts.quantized else self.quantize_text_encoders
+                self._encoders.append(None if folder is None else
+                                      CLIPTextModel.from_pretrained(folder, dtype=dtype, quantize=quantize))
             for lora in self.loras:
                 lora.apply_to_encoders(self._encoders)
         return self._encoders
@@ -241,7 +255,8 @@ class SDXLPipeline:
         self._check_clip_skip(clip_skip)
         check_run(args, self.parts, None if refiner is None else refiner.parts, prompts=count, scheduler=scheduler,
                   dtype=self.dtype, vae_dtype=(refiner or self).vae.dtype, tiled_vae=(refiner or self).vae.use_tiling,
-                  low_memory=low_memory, image_size=size)
+                  low_memory=low_memory, image_size=size, quantize=self.quantize,
+                  quantize_text_encoders=self.quantize_text_encoders)
         guided = args.guided
         prompt_args = dict(negative_prompt=negative_prompt, prompt_2=prompt_2,
                            negative_prompt_2=negative_prompt_2, clip_skip=clip_skip, guided=guided)
