@@ -33,11 +33,13 @@ _DTYPES = {
     "I32": (np.int32, mx.int32),
     "I16": (np.int16, mx.int16),
     "I8": (np.int8, mx.int8),
-    "U8": (np.uint8, mx.uint8),
+    "U32": (np.uint32, mx.uint32),  # a quantized layer's packed weights
+    "U8": (np.uint8, mx.uint8),  # the mx formats' shared exponents
     "BOOL": (np.bool_, mx.bool_),
 }
-_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16"}
-_BITS = {mx.float32: mx.uint32, mx.float16: mx.uint16, mx.bfloat16: mx.uint16}
+_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint8: "U8"}
+_BITS = {mx.float32: mx.uint32, mx.float16: mx.uint16, mx.bfloat16: mx.uint16, mx.uint32: mx.uint32,
+         mx.uint8: mx.uint8}
 _MAX_HEADER = 100 * 2**20
 
 

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from ..configs.base import DTYPES
 from ..convert import convert
-from .common import ArgumentParser, run_command
+from .common import ArgumentParser, add_quantization_arguments, quantization_arguments, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept .ckpt/.bin/.pt pickles (loaded with torch.load(weights_only=True); needs torch)")
     p.add_argument("--config", type=Path, help="a diffusers UNet config.json to use instead of the source's or the inferred one")
+    add_quantization_arguments(p.add_argument_group(
+        "quantization", "Write the UNet (and by default the text encoders) with the Linear layers that "
+        "mlx_unet.quantize's policy takes quantized, each as it is written; convolutions and the VAE stay dense. "
+        "The folder loads quantized with no dense copy; its config.json files record the settings."),
+        "in the output")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -53,9 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
+        quantize, text = quantization_arguments(args)  # checked before anything is read
+        # Not given: None, the default, which convert() applies where the output has text encoders
+        # (and refuses with --unet-only only when given); "none": False, dense.
+        text = None if args.quantize_text_encoders is None else text or False
         convert(args.source, args.out_dir, dtype=args.dtype, variant=args.variant, revision=args.revision,
                 force=args.force, ema=args.ema, allow_pickle=args.allow_pickle, config=args.config,
-                progress=not args.quiet, unet_only=args.unet_only, vae_dtype=args.vae_dtype, tokenizers=args.tokenizers)
+                progress=not args.quiet, unet_only=args.unet_only, vae_dtype=args.vae_dtype, tokenizers=args.tokenizers,
+                quantize=quantize, quantize_text_encoders=text)
         return 0
 
     return run_command(run, lambda: "nothing was written")

@@ -1,9 +1,11 @@
 """``convert()``: plans checked, then written tensor by tensor into a folder that appears only
-when complete (written beside it, then renamed into place)."""
+when complete (written beside it, then renamed into place); quantized models' layers are
+quantized one at a time as they stream (``quantized.py``)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -15,13 +17,15 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
-from ..configs.base import DTYPES, FORMAT_VERSION
+from ..configs.base import DTYPES, FORMAT_VERSION, SECTION, section
+from ..configs.quantization import Quantization
 from ..configs.unet import UNetConfig
 from ..errors import ConversionError, MlxUnetWarning, NonFiniteWarning, WeightsError
 from ..safetensors_io import TensorSpec, write_safetensors
 from ..weights import check_shapes, model_shapes, torch_to_mlx_layout, torch_to_mlx_shape
 from .layout import MODEL_INDEX, SCHEDULER_CONFIG, Options
 from .plan import PipelinePlan, Plan, check_widths
+from .quantized import ModelQuantization, choose_quantization, model_quantization, quantized_specs, summary
 from .resolve import check_out_dir_apart, plan_source
 
 OUTPUT_WEIGHTS = "model.safetensors"
@@ -60,6 +64,7 @@ class ConversionResult:
     notes: list[str]
     configs: dict[str, Any] = field(default_factory=dict)  # every model written, by component name
     dtypes: dict[str, str] = field(default_factory=dict)
+    quantization: dict[str, Quantization] = field(default_factory=dict)  # the models written quantized
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
@@ -115,9 +120,9 @@ def _make_parents(folder: Path) -> list[Path]:
     return missing
 
 
-def _checked_shapes(plan: Plan) -> dict[str, tuple[int, ...]]:
-    """The model's parameter shapes, after checking the plan supplies exactly them."""
-    expected = model_shapes(plan.kind.build(plan.config))  # shapes only: nothing is allocated
+def _checked_shapes(plan: Plan, model) -> dict[str, tuple[int, ...]]:
+    """The (dense) model's parameter shapes, after checking the plan supplies exactly them."""
+    expected = model_shapes(model)
     given = {d: torch_to_mlx_shape(take.shape(plan.source.shapes[take.key])) for d, take in plan.names.items()}
     try:
         check_shapes(expected, given, plan.kind.what)
@@ -126,7 +131,10 @@ def _checked_shapes(plan: Plan) -> dict[str, tuple[int, ...]]:
     return expected
 
 
-def _specs(plan: Plan, expected: dict[str, tuple[int, ...]], nonfinite: list[str], label: str) -> list[TensorSpec]:
+def _specs(plan: Plan, expected: dict[str, tuple[int, ...]], nonfinite: list[str], label: str,
+           quantized: ModelQuantization | None = None) -> list[TensorSpec]:
+    """One spec per output tensor, in the order written; a quantized layer's weight gives three,
+    side by side, from one read of the dense weight (``quantized_specs``)."""
     target = DTYPES[plan.dtype]
 
     def produce(name: str) -> Callable[[], mx.array]:
@@ -139,7 +147,21 @@ def _specs(plan: Plan, expected: dict[str, tuple[int, ...]], nonfinite: list[str
 
         return read
 
-    return [TensorSpec(n, expected[n], target, produce(n)) for n in sorted(plan.names)]
+    specs = []
+    for n in sorted(plan.names):
+        if quantized is not None and n.endswith(".weight") and n[: -len(".weight")] in quantized.paths:
+            specs += quantized_specs(n, expected[n], target, quantized.quantization, produce(n))
+        else:
+            specs.append(TensorSpec(n, expected[n], target, produce(n)))
+    return specs
+
+
+def _config_dict(plan: Plan, quantized: ModelQuantization | None) -> dict[str, Any]:
+    """config.json: the model's, with the quantization in our section where it is quantized."""
+    data = plan.kind.config_dict(plan.config)
+    if quantized is not None:
+        data[SECTION] = section(quantization=quantized.quantization.to_dict())
+    return data
 
 
 def _write_pipeline_files(folder: Path, pipeline: PipelinePlan) -> None:
@@ -166,6 +188,10 @@ def convert(
     unet_only: bool = False,
     vae_dtype: str | None = None,
     tokenizers: str | Path | None = None,
+    quantize: Quantization | int | None = None,
+    q_group_size: int | None = None,
+    q_mode: str = "affine",
+    quantize_text_encoders: Quantization | int | str | bool | None = None,
 ) -> ConversionResult:
     """Convert an SDXL pipeline (or, with ``unet_only``, a UNet) to an MLX folder.
 
@@ -176,6 +202,12 @@ def convert(
     ``dtype`` when its config says ``force_upcast: false``).
     ``config``: a diffusers UNet config.json (or folder) to use instead of the source's or the inferred one.
     ``tokenizers``: a diffusers SDXL folder or Hub repo id to copy the tokenizers from (needed for single files).
+    ``quantize``: 8 or 4 (or a ``Quantization``): the UNet's Linear layers that ``mlx_unet.quantize``'s
+    policy takes are written quantized (``q_group_size``: 32, 64 or 128, default 64; ``q_mode``:
+    affine (default), or mxfp8 / mxfp4 where MLX has them); scales and biases in ``dtype``.
+    ``quantize_text_encoders``: None (default: 8 bits with ``quantize``, in its group size and mode
+    family; dense without), 8 or 4 (likewise), a ``Quantization``, or False / "none" (dense). The
+    VAE stays dense. Each quantized model's config.json records its settings (``mlx_unet`` section).
     Raises an ``MlxUnetError`` for unusable input; nothing is written then.
     """
     for name, value in (("dtype", dtype), ("vae_dtype", vae_dtype)):
@@ -183,6 +215,7 @@ def convert(
             raise ConversionError(f"{name} {value!r} is not one of {', '.join(DTYPES)}.")
     if unet_only and (vae_dtype or tokenizers):
         raise ConversionError("--vae-dtype and --tokenizers are for whole pipelines; drop them with --unet-only.")
+    quantization = choose_quantization(quantize, q_group_size, q_mode, quantize_text_encoders, unet_only)
     out_dir = Path(out_dir)
     tokenizers = None if tokenizers is None else str(tokenizers)
     # Before any download or reading.
@@ -194,18 +227,38 @@ def convert(
     pipeline = planned if isinstance(planned, PipelinePlan) else None
     layout = pipeline.models if pipeline else {"": planned}  # output subfolder -> model
 
-    expected = {sub: _checked_shapes(plan) for sub, plan in layout.items()}
+    models = {sub: plan.kind.build(plan.config) for sub, plan in layout.items()}  # lazily: nothing is allocated
+    expected = {sub: _checked_shapes(plan, models[sub]) for sub, plan in layout.items()}
     if pipeline:
         check_widths(pipeline.models)
+    quantized: dict[str, ModelQuantization] = {}
+    dense_notes = []
+    for sub in layout:
+        wanted = quantization.for_model(sub)
+        if wanted is not None:
+            found = model_quantization(models[sub], wanted)
+            if found.paths:
+                quantized[sub] = found
+            else:
+                dense_notes.append(f"{WARNING}the {layout[sub].kind.what} is written dense: none of its Linear "
+                                   f"layers can be quantized {wanted.describe()} (none outside the groups kept dense "
+                                   f"has an input width that groups of {wanted.group_size} divide)")
+    del models
+    if quantization.text_asked and not any(sub in ("text_encoder", "text_encoder_2") for sub in layout):
+        dense_notes.append(f"{WARNING}--quantize-text-encoders: the output has no text encoders (the source holds "
+                           "only a UNet)")
 
-    notes = (pipeline.notes if pipeline else []) + [n for plan in layout.values() for n in plan.notes]
+    notes = (pipeline.notes if pipeline else []) + [n for plan in layout.values() for n in plan.notes] + dense_notes
     log = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     if pipeline:
         log(f"source: {pipeline.description}")
         for sub, plan in layout.items():
-            log(f"  {sub}: {plan.description}, {len(plan.names)} tensors -> {plan.dtype}")
+            how = f", {quantized[sub].describe()}" if sub in quantized else ""
+            log(f"  {sub}: {plan.description}, {len(plan.names)} tensors -> {plan.dtype}{how}")
     else:
         log(f"source: {planned.description}, {len(planned.names)} UNet tensors")
+        if "" in quantized:
+            log(f"  quantized: {quantized[''].describe()}")
     for note in notes:
         if note.startswith(WARNING):  # what the user asked for that was not done: never silenced
             warnings.warn(MlxUnetWarning(note[len(WARNING):]), stacklevel=2)
@@ -213,7 +266,8 @@ def convert(
             log(f"  {note}")
 
     nonfinite: list[str] = []
-    specs = {sub: _specs(plan, expected[sub], nonfinite, f"{sub}/" if sub else "") for sub, plan in layout.items()}
+    specs = {sub: _specs(plan, expected[sub], nonfinite, f"{sub}/" if sub else "", quantized.get(sub))
+             for sub, plan in layout.items()}
     total = sum(spec.nbytes for group in specs.values() for spec in group)
     show = _Progress(total, progress)
 
@@ -224,12 +278,14 @@ def convert(
             (folder / sub).mkdir(exist_ok=True)
             metadata = {"format": "mlx", "mlx_unet_format_version": FORMAT_VERSION, "source": plan.description,
                         "dtype": plan.dtype}
+            if sub in quantized:
+                metadata["quantization"] = quantized[sub].quantization.describe()
             try:
                 write_safetensors(folder / sub / OUTPUT_WEIGHTS, specs[sub], metadata,
                                   on_tensor=lambda spec: show(spec.nbytes))
             except OSError as e:  # a full disk names no file: name the one being written, as it will be called
                 raise OSError(e.errno, e.strerror or str(e), str(out_dir / sub / OUTPUT_WEIGHTS)) from None
-            (folder / sub / "config.json").write_text(json.dumps(plan.kind.config_dict(plan.config), indent=2) + "\n")
+            (folder / sub / "config.json").write_text(json.dumps(_config_dict(plan, quantized.get(sub)), indent=2) + "\n")
 
     _replace_dir_atomically(out_dir, write, force)
     if nonfinite:
@@ -238,7 +294,11 @@ def convert(
             f"{len(nonfinite)} tensors hold NaN or inf values after conversion to {dtype} ({shown}); the model will "
             "likely make black images: check the source, or convert to float32 if float16 overflowed."), stacklevel=2)
     dtypes = {sub or "unet": plan.dtype for sub, plan in layout.items()}
-    log(f"wrote {out_dir} ({total / 1e9:.2f} GB, {', '.join(sorted(set(dtypes.values())))})")
+    written = {sub or "unet": q for sub, q in quantized.items()}
+    dense_total = sum(math.prod(shape) * DTYPES[plan.dtype].size for sub, plan in layout.items()
+                      for shape in expected[sub].values())
+    how = f"; dense {dense_total / 1e9:.2f} GB; {summary(written, list(dtypes))}" if written else ""
+    log(f"wrote {out_dir} ({total / 1e9:.2f} GB, {', '.join(sorted(set(dtypes.values())))}{how})")
     configs = {sub or "unet": plan.config for sub, plan in layout.items()}
     return ConversionResult(out_dir, configs["unet"], sum(len(g) for g in specs.values()), total, nonfinite, notes,
-                            configs, dtypes)
+                            configs, dtypes, {c: q.quantization for c, q in written.items()})
