@@ -141,6 +141,10 @@ def _generate(args, log, written: list[Path]) -> int:
         (refiner or pipe).vae.enable_tiling()
     log(f"loaded {args.model} in {time.perf_counter() - start:.1f} s; seed {seed}; "
         f"estimated peak memory {plan.estimate.peak / 2**30:.2f} GiB")
+    for part, q in (("UNet", base.quantization("unet", quantize)),
+                    ("text encoders", base.quantization("text_encoder_2", quantize_text))):
+        if q is not None:
+            log(f"{part}: {q.describe()}")
     for lora, scale in adapters:
         pipe.load_lora(lora, scale, fuse=lora_mode == "fuse")
         log(f"LoRA {lora.describe()}; scale {scale:g}, {'fused' if lora_mode == 'fuse' else 'live'}")
