@@ -85,8 +85,4 @@ def quantization_arguments(args: argparse.Namespace) -> tuple[Quantization | Non
                              "--quantize 8 or --quantize 4.")
         return None, None
     unet = Quantization.make(args.quantize, args.q_group_size, args.q_mode)
-    text = args.quantize_text_encoders
-    requested = False if text == "none" else None if text is None else \
-        Quantization.make(int(text), unet.group_size if unet.mode == "affine" else None,
-                          unet.mode if unet.mode == "affine" else {8: "mxfp8", 4: "mxfp4"}[int(text)])
-    return unet, text_encoder_quantization(unet, requested)
+    return unet, text_encoder_quantization(unet, args.quantize_text_encoders)

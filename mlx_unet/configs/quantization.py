@@ -90,16 +90,29 @@ def as_quantization(value: "Quantization | int | None") -> "Quantization | None"
     return Quantization.make(value)
 
 
-def text_encoder_quantization(unet: "Quantization | None",
-                              requested: "Quantization | int | bool | None" = None) -> "Quantization | None":
-    """The text encoders' quantization: ``requested`` (bits, a Quantization, or False for dense);
-    by default 8 bits when the UNet is quantized (affine with its group size; mxfp8 beside mxfp4),
-    where the encoders lose less than the UNet and are used once per prompt."""
+def text_encoder_quantization(unet: "Quantization | None", requested: Any = None) -> "Quantization | None":
+    """The text encoders' quantization beside the UNet's ``unet``. ``requested``: None, the
+    default (8 bits when the UNet is quantized, dense when it is not: the encoders run once per
+    prompt and lose less at 8 bits); False or "none": dense; 8 or 4 (or "8", "4"): those bits in
+    the UNet's family (affine in its group size; mxfp8 / mxfp4 beside an mx mode); a
+    Quantization: as it is."""
+    if isinstance(requested, str):
+        requested = False if requested.lower() == "none" else int(requested) if requested.isdigit() else requested
     if requested is False or (requested is None and unet is None):
         return None
-    if requested is None:
-        return Quantization.make(8, unet.group_size) if unet.mode == "affine" else Quantization.make(8, 32, "mxfp8")
-    return as_quantization(requested)
+    if isinstance(requested, Quantization):
+        return Quantization.make(requested.bits, requested.group_size, requested.mode)
+    bits = 8 if requested is None else requested
+    if isinstance(bits, bool) or bits not in (8, 4):
+        raise ConfigError(f"the text encoders' quantization takes none, 8 or 4 bits, got {requested!r}.")
+    if unet is None:
+        return Quantization.make(bits)
+    try:
+        if unet.mode == "affine":
+            return Quantization.make(bits, unet.group_size)
+        return Quantization.make(bits, None, f"mxfp{bits}")
+    except ConfigError as e:  # the UNet's settings passed: say whose these are
+        raise ConfigError(f"the text encoders' quantization: {e}") from None
 
 
 def read_quantization(folder: str | Path, model: str) -> Quantization | None:

@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..configs.quantization import Quantization, text_encoder_quantization
-from ..errors import ConfigError, ConversionError
+from ..errors import ConversionError
 from ..quantize import quantizable_paths, quantize_weights
 from ..safetensors_io import TensorSpec
 
@@ -52,35 +52,12 @@ def _dense(value: Any) -> bool:
     return value is False or (isinstance(value, str) and value.lower() == "none")
 
 
-def _text_encoders(unet: Quantization, value: Any) -> Quantization | None:
-    """``quantize_text_encoders`` beside the UNet's ``unet``: None, the default (8 bits: affine
-    with the UNet's group size, mxfp8 beside an mx mode); False / "none": dense; 8 or 4: those
-    bits in the UNet's group size and mode family (mxfp8 / mxfp4 for the mx modes); a
-    Quantization as it is."""
-    if value is None:
-        return text_encoder_quantization(unet)
-    if _dense(value):
-        return None
-    if isinstance(value, Quantization):
-        return Quantization.make(value.bits, value.group_size, value.mode)
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or value not in (8, 4):
-        raise ConversionError(f"--quantize-text-encoders takes none, 8 or 4, got {value!r}.")
-    try:
-        if unet.mode == "affine":
-            return Quantization.make(value, unet.group_size, "affine")
-        return Quantization.make(value, None, f"mxfp{value}")
-    except ConfigError as e:  # the UNet's settings passed: say whose these are
-        raise ConfigError(f"the text encoders' quantization: {e}") from None
-
-
 def choose_quantization(quantize: Quantization | int | None, q_group_size: int | None, q_mode: str | None,
                         quantize_text_encoders: Any, unet_only: bool) -> QuantizationChoice:
     """The conversion's quantization options, checked (each mistake one sentence), before anything
     is read. ``quantize``: bits (8 or 4) or a ``Quantization``; ``q_group_size`` / ``q_mode``: its
     group size (default: the mode's, 64 for affine) and mode (default affine);
-    ``quantize_text_encoders``: as ``_text_encoders`` takes it."""
+    ``quantize_text_encoders``: as ``text_encoder_quantization`` takes it."""
     text_given = quantize_text_encoders is not None
     text_asked = text_given and not _dense(quantize_text_encoders)
     if text_given and unet_only:
@@ -101,7 +78,7 @@ def choose_quantization(quantize: Quantization | int | None, q_group_size: int |
         unet = Quantization.make(quantize.bits, quantize.group_size, quantize.mode)
     else:
         unet = Quantization.make(quantize, q_group_size, q_mode or "affine")
-    return QuantizationChoice(unet, _text_encoders(unet, quantize_text_encoders), text_asked)
+    return QuantizationChoice(unet, text_encoder_quantization(unet, quantize_text_encoders), text_asked)
 
 
 @dataclass

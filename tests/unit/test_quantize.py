@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_unet import CLIPTextConfig, CLIPTextModel, ConfigError, UNet2DConditionModel, UNetConfig, WeightsError, cpu
 from mlx_unet.configs.base import SECTION, section
-from mlx_unet.configs.quantization import Quantization, text_encoder_quantization
+from mlx_unet.configs.quantization import Quantization, mode_available, text_encoder_quantization
 from mlx_unet.lora import apply_lora
 from mlx_unet.pipelines import memory
 from mlx_unet.quantize import DENSE_GROUPS, EMBEDDINGS, layer_group, prepare_structure, quantizable_paths
@@ -81,6 +81,12 @@ def test_the_policy_by_group():
     assert not any(p.endswith("attn2.to_k") for p in quantizable_paths(odd, Quantization.make(4, 32)))
     assert text_encoder_quantization(Q4) == Quantization.make(8, 64)
     assert text_encoder_quantization(Q4, False) is None and text_encoder_quantization(None) is None
+    # Bits asked for the text encoders follow the UNet's family: its group size, or mxfp beside mxfp.
+    assert text_encoder_quantization(Quantization.make(8, 32), "4") == Quantization.make(4, 32)
+    assert text_encoder_quantization(Q4, "none") is None
+    if mode_available("mxfp4"):
+        assert text_encoder_quantization(Quantization.make(4, 32, "mxfp4")) == Quantization.make(8, 32, "mxfp8")
+        assert text_encoder_quantization(Quantization.make(4, 32, "mxfp4"), 4) == Quantization.make(4, 32, "mxfp4")
 
 
 @pytest.mark.parametrize("q", [Q4, Quantization.make(8, 32), Quantization.make(4, 32, "mxfp4")],
