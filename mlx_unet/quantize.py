@@ -1,7 +1,7 @@
 """Quantized models: which layers, and how, so that a quantized model never exists dense.
 
 Which layers: Linear layers (``nn.quantize`` replaces them by ``nn.QuantizedLinear``) whose input
-width the group size divides, except the groups kept dense by measurement (``DENSE_GROUPS``;
+width the group size divides, except the groups kept dense by measurement (``dense_groups``;
 README.md has the table: each group's share of the parameters and of the output error when it
 alone is quantized). Convolutions stay dense: MLX has no quantized convolution.
 
@@ -28,8 +28,17 @@ from .configs.quantization import Quantization
 ATTENTION, FEED_FORWARD, PROJECTIONS, EMBEDDINGS, TEXT = (
     "attention projections", "feed-forward", "proj_in/out", "time/added embeddings", "text-encoder layers")
 CONVOLUTIONS = "convolutions"
-# Kept dense, by measurement (benchmarks/bench_quantize.py --sensitivity).
-DENSE_GROUPS: frozenset[str] = frozenset({EMBEDDINGS})
+# Kept dense at 8 bits, by measurement (benchmarks/bench_quantize.py sensitivity; the table is in
+# README.md): proj_in/out and the time/added embeddings give a quarter of the 8-bit UNet's error
+# from 2% of its parameters, and dense they cost 1.5% more memory. At 4 bits they are quantized
+# too: dense, they would take SDXL's UNet from 1.79 to 1.86 GiB, past the 1.8 GiB an 8 GB Mac can
+# spare for it (their share of the 4-bit error is in the same table).
+DENSE_AT_8_BITS: frozenset[str] = frozenset({PROJECTIONS, EMBEDDINGS})
+
+
+def dense_groups(quantization: Quantization) -> frozenset[str]:
+    """The layer groups the policy keeps dense at this quantization."""
+    return DENSE_AT_8_BITS if quantization.bits == 8 else frozenset()
 
 
 def layer_group(path: str) -> str:
@@ -47,23 +56,17 @@ def layer_group(path: str) -> str:
     return CONVOLUTIONS
 
 
-def quantizes(path: str, layer: nn.Module, quantization: Quantization,
-              dense: Iterable[str] = DENSE_GROUPS) -> bool:
+def quantizes(path: str, layer: nn.Module, quantization: Quantization, dense: Iterable[str] | None = None) -> bool:
     """Whether the policy quantizes this layer: a Linear, its input width a multiple of the group
-    size, its group not kept dense."""
+    size, its group not kept dense (``dense``: those groups instead of ``dense_groups``)."""
+    dense = dense_groups(quantization) if dense is None else dense
     return (isinstance(layer, nn.Linear) and layer.weight.shape[1] % quantization.group_size == 0
             and layer_group(path) not in dense)
 
 
-def _quantize_layers(model: nn.Module, quantization: Quantization, paths: set[str]) -> None:
-    q = quantization
-    nn.quantize(model, q.group_size, q.bits, mode=q.mode, class_predicate=lambda p, m: p in paths)
-
-
-def quantizable_paths(model: nn.Module, quantization: Quantization,
-                      dense: Iterable[str] = DENSE_GROUPS) -> set[str]:
-    """The paths of the layers the policy quantizes in ``model``."""
-    dense = frozenset(dense)
+def quantizable_paths(model: nn.Module, quantization: Quantization, dense: Iterable[str] | None = None) -> set[str]:
+    """The paths of the layers the policy quantizes in ``model`` (``dense``: as ``quantizes``)."""
+    dense = dense_groups(quantization) if dense is None else frozenset(dense)
     return {path for path, layer in model.named_modules() if quantizes(path, layer, quantization, dense)}
 
 
@@ -75,7 +78,8 @@ def quantized_paths(keys: Iterable[str]) -> set[str]:
 def prepare_structure(model: nn.Module, quantization: Quantization, paths: set[str]) -> None:
     """Make the layers at ``paths`` quantized before any weight is loaded: their initial weights
     are lazy, so nothing dense is ever computed."""
-    _quantize_layers(model, quantization, paths)
+    q = quantization
+    nn.quantize(model, q.group_size, q.bits, mode=q.mode, class_predicate=lambda path, _: path in paths)
 
 
 def quantize_weights(weights: Mapping[str, mx.array], paths: set[str], quantization: Quantization,
@@ -97,17 +101,3 @@ def quantize_weights(weights: Mapping[str, mx.array], paths: set[str], quantizat
         if biases:
             out[f"{path}.biases"] = biases[0]
     return out
-
-
-def quantized_bytes(parameters: Mapping[str, tuple[int, ...]], paths: set[str], quantization: Quantization,
-                    dtype_size: int) -> int:
-    """Bytes of a model whose dense parameter shapes are ``parameters`` with the layers at
-    ``paths`` quantized (for memory estimates)."""
-    total = 0
-    for name, shape in parameters.items():
-        count = 1
-        for d in shape:
-            count *= d
-        quantized = name.endswith(".weight") and name[: -len(".weight")] in paths
-        total += int(count * quantization.bits_per_weight(dtype_size) / 8) if quantized else count * dtype_size
-    return total

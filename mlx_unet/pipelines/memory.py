@@ -34,7 +34,7 @@ from ..configs.unet import UNetConfig
 from ..configs.vae import VAEConfig
 from ..cpu import kernels_enabled, on_cpu
 from ..errors import InputError
-from ..quantize import ATTENTION, DENSE_GROUPS, EMBEDDINGS, FEED_FORWARD, PROJECTIONS, TEXT
+from ..quantize import ATTENTION, EMBEDDINGS, FEED_FORWARD, PROJECTIONS, TEXT, dense_groups
 from .arguments import PIXELS_PER_LATENT
 
 BUDGET_ENV = "MLX_UNET_MEMORY_BUDGET_GB"
@@ -189,8 +189,8 @@ def model_bytes(parameters: int, linears: list[tuple[str, int, int]], dtype_size
     Linear weights ``linears`` that the quantization policy takes quantized."""
     if quantization is None:
         return parameters * dtype_size
-    quantized = sum(i * o for group, i, o in linears
-                    if group not in DENSE_GROUPS and i % quantization.group_size == 0)
+    dense = dense_groups(quantization)
+    quantized = sum(i * o for group, i, o in linears if group not in dense and i % quantization.group_size == 0)
     return int((parameters - quantized) * dtype_size + quantized * quantization.bits_per_weight(dtype_size) / 8)
 
 

@@ -10,8 +10,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
@@ -34,6 +36,11 @@ def _save(folder: Path, model, config: dict) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
+# (UNet, VAE, text encoder presets) per pipeline size; the tiny UNet's widths follow the encoders'.
+PIPELINE_PRESETS = {"tiny": ("tiny", "tiny", ("tiny-clip-l", "tiny-clip-bigg")),
+                    "sdxl": ("sdxl-base", "sdxl", ("sdxl-clip-l", "sdxl-clip-bigg"))}
+
+
 def write_tokenizer(folder: Path, pad_token: str) -> None:
     """A CLIP tokenizer folder with the byte alphabet alone (no merges): every prompt tokenizes,
     one id per byte."""
@@ -46,19 +53,31 @@ def write_tokenizer(folder: Path, pad_token: str) -> None:
     (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad_token}))
 
 
-def write_pipeline(folder: Path, seed: int = 0) -> Path:
-    """A tiny random SDXL base pipeline folder as ``mlx-unet convert`` writes one."""
+def write_pipeline(folder: Path, seed: int = 0, size: str = "tiny", dtype: mx.Dtype = mx.float32,
+                   redraw: Callable[[nn.Module], object] | None = None) -> Path:
+    """A random SDXL base pipeline folder as ``mlx-unet convert`` writes one: ``size`` "tiny" or
+    "sdxl" (full size); the UNet and text encoders saved in ``dtype`` (the VAE in float32);
+    ``redraw(model)`` replaces each model's initial weights first (e.g. trained-like draws)."""
     mx.random.seed(seed)
-    encoders = {"text_encoder": CLIPTextConfig.from_preset("tiny-clip-l"),
-                "text_encoder_2": CLIPTextConfig.from_preset("tiny-clip-bigg")}
-    width = sum(c.hidden_size for c in encoders.values())
-    pooled = encoders["text_encoder_2"].projection_dim
-    unet = UNetConfig.from_preset("tiny", cross_attention_dim=width, projection_class_embeddings_input_dim=pooled + 6 * 8)
-    vae = VAEConfig.from_preset("tiny")
-    _save(folder / "unet", UNet2DConditionModel(unet), unet.to_dict())
-    _save(folder / "vae", AutoencoderKL(vae), vae.to_dict())
-    for name, config in encoders.items():
-        _save(folder / name, CLIPTextModel(config), config.to_dict())
+    unet_preset, vae_preset, encoder_presets = PIPELINE_PRESETS[size]
+    encoders = dict(zip(("text_encoder", "text_encoder_2"), map(CLIPTextConfig.from_preset, encoder_presets)))
+    if size == "tiny":
+        width = sum(c.hidden_size for c in encoders.values())
+        pooled = encoders["text_encoder_2"].projection_dim
+        unet = UNetConfig.from_preset("tiny", cross_attention_dim=width,
+                                      projection_class_embeddings_input_dim=pooled + 6 * 8)
+    else:
+        unet = UNetConfig.from_preset(unet_preset)
+    vae = VAEConfig.from_preset(vae_preset)
+    models = {"unet": (UNet2DConditionModel(unet), unet, dtype), "vae": (AutoencoderKL(vae), vae, mx.float32)}
+    models |= {name: (CLIPTextModel(config), config, dtype) for name, config in encoders.items()}
+    for name in list(models):  # one model held at a time (a full-size UNet is 4.8 GB in float16)
+        model, config, model_dtype = models.pop(name)
+        model.set_dtype(model_dtype)
+        if redraw is not None:
+            redraw(model)
+        _save(folder / name, model, config.to_dict())
+        del model
     write_tokenizer(folder / "tokenizer", "<|endoftext|>")
     write_tokenizer(folder / "tokenizer_2", "!")
     (folder / "scheduler").mkdir()

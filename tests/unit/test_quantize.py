@@ -19,7 +19,8 @@ from mlx_unet.configs.base import SECTION, section
 from mlx_unet.configs.quantization import Quantization, mode_available, text_encoder_quantization
 from mlx_unet.lora import apply_lora
 from mlx_unet.pipelines import memory
-from mlx_unet.quantize import DENSE_GROUPS, EMBEDDINGS, layer_group, prepare_structure, quantizable_paths
+from mlx_unet.quantize import ATTENTION, DENSE_AT_8_BITS, EMBEDDINGS, FEED_FORWARD, PROJECTIONS, layer_group, \
+    prepare_structure, quantizable_paths
 
 Q4 = Quantization.make(4)
 # A UNet wide enough that its weights dominate MLX's bookkeeping in peak-memory figures.
@@ -72,8 +73,10 @@ def _relative(a, b) -> float:
 def test_the_policy_by_group():
     model = UNet2DConditionModel(UNetConfig.from_preset("sdxl-base"))  # lazily: no weight is computed
     paths = quantizable_paths(model, Q4)
-    groups = {layer_group(p) for p in paths}
-    assert groups == {"attention projections", "feed-forward", "proj_in/out"} - DENSE_GROUPS
+    # Every Linear group at 4 bits (the 1.8 GiB budget); proj_in/out and the embeddings dense at 8.
+    assert {layer_group(p) for p in paths} == {ATTENTION, FEED_FORWARD, PROJECTIONS, EMBEDDINGS}
+    eight = {layer_group(p) for p in quantizable_paths(model, Quantization.make(8, 64))}
+    assert eight == {ATTENTION, FEED_FORWARD} and DENSE_AT_8_BITS == {PROJECTIONS, EMBEDDINGS}
     assert layer_group("down_blocks.1.resnets.0.time_emb_proj") == EMBEDDINGS
     assert layer_group("down_blocks.1.resnets.0.conv1") == "convolutions" and not any("conv" in p for p in paths)
     # A layer whose input width the group does not divide stays dense.
