@@ -30,7 +30,8 @@ PROMPT = "a lighthouse at dusk"
 RUN = ["--steps", "2", "--height", str(SIZE), "--width", str(SIZE), "--seed", "3", "--quiet"]
 
 
-def _save(folder: Path, model, config: dict) -> None:
+def save_model(folder: Path, model, config: dict) -> None:
+    """A model folder as `mlx-unet convert` writes one: model.safetensors and config.json."""
     folder.mkdir(parents=True)
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -76,7 +77,7 @@ def write_pipeline(folder: Path, seed: int = 0, size: str = "tiny", dtype: mx.Dt
         model.set_dtype(model_dtype)
         if redraw is not None:
             redraw(model)
-        _save(folder / name, model, config.to_dict())
+        save_model(folder / name, model, config.to_dict())
         del model
     write_tokenizer(folder / "tokenizer", "<|endoftext|>")
     write_tokenizer(folder / "tokenizer_2", "!")
