@@ -22,7 +22,8 @@ saved once as a pipeline folder in --workdir (7 GB) and reused.
   32, 64, 128; the PSNR of whole runs (same seed, 256x256, Euler) quantized against dense.
 - memory: MLX's active memory of the UNet loaded quantized (and its peak while loading, a dense
   folder quantized as it loads), and the peak of a whole 1024x1024 run at 4 bits: batch 2 under
-  guidance, tiled VAE, text encoders 8-bit and freed before denoising; 1 step unless --steps.
+  guidance, the VAE in generate --tile-vae's tiles, text encoders 8-bit and freed before
+  denoising; 1 step unless --steps.
 - matmul: MLX's quantized_matmul against dequantizing for a float32 BLAS product (what the CPU
   kernels do) and the dense products, in GFLOP/s.
 """
@@ -46,7 +47,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from bad_input_helpers import write_pipeline
 from quantize_weights import describe, fake_quantize_convs, quantize_in_place, restore_conv_weights, swap_modules, \
-    trained_like
+    trained_like, trained_like_weight
 
 from mlx_unet import CLIPTextModel, SDXLPipeline, UNet2DConditionModel, cpu
 from mlx_unet.configs.quantization import Quantization
@@ -178,6 +179,20 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
+def weight_errors() -> str:
+    """One trained-like (1280 -> 5120) float16 weight's own rounding error: what the model's output
+    errors are to be read against."""
+    w = mx.array(trained_like_weight((5120, 1280), 0, "weight")).astype(mx.float16)
+    rows = []
+    for bits in (8, 4):
+        row = [f"{bits}-bit"]
+        for group_size in (32, 64, 128):
+            rounded = mx.dequantize(*mx.quantize(w, group_size, bits), group_size=group_size, bits=bits)
+            row.append(f"{relative_error(rounded, w):.2e}")
+        rows.append(row)
+    return _table(["one weight, relative error", "groups of 32", "groups of 64", "groups of 128"], rows)
+
+
 def fidelity(folder: Path, latent: int, steps: int) -> str:
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=mx.float16)
     inputs = unet_inputs(unet, latent)
@@ -240,18 +255,19 @@ def memory_figures(folder: Path, size: int, steps: int) -> str:
     table = _table(["float16", "resident (MLX active)", "peak while loading", "estimate"], rows)
 
     pipe = SDXLPipeline.from_pretrained(folder, quantize=4)
-    pipe.vae.enable_tiling()
+    tile = memory.command_tile(pipe.vae.config)  # as generate --tile-vae
+    pipe.vae.enable_tiling(tile)
     start = time.perf_counter()
     images, _, peak = _measure(lambda: pipe(PROMPT, steps=steps, height=size, width=size, seed=0, guidance=5.0))
     seconds = time.perf_counter() - start
     parts = pipe.parts
     estimate = memory.estimate_run(
         parts.unet, parts.vae, [e for e in parts.encoders if e is not None], height=size, width=size, images=1,
-        guided=True, dtype=mx.float16, vae_dtype=pipe.vae.dtype, tiled_vae=True, low_memory=False,
+        guided=True, dtype=mx.float16, vae_dtype=pipe.vae.dtype, tiled_vae=True, vae_tile=tile, low_memory=False,
         unet_quantization=parts.quantization("unet", pipe.quantize),
         text_quantization=parts.quantization("text_encoder_2", pipe.quantize_text_encoders))
     return table + "\n\n" + _table(
-        [f"whole {size}x{size} run, UNet 4-bit (groups of 64), text encoders 8-bit, tiled VAE", "value"],
+        [f"whole {size}x{size} run, UNet 4-bit (groups of 64), text encoders 8-bit, VAE in {tile} px tiles", "value"],
         [["peak (MLX, from a reset after loading)", f"{peak / GIB:.3f} GiB"],
          ["estimate (pipelines/memory.py)", f"{estimate.peak / GIB:.3f} GiB ({estimate.describe()})"],
          [f"time, {steps} step(s) on {code_path()}", f"{seconds:.0f} s"],
@@ -310,7 +326,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, help="memory: denoising steps (default 1); fidelity: (default 8)")
     args = p.parse_args(argv)
     if args.what in ("matmul", "all"):
-        print(matmul_speed(64 if args.quick else 1024) + "\n")
+        print(matmul_speed(16 if args.quick else 128) + "\n")
         if args.what == "matmul":
             return
     folder = pipeline_folder(args.workdir, args.quick)
@@ -319,7 +335,7 @@ def main(argv=None) -> None:
     if args.what in ("sensitivity", "all"):
         print(sensitivity(folder, latent) + "\n")
     if args.what in ("fidelity", "all"):
-        print(fidelity(folder, latent, args.steps or (2 if args.quick else 8)) + "\n")
+        print(weight_errors() + "\n\n" + fidelity(folder, latent, args.steps or (2 if args.quick else 8)) + "\n")
     if args.what in ("memory", "all"):
         print(memory_figures(folder, 64 if args.quick else 1024, args.steps or 1) + "\n")
 

@@ -4,6 +4,7 @@
 from . import cpu
 
 from .configs.clip import CLIPTextConfig  # noqa: E402
+from .configs.quantization import Quantization  # noqa: E402
 from .configs.unet import PRESETS, UNetConfig  # noqa: E402
 from .configs.vae import VAEConfig  # noqa: E402
 from .errors import (  # noqa: E402
@@ -37,6 +38,7 @@ __all__ = [
     "MlxUnetWarning",
     "NonFiniteWarning",
     "PipelineError",
+    "Quantization",
     "SDXLPipeline",
     "Sampler",
     "UNet2DConditionModel",

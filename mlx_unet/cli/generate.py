@@ -26,6 +26,7 @@ from ..lora.apply import checked_scale
 from ..pipelines.arguments import RunArguments
 from ..pipelines.folder import PipelineFolder
 from ..pipelines.images import check_writable, output_paths, write_pngs
+from ..pipelines.memory import command_tile
 from ..pipelines.preflight import check_prompts, check_run
 from ..pipelines.sdxl import SDXLPipeline
 from ..schedulers import SAMPLERS
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float16", help="UNet and text encoder precision (default: float16)")
     p.add_argument("--vae-dtype", choices=list(DTYPES),
                    help="VAE precision (default: float32, or the weights' when the VAE is safe in float16)")
-    p.add_argument("--tile-vae", action="store_true", help="decode in tiles: less memory for large images")
+    p.add_argument("--tile-vae", action="store_true",
+                   help="decode in tiles of 512 px (the VAE's own size where smaller): less memory for large images")
     p.add_argument("--low-memory", action="store_true", help="for 8-16 GB machines: UNet block by block, guidance halves in turn")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="a LoRA / LyCORIS file, folder or Hub repo id, at strength SCALE (default 1); repeatable; "
@@ -120,8 +122,9 @@ def _generate(args, log, written: list[Path]) -> int:
     vae_dtype = DTYPES[args.vae_dtype] if args.vae_dtype else None
     base = PipelineFolder.read(args.model)
     refiner_parts = PipelineFolder.read(args.refiner) if args.refiner is not None else None
+    tile = command_tile((refiner_parts or base).vae)
     plan = check_run(run, base, refiner_parts, prompts=1, scheduler=args.scheduler, dtype=dtype, vae_dtype=vae_dtype,
-                     tiled_vae=args.tile_vae, low_memory=args.low_memory, quantize=quantize,
+                     tiled_vae=args.tile_vae, vae_tile=tile, low_memory=args.low_memory, quantize=quantize,
                      quantize_text_encoders=quantize_text)
     # LoRAs go live where the UNet is quantized: fusing into quantized weights is refused.
     lora_mode = args.lora_mode or ("live" if base.quantization("unet", quantize) else "fuse")
@@ -138,7 +141,7 @@ def _generate(args, log, written: list[Path]) -> int:
     refiner = SDXLPipeline.from_pretrained(refiner_parts, dtype=dtype, vae_dtype=vae_dtype, **quantized) \
         if refiner_parts else None
     if args.tile_vae:
-        (refiner or pipe).vae.enable_tiling()
+        (refiner or pipe).vae.enable_tiling(tile)
     log(f"loaded {args.model} in {time.perf_counter() - start:.1f} s; seed {seed}; "
         f"estimated peak memory {plan.estimate.peak / 2**30:.2f} GiB")
     for part, q in (("UNet", base.quantization("unet", quantize)),

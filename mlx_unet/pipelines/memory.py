@@ -9,7 +9,7 @@ text encoders only for the prompt; a refiner pipeline holds its own UNet and VAE
 - "denoise" / "refine": one UNet forward's activations, for the whole guided batch, or for one
   sample at a time under ``low_memory`` (``Sampler._predict``);
 - "decode": the VAE decoder's activations at the full image size, or at one tile's size with
-  ``vae.enable_tiling()``, plus the decoded images.
+  ``vae.enable_tiling()`` (of ``vae_tile`` pixels), plus the decoded images.
 
 Activations are counted per layer shape from the configs and scaled by factors measured on
 real runs (``benchmarks/bench_memory_estimate.py`` prints measured against estimated), so that
@@ -284,12 +284,13 @@ def _gib(nbytes: float) -> str:
 
 def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextConfig], *, height: int, width: int,
                  images: int, guided: bool, dtype: mx.Dtype, vae_dtype: mx.Dtype, tiled_vae: bool, low_memory: bool,
-                 cpu_kernels: bool | None = None, refiner: UNetConfig | None = None,
+                 cpu_kernels: bool | None = None, refiner: UNetConfig | None = None, vae_tile: int | None = None,
                  unet_quantization: Quantization | None = None,
                  text_quantization: Quantization | None = None) -> RunEstimate:
     """The memory a run of ``images`` images of ``height`` x ``width`` pixels needs at each stage.
     ``cpu_kernels`` None: whether ``mlx_unet.cpu`` puts its kernels in here (chunked attention).
-    ``unet_quantization`` / ``text_quantization``: how the UNets / text encoders are quantized."""
+    ``unet_quantization`` / ``text_quantization``: how the UNets / text encoders are quantized.
+    ``vae_tile``: the tiles' size in pixels under ``tiled_vae`` (None: the VAE's sample_size)."""
     chunked = kernels_enabled(cpu_kernels)
     unets = [unet] + ([refiner] if refiner is not None else [])
     # Each pipeline (base, refiner) holds its UNet and VAE for as long as it lives.
@@ -303,7 +304,7 @@ def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextCo
     stages = {"text encoders": resident + text + text_activations(encoders, images)}
     for name, config in zip(("denoise", "refine"), unets):
         stages[name] = resident + unet_activations(config, latent, batch, dtype, chunked)
-    tile = vae.sample_size
+    tile = vae.sample_size if vae_tile is None else vae_tile
     decoded = (min(height, tile), min(width, tile)) if tiled_vae else (height, width)
     stages["decode"] = (resident + vae_decode_activations(vae, decoded, images, vae_dtype, chunked)
                         + _images(images, (height, width), vae.out_channels))
@@ -384,6 +385,16 @@ def available_memory() -> tuple[int, str]:
     return max(usable, 0), what
 
 
+# --tile-vae's tiles: at most 512 px. The VAE's sample_size, diffusers' default tile (and
+# vae.enable_tiling()'s), is 1024 px for SDXL, which leaves a 1024 px image in one tile.
+COMMAND_TILE = 512
+
+
+def command_tile(vae: VAEConfig) -> int:
+    """The tile size ``--tile-vae`` decodes in, in pixels."""
+    return min(vae.sample_size, COMMAND_TILE)
+
+
 def check_run_fits(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextConfig], **run) -> RunEstimate:
     """``estimate_run``'s estimate; InputError when it is more than ``available_memory()``, with
     what would fit instead."""
@@ -402,11 +413,12 @@ def _suggestions(unet, vae, encoders, run: dict, budget: int) -> str:
         return estimate_run(unet, vae, encoders, **(run | change)).peak <= budget
 
     ways = []
-    if not run["tiled_vae"] and fits(tiled_vae=True):
+    tiled = dict(tiled_vae=True, vae_tile=command_tile(vae))
+    if not run["tiled_vae"] and fits(**tiled):
         ways.append("decode in tiles (--tile-vae, vae.enable_tiling())")
     if not run["low_memory"] and fits(low_memory=True):
         ways.append("use --low-memory (low_memory=True)")
-    elif not run["low_memory"] and not run["tiled_vae"] and not ways and fits(low_memory=True, tiled_vae=True):
+    elif not run["low_memory"] and not run["tiled_vae"] and not ways and fits(low_memory=True, **tiled):
         ways.append("decode in tiles and use low memory (--tile-vae --low-memory; vae.enable_tiling(), low_memory=True)")
     side = _largest_square(fits, max(run["height"], run["width"]))
     if side:

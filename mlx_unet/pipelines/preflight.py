@@ -46,12 +46,13 @@ class RunPlan:
 
 def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder | None, *, prompts: int,
               scheduler: str | None, dtype: mx.Dtype, vae_dtype: mx.Dtype | None, tiled_vae: bool,
-              low_memory: bool, image_size: tuple[int, int] | None = None,
+              low_memory: bool, vae_tile: int | None = None, image_size: tuple[int, int] | None = None,
               quantize: Quantization | None = None, quantize_text_encoders: Quantization | None = None) -> RunPlan:
     """Refuse (InputError / PipelineError) a run that cannot start or finish, before loading.
 
     ``image_size``: an img2img input's (height, width), which sets the size. ``vae_dtype`` None
-    means the VAE's default (float32 where its config says ``force_upcast``). ``quantize`` /
+    means the VAE's default (float32 where its config says ``force_upcast``); ``vae_tile``: the
+    decode's tile size in pixels under ``tiled_vae`` (None: the VAE's sample_size). ``quantize`` /
     ``quantize_text_encoders``: what the models are quantized to as they load (parts stored
     quantized count as stored)."""
     default = (base.unet.sample_size or 128) * 8
@@ -73,7 +74,7 @@ def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder 
         vae_dtype = mx.float32 if last.vae.force_upcast else dtype
     estimate = check_run_fits(
         base.unet, last.vae, [e for e in base.encoders if e is not None], height=height, width=width, images=images,
-        guided=args.guided, dtype=dtype, vae_dtype=vae_dtype, tiled_vae=tiled_vae, low_memory=low_memory,
+        guided=args.guided, dtype=dtype, vae_dtype=vae_dtype, tiled_vae=tiled_vae, vae_tile=vae_tile, low_memory=low_memory,
         refiner=None if refiner is None else refiner.unet, unet_quantization=base.quantization("unet", quantize),
         text_quantization=base.quantization("text_encoder_2", quantize_text_encoders),
     )

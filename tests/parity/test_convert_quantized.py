@@ -164,6 +164,7 @@ def test_unet_only_float32_scales(tmp_path, source):
     assert set(scales) == {mx.float32}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["mxfp8", "mxfp4"])
 def test_microscaling_modes(tmp_path, source, mode):
     if not mode_available(mode):
@@ -216,6 +217,7 @@ def test_single_file_quantized(tmp_path, source, refiner_file):
     assert isinstance(UNet2DConditionModel.from_pretrained(tmp_path / "q" / "unet").mid_block, object)
 
 
+@pytest.mark.slow  # the fast tier converts a single file in test_single_file_quantized
 def test_single_file_unet_only_from_the_command_line(tmp_path, capsys):
     config = SINGLE_FILE_FAMILIES["sdxl-base"]
     reference = torch_unet(config, seed=36)
