@@ -34,7 +34,7 @@ import mlx_unet  # noqa: F401, I001  (before mlx: picks the fast BLAS on Linux)
 import mlx.core as mx
 
 from mlx_unet import AutoencoderKL, SDXLPipeline, UNet2DConditionModel, UNetConfig, VAEConfig, cpu
-from mlx_unet.pipelines import memory
+from mlx_unet.pipelines import memory, model_sizes
 
 GIB = 2**30
 
@@ -88,7 +88,7 @@ def unet_rows() -> list[dict]:
     sample = mx.random.normal((batch, latent, latent, 4))
     context = mx.random.normal((batch, 77, config.cross_attention_dim))
     added = mx.random.normal((batch, config.time_embed_dim))
-    estimate = (memory.unet_parameters(config) * 4
+    estimate = (model_sizes.unet_parameters(config) * 4
                 + memory.unet_activations(config, (latent, latent), batch, mx.float32, cpu.kernels_enabled()))
     measured = _peak(lambda: unet(sample, 500, context, added_embedding=added))
     return [_row(f"SDXL UNet forward, {latent}x{latent} latent x{batch}, float32", estimate, measured)]
@@ -101,7 +101,7 @@ def vae_rows(sizes: list[int]) -> list[dict]:
     rows = []
     for size in sizes:
         latents = mx.random.normal((1, size // 8, size // 8, 4))
-        estimate = (memory.vae_parameters(config) * 4
+        estimate = (model_sizes.vae_parameters(config) * 4
                     + memory.vae_decode_activations(config, (size, size), 1, mx.float32, cpu.kernels_enabled()))
         rows.append(_row(f"SDXL VAE decode {size}px, float32", estimate, _peak(partial(vae.decode, latents))))
     return rows

@@ -52,7 +52,7 @@ from quantize_weights import describe, fake_quantize_convs, quantize_in_place, r
 from mlx_unet import CLIPTextModel, SDXLPipeline, UNet2DConditionModel, cpu
 from mlx_unet.configs.quantization import Quantization
 from mlx_unet.cpu.quantized import QuantizedLinear as CPUQuantizedLinear
-from mlx_unet.pipelines import memory
+from mlx_unet.pipelines import memory, model_sizes
 from mlx_unet.quantize import ATTENTION, CONVOLUTIONS, DENSE_AT_8_BITS, EMBEDDINGS, FEED_FORWARD, PROJECTIONS, \
     layer_group, quantizable_paths
 
@@ -150,7 +150,7 @@ def sensitivity(folder: Path, latent: int) -> str:
             squares = sum(errors[bits, g] ** 2 for g in UNET_GROUPS)
             row += [f"{errors[bits, row[0]]:.2e}", f"{100 * errors[bits, row[0]] ** 2 / squares:.0f}%"]
     text = text_encoder_errors(folder)
-    rows.append([f"text-encoder layers (bigG; of its parameters)", text.pop("share"), *text.values()])
+    rows.append(["text-encoder layers (bigG; of its parameters)", text.pop("share"), *text.values()])
     return _table(["layer group (UNet)", "parameters", "4-bit error", "4-bit share", "8-bit error", "8-bit share"],
                   rows)
 
@@ -248,7 +248,7 @@ def memory_figures(folder: Path, size: int, steps: int) -> str:
         q = None if bits is None else Quantization.make(bits, 64)
         unet, resident, peak = _measure(lambda: UNet2DConditionModel.from_pretrained(folder / "unet", dtype=mx.float16,
                                                                                      quantize=q))
-        estimate = memory.unet_bytes(unet.config, 2, q)
+        estimate = model_sizes.unet_bytes(unet.config, 2, q)
         rows.append([f"UNet {'dense' if q is None else q.describe()}", f"{resident / GIB:.3f} GiB",
                      f"{peak / GIB:.3f} GiB", f"{estimate / GIB:.3f} GiB"])
         del unet

@@ -24,7 +24,7 @@ from mlx_unet import (
 )
 from mlx_unet.cpu import ENV_SWITCH
 from mlx_unet.errors import InputError
-from mlx_unet.pipelines import memory
+from mlx_unet.pipelines import memory, model_sizes
 from mlx_unet.pipelines.folder import PipelineFolder
 from mlx_unet.weights import model_shapes
 
@@ -48,8 +48,8 @@ def _sdxl():
     (CLIPTextModel, CLIPTextConfig.from_preset("sdxl-clip-bigg")), (CLIPTextModel, CLIPTextConfig.from_preset("sdxl-clip-l")),
 ], ids=["unet-tiny", "unet-sd2", "unet-refiner", "vae-sdxl", "clip-bigg", "clip-l"])
 def test_parameter_counts_from_configs_match_the_models(build, config):
-    counts = {UNet2DConditionModel: memory.unet_parameters, AutoencoderKL: memory.vae_parameters,
-              CLIPTextModel: memory.text_encoder_parameters}
+    counts = {UNet2DConditionModel: model_sizes.unet_parameters, AutoencoderKL: model_sizes.vae_parameters,
+              CLIPTextModel: model_sizes.text_encoder_parameters}
     assert counts[build](config) == sum(math.prod(s) for s in model_shapes(build(config)).values())
 
 

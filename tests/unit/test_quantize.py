@@ -19,7 +19,7 @@ from mlx_unet import CLIPTextConfig, CLIPTextModel, ConfigError, InputError, UNe
 from mlx_unet.configs.base import SECTION, section
 from mlx_unet.configs.quantization import Quantization, mode_available, text_encoder_quantization
 from mlx_unet.lora import apply_lora
-from mlx_unet.pipelines import memory
+from mlx_unet.pipelines import model_sizes
 from mlx_unet.quantize import ATTENTION, DENSE_AT_8_BITS, EMBEDDINGS, FEED_FORWARD, PROJECTIONS, layer_group, \
     prepare_structure, quantizable_paths
 
@@ -101,11 +101,11 @@ def test_the_estimate_counts_quantized_bytes_exactly(config, q):
     model = UNet2DConditionModel(config)  # lazily
     prepare_structure(model, q, quantizable_paths(model, q))
     floats = tree_map(lambda a: a.astype(mx.float16) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters())
-    assert memory.unet_bytes(config, 2, q) == sum(v.nbytes for _, v in tree_flatten(floats))
+    assert model_sizes.unet_bytes(config, 2, q) == sum(v.nbytes for _, v in tree_flatten(floats))
     clip = CLIPTextModel(CLIPTextConfig.from_preset("sdxl-clip-bigg"))
     prepare_structure(clip, q, quantizable_paths(clip, q))
     bigg = CLIPTextConfig.from_preset("sdxl-clip-bigg")
-    assert memory.text_encoder_bytes(bigg, 4, q) == sum(v.nbytes for _, v in tree_flatten(clip.parameters()))
+    assert model_sizes.text_encoder_bytes(bigg, 4, q) == sum(v.nbytes for _, v in tree_flatten(clip.parameters()))
 
 
 @pytest.mark.usefixtures("code_path")
