@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-dtype", choices=list(DTYPES),
                    help="VAE precision (default: float32, or the weights' when the VAE is safe in float16)")
     p.add_argument("--tile-vae", action="store_true",
-                   help="decode in tiles of 512 px (the VAE's own size where smaller): less memory for large images")
+                   help="decode in tiles of 256 px (the VAE's own size where smaller): less memory for large images")
     p.add_argument("--low-memory", action="store_true", help="for 8-16 GB machines: UNet block by block, guidance halves in turn")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="a LoRA / LyCORIS file, folder or Hub repo id, at strength SCALE (default 1); repeatable; "

@@ -247,9 +247,12 @@ def available_memory() -> tuple[int, str]:
     return max(usable, 0), what
 
 
-# --tile-vae's tiles: at most 512 px. The VAE's sample_size, diffusers' default tile (and
-# vae.enable_tiling()'s), is 1024 px for SDXL, which leaves a 1024 px image in one tile.
-COMMAND_TILE = 512
+# --tile-vae's tiles: at most 256 px. The VAE's sample_size, diffusers' default tile (and
+# vae.enable_tiling()'s), is 1024 px for SDXL, which leaves a 1024 px image in one tile; in 512 px
+# tiles a 1024 px decode still peaked at 2.6 GiB above the models (float32 VAE, CPU kernels),
+# the whole run's largest stage (benchmarks/bench_quantize.py memory); in 256 px tiles it is
+# below the denoising's.
+COMMAND_TILE = 256
 
 
 def command_tile(vae: VAEConfig) -> int:

@@ -87,10 +87,10 @@ def test_estimate_grows_with_size_and_batch_and_shrinks_with_tiling_and_low_memo
     assert peak(stage="denoise", guided=False) < peak(stage="denoise")
     assert peak(4096, tiled_vae=True) < peak(4096)
     # SDXL's VAE tiles at its sample_size (1024 px) by default: one tile for a 1024 px image;
-    # --tile-vae's 512 px tiles are what make the decode smaller there.
-    assert memory.command_tile(vae) == 512 and vae.sample_size == 1024
+    # --tile-vae's 256 px tiles are what make the decode smaller there.
+    assert memory.command_tile(vae) == 256 and vae.sample_size == 1024
     assert peak(stage="decode", tiled_vae=True) == peak(stage="decode")
-    assert peak(stage="decode", tiled_vae=True, vae_tile=512) < 0.5 * peak(stage="decode")
+    assert peak(stage="decode", tiled_vae=True, vae_tile=256) < 0.5 * peak(stage="decode")
     assert peak(4096, "denoise", low_memory=True, images=2) < peak(4096, "denoise", images=2)
     assert peak(4096, low_memory=True, tiled_vae=True) < peak(4096, tiled_vae=True)
     refined = memory.estimate_run(unet, vae, encoders, height=1024, width=1024, refiner=UNetConfig.from_preset(

@@ -24,4 +24,4 @@ def test_quantize_benchmark_quick_run_prints_every_table(tmp_path):
     assert re.search(r"\| 4-bit \| \d\.\d\de-\d\d \| \d\.\d\de-\d\d \| \d\.\d\de-\d\d \|", out)
     psnr = [float(v) for v in re.findall(r"\| (\d+\.\d) dB \|", out)]
     assert len(psnr) == 3 and all(0 < v < 100 for v in psnr)
-    assert "| UNet 4-bit affine, groups of 64 | " in out and "peak (MLX, from a reset after loading)" in out
+    assert "| UNet 4-bit affine, groups of 64 | " in out and "peak of the whole run, decode included (MLX)" in out
