@@ -34,7 +34,7 @@ from ..configs.vae import VAEConfig
 from ..cpu import kernels_enabled, on_cpu
 from ..errors import InputError
 from .arguments import PIXELS_PER_LATENT
-from .model_sizes import text_encoder_bytes, unet_bytes, vae_parameters
+from .model_sizes import largest_linear, text_encoder_bytes, unet_bytes, vae_parameters
 
 BUDGET_ENV = "MLX_UNET_MEMORY_BUDGET_GB"
 GIB = 2**30
@@ -56,6 +56,12 @@ CHUNKED_ATTENTION = 128 * 2**20
 # timesteps, the scheduler's tables, allocator rounding): the tiny pipeline's runs measured up to
 # 1.3 MiB above the estimate without it.
 STAGE_ALLOWANCE = 8 * 2**20
+# The CPU kernels' quantized layers dequantize their weight to float32 at each call, and MLX
+# holds several of these at once: a whole 1024 px run at 4 bits (benchmarks/bench_quantize.py
+# memory) peaked 0.36 GiB above the estimate without them, against 52 MiB for SDXL's largest
+# Linear weight in float32. Counted in the text-encoder and denoising stages, as that run
+# could not tell which of them peaked.
+DEQUANTIZED_COPIES = 8
 
 # What this process itself needs besides MLX's buffers: Python, the MLX and BLAS libraries and
 # their threads. Measured after ``import mlx_unet`` and one product on this 2-core Linux machine:
@@ -163,9 +169,12 @@ def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextCo
     latent = (height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT)
     batch = 1 if low_memory else images * (2 if guided else 1)
     resident += STAGE_ALLOWANCE
-    stages = {"text encoders": resident + text + text_activations(encoders, images)}
+    # The CPU kernels' quantized layers widen their weights to float32 at each call.
+    quantized = unet_quantization is not None or text_quantization is not None
+    dequantized = DEQUANTIZED_COPIES * F32 * largest_linear(unet) if chunked and quantized else 0
+    stages = {"text encoders": resident + text + text_activations(encoders, images) + dequantized}
     for name, config in zip(("denoise", "refine"), unets):
-        stages[name] = resident + unet_activations(config, latent, batch, dtype, chunked)
+        stages[name] = resident + unet_activations(config, latent, batch, dtype, chunked) + dequantized
     tile = vae.sample_size if vae_tile is None else vae_tile
     decoded = (min(height, tile), min(width, tile)) if tiled_vae else (height, width)
     stages["decode"] = (resident + vae_decode_activations(vae, decoded, images, vae_dtype, chunked)

@@ -145,3 +145,8 @@ def unet_bytes(c: UNetConfig, dtype_size: int, quantization: Quantization | None
 
 def text_encoder_bytes(c: CLIPTextConfig, dtype_size: int, quantization: Quantization | None = None) -> int:
     return model_bytes(text_encoder_parameters(c), _text_linears(c), dtype_size, quantization)
+
+
+def largest_linear(c: UNetConfig) -> int:
+    """The element count of the UNet's largest Linear weight."""
+    return max(i * o for _, i, o in _unet_linears(c))
