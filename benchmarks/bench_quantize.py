@@ -336,7 +336,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, help="memory: denoising steps (default 1); fidelity: (default 8)")
     args = p.parse_args(argv)
     if args.what in ("matmul", "all"):
-        print(matmul_speed(16 if args.quick else 128) + "\n")
+        print(matmul_speed(4 if args.quick else 128) + "\n")
         if args.what == "matmul":
             return
     folder = pipeline_folder(args.workdir, args.quick)

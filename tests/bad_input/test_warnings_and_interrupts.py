@@ -55,8 +55,11 @@ def _big_unet(tmp_path: Path) -> Path:
 def test_a_conversion_killed_mid_write_leaves_nothing(tmp_path, signum):
     source = _big_unet(tmp_path)
     out = tmp_path / "new" / "deeper" / "out"  # its parents too are made by the conversion
+    # SIGINT at its default in the child: a shell runs background jobs with it ignored (inherited),
+    # and Python then installs no KeyboardInterrupt handler, as for any command started so.
     proc = subprocess.Popen([sys.executable, "-m", "mlx_unet", "convert", str(source), str(out), "--dtype",
-                             "float32", "--quiet"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                             "float32", "--quiet"], stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     # Signalled once the weights have started to be written (well before they are done): the glob
     # of a missing folder is empty.
