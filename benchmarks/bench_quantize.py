@@ -46,8 +46,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from bad_input_helpers import write_pipeline
-from quantize_weights import describe, fake_quantize_convs, quantize_in_place, restore_conv_weights, swap_modules, \
-    trained_like, trained_like_weight
+from quantize_weights import describe, fake_quantize_convs, psnr, quantize_in_place, restore_conv_weights, \
+    swap_modules, trained_like, trained_like_weight
 
 from mlx_unet import CLIPTextModel, SDXLPipeline, UNet2DConditionModel, cpu
 from mlx_unet.configs.quantization import Quantization
@@ -172,11 +172,6 @@ def text_encoder_errors(folder: Path) -> dict[str, str]:
         out[f"{bits} share"] = "-"
         swap_modules(model, taken)
     return out
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def weight_errors() -> str:

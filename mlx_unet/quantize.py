@@ -101,3 +101,13 @@ def quantize_weights(weights: Mapping[str, mx.array], paths: set[str], quantizat
         if biases:
             out[f"{path}.biases"] = biases[0]
     return out
+
+
+def quantize_as_loaded(model: nn.Module, weights: Mapping[str, mx.array], quantization: Quantization,
+                       dtype: mx.Dtype | None) -> dict[str, mx.array]:
+    """Make the policy's layers of ``model`` quantized, and return ``weights`` (dense, as read)
+    with theirs quantized lazily (``quantize_weights``): what loading a dense folder with
+    ``quantize=`` does."""
+    paths = quantizable_paths(model, quantization)
+    prepare_structure(model, quantization, paths)
+    return quantize_weights(weights, paths, quantization, dtype)

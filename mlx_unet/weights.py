@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import cpu
 from .configs.quantization import Quantization, read_quantization
 from .errors import NonFiniteWarning, WeightsError
-from .quantize import prepare_structure, quantizable_paths, quantize_weights, quantized_paths
+from .quantize import prepare_structure, quantize_as_loaded, quantized_paths
 from .safetensors_io import SafetensorsReader
 
 _RECONVERT = "convert the model again with mlx-unet convert"
@@ -165,9 +165,7 @@ def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None =
                                f"{quantize.describe()}; convert the dense model with those settings instead.")
         prepare_structure(model, stored, quantized_paths(weights))
     elif quantize is not None:
-        paths = quantizable_paths(model, quantize)
-        prepare_structure(model, quantize, paths)
-        weights = quantize_weights(weights, paths, quantize, dtype)
+        weights = quantize_as_loaded(model, weights, quantize, dtype)
     load_weights(model, weights, dtype)
     if dtype is not None:
         mx.clear_cache()  # the file-dtype copies just freed would otherwise stay in MLX's cache

@@ -126,9 +126,10 @@ def _generate(args, log, written: list[Path]) -> int:
     plan = check_run(run, base, refiner_parts, prompts=1, scheduler=args.scheduler, dtype=dtype, vae_dtype=vae_dtype,
                      tiled_vae=args.tile_vae, vae_tile=tile, low_memory=args.low_memory, quantize=quantize,
                      quantize_text_encoders=quantize_text)
+    unet_quantization = base.quantization("unet", quantize)
     # LoRAs go live where the UNet is quantized: fusing into quantized weights is refused.
-    lora_mode = args.lora_mode or ("live" if base.quantization("unet", quantize) else "fuse")
-    if args.lora and lora_mode == "fuse" and base.quantization("unet", quantize):
+    lora_mode = args.lora_mode or ("live" if unet_quantization else "fuse")
+    if args.lora and lora_mode == "fuse" and unet_quantization:
         raise InputError("--lora-mode fuse cannot fuse LoRAs into a quantized UNet (it would round them away); "
                          "use --lora-mode live, the default for quantized models.")
     check_writable(paths, plan.height, plan.width)  # before loading: a failed write would waste the run
@@ -144,7 +145,7 @@ def _generate(args, log, written: list[Path]) -> int:
         (refiner or pipe).vae.enable_tiling(tile)
     log(f"loaded {args.model} in {time.perf_counter() - start:.1f} s; seed {seed}; "
         f"estimated peak memory {plan.estimate.peak / 2**30:.2f} GiB")
-    for part, q in (("UNet", base.quantization("unet", quantize)),
+    for part, q in (("UNet", unet_quantization),
                     ("text encoders", base.quantization("text_encoder_2", quantize_text))):
         if q is not None:
             log(f"{part}: {q.describe()}")

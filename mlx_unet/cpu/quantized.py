@@ -1,13 +1,12 @@
 """The CPU's QuantizedLinear: nn.QuantizedLinear's parameters, its product through BLAS.
 
-MLX's CPU ``quantized_matmul`` runs at about 2.7 GFLOP/s on this 2-core machine, 20-25x slower
-than a float32 sgemm of the same shape (measured on SDXL's shapes, 8 and 4 bits, groups of 64).
-Dequantizing the weight to float32 at each call and multiplying through BLAS costs one pass over
-the weight and runs at 90-100% of the float32 product for token counts of a few hundred and up,
-about half of it at 77 text tokens. The weight stays quantized in memory: only one layer's
-float32 copy exists at a time, for its product. On Metal and CUDA quantized matmuls are the fast
-path, and this kernel is not used.
-"""
+MLX's CPU ``quantized_matmul`` is many times slower than a float32 BLAS product of the same
+shape (README.md, "Quantized models", has the figures: ``benchmarks/bench_quantize.py matmul``).
+So this layer dequantizes its weight to float32 at each call and multiplies through BLAS: one
+pass over the weight per call, which larger token counts amortise. The weights stay quantized in
+memory; the float32 copies are transient (MLX may hold a few at once, which the run's memory
+estimate counts). On Metal and CUDA quantized matmuls are the fast path, and this kernel is not
+used."""
 
 import mlx.core as mx
 import mlx.nn as nn

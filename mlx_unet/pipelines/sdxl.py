@@ -255,8 +255,8 @@ class SDXLPipeline:
         self._check_clip_skip(clip_skip)
         check_run(args, self.parts, None if refiner is None else refiner.parts, prompts=count, scheduler=scheduler,
                   dtype=self.dtype, vae_dtype=(refiner or self).vae.dtype, tiled_vae=(refiner or self).vae.use_tiling,
-                  vae_tile=(refiner or self).vae.tile_sample_size, low_memory=low_memory, image_size=size, quantize=self.quantize,
-                  quantize_text_encoders=self.quantize_text_encoders)
+                  vae_tile=(refiner or self).vae.tile_sample_size, low_memory=low_memory, image_size=size,
+                  quantize=self.quantize, quantize_text_encoders=self.quantize_text_encoders)
         guided = args.guided
         prompt_args = dict(negative_prompt=negative_prompt, prompt_2=prompt_2,
                            negative_prompt_2=negative_prompt_2, clip_skip=clip_skip, guided=guided)

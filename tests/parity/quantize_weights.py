@@ -131,6 +131,12 @@ def describe() -> str:
             f"and of output channels x{OUTLIER_ROW:g}, RMS 1/sqrt(fan_in)")
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 images, in dB (infinite where they are equal)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
 # ---------------------------------------------------------------------- quantizing a model in memory
 
 

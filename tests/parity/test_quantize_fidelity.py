@@ -16,12 +16,13 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from quantize_weights import psnr as psnr_of
 from quantize_weights import trained_like
 
 from mlx_unet import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, SDXLPipeline, UNet2DConditionModel, UNetConfig,
                       VAEConfig, cpu)
 from mlx_unet.configs.quantization import Quantization
-from mlx_unet.quantize import prepare_structure, quantizable_paths, quantize_weights
+from mlx_unet.quantize import quantizable_paths, quantize_as_loaded
 from mlx_unet.weights import load_weights
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bad_input"))  # appended: nothing here is shadowed
@@ -121,11 +122,7 @@ def build(params: dict, q: Quantization | None = None, dtype: mx.Dtype | None = 
     folder (the policy's layers, quantized as they load; then the kernels where the code path
     asks for them)."""
     model = UNet2DConditionModel(UNET)
-    weights = dict(params)
-    if q is not None:
-        paths = quantizable_paths(model, q)
-        prepare_structure(model, q, paths)
-        weights = quantize_weights(weights, paths, q, dtype)
+    weights = dict(params) if q is None else quantize_as_loaded(model, params, q, dtype)
     load_weights(model, weights, dtype)
     return cpu.prepare(model)
 
@@ -253,11 +250,6 @@ def pipeline_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * math.log10(255 ** 2 / mse) if mse else math.inf
-
-
 def test_whole_image_psnr(pipeline_folder):
     dense = SDXLPipeline.from_pretrained(pipeline_folder, dtype=mx.float16)
     reference = np.array(dense("a lighthouse at dusk", **RUN))
@@ -269,7 +261,7 @@ def test_whole_image_psnr(pipeline_folder):
         assert_quantized(pipe.unet, UNet2DConditionModel(UNET), q)
         for encoder in pipe.loaded_text_encoders:  # 8 bits beside either UNet: the default
             assert_quantized(encoder, CLIPTextModel(encoder.config), Quantization.make(8, 64))
-        psnr[bits] = _psnr(image, reference)
+        psnr[bits] = psnr_of(image, reference)
     print(f"\nPSNR against the dense float16 run: 8-bit {psnr[8]:.2f} dB, 4-bit {psnr[4]:.2f} dB; "
           f"dense image mean {reference.mean():.1f}, std {reference.std():.1f}")
     assert reference.std() > 20  # an image, not a flat or saturated field, for PSNR to measure
