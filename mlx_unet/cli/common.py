@@ -50,6 +50,9 @@ def run_command(body: Callable[[], int], interrupted: Callable[[], str]) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            # An interruption can land between open() and its with-block; the file is closed by its
+            # finaliser, and "unclosed file" would be a line about our internals, not the user's input.
+            warnings.simplefilter("ignore", ResourceWarning)
             warnings.showwarning = _show_warning
             return body()
     except MlxUnetError as e:
