@@ -21,6 +21,8 @@ from .models.clip import CLIPTextModel  # noqa: E402
 from .models.unet import UNet2DConditionModel  # noqa: E402
 from .models.vae import AutoencoderKL  # noqa: E402
 from .pipelines.sampler import Sampler  # noqa: E402
+from .pipelines.diffusion import DiffusionPipeline, load_pipeline  # noqa: E402
+from .pipelines.sd import SDPipeline  # noqa: E402
 from .pipelines.sdxl import SDXLPipeline  # noqa: E402
 from .schedulers import make_scheduler  # noqa: E402
 from .tokenizer import CLIPTokenizer  # noqa: E402
@@ -33,12 +35,14 @@ __all__ = [
     "CLIPTokenizer",
     "ConfigError",
     "ConversionError",
+    "DiffusionPipeline",
     "InputError",
     "MlxUnetError",
     "MlxUnetWarning",
     "NonFiniteWarning",
     "PipelineError",
     "Quantization",
+    "SDPipeline",
     "SDXLPipeline",
     "Sampler",
     "UNet2DConditionModel",
@@ -46,5 +50,6 @@ __all__ = [
     "VAEConfig",
     "WeightsError",
     "cpu",
+    "load_pipeline",
     "make_scheduler",
 ]

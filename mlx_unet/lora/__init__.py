@@ -8,7 +8,7 @@ at any time).
     applied = lora.apply_lora(unet, "style.safetensors", scale=0.8)   # fused
     applied.remove()
 
-A pipeline applies a file to all its parts at once: ``SDXLPipeline.load_lora``.
+A pipeline applies a file to all its parts at once: ``DiffusionPipeline.load_lora``.
 """
 
 from .adapters import Adapter, Hadamard, Kronecker, LowRank

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..configs.base import FORMAT_KEY, FORMAT_VERSION, newer_format
 from ..configs.clip import CLIPTextConfig
+from ..configs.families import unet_family
 from ..configs.pipeline import check_components_fit
 from ..configs.quantization import Quantization, read_quantization
 from ..configs.unet import UNetConfig
@@ -32,9 +33,10 @@ _SAMPLER_OF_CLASS = {
 }
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
-# (tokenizer, text encoder) pairs in the order SDXL concatenates their states.
+# (tokenizer, text encoder) pairs in the order SDXL concatenates their states. SD 1.x / 2.x have
+# the first only, an SDXL refiner the second only.
 TEXT_PARTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
-REQUIRED = ("unet", "vae", "tokenizer_2", "text_encoder_2")  # a refiner has only the second encoder
+REQUIRED = ("unet", "vae")
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,21 @@ class PipelineFolder:
         return self.quantized.get(part, requested)
 
     @property
+    def family(self) -> str:
+        """"an SD 1.x", "an SDXL base (6 time ids)", ... for messages."""
+        name = unet_family(self.unet)
+        return f"{'an' if name.startswith('S') else 'a'} {name}"
+
+    @property
     def force_zeros_for_empty_prompt(self) -> bool:
-        return bool(self.index.get("force_zeros_for_empty_prompt", True))
+        # diffusers' SDXL pipelines default it to true; SD 1.x / 2.x pipelines have no such
+        # setting and always encode the (empty) negative prompt.
+        return bool(self.index.get("force_zeros_for_empty_prompt", self.unet.has_text_time_embedding))
+
+    @property
+    def text_encoder_names(self) -> list[str]:
+        """The text encoders the pipeline has, by TEXT_PARTS: quantized alike, so any one tells."""
+        return [encoder for _, encoder in TEXT_PARTS if self.part(encoder) is not None]
 
     def part(self, name: str) -> Path | None:
         """The folder of part ``name`` ("unet", "tokenizer_2", ...), None where the pipeline has none."""
@@ -86,13 +101,15 @@ class PipelineFolder:
         index = read_json(index_path, MODEL_INDEX, PipelineError, "convert the pipeline again")
         _check_format(folder, index)
         _check_entries(index_path, index)
-        missing = [name for name in REQUIRED if index.get(name, [None])[0] is None]
-        if missing:
-            raise PipelineError(f"{folder} has no {', '.join(missing)} in {MODEL_INDEX}; convert the whole "
-                                "SDXL pipeline with mlx-unet convert (without --unet-only).")
         def part(name: str) -> Path | None:
             return _part(folder, index, name)
 
+        missing = [name for name in REQUIRED if part(name) is None]
+        if all(part(encoder) is None for _, encoder in TEXT_PARTS):
+            missing.append("text_encoder")
+        if missing:
+            raise PipelineError(f"{folder} has no {', '.join(missing)} in {MODEL_INDEX}; convert the whole "
+                                "pipeline with mlx-unet convert (without --unet-only).")
         for tokenizer, encoder in TEXT_PARTS:
             if (part(tokenizer) is None) != (part(encoder) is None):
                 raise PipelineError(f"{folder} lists only one of {tokenizer} and {encoder} in {MODEL_INDEX}; "

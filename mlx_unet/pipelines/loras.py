@@ -17,16 +17,16 @@ from ..models.clip import CLIPTextModel
 from ..naming.lora import PARTS, TEXT_ENCODER, TEXT_ENCODER_2, UNET
 
 if TYPE_CHECKING:
-    from .sdxl import SDXLPipeline
+    from .diffusion import DiffusionPipeline
 
 _ENCODER_PARTS = (TEXT_ENCODER, TEXT_ENCODER_2)  # in the order of folder.TEXT_PARTS
 
 
 class PipelineLoRA:
-    """One LoRA on a pipeline, made by ``SDXLPipeline.load_lora``. ``remove()`` takes it off
+    """One LoRA on a pipeline, made by ``DiffusionPipeline.load_lora``. ``remove()`` takes it off
     every part (fused weights restored bit for bit); ``set_scale`` changes its strength."""
 
-    def __init__(self, pipeline: "SDXLPipeline", lora: LoRAFile, scales: dict[str, float], fuse: bool):
+    def __init__(self, pipeline: "DiffusionPipeline", lora: LoRAFile, scales: dict[str, float], fuse: bool):
         self.lora, self.fuse = lora, fuse
         self._pipeline = pipeline
         configs: dict[str, CLIPTextConfig | None] = dict(zip(_ENCODER_PARTS, pipeline.parts.encoders))
@@ -95,7 +95,7 @@ def part_scales(scale: float, unet_scale: float | None, text_encoder_scale: floa
     return {part: unet if part == UNET else text for part in PARTS}
 
 
-def load(pipeline: "SDXLPipeline", source, scale: float, fuse: bool, unet_scale: float | None,
+def load(pipeline: "DiffusionPipeline", source, scale: float, fuse: bool, unet_scale: float | None,
          text_encoder_scale: float | None, weight_name: str | None, revision: str | None,
          allow_pickle: bool) -> PipelineLoRA:
     lora = source if isinstance(source, LoRAFile) else \

@@ -164,7 +164,7 @@ def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextCo
     # Each pipeline (base, refiner) holds its UNet and VAE for as long as it lives.
     resident = (sum(unet_bytes(u, dtype.size, unet_quantization) for u in unets)
                 + len(unets) * vae_parameters(vae) * vae_dtype.size)
-    encoder_dtype = mx.float32 if on_cpu() else dtype  # as sdxl.SDXLPipeline._text_encoders
+    encoder_dtype = mx.float32 if on_cpu() else dtype  # as DiffusionPipeline._text_encoders
     text = sum(text_encoder_bytes(e, encoder_dtype.size, text_quantization) for e in encoders)
     latent = (height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT)
     batch = 1 if low_memory else images * (2 if guided else 1)

@@ -1,7 +1,7 @@
 """Everything a run can be refused for, checked before a model is loaded or memory allocated:
 the numbers (``RunArguments``), the prompts, the sampler, whether the schedule leaves each model
 a step, and whether the run fits in memory. ``mlx-unet generate`` runs these checks on the
-folders' configs before loading anything; ``SDXLPipeline.__call__`` on its loaded parts.
+folders' configs before loading anything; a pipeline's ``__call__`` on its loaded parts.
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder 
     quantized count as stored)."""
     default = (base.unet.sample_size or 128) * 8
     height, width = image_size or (args.height or default, args.width or default)
+    if refiner is not None and not (base.unet.has_text_time_embedding and refiner.unet.has_text_time_embedding):
+        raise InputError(f"a refiner finishes an SDXL base model's images; this run pairs {base.family} base with "
+                         f"{refiner.family} refiner: drop the refiner.")
     if args.img2img and refiner is not None:
         raise InputError("img2img (image=) runs one model; refine its output in a second call instead.")
     end = args.refiner_start if refiner is not None else None
@@ -76,6 +79,6 @@ def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder 
         base.unet, last.vae, [e for e in base.encoders if e is not None], height=height, width=width, images=images,
         guided=args.guided, dtype=dtype, vae_dtype=vae_dtype, tiled_vae=tiled_vae, vae_tile=vae_tile, low_memory=low_memory,
         refiner=None if refiner is None else refiner.unet, unet_quantization=base.quantization("unet", quantize),
-        text_quantization=base.quantization("text_encoder_2", quantize_text_encoders),
+        text_quantization=base.quantization(base.text_encoder_names[-1], quantize_text_encoders),
     )
     return RunPlan(height, width, images, estimate)

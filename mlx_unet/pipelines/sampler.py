@@ -2,8 +2,10 @@
 
 Mirrors diffusers' StableDiffusionXLPipeline / ...Img2ImgPipeline between "prompt embeddings in"
 and "latents out": classifier-free guidance as one batch of two (negative first), guidance
-rescale, the micro-conditioning time ids, img2img strength, and the base -> refiner hand-off
-(``denoising_end`` on the base, ``denoising_start`` on the refiner). Latents are NHWC.
+rescale, the micro-conditioning time ids, img2img strength, inpainting (``pipelines.inpaint``:
+a 9-channel UNet's extra input, a 4-channel UNet's blend after each step) and the base ->
+refiner hand-off (``denoising_end`` on the base, ``denoising_start`` on the refiner). Latents
+are NHWC.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .arguments import (
     check_size,
     strength_steps,
 )
+from .inpaint import Inpainting, KnownRegion, check_unet
 from .run import RunSettings
 
 
@@ -51,6 +54,9 @@ class Conditioning:
     added_embedding: mx.array | None  # SDXL's (B or 2B, time_embed_dim); None for SD 1.x/2.x
     guidance_scale: float
     guidance_rescale: float = 0.0
+    # A 9-channel inpainting UNet's mask and masked-image latents (B or 2B, h, w, 5), in its
+    # dtype, concatenated after the latents at every step.
+    extra_channels: mx.array | None = None
 
     @property
     def guided(self) -> bool:
@@ -65,6 +71,7 @@ class Start:
     latents: mx.array
     timesteps: mx.array
     key: mx.array
+    known: KnownRegion | None = None  # a 4-channel UNet's inpainting: put back after every step
 
 
 class Sampler:
@@ -111,6 +118,7 @@ class Sampler:
         seed: int | None = None,
         latents: mx.array | None = None,
         image_latents: mx.array | None = None,
+        inpainting: Inpainting | None = None,
         strength: float = 0.3,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
@@ -123,16 +131,22 @@ class Sampler:
         ``image_latents``: img2img / refiner input, already in latent space (the VAE's scaled
         latents). With it, ``strength`` picks how much of the schedule runs, or ``denoising_start``
         where it starts (the refiner half of a hand-off: no noise is added then).
+        ``inpainting``: what ``pipelines.inpaint.prepare`` made of an image and its mask; the run
+        takes ``strength`` of the schedule as img2img does, from pure noise at 1 (diffusers'
+        inpainting default).
         Without a negative prompt, classifier-free guidance uses zeros (SDXL's
         ``force_zeros_for_empty_prompt``).
         """
+        img2img = image_latents is not None or inpainting is not None
         self._check_arguments(num_inference_steps, guidance_scale, guidance_rescale, seed, strength,
-                              denoising_start, denoising_end, image_latents is not None,
+                              denoising_start, denoising_end, img2img,
                               prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
                               negative_prompt_embeds=negative_prompt_embeds,
                               negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                               latents=latents, image_latents=image_latents)
-        size = self._pixel_size(height, width, latents, image_latents)
+        check_unet(self.unet.config, inpainting)
+        # (the mask is at latent size, as image latents are)
+        size = self._pixel_size(height, width, latents, image_latents if inpainting is None else inpainting.mask)
         conditioning = self.prepare_conditioning(
             prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, guidance_scale=guidance_scale,
@@ -141,12 +155,13 @@ class Sampler:
             negative_original_size=negative_original_size,
             negative_crops_coords_top_left=negative_crops_coords_top_left,
             negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
-            negative_aesthetic_score=negative_aesthetic_score, img2img=image_latents is not None,
+            negative_aesthetic_score=negative_aesthetic_score, img2img=img2img,
+            inpainting=inpainting,
         )
         start = self.prepare_latents(
             prompt_embeds.shape[0], size, num_inference_steps, seed=seed, latents=latents,
-            image_latents=image_latents, strength=strength, denoising_start=denoising_start,
-            denoising_end=denoising_end,
+            image_latents=image_latents, inpainting=inpainting, strength=strength,
+            denoising_start=denoising_start, denoising_end=denoising_end,
         )
         if start.timesteps.shape[0] == 0:
             raise InputError(f"the schedule of {num_inference_steps} steps leaves no step to run from denoising_start "
@@ -173,9 +188,11 @@ class Sampler:
         aesthetic_score: float = 6.0,
         negative_aesthetic_score: float = 2.5,
         img2img: bool = False,
+        inpainting: Inpainting | None = None,
     ) -> Conditioning:
         """The context and (SDXL) added embedding of a run, for ``size`` = (height, width) pixels;
-        the arguments are those of :meth:`steps`."""
+        the arguments are those of :meth:`steps` (``img2img``: an image or inpainting run, whose
+        SDXL time ids are img2img's, as in diffusers' inpainting pipeline)."""
         unet = self.unet
         config, dtype = unet.config, unet.dtype
         batch = prompt_embeds.shape[0]
@@ -205,7 +222,9 @@ class Sampler:
         if guided:
             negative = mx.zeros_like(prompt_embeds) if negative_prompt_embeds is None else negative_prompt_embeds
             context = mx.concatenate([negative, prompt_embeds])
-        return Conditioning(context.astype(dtype), added, guidance_scale, guidance_rescale)
+        extra = None if inpainting is None else inpainting.extra_channels(guided)
+        return Conditioning(context.astype(dtype), added, guidance_scale, guidance_rescale,
+                            None if extra is None else extra.astype(dtype))
 
     def prepare_latents(
         self,
@@ -216,6 +235,7 @@ class Sampler:
         seed: int | None = None,
         latents: mx.array | None = None,
         image_latents: mx.array | None = None,
+        inpainting: Inpainting | None = None,
         strength: float = 0.3,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
@@ -226,11 +246,18 @@ class Sampler:
         key = mx.random.key(seed if seed is not None else int(time.time_ns() % 2**31))
         noise_key, step_key = mx.random.split(key)
         height, width = size
-        shape = (batch, height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT, self.unet.config.in_channels)
+        # The UNet's output channels: a 9-channel inpainting UNet takes 5 more in than the latents have.
+        shape = (batch, height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT, self.unet.config.out_channels)
         if denoising_start is not None and image_latents is None:
             raise InputError("denoising_start needs image_latents (the base model's output to refine).")
-        timesteps, begin = schedule(sched, num_inference_steps, img2img=image_latents is not None, strength=strength,
-                                    denoising_start=denoising_start, denoising_end=denoising_end)
+        if inpainting is not None and image_latents is not None:
+            raise InputError("inpainting starts from its own image latents; give it no image_latents or denoising_start.")
+        timesteps, begin = schedule(sched, num_inference_steps, img2img=image_latents is not None or inpainting is not None,
+                                    strength=strength, denoising_start=denoising_start, denoising_end=denoising_end)
+        if inpainting is not None:
+            noise = (latents if latents is not None else mx.random.normal(shape, key=noise_key)).astype(mx.float32)
+            x = inpainting.start(sched, noise, timesteps[:1], strength)
+            return Start(x, timesteps, step_key, inpainting.known_region(noise))
         if image_latents is None:
             noise = latents if latents is not None else mx.random.normal(shape, key=noise_key)
             x = noise.astype(mx.float32) * sched.init_noise_sigma
@@ -258,8 +285,10 @@ class Sampler:
                 begin = time.perf_counter()
                 t = timesteps[i]
                 model_input = mx.concatenate([x, x]) if guided else x
-                model_input = sched.scale_model_input(model_input, t)
-                prediction = self._predict(forward, model_input.astype(dtype), t, conditioning).astype(mx.float32)
+                model_input = sched.scale_model_input(model_input, t).astype(dtype)
+                if conditioning.extra_channels is not None:
+                    model_input = mx.concatenate([model_input, conditioning.extra_channels], axis=-1)
+                prediction = self._predict(forward, model_input, t, conditioning).astype(mx.float32)
                 if guided:
                     uncond, cond = mx.split(prediction, 2)
                     prediction = uncond + scale * (cond - uncond)
@@ -267,6 +296,8 @@ class Sampler:
                         prediction = _rescale_guidance(prediction, cond, conditioning.guidance_rescale)
                 noise = mx.random.normal(x.shape, key=step_keys[i]) if sched.stochastic else None
                 x = sched.step(prediction, t, x, noise=noise).prev_sample
+                if start.known is not None:
+                    x = start.known.blend(sched, x, timesteps[i + 1:i + 2])
                 mx.eval(x)
                 if not warned and not mx.all(mx.isfinite(x)).item():
                     warned = True  # once: every later step of the run inherits the NaN

@@ -18,7 +18,7 @@ SIZE = 64  # pixels; 8x8 latents
 VAE_TILE = 32  # pixels: the VAE's sample_size, so that tiled decoding of a SIZE image has tiles
 
 
-def _text_encoder(cls, seed: int, **fields):
+def text_encoder(cls, seed: int, **fields):
     config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5,
                             bos_token_id=49406, eos_token_id=49407, pad_token_id=1, **fields)
     model = cls(config)
@@ -26,11 +26,11 @@ def _text_encoder(cls, seed: int, **fields):
     return model.eval()
 
 
-def _vae(seed: int) -> AutoencoderKL:
+def tiny_vae(seed: int, scaling_factor: float = 0.13025) -> AutoencoderKL:
     # Four levels: the 8x pixel-to-latent scale of every SD VAE.
     vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1, sample_size=VAE_TILE, scaling_factor=0.13025)
+                        layers_per_block=1, sample_size=VAE_TILE, scaling_factor=scaling_factor)
     init_every_parameter(vae, seed)
     # Random decoder weights blow values up level by level; a smaller output conv keeps the image
     # inside [-1, 1] mostly, so that the comparison is not of clamped saturated pixels.
@@ -45,23 +45,23 @@ def diffusers_pipeline(tmp: Path, refiner: bool):
     (the pipeline, its folder)."""
     seed = 70 if not refiner else 80
     scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
-    encoder_2 = _text_encoder(CLIPTextModelWithProjection, seed + 2, hidden_size=32, intermediate_size=64,
+    encoder_2 = text_encoder(CLIPTextModelWithProjection, seed + 2, hidden_size=32, intermediate_size=64,
                               num_hidden_layers=3, num_attention_heads=4, hidden_act="gelu", projection_dim=40)
     tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp / "tok2", pad_token="!"))
     if refiner:
         unet = torch_unet(tiny_config("sdxl-refiner", cross_attention_dim=32,
                                       projection_class_embeddings_input_dim=40 + 5 * 8), seed=seed)
         pipe = StableDiffusionXLImg2ImgPipeline(
-            vae=_vae(seed + 3), text_encoder=None, text_encoder_2=encoder_2, tokenizer=None,
+            vae=tiny_vae(seed + 3), text_encoder=None, text_encoder_2=encoder_2, tokenizer=None,
             tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, requires_aesthetics_score=True,
             force_zeros_for_empty_prompt=False)
     else:
         # cross-attention width = 16 + 32 (the two encoders' states side by side); pooled 40.
-        encoder = _text_encoder(CLIPTextModel, seed + 1, hidden_size=16, intermediate_size=32,
+        encoder = text_encoder(CLIPTextModel, seed + 1, hidden_size=16, intermediate_size=32,
                                 num_hidden_layers=3, num_attention_heads=2, hidden_act="quick_gelu")
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp / "tok1"))
         pipe = StableDiffusionXLPipeline(
-            vae=_vae(seed + 3), text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=tokenizer,
+            vae=tiny_vae(seed + 3), text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=tokenizer,
             tokenizer_2=tokenizer_2, unet=torch_unet(tiny_config("sdxl-base"), seed=seed), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     folder = tmp / ("diffusers-refiner" if refiner else "diffusers")

@@ -17,7 +17,7 @@ from reference_vae import torch_vae
 from safetensors.torch import save_file
 
 from mlx_unet import CLIPTextConfig as OurTextConfig
-from mlx_unet import PipelineError, SDXLPipeline, VAEConfig
+from mlx_unet import PipelineError, SDXLPipeline, VAEConfig, load_pipeline
 from mlx_unet.configs.base import FORMAT_KEY
 from mlx_unet.convert import convert
 
@@ -131,6 +131,11 @@ def test_img2img_matches_diffusers(models, monkeypatch):
     _compare(ours, theirs)
     with pytest.raises(PipelineError, match="multiples of 8"):
         pipe(PROMPT, image=image[:, :60], steps=4)
+
+
+def test_load_pipeline_gives_sdxl_folders_the_sdxl_class(models):
+    assert type(load_pipeline(models["mlx"])) is SDXLPipeline
+    assert type(load_pipeline(models["mlx_refiner"])) is SDXLPipeline
 
 
 def test_text_encoders_are_released_before_denoising(models):

@@ -1,0 +1,373 @@
+"""Prompt in, image out, in MLX alone (no torch at run time): what every Stable Diffusion
+pipeline shares, whatever its family. ``SDPipeline`` (SD 1.x / 2.x) and ``SDXLPipeline`` differ
+only in how prompts become the UNet's context (``_encode``); text-to-image, img2img and
+inpainting are modes of one call, as in diffusers' StableDiffusion[XL][Img2Img|Inpaint]Pipeline.
+
+The folder is what ``mlx-unet convert`` writes for a whole pipeline (``unet/``, ``vae/``,
+``text_encoder[_2]/``, ``tokenizer[_2]/``, ``scheduler/``, ``model_index.json``).
+
+Memory: the text encoders are loaded for the prompt and released before the denoising loop, so
+at most one of (encoders, UNet) is resident with the VAE; a refiner's UNet is loaded only after
+the base UNet is released.
+"""
+
+from __future__ import annotations
+
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from ..cpu import on_cpu
+from ..configs.quantization import Quantization, as_quantization, text_encoder_quantization
+from ..errors import InputError, PipelineError
+from ..models.clip import CLIPTextModel
+from ..models.unet import UNet2DConditionModel
+from ..models.vae import AutoencoderKL
+from ..tokenizer import CLIPTokenizer
+from .arguments import RunArguments, check_finite_array, check_int
+from . import loras
+from .folder import TEXT_PARTS, PipelineFolder
+from .loras import PipelineLoRA
+from .preflight import check_prompts, check_run
+from .sampler import Sampler, Step
+
+
+@dataclass
+class PromptEmbeddings:
+    """What the UNet is conditioned on: (B, 77, width) token states, (B, pooled) for SDXL (None
+    for SD 1.x / 2.x), and the negative pair (None: zeros, SDXL's ``force_zeros_for_empty_prompt``)."""
+
+    context: mx.array
+    pooled: mx.array | None
+    negative_context: mx.array | None
+    negative_pooled: mx.array | None
+
+
+def _per_prompt(value: str | Sequence[str], name: str, count: int) -> list[str]:
+    """``value`` for each of ``count`` prompts: one string (or a list of one) serves them all."""
+    values = check_prompts(value, name)
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise PipelineError(f"{name} has {len(values)} entries for {count} prompts; give one, or one per prompt.")
+    return values
+
+
+class DiffusionPipeline:
+    """``load_pipeline(folder)(prompt)`` -> uint8 images (B, H, W, 3); ``load_pipeline`` is
+    ``DiffusionPipeline.from_pretrained``, which picks the family's class from the folder."""
+
+    def __init__(self, parts: PipelineFolder, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                 tokenizers: list[CLIPTokenizer | None], dtype: mx.Dtype, keep_text_encoders: bool = False,
+                 quantize: Quantization | None = None, quantize_text_encoders: Quantization | None = None):
+        self.parts = parts
+        self.quantize, self.quantize_text_encoders = quantize, quantize_text_encoders  # asked of dense parts
+        self.folder = parts.path
+        self.unet = unet
+        self.vae = vae
+        self.tokenizers = tokenizers
+        self.dtype = dtype
+        self.keep_text_encoders = keep_text_encoders
+        self._encoders: list[CLIPTextModel | None] | None = None
+        self.loras: list[PipelineLoRA] = []
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: mx.Dtype = mx.float16, vae_dtype: mx.Dtype | None = None,
+                        keep_text_encoders: bool = False, quantize: Quantization | int | None = None,
+                        quantize_text_encoders: Quantization | int | bool | None = None) -> "DiffusionPipeline":
+        """Load a converted pipeline folder. ``dtype`` is for the UNet and text encoders; the VAE
+        defaults to float32 unless its config says it is safe in half precision (the fp16-fix VAE).
+        ``keep_text_encoders``: keep them loaded between calls (faster repeated prompts, more memory).
+        ``quantize``: quantize the UNet as it loads (bits, 8 or 4, or a ``Quantization``);
+        ``quantize_text_encoders`` the text encoders (default: 8 bits when ``quantize`` is given;
+        False: dense). Parts a quantized conversion stored load as stored; the VAE stays dense.
+        The whole folder is checked (``PipelineFolder.read``) before any weights are read.
+        Called on ``DiffusionPipeline`` it returns the folder's family's class; called on a
+        family's class, a folder of another family is refused."""
+        parts = folder if isinstance(folder, PipelineFolder) else PipelineFolder.read(folder)
+        family = cls.family_class(parts)
+        if cls is DiffusionPipeline:
+            cls = family
+        elif not issubclass(family, cls):
+            raise PipelineError(f"{parts.path} holds {parts.family} pipeline, not one {cls.__name__} runs; load it "
+                                "with mlx_unet.load_pipeline, which picks the class.")
+        quantize = as_quantization(quantize)
+        text = text_encoder_quantization(quantize, quantize_text_encoders)
+        tokenizers = [None if parts.part(t) is None else CLIPTokenizer.from_folder(parts.part(t)) for t, _ in TEXT_PARTS]
+        unet = UNet2DConditionModel.from_pretrained(parts.part("unet"), dtype=dtype, quantize=quantize)
+        vae = AutoencoderKL.from_pretrained(parts.part("vae"), dtype=vae_dtype)
+        return cls(parts, unet, vae, tokenizers, dtype, keep_text_encoders, quantize, text)
+
+    def _text_encoders(self) -> list[CLIPTextModel | None]:
+        if self._encoders is None:
+            # On the CPU half precision is slower (no fast half matmul: Linear widens weights at
+            # every call) and no smaller for long (the encoders are released after the prompt).
+            dtype = mx.float32 if on_cpu() else self.dtype
+            self._encoders = []
+            for _, name in TEXT_PARTS:
+                folder = self.parts.part(name)
+                # A part stored quantized loads as stored; the default 8-bit of a dense one does not apply.
+                quantize = None if name in self.parts.quantized else self.quantize_text_encoders
+                self._encoders.append(None if folder is None else
+                                      CLIPTextModel.from_pretrained(folder, dtype=dtype, quantize=quantize))
+            for lora in self.loras:
+                lora.apply_to_encoders(self._encoders)
+        return self._encoders
+
+    @property
+    def loaded_text_encoders(self) -> list[CLIPTextModel | None] | None:
+        """The text encoders while they are loaded (for a prompt, or kept), else None."""
+        return self._encoders
+
+    def release_text_encoders(self) -> None:
+        self._encoders = None
+        for lora in self.loras:
+            lora.encoders_released()
+        mx.clear_cache()
+
+    # ------------------------------------------------------------------ LoRA
+
+    def load_lora(self, source, scale: float = 1.0, *, fuse: bool = True, unet_scale: float | None = None,
+                  text_encoder_scale: float | None = None, weight_name: str | None = None,
+                  revision: str | None = None, allow_pickle: bool = False) -> PipelineLoRA:
+        """Apply a LoRA file (a path, a folder holding one, a Hub repo id, or a ``lora.LoRAFile``)
+        to the UNet and the text encoders; returns the handle that removes it.
+
+        ``scale`` is its strength (``unet_scale`` / ``text_encoder_scale`` set the parts apart).
+        ``fuse=True`` adds it into the weights (no cost per step; removed bit for bit);
+        ``fuse=False`` applies it live (a branch beside each layer: strength changeable without
+        reloading, and it works over quantized layers). Several LoRAs add up. The whole file is
+        checked before anything changes; modules that name no layer are listed in a warning.
+        """
+        handle = loras.load(self, source, scale, fuse, unet_scale, text_encoder_scale, weight_name, revision,
+                            allow_pickle)
+        self.loras.append(handle)
+        return handle
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA, newest first."""
+        for lora in reversed(list(self.loras)):
+            lora.remove()
+
+    def scheduler(self, name: str | None = None):
+        """The named sampler (see ``schedulers.SAMPLERS``) on this model's scheduler config;
+        by default the sampler the model ships with."""
+        return self.parts.make_scheduler(name)
+
+    # ------------------------------------------------------------------ prompt
+
+    @staticmethod
+    def family_class(parts: PipelineFolder) -> type["DiffusionPipeline"]:
+        """The class that runs the pipeline in ``parts``: SDXL's UNet takes the added
+        text-and-time embedding, SD 1.x / 2.x's does not."""
+        from .sd import SDPipeline
+        from .sdxl import SDXLPipeline
+
+        return SDXLPipeline if parts.unet.has_text_time_embedding else SDPipeline
+
+    def _encode(self, prompts: list[str], prompts_2: list[str], clip_skip: int | None) -> tuple[mx.array, mx.array | None]:
+        """diffusers' encode_prompt for one side: (token states, pooled embedding or None)."""
+        raise NotImplementedError
+
+    def _check_clip_skip(self, clip_skip: int | None) -> None:
+        if clip_skip is not None:
+            layers = min(c.num_hidden_layers for c in self.parts.encoders if c is not None)
+            check_int("clip_skip", clip_skip, 0, layers - 1)
+
+    def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                      prompt_2: str | Sequence[str] | None = None,
+                      negative_prompt_2: str | Sequence[str] | None = None,
+                      clip_skip: int | None = None, guided: bool = True) -> PromptEmbeddings:
+        prompts = check_prompts(prompt)
+        self._check_clip_skip(clip_skip)
+        if (prompt_2 is not None or negative_prompt_2 is not None) and self.parts.encoders[1] is None:
+            raise InputError("prompt_2 and negative_prompt_2 are for SDXL's second text encoder; this pipeline has one.")
+        prompts_2 = prompts if prompt_2 is None else check_prompts(prompt_2, "prompt_2")
+        if len(prompts_2) != len(prompts):
+            raise PipelineError(f"prompt_2 has {len(prompts_2)} entries for {len(prompts)} prompts.")
+        context, pooled = self._encode(prompts, prompts_2, clip_skip)
+        negative_context = negative_pooled = None
+        # SDXL base encodes no negative prompt when none is given: zeros stand in for it (as in
+        # diffusers, a lone negative_prompt_2 does not change that).
+        zero_negative = negative_prompt is None and self.parts.force_zeros_for_empty_prompt
+        if guided and not zero_negative:
+            negatives = _per_prompt("" if negative_prompt is None else negative_prompt, "negative_prompt", len(prompts))
+            negatives_2 = negatives if negative_prompt_2 is None else \
+                _per_prompt(negative_prompt_2, "negative_prompt_2", len(prompts))
+            negative_context, negative_pooled = self._encode(negatives, negatives_2, clip_skip)
+        embeddings = PromptEmbeddings(context, pooled, negative_context, negative_pooled)
+        mx.eval([a for a in vars(embeddings).values() if a is not None])
+        if not self.keep_text_encoders:
+            self.release_text_encoders()
+        return embeddings
+
+    # ------------------------------------------------------------------ generation
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None,
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        prompt_embeds: PromptEmbeddings | None = None,
+        prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        steps: int = 30,
+        guidance: float = 5.0,
+        guidance_rescale: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        latents: mx.array | None = None,
+        image: np.ndarray | mx.array | None = None,
+        mask_image: np.ndarray | mx.array | None = None,
+        strength: float | None = None,
+        scheduler: str | None = None,
+        clip_skip: int | None = None,
+        refiner: "DiffusionPipeline | None" = None,
+        refiner_start: float = 0.8,
+        low_memory: bool = False,
+        callback: Callable[[str, Step], None] | None = None,
+        output: str = "uint8",
+    ) -> np.ndarray | mx.array:
+        """Images for ``prompt``: uint8 (B, H, W, 3); ``output="float"`` gives floats in [0, 1],
+        ``output="latent"`` the final (scaled) latents.
+
+        ``prompt_embeds``: what ``encode_prompt`` made, instead of ``prompt`` and the negative
+        prompts (several runs of one prompt encode it once).
+        ``latents``: the initial noise (B, H/8, W/8, 4) instead of drawing it from ``seed``.
+        ``image``: img2img: (B or 1, H, W, 3) uint8, or floats in [0, 1] as diffusers takes them;
+        it is encoded by the VAE and noised up to ``strength`` of the schedule (1: all of it;
+        default 0.3, and 1.0 when inpainting, as in diffusers).
+        ``mask_image``: inpainting (with ``image``): (B or 1, H, W) or (B or 1, H, W, 1), uint8
+        or floats in [0, 1]; white (1) is repainted, black kept.
+        ``refiner``: an SDXL refiner pipeline that takes over at ``refiner_start`` of the
+        schedule (diffusers' ensemble of experts: ``denoising_end`` / ``denoising_start``).
+        ``callback(stage, step)`` is called after every step; stage is "base" or "refiner".
+        """
+        if mask_image is not None and image is None:
+            raise InputError("mask_image needs image: the picture whose white-masked part is repainted.")
+        if strength is None:
+            strength = 1.0 if mask_image is not None else 0.3
+        args = RunArguments(steps, guidance, guidance_rescale, height, width, num_images_per_prompt, seed, strength,
+                            refiner_start, img2img=image is not None, refined=refiner is not None)
+        if output not in ("uint8", "float", "latent"):
+            raise InputError(f"output must be 'uint8', 'float' or 'latent', got {output!r}.")
+        texts = (("negative_prompt", negative_prompt), ("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2))
+        if prompt_embeds is None:
+            count = len(check_prompts(prompt))
+        else:
+            given = [name for name, text in texts if text is not None]
+            if given or (refiner is not None and prompt is None):
+                raise InputError(f"{', '.join(given) or 'a refiner'} goes with prompt, not prompt_embeds: pass them "
+                                 "to encode_prompt (and the prompt too, for a refiner's own encoders).")
+            count = prompt_embeds.context.shape[0]
+        for name, text in texts:
+            if text is not None:
+                check_prompts(text, name)
+        size = None  # the image's or the latents' size, where given, else the arguments'
+        if latents is not None:
+            check_finite_array("latents", latents)
+            size = (latents.shape[1] * 8, latents.shape[2] * 8) if latents.ndim == 4 else None
+        if image is not None:
+            size = _checked_image(image, count * num_images_per_prompt)
+        self._check_clip_skip(clip_skip)
+        check_run(args, self.parts, None if refiner is None else refiner.parts, prompts=count, scheduler=scheduler,
+                  dtype=self.dtype, vae_dtype=(refiner or self).vae.dtype, tiled_vae=(refiner or self).vae.use_tiling,
+                  vae_tile=(refiner or self).vae.tile_sample_size, low_memory=low_memory, image_size=size,
+                  quantize=self.quantize, quantize_text_encoders=self.quantize_text_encoders)
+        guided = args.guided
+        prompt_args = dict(negative_prompt=negative_prompt, prompt_2=prompt_2,
+                           negative_prompt_2=negative_prompt_2, clip_skip=clip_skip, guided=guided)
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt(prompt, **prompt_args)
+        embeddings = self._repeat(prompt_embeds, num_images_per_prompt)
+        refiner_embeddings = None
+        if refiner is not None:  # encoded now, so that no encoder is loaded while a UNet runs
+            refiner_embeddings = self._repeat(refiner.encode_prompt(prompt, **prompt_args), num_images_per_prompt)
+
+        sample = dict(num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=guidance_rescale,
+                      height=height, width=width, seed=seed)
+        if mask_image is not None:
+            raise PipelineError("inpainting is not wired yet.")
+        if image is not None:
+            sample.update(image_latents=self.encode_image(image, embeddings.context.shape[0], seed), strength=strength)
+        x = self._denoise("base", self, embeddings, callback, low_memory, scheduler, latents=latents,
+                          denoising_end=refiner_start if refiner is not None else None, **sample)
+        if refiner is not None:
+            x = self._denoise("refiner", refiner, refiner_embeddings, callback, low_memory, scheduler,
+                              image_latents=x, denoising_start=refiner_start, **sample)
+        if output == "latent":
+            return x
+        return (refiner or self).decode(x, as_uint8=output == "uint8")
+
+    @staticmethod
+    def _repeat(e: PromptEmbeddings, n: int) -> PromptEmbeddings:
+        if n == 1:
+            return e
+        # diffusers' order: each prompt's images next to each other.
+        rep = (lambda a: None if a is None else mx.repeat(a, n, axis=0))
+        return PromptEmbeddings(rep(e.context), rep(e.pooled), rep(e.negative_context), rep(e.negative_pooled))
+
+    @staticmethod
+    def _denoise(stage, pipe: "DiffusionPipeline", e: PromptEmbeddings, callback, low_memory, scheduler, **kwargs):
+        sampler = Sampler(pipe.unet, pipe.scheduler(scheduler), low_memory=low_memory)
+        x = None
+        steps = sampler.steps(e.context, e.pooled, negative_prompt_embeds=e.negative_context,
+                              negative_pooled_prompt_embeds=e.negative_pooled, **kwargs)
+        # Closed here, not when collected, if the callback raises: the run's settings end with it.
+        with closing(steps):
+            for step in steps:
+                x = step.latents
+                if callback is not None:
+                    callback(stage, step)
+        return x
+
+    def encode_image(self, image: np.ndarray | mx.array, batch: int, seed: int | None = None) -> mx.array:
+        """Images (1 or ``batch``, H, W, 3), uint8 or floats in [0, 1], -> scaled latents, drawn
+        from the VAE's latent distribution as diffusers' img2img does (with a key from ``seed``)."""
+        _checked_image(image, batch)
+        image = mx.array(image) if isinstance(image, np.ndarray) else image
+        pixels = image.astype(mx.float32) / 255 if image.dtype == mx.uint8 else image.astype(mx.float32)
+        vae = self.vae
+        # A key apart from the ones Sampler splits from the same seed for its noise.
+        key = None if seed is None else mx.random.split(mx.random.key(seed), 3)[2]
+        latents = vae.encode((pixels * 2 - 1).astype(vae.dtype)).sample(key).astype(mx.float32)
+        latents = latents * vae.config.scaling_factor
+        return mx.broadcast_to(latents, (batch, *latents.shape[1:])) if latents.shape[0] != batch else latents
+
+    def decode(self, latents: mx.array, as_uint8: bool = True) -> np.ndarray:
+        """Scaled latents (B, h, w, 4) -> images (B, 8h, 8w, 3): uint8, or floats in [0, 1]."""
+        vae = self.vae
+        images = vae.decode((latents / vae.config.scaling_factor).astype(vae.dtype))
+        # diffusers' postprocessing: [-1, 1] -> [0, 1], clamped, in float32, then x255 rounded.
+        images = np.array(mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0))
+        images = np.nan_to_num(images)  # NaN latents (warned of per step) decode to black, without a second warning
+        return (images * 255).round().astype(np.uint8) if as_uint8 else images
+
+
+def _checked_image(image, batch: int) -> tuple[int, int]:
+    """An img2img input's (height, width), after checking its shape and values."""
+    if not isinstance(image, (np.ndarray, mx.array)):
+        raise InputError(f"image must be a numpy or MLX array (B, H, W, 3), got {type(image).__name__}.")
+    if image.ndim != 4 or image.shape[-1] != 3 or image.shape[0] not in (1, batch):
+        raise PipelineError(f"image must be (1 or {batch}, height, width, 3) RGB, got shape {tuple(image.shape)}.")
+    if image.shape[1] % 8 or image.shape[2] % 8:
+        raise PipelineError(f"image height and width must be multiples of 8, got {image.shape[1]}x{image.shape[2]}.")
+    values = mx.array(image) if isinstance(image, np.ndarray) else image
+    if values.dtype != mx.uint8:
+        check_finite_array("image", values)
+        if mx.any((values < 0) | (values > 1)).item():
+            raise InputError("image holds values outside [0, 1]; pass uint8 pixels or floats in [0, 1].")
+    return image.shape[1], image.shape[2]
+
+
+load_pipeline = DiffusionPipeline.from_pretrained
+
+__all__ = ["DiffusionPipeline", "PipelineError", "PromptEmbeddings", "load_pipeline"]
