@@ -29,9 +29,10 @@ from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from ..tokenizer import CLIPTokenizer
 from .arguments import RunArguments, check_finite_array, check_int
-from . import loras
+from . import inpaint, loras
 from .folder import TEXT_PARTS, PipelineFolder
 from .loras import PipelineLoRA
+from .pixels import batched, checked_image, encode, to_pixels
 from .preflight import check_prompts, check_run
 from .sampler import Sampler, Step
 
@@ -200,7 +201,9 @@ class DiffusionPipeline:
             negatives = _per_prompt("" if negative_prompt is None else negative_prompt, "negative_prompt", len(prompts))
             negatives_2 = negatives if negative_prompt_2 is None else \
                 _per_prompt(negative_prompt_2, "negative_prompt_2", len(prompts))
-            negative_context, negative_pooled = self._encode(negatives, negatives_2, clip_skip)
+            # diffusers' rule, in both families: clip_skip applies to the prompt only, the negative
+            # prompt is encoded from the usual layer.
+            negative_context, negative_pooled = self._encode(negatives, negatives_2, None)
         embeddings = PromptEmbeddings(context, pooled, negative_context, negative_pooled)
         mx.eval([a for a in vars(embeddings).values() if a is not None])
         if not self.keep_text_encoders:
@@ -276,7 +279,8 @@ class DiffusionPipeline:
             check_finite_array("latents", latents)
             size = (latents.shape[1] * 8, latents.shape[2] * 8) if latents.ndim == 4 else None
         if image is not None:
-            size = _checked_image(image, count * num_images_per_prompt)
+            size = checked_image(image, count * num_images_per_prompt)
+        inpaint.check_arguments(self.unet.config, mask_image, size, count * num_images_per_prompt, refiner is not None)
         self._check_clip_skip(clip_skip)
         check_run(args, self.parts, None if refiner is None else refiner.parts, prompts=count, scheduler=scheduler,
                   dtype=self.dtype, vae_dtype=(refiner or self).vae.dtype, tiled_vae=(refiner or self).vae.use_tiling,
@@ -295,8 +299,9 @@ class DiffusionPipeline:
         sample = dict(num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=guidance_rescale,
                       height=height, width=width, seed=seed)
         if mask_image is not None:
-            raise PipelineError("inpainting is not wired yet.")
-        if image is not None:
+            sample.update(inpainting=inpaint.prepare(self.vae, self.unet.config, image, mask_image,
+                                                     embeddings.context.shape[0], strength, seed), strength=strength)
+        elif image is not None:
             sample.update(image_latents=self.encode_image(image, embeddings.context.shape[0], seed), strength=strength)
         x = self._denoise("base", self, embeddings, callback, low_memory, scheduler, latents=latents,
                           denoising_end=refiner_start if refiner is not None else None, **sample)
@@ -332,15 +337,10 @@ class DiffusionPipeline:
     def encode_image(self, image: np.ndarray | mx.array, batch: int, seed: int | None = None) -> mx.array:
         """Images (1 or ``batch``, H, W, 3), uint8 or floats in [0, 1], -> scaled latents, drawn
         from the VAE's latent distribution as diffusers' img2img does (with a key from ``seed``)."""
-        _checked_image(image, batch)
-        image = mx.array(image) if isinstance(image, np.ndarray) else image
-        pixels = image.astype(mx.float32) / 255 if image.dtype == mx.uint8 else image.astype(mx.float32)
-        vae = self.vae
+        checked_image(image, batch)
         # A key apart from the ones Sampler splits from the same seed for its noise.
         key = None if seed is None else mx.random.split(mx.random.key(seed), 3)[2]
-        latents = vae.encode((pixels * 2 - 1).astype(vae.dtype)).sample(key).astype(mx.float32)
-        latents = latents * vae.config.scaling_factor
-        return mx.broadcast_to(latents, (batch, *latents.shape[1:])) if latents.shape[0] != batch else latents
+        return batched(encode(self.vae, to_pixels(image), key), batch)
 
     def decode(self, latents: mx.array, as_uint8: bool = True) -> np.ndarray:
         """Scaled latents (B, h, w, 4) -> images (B, 8h, 8w, 3): uint8, or floats in [0, 1]."""
@@ -350,22 +350,6 @@ class DiffusionPipeline:
         images = np.array(mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0))
         images = np.nan_to_num(images)  # NaN latents (warned of per step) decode to black, without a second warning
         return (images * 255).round().astype(np.uint8) if as_uint8 else images
-
-
-def _checked_image(image, batch: int) -> tuple[int, int]:
-    """An img2img input's (height, width), after checking its shape and values."""
-    if not isinstance(image, (np.ndarray, mx.array)):
-        raise InputError(f"image must be a numpy or MLX array (B, H, W, 3), got {type(image).__name__}.")
-    if image.ndim != 4 or image.shape[-1] != 3 or image.shape[0] not in (1, batch):
-        raise PipelineError(f"image must be (1 or {batch}, height, width, 3) RGB, got shape {tuple(image.shape)}.")
-    if image.shape[1] % 8 or image.shape[2] % 8:
-        raise PipelineError(f"image height and width must be multiples of 8, got {image.shape[1]}x{image.shape[2]}.")
-    values = mx.array(image) if isinstance(image, np.ndarray) else image
-    if values.dtype != mx.uint8:
-        check_finite_array("image", values)
-        if mx.any((values < 0) | (values > 1)).item():
-            raise InputError("image holds values outside [0, 1]; pass uint8 pixels or floats in [0, 1].")
-    return image.shape[1], image.shape[2]
 
 
 load_pipeline = DiffusionPipeline.from_pretrained

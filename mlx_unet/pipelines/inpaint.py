@@ -28,7 +28,8 @@ import numpy as np
 
 from ..errors import InputError, PipelineError
 from ..models.vae import AutoencoderKL
-from .arguments import PIXELS_PER_LATENT, check_finite_array
+from .arguments import PIXELS_PER_LATENT
+from .pixels import batched, check_unit_values, encode, to_pixels, to_unit
 
 MASK_CHANNELS = 1  # a 9-channel UNet takes 4 latent + 1 mask + 4 masked-image channels
 
@@ -60,6 +61,10 @@ class Inpainting:
     image_latents: mx.array | None  # (B, h, w, 4); None where unused (a 9-channel UNet at strength 1)
     masked_image_latents: mx.array | None  # (B, h, w, 4) for a 9-channel UNet; None for a 4-channel one
 
+    @property
+    def extra_channel_count(self) -> int:
+        return 0 if self.masked_image_latents is None else MASK_CHANNELS + self.masked_image_latents.shape[-1]
+
     def extra_channels(self, guided: bool) -> mx.array | None:
         """What a 9-channel UNet takes after the latents at every step, (B or 2B, h, w, 5); the
         same for both halves of classifier-free guidance. None for a 4-channel UNet."""
@@ -83,45 +88,63 @@ class Inpainting:
         return KnownRegion(self.mask, self.image_latents, noise)
 
 
-def check_unet(config, inpainting: Inpainting | None) -> None:
-    """Refuse a run whose input channels do not add up to the UNet's (``config``): an
-    inpainting UNet without a mask, or an ``Inpainting`` made for the other kind of UNet."""
-    extra = 0 if inpainting is None or inpainting.masked_image_latents is None else \
-        MASK_CHANNELS + inpainting.masked_image_latents.shape[-1]
-    if config.out_channels + extra == config.in_channels:
+def check_arguments(unet_config, mask_image, size: tuple[int, int] | None, batch: int, refined: bool) -> None:
+    """A pipeline call's inpainting arguments, before any work: the mask for ``batch`` images of
+    the image's ``size``, a UNet that can inpaint, no refiner; and no inpainting UNet without a mask."""
+    if mask_image is None:
+        check_unet(unet_config, None)
+        return
+    if refined:
+        raise InputError("inpainting runs without a refiner; leave refiner out, or refine the result in a second "
+                         "img2img run.")
+    concatenates(unet_config)
+    check_mask(mask_image, size, batch)
+
+
+def concatenates(unet_config) -> bool:
+    """Whether the UNet is an inpainting one (the mask and masked image concatenated to its
+    input) rather than an ordinary one (the known region blended back); neither is refused."""
+    latent, given = unet_config.out_channels, unet_config.in_channels
+    if given not in (latent, 2 * latent + MASK_CHANNELS):
+        raise PipelineError(f"this UNet takes {given} input channels; inpainting needs an ordinary {latent}-channel "
+                            f"UNet or an inpainting one of {2 * latent + MASK_CHANNELS}.")
+    return given != latent
+
+
+def check_unet(unet_config, inpainting: Inpainting | None) -> None:
+    """Refuse a run whose input channels do not add up to the UNet's: an inpainting UNet
+    without a mask, or an ``Inpainting`` made for the other kind of UNet."""
+    extra = 0 if inpainting is None else inpainting.extra_channel_count
+    if unet_config.out_channels + extra == unet_config.in_channels:
         return
     if inpainting is None:
-        raise InputError(f"this UNet takes {config.in_channels} input channels: it is an inpainting model; give "
+        raise InputError(f"this UNet takes {unet_config.in_channels} input channels: it is an inpainting model; give "
                          "an image and a mask to repaint.")
-    raise InputError(f"this UNet takes {config.in_channels} input channels and the inpainting gives it "
-                     f"{config.out_channels + extra}; prepare it for this UNet (pipelines.inpaint.prepare).")
+    raise InputError(f"this UNet takes {unet_config.in_channels} input channels and the inpainting gives it "
+                     f"{unet_config.out_channels + extra}; prepare it for this UNet (pipelines.inpaint.prepare).")
 
 
-def prepare(vae: AutoencoderKL, unet_in_channels: int, image: np.ndarray | mx.array,
-            mask_image: np.ndarray | mx.array, batch: int, strength: float, seed: int | None) -> Inpainting:
+def prepare(vae: AutoencoderKL, unet_config, image: np.ndarray | mx.array, mask_image: np.ndarray | mx.array,
+            batch: int, strength: float, seed: int | None) -> Inpainting:
     """The ``Inpainting`` of ``batch`` images from ``image`` (1 or ``batch``, H, W, 3; uint8, or
-    floats in [0, 1]; checked by the pipeline) and ``mask_image`` (1 or ``batch``, H, W[, 1]; uint8, bool or floats in
-    [0, 1]; white = repaint), for a UNet of ``unet_in_channels``. The VAE encodes what the model
-    needs, as diffusers does: the image (a 4-channel UNet's known region, or the start below
-    strength 1) and then the masked image (a 9-channel UNet's input), each a draw from the latent
-    distribution, with keys from ``seed``."""
-    latent_channels = vae.config.latent_channels
-    concatenated = unet_in_channels == 2 * latent_channels + MASK_CHANNELS
-    if not concatenated and unet_in_channels != latent_channels:
-        raise PipelineError(f"this UNet takes {unet_in_channels} input channels; inpainting needs an ordinary "
-                            f"{latent_channels}-channel UNet or an inpainting one of "
-                            f"{2 * latent_channels + MASK_CHANNELS}.")
+    floats in [0, 1]; checked by the pipeline) and ``mask_image`` (1 or ``batch``, H, W[, 1];
+    uint8, bool or floats in [0, 1]; white = repaint), for the UNet of ``unet_config``. The VAE
+    encodes what that UNet needs, in diffusers' order: the image (a 4-channel UNet's known
+    region, or the start below strength 1), then the masked image (a 9-channel UNet's input),
+    each a draw from the latent distribution, with keys from ``seed``."""
+    concatenated = concatenates(unet_config)
     check_mask(mask_image, tuple(image.shape[1:3]), batch)
     mask = binary_mask(mask_image)
     pixels = to_pixels(image)
+    # Keys apart from the ones Sampler splits from the same seed for its noise.
     image_key, masked_key = (None, None) if seed is None else mx.random.split(mx.random.key(seed), 4)[2:]
     image_latents = masked_image_latents = None
     if not concatenated or strength < 1.0:
         image_latents = encode(vae, pixels, image_key)
     if concatenated:
         masked_image_latents = encode(vae, pixels * (mask < 0.5), masked_key)
-    return Inpainting(_batched(latent_mask(mask), batch), _batched(image_latents, batch),
-                      _batched(masked_image_latents, batch))
+    return Inpainting(batched(latent_mask(mask), batch), batched(image_latents, batch),
+                      batched(masked_image_latents, batch))
 
 
 def check_mask(mask_image, size: tuple[int, int], batch: int) -> None:
@@ -131,12 +154,13 @@ def check_mask(mask_image, size: tuple[int, int], batch: int) -> None:
         raise InputError(f"mask_image must be a numpy or MLX array (B, H, W), got {type(mask_image).__name__}.")
     shape = tuple(mask_image.shape)
     if not (len(shape) == 3 or (len(shape) == 4 and shape[-1] == 1)) or shape[0] not in (1, batch):
-        raise PipelineError(f"mask_image must be (1 or {batch}, height, width) or (1 or {batch}, height, width, 1), "
-                            f"one grey level per pixel, got shape {shape}.")
+        count = "1" if batch == 1 else f"1 or {batch}"
+        raise PipelineError(f"mask_image must be ({count}, height, width) or ({count}, height, width, 1), one grey "
+                            f"level per pixel, got shape {shape}.")
     if shape[1:3] != tuple(size):
         raise PipelineError(f"mask_image is {shape[1]}x{shape[2]} and the image {size[0]}x{size[1]}; give a mask "
                             "of the image's size.")
-    _check_unit_values("mask_image", mask_image)
+    check_unit_values("mask_image", mask_image)
 
 
 def binary_mask(mask_image: np.ndarray | mx.array) -> mx.array:
@@ -152,37 +176,3 @@ def latent_mask(mask: mx.array) -> mx.array:
     """A pixel mask (B, H, W, 1) at latent size: torch's default (nearest) ``interpolate`` to
     (H/8, W/8) takes source pixel floor(i * 8) = 8i, the top-left one of each 8x8 block."""
     return mask[:, ::PIXELS_PER_LATENT, ::PIXELS_PER_LATENT, :]
-
-
-def to_unit(values: np.ndarray | mx.array) -> mx.array:
-    """An image or mask as float32 in [0, 1]: uint8 / 255 (as diffusers reads a PNG), else as given."""
-    values = mx.array(values) if isinstance(values, np.ndarray) else values
-    return values.astype(mx.float32) / 255 if values.dtype == mx.uint8 else values.astype(mx.float32)
-
-
-def to_pixels(image: np.ndarray | mx.array) -> mx.array:
-    """An image as the VAE takes it: float32 in [-1, 1]."""
-    return to_unit(image) * 2 - 1
-
-
-def encode(vae: AutoencoderKL, pixels: mx.array, key: mx.array | None) -> mx.array:
-    """Pixels in [-1, 1] -> the VAE's scaled latents, a draw from its latent distribution (with
-    ``key``), as diffusers' ``retrieve_latents`` samples it."""
-    latents = vae.encode(pixels.astype(vae.dtype)).sample(key).astype(mx.float32)
-    return latents * vae.config.scaling_factor
-
-
-def _check_unit_values(name: str, values) -> None:
-    array = mx.array(values) if isinstance(values, np.ndarray) else values
-    if array.dtype in (mx.uint8, mx.bool_):
-        return
-    check_finite_array(name, array)
-    if mx.any((array < 0) | (array > 1)).item():
-        raise InputError(f"{name} holds values outside [0, 1]; pass uint8 pixels or floats in [0, 1].")
-
-
-def _batched(array: mx.array | None, batch: int) -> mx.array | None:
-    """One image's array shared by ``batch`` images (diffusers repeats it along the batch)."""
-    if array is None or array.shape[0] == batch:
-        return array
-    return mx.broadcast_to(array, (batch, *array.shape[1:]))

@@ -16,7 +16,7 @@ from ..errors import InputError
 from .arguments import RunArguments
 from .folder import PipelineFolder
 from .memory import RunEstimate, check_run_fits
-from .sampler import schedule
+from .schedule import schedule
 
 
 def check_prompts(prompts: Sequence[str], name: str = "prompt") -> list[str]:

@@ -32,6 +32,7 @@ from .arguments import (
 )
 from .inpaint import Inpainting, KnownRegion, check_unet
 from .run import RunSettings
+from .schedule import schedule
 
 
 @dataclass(frozen=True)
@@ -248,24 +249,28 @@ class Sampler:
         height, width = size
         # The UNet's output channels: a 9-channel inpainting UNet takes 5 more in than the latents have.
         shape = (batch, height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT, self.unet.config.out_channels)
+        if inpainting is not None and (image_latents is not None or denoising_start is not None):
+            raise InputError("inpainting starts from its own image latents at its strength; give it neither "
+                             "image_latents nor denoising_start.")
         if denoising_start is not None and image_latents is None:
             raise InputError("denoising_start needs image_latents (the base model's output to refine).")
-        if inpainting is not None and image_latents is not None:
-            raise InputError("inpainting starts from its own image latents; give it no image_latents or denoising_start.")
-        timesteps, begin = schedule(sched, num_inference_steps, img2img=image_latents is not None or inpainting is not None,
-                                    strength=strength, denoising_start=denoising_start, denoising_end=denoising_end)
+        img2img = image_latents is not None or inpainting is not None
+        timesteps, begin = schedule(sched, num_inference_steps, img2img=img2img, strength=strength,
+                                    denoising_start=denoising_start, denoising_end=denoising_end)
+
+        def noise() -> mx.array:  # drawn only for a start that needs it (a refiner's does not)
+            return (latents if latents is not None else mx.random.normal(shape, key=noise_key)).astype(mx.float32)
+
         if inpainting is not None:
-            noise = (latents if latents is not None else mx.random.normal(shape, key=noise_key)).astype(mx.float32)
-            x = inpainting.start(sched, noise, timesteps[:1], strength)
-            return Start(x, timesteps, step_key, inpainting.known_region(noise))
+            drawn = noise()
+            x = inpainting.start(sched, drawn, timesteps[:1], strength)
+            return Start(x, timesteps, step_key, inpainting.known_region(drawn))
         if image_latents is None:
-            noise = latents if latents is not None else mx.random.normal(shape, key=noise_key)
-            x = noise.astype(mx.float32) * sched.init_noise_sigma
+            x = noise() * sched.init_noise_sigma
         else:
             x = image_latents.astype(mx.float32)
             if denoising_start is None:  # img2img: noise the image up to the first timestep
-                noise = latents if latents is not None else mx.random.normal(shape, key=noise_key)
-                x = sched.add_noise(x, noise.astype(mx.float32), timesteps[:1])
+                x = sched.add_noise(x, noise(), timesteps[:1])
         return Start(x, timesteps, step_key)
 
     def loop(self, conditioning: Conditioning, start: Start) -> Iterator[Step]:
@@ -381,35 +386,6 @@ class Sampler:
             else:
                 negative = ids
         return mx.array(ids, dtype=mx.float32), mx.array(negative, dtype=mx.float32)
-
-
-def schedule(scheduler, num_inference_steps: int, *, img2img: bool = False, strength: float = 0.3,
-             denoising_start: float | None = None, denoising_end: float | None = None) -> tuple[mx.array, int]:
-    """The timesteps a run takes, and the index of the first in the scheduler's whole schedule
-    (set as its begin index). Sets the scheduler's timesteps. ``img2img`` starts at ``strength``
-    of the schedule, or at ``denoising_start`` (the refiner's half of a hand-off);
-    ``denoising_end`` stops the base half at the same cutoff."""
-    scheduler.set_timesteps(num_inference_steps)
-    timesteps = scheduler.timesteps
-    train_steps = scheduler.config.num_train_timesteps
-    begin = _start_index(scheduler, timesteps, num_inference_steps, strength, denoising_start, train_steps) if img2img else 0
-    scheduler.set_begin_index(begin)
-    timesteps = timesteps[begin:]
-    if denoising_end is not None and 0 < denoising_end < 1:
-        cutoff = int(round(train_steps - denoising_end * train_steps))
-        timesteps = timesteps[: int((timesteps >= cutoff).sum().item())]
-    return timesteps, begin
-
-
-def _start_index(scheduler, timesteps, steps, strength, denoising_start, train_steps) -> int:
-    """Where img2img starts in the schedule (diffusers' get_timesteps)."""
-    if denoising_start is None:
-        return max(steps - strength_steps(steps, strength), 0) * scheduler.order
-    cutoff = int(round(train_steps - denoising_start * train_steps))
-    remaining = int((timesteps < cutoff).sum().item())
-    if scheduler.order == 2 and remaining % 2 == 0:
-        remaining += 1  # do not start between the two evaluations of a second-order step
-    return timesteps.shape[0] - remaining
 
 
 def _rescale_guidance(guided: mx.array, cond: mx.array, factor: float) -> mx.array:

@@ -3,6 +3,8 @@ StableDiffusionImg2ImgPipeline, end to end on small random components: each diff
 saved, converted whole by our converter and loaded by ``load_pipeline``; both make an image from
 the same prompt and draws."""
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -41,7 +43,13 @@ def test_sd1_text_to_image_matches_diffusers(sd1, negative):
 
 @torch.no_grad()
 @pytest.mark.parametrize("clip_skip", [1, 2])
-def test_sd1_clip_skip_matches_diffusers(sd1, clip_skip):
+def test_sd1_clip_skip_matches_diffusers(sd1, clip_skip, monkeypatch):
+    # diffusers' clip_skip reads text_encoder.text_model.final_layer_norm, which transformers 5's
+    # CLIPTextModel keeps at its top level: the same module, under the name diffusers expects.
+    encoder = sd1["pipe"].text_encoder
+    if not hasattr(encoder, "text_model"):
+        monkeypatch.setattr(encoder, "text_model", SimpleNamespace(final_layer_norm=encoder.final_layer_norm),
+                            raising=False)
     latents = _latents(1, seed=3)
     run = dict(num_inference_steps=3, guidance_scale=7.5, height=SIZE, width=SIZE)
     theirs = sd1["pipe"](PROMPT, clip_skip=clip_skip, latents=_nchw(latents), output_type="np", **run).images

@@ -66,6 +66,19 @@ def test_text_to_image_matches_diffusers(models, negative):
 
 
 @torch.no_grad()
+def test_clip_skip_matches_diffusers(models):
+    latents = _latents(1, seed=12)
+    run = dict(negative_prompt="blurry", num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE)
+    theirs = models["base"](PROMPT, clip_skip=1, latents=_nchw(latents), output_type="np", **run).images
+    plain = models["base"](PROMPT, latents=_nchw(latents), output_type="np", **run).images
+    assert np.abs(theirs - plain).max() > 1e-2  # the skip changes the image: the comparison means something
+    ours = SDXLPipeline.from_pretrained(models["mlx"], dtype=mx.float32)(
+        PROMPT, "blurry", steps=3, guidance=5.0, height=SIZE, width=SIZE, clip_skip=1, latents=mx.array(latents),
+        output="float")
+    _compare(ours, theirs)
+
+
+@torch.no_grad()
 def test_base_and_refiner_hand_off_matches_diffusers(models):
     latents = _latents(1, seed=1)
     handoff = dict(num_inference_steps=5, guidance_scale=5.0)
