@@ -1,4 +1,6 @@
-"""Denoise SDXL (or SD 1.x/2.x) latents from prompt embeddings with an MLX UNet.
+"""Denoise SDXL (or SD 1.x/2.x) latents from prompt embeddings with an MLX UNet: the sampler loop
+alone. For the whole path, prompt to PNG, run ``mlx-unet generate --demo`` (nothing downloaded)
+or ``mlx-unet generate PROMPT --model MODEL``.
 
     python examples/sample.py --demo                          # tiny random UNet, no files needed
     python examples/sample.py --model models/sdxl-base --embeddings prompt.safetensors -o latents.safetensors
@@ -26,7 +28,6 @@ from mlx_unet import UNet2DConditionModel, UNetConfig, cpu  # noqa: E402
 from mlx_unet import Sampler  # noqa: E402
 from mlx_unet.configs.base import DTYPES  # noqa: E402
 from mlx_unet.schedulers import SAMPLERS, SDXL_SCHEDULER_CONFIG, make_scheduler  # noqa: E402
-
 
 
 def parse_args(argv=None):

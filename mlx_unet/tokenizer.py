@@ -1,7 +1,8 @@
-"""CLIP's byte-level BPE tokenizer, giving the ids SDXL's pipeline gets from transformers.
+"""CLIP's byte-level BPE tokenizer, giving the ids SD's and SDXL's pipelines get from transformers.
 
 Pure Python. ``CLIPTokenizer.from_folder`` reads a diffusers ``tokenizer/`` or ``tokenizer_2/``
-folder (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json), and calling it
+folder (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json), or
+``CLIPTokenizer.bundled`` uses CLIP's vocabulary that ships with the package, and calling it
 gives what ``StableDiffusionXLPipeline.encode_prompt`` gets from transformers' CLIPTokenizer with
 ``padding="max_length", truncation=True``. That class (transformers 5, on the ``tokenizers``
 library; ftfy plays no part) takes a prompt through these steps, as this module does:
@@ -18,9 +19,13 @@ library; ftfy plays no part) takes a prompt through these steps, as this module 
 
 from __future__ import annotations
 
+import functools
+import gzip
+import json
 import re
 import unicodedata
 import warnings
+from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +36,12 @@ from .jsonfile import read_json, read_text
 
 
 END_OF_WORD = "</w>"
+END_OF_TEXT = "<|endoftext|>"
+# CLIP's BPE merges (OpenAI's bpe_simple_vocab_16e6.txt.gz, MIT license), shipped in mlx_unet/data:
+# see the README there. Every SD and SDXL tokenizer has this vocabulary; only pad tokens differ.
+BUNDLED_MERGES = "bpe_simple_vocab_16e6.txt.gz"
+BUNDLED_DATA = Path(__file__).parent / "data"  # where it lies in a source tree (for messages)
+_VOCAB_SIZE = 49408
 
 # Unicode's White_Space property, which the `\s` of the tokenizers library's patterns matches.
 # Python's str.isspace() is wider: it also counts U+001C..U+001F, which CLIP keeps as symbols.
@@ -45,8 +56,8 @@ _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 # The token attributes transformers reads from the files, in the order it registers them.
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # CLIPTokenizer's defaults for the ones the files leave out.
-_DEFAULT_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                   "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+_DEFAULT_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": END_OF_TEXT,
+                   "unk_token": END_OF_TEXT, "pad_token": END_OF_TEXT}
 
 
 def _byte_alphabet() -> list[str]:
@@ -147,6 +158,23 @@ class CLIPTokenizer:
             raise ConfigError(f"{folder / 'vocab.json'} must map each token to an integer id; download it again.")
         merges = _read_merges(folder / "merges.txt")
         config = _read_json(folder / "tokenizer_config.json")
+        special_map = folder / "special_tokens_map.json"
+        added_file = folder / "added_tokens.json"
+        special = _read_json(special_map) if special_map.exists() else {}
+        return cls._from_contents(folder, vocab, merges, config, special,
+                                  _read_json(added_file) if added_file.exists() else {})
+
+    @classmethod
+    def bundled(cls, pad_token: str = END_OF_TEXT) -> "CLIPTokenizer":
+        """CLIP's tokenizer from the vocabulary that ships with mlx-unet, padding with ``pad_token``:
+        "<|endoftext|>" as SD 1.x's and SDXL's first tokenizer, or "!" as SD 2.x's and SDXL's second.
+        It tokenizes as ``from_folder`` of the files ``bundled_tokenizer_files(pad_token)`` gives."""
+        return cls._from_contents(BUNDLED_DATA, *_bundled_contents(pad_token), {})
+
+    @classmethod
+    def _from_contents(cls, folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]], config: dict,
+                       special_map: dict, added_file: dict) -> "CLIPTokenizer":
+        """The tokenizer of a folder's files, parsed (``folder`` names them in messages)."""
         max_length = config.get("model_max_length")
         if type(max_length) is not int or max_length < 2:
             raise ConfigError(f"{folder / 'tokenizer_config.json'} needs model_max_length, an integer of at least 2 "
@@ -154,11 +182,8 @@ class CLIPTokenizer:
         for side in ("padding_side", "truncation_side"):
             if config.get(side, "right") != "right":
                 raise ConfigError(f"{folder / 'tokenizer_config.json'} sets {side} to {config[side]!r}; "
-                                     "SDXL's CLIP tokenizers pad and truncate on the right.")
-        special_map = folder / "special_tokens_map.json"
-        added_file = folder / "added_tokens.json"
-        added, named = _added_tokens(config, _read_json(special_map) if special_map.exists() else {},
-                                     _read_json(added_file) if added_file.exists() else {})
+                                     "SD's and SDXL's CLIP tokenizers pad and truncate on the right.")
+        added, named = _added_tokens(config, special_map, added_file)
         _check_vocab(folder, vocab, merges, added)
         return cls(vocab, merges, added, named, max_length)
 
@@ -222,6 +247,55 @@ class CLIPTokenizer:
         return ids
 
 
+@functools.lru_cache(maxsize=1)
+def _bundled_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's vocabulary and merges, built from its merges file as CLIP builds them (and
+    transformers' files hold them): the 256 byte characters, the same with "</w>", one token per
+    merge in merge order (the first 49408 - 512 - 2 merges), then the start and end tokens."""
+    data = resources.files("mlx_unet").joinpath("data").joinpath(BUNDLED_MERGES).read_bytes()
+    lines = gzip.decompress(data).decode("utf-8").split("\n")
+    # Line 1 names the file; the file holds more merges than CLIP's vocabulary has room for.
+    merges = [tuple(line.split(" ")) for line in lines[1: 1 + _VOCAB_SIZE - 2 * len(_BYTE_CHARS) - 2]]
+    # Code point order is CLIP's byte alphabet order: the printable bytes as themselves, then the moved ones.
+    alphabet = sorted(_BYTE_CHARS)
+    tokens = [*alphabet, *(c + END_OF_WORD for c in alphabet), *(a + b for a, b in merges), *_LITERALS]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def _bundled_contents(pad_token: str) -> tuple[dict[str, int], list[tuple[str, str]], dict, dict]:
+    """The bundled tokenizer's vocabulary, merges, tokenizer_config.json and special_tokens_map.json,
+    the last two as the published SD 1.x, 2.x and SDXL repos have them (transformers 4.2x wrote
+    them): start, end and unknown tokens as "normalized" AddedTokens, the pad token as a plain
+    string, so matched in the raw text."""
+    vocab, merges = _bundled_vocabulary()
+    if not isinstance(pad_token, str) or pad_token not in vocab:
+        raise ConfigError(f"pad token {pad_token!r} is not in CLIP's vocabulary; SD and SDXL pad with "
+                          f"{END_OF_TEXT!r} or '!'.")
+
+    def token(text: str) -> dict:
+        return {"content": text, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+
+    start, end = _LITERALS
+    named = {"bos_token": token(start), "eos_token": token(end), "unk_token": token(end)}
+    config = {"add_prefix_space": False, "do_lower_case": True, "errors": "replace", "model_max_length": 77,
+              "tokenizer_class": "CLIPTokenizer", "pad_token": pad_token,
+              **{key: {"__type": "AddedToken", **value} for key, value in named.items()}}
+    return vocab, merges, config, {**named, "pad_token": pad_token}
+
+
+def bundled_tokenizer_files(pad_token: str = END_OF_TEXT) -> dict[str, bytes]:
+    """A tokenizer folder's files (vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json) from the vocabulary that ships with mlx-unet, padding with
+    ``pad_token`` (see ``CLIPTokenizer.bundled``)."""
+    vocab, merges, config, special_map = _bundled_contents(pad_token)
+    return {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False).encode("utf-8"),
+        "merges.txt": "".join(["#version: 0.2\n", *(f"{a} {b}\n" for a, b in merges)]).encode("utf-8"),
+        "tokenizer_config.json": json.dumps(config, indent=2).encode("utf-8"),
+        "special_tokens_map.json": json.dumps(special_map, indent=2).encode("utf-8"),
+    }
+
+
 def _token_bytes(token: str) -> bytes:
     """A vocabulary token's bytes; one with a character outside the byte alphabet (as the
     tokenizers library's decoder does) stands for its own UTF-8."""
@@ -267,8 +341,8 @@ def _added_token(value, special: bool) -> tuple[str, bool]:
         raise ConfigError(f"a special token must be a string or a dict with its content, not {value!r}.")
     for flag in ("lstrip", "rstrip", "single_word"):
         if value.get(flag):
-            raise ConfigError(f"the added token {value['content']!r} sets {flag}, which SDXL's CLIP tokenizers "
-                                 "never do and this tokenizer does not implement.")
+            raise ConfigError(f"the added token {value['content']!r} sets {flag}, which SD's and SDXL's CLIP "
+                              "tokenizers never do and this tokenizer does not implement.")
     return value["content"], bool(value.get("normalized", not value.get("special", special)))
 
 
@@ -285,7 +359,7 @@ def _added_tokens(config: dict, special_map: dict, added_file: dict) -> tuple[di
         declared.update({key: source[key] for key in _NAMED_TOKENS if source.get(key) is not None})
         if source.get("additional_special_tokens"):
             raise ConfigError("the tokenizer declares additional_special_tokens "
-                                 f"{source['additional_special_tokens']}; SDXL's CLIP tokenizers have none.")
+                                 f"{source['additional_special_tokens']}; SD's and SDXL's CLIP tokenizers have none.")
     named = {key: _added_token(value, special=True) for key, value in {**_DEFAULT_TOKENS, **declared}.items()}
     if modern:
         listed = dict(_added_token(value, special=False) for value in config["added_tokens_decoder"].values())

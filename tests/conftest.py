@@ -22,6 +22,14 @@ def code_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """Each test's own conversion cache (``$MLX_UNET_CACHE``): no test reads or fills the user's."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("MLX_UNET_CACHE", str(root))
+    return root
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cpu_only`` assert what only the CPU backend does: skipped elsewhere."""
     if mx.default_device() != mx.cpu:

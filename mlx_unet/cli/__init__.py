@@ -1,5 +1,7 @@
-"""The command line: ``mlx-unet generate ...`` (prompt to PNG) and ``mlx-unet convert ...``
-(a diffusers or original checkpoint to an MLX folder). ``mlx-unet COMMAND --help`` tells more."""
+"""The command line: ``mlx-unet generate ...`` (prompts, and images, to PNGs; ``--demo`` for a
+first run with nothing downloaded), ``mlx-unet convert ...`` (a diffusers or original checkpoint to
+an MLX folder) and ``mlx-unet info ...`` (what a checkpoint or folder is). ``mlx-unet COMMAND
+--help`` tells more."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from typing import Sequence
 # command -> (module whose main(argv) runs it, one line of help). Imported only when asked for:
 # each pulls in what its command needs.
 COMMANDS = {
-    "generate": ("mlx_unet.cli.generate", "make images from a prompt with a converted pipeline"),
+    "generate": ("mlx_unet.cli.generate", "make PNGs from prompts (and images, masks) with any SD 1.x/2.x/XL model; "
+                                          "--demo: a first run, nothing downloaded"),
     "convert": ("mlx_unet.cli.convert", "convert a diffusers folder, Hub repo or single file to MLX"),
+    "info": ("mlx_unet.cli.info", "what a checkpoint or folder is: family, sizes, dtype, quantization, LoRAs"),
 }
 
 

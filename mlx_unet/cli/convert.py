@@ -8,21 +8,23 @@ from typing import Sequence
 
 from ..configs.base import DTYPES
 from ..convert import convert
+from ..convert.writer import PREDICTION_TYPES
 from .common import ArgumentParser, add_quantization_arguments, quantization_arguments, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="mlx-unet convert",
-        description="Convert a Stable Diffusion XL checkpoint to an MLX model folder. By default the whole "
-        "pipeline: unet/, text_encoder/ (not in a refiner), text_encoder_2/, vae/ (each config.json + "
-        "model.safetensors), tokenizer/, tokenizer_2/, scheduler/ and model_index.json, for "
-        "mlx_unet.text_to_image. With --unet-only, the UNet alone (config.json + model.safetensors) of any "
-        "SD 1.x, 2.x or XL checkpoint, for mlx_unet.UNet2DConditionModel.from_pretrained; a source that holds "
-        "only a UNet is converted so too.",
+        description="Convert a Stable Diffusion 1.x, 2.x or XL checkpoint to an MLX model folder. By default the "
+        "whole pipeline (text-to-image, img2img or inpainting; SDXL's refiner): unet/, vae/, text_encoder/ "
+        "(SDXL: and text_encoder_2/; a refiner has only that one), each config.json + model.safetensors, their "
+        "tokenizer folders, scheduler/ and model_index.json, for mlx_unet's pipelines. With --unet-only, the UNet "
+        "alone (config.json + model.safetensors), for mlx_unet.UNet2DConditionModel.from_pretrained; a source "
+        "that holds only a UNet is converted so too.",
         epilog="SOURCE is a Hub repo id (stabilityai/stable-diffusion-xl-base-1.0), a diffusers folder "
-        "(a pipeline root, or a UNet folder), or an original single-file checkpoint (sd_xl_base_1.0.safetensors, "
-        "sd_xl_refiner_1.0.safetensors; these hold no tokenizers: pass --tokenizers). "
+        "(a pipeline root, or a UNet folder), or an original single-file checkpoint (v1-5-pruned.safetensors, "
+        "v2-1_768-ema-pruned.safetensors, sd_xl_base_1.0.safetensors, ...; its tokenizers are written from CLIP's "
+        "vocabulary, which ships with mlx-unet, and its scheduler config is its family's published one). "
         "Set HF_HUB_OFFLINE=1 to use only the Hugging Face cache.",
     )
     p.add_argument("source", metavar="SOURCE")
@@ -30,13 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float16",
                    help="output dtype of the UNet and text encoders (default: float16)")
     p.add_argument("--vae-dtype", choices=list(DTYPES),
-                   help="output dtype of the VAE (default: float32, since SDXL's VAE overflows float16; the "
-                   "--dtype value when the VAE's config says force_upcast: false, as the fp16-fix VAE's does)")
+                   help="output dtype of the VAE (default: float32, since SDXL's VAE overflows float16 and VAE "
+                   "configs say force_upcast, SD 1.x / 2.x ones by diffusers' default; the --dtype value when the "
+                   "VAE's config says force_upcast: false, as the fp16-fix VAE's does)")
     p.add_argument("--unet-only", action="store_true",
                    help="convert only the UNet, into OUT_DIR/config.json + OUT_DIR/model.safetensors")
     p.add_argument("--tokenizers", metavar="SOURCE",
-                   help="an SDXL diffusers folder or Hub repo id to copy tokenizer/ and tokenizer_2/ from "
-                   "(needed for single files; default: the SOURCE pipeline's own)")
+                   help="a diffusers pipeline folder or Hub repo id of the same family to copy tokenizer/ (and "
+                   "tokenizer_2/) from (default: the SOURCE pipeline's own; for single files, CLIP's vocabulary "
+                   "that ships with mlx-unet)")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES,
+                   help="what the UNet predicts, written into the scheduler config (default: the source's; for "
+                   "single files their family's: v_prediction for SD 2.x, as diffusers assumes, since the "
+                   "weights cannot tell; pass epsilon for an SD 2.x 512 base model)")
     p.add_argument("--variant", help="diffusers weights variant to read, e.g. fp16 (default: fp16 for a "
                    "float16 output when the source has it)")
     p.add_argument("--revision", help="Hub branch, tag or commit of SOURCE (default: main)")
@@ -65,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         convert(args.source, args.out_dir, dtype=args.dtype, variant=args.variant, revision=args.revision,
                 force=args.force, ema=args.ema, allow_pickle=args.allow_pickle, config=args.config,
                 progress=not args.quiet, unet_only=args.unet_only, vae_dtype=args.vae_dtype, tokenizers=args.tokenizers,
-                quantize=quantize, quantize_text_encoders=text)
+                quantize=quantize, quantize_text_encoders=text, prediction_type=args.prediction_type)
         return 0
 
     return run_command(run, lambda: "nothing was written")

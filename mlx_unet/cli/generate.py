@@ -1,36 +1,43 @@
-"""Text to image from the command line:
+"""``mlx-unet generate``: images from prompts (and from images, with masks), each written as a PNG
+that records what made it; ``generate_options.py`` holds the options and their --help.
 
-    mlx-unet generate "a photo of an astronaut riding a horse" --model models/sdxl -o out.png
+    mlx-unet generate "an astronaut riding a horse" --model stabilityai/stable-diffusion-xl-base-1.0
 
---model is a pipeline folder written by `mlx-unet convert` (from a Hub repo id, a diffusers
-folder or an original single file, converted whole). Several images (--batch-size) are written
-as out.png, out-1.png, ...
+Images are made one at a time, one seed each (each prompt encoded once), and each written when it
+is done: an interruption or a failed write says which were written.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
 import time
+import warnings
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from .. import demo
+from ..cache import converted_pipeline
 from ..configs.base import DTYPES
-from ..errors import InputError
+from ..errors import InputError, MlxUnetWarning
 from ..lora import read_lora
 from ..lora.apply import checked_scale
+from ..pipelines import inpaint
 from ..pipelines.arguments import RunArguments
+from ..pipelines.diffusion import load_pipeline
 from ..pipelines.folder import PipelineFolder
-from ..pipelines.images import check_writable, output_paths, write_pngs
+from ..pipelines.images import InputImages, check_writable, output_paths, read_inputs, write_png
 from ..pipelines.memory import command_tile
 from ..pipelines.preflight import check_prompts, check_run
-from ..pipelines.sdxl import SDXLPipeline
-from ..schedulers import SAMPLERS
-from .common import ArgumentParser, add_quantization_arguments, quantization_arguments, run_command
+from . import png_record
+from .common import quantization_arguments, run_command
+from .generate_options import (FLAGS, STRENGTH, check_sources, lora_spec, merged_settings, prompts_of,
+                               seeds_from, without_defaults)
 
 
 class Progress:
@@ -52,127 +59,161 @@ class Progress:
         self.stream.flush()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="mlx-unet generate", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", help="what to draw")
-    p.add_argument("--model", type=Path, required=True, help="converted pipeline folder (mlx-unet convert's output)")
-    p.add_argument("-o", "--output", type=Path, default=Path("image.png"), help="PNG to write (default: image.png)")
-    p.add_argument("--negative-prompt", help="what to steer away from (default: none; SDXL then guides against zeros)")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale; <= 1 disables it (default: 5)")
-    p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's, 1024 for SDXL)")
-    p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's)")
-    p.add_argument("--seed", type=int, help="random seed (default: drawn and printed)")
-    p.add_argument("--scheduler", choices=list(SAMPLERS), help="sampler (default: the one the model ships with)")
-    p.add_argument("-n", "--batch-size", type=int, default=1, help="images to make (default: 1)")
-    p.add_argument("--refiner", type=Path, help="converted SDXL refiner folder: it finishes the last part of the schedule")
-    p.add_argument("--refiner-start", type=float, default=0.8,
-                   help="fraction of the schedule after which the refiner takes over (default: 0.8)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float16", help="UNet and text encoder precision (default: float16)")
-    p.add_argument("--vae-dtype", choices=list(DTYPES),
-                   help="VAE precision (default: float32, or the weights' when the VAE is safe in float16)")
-    p.add_argument("--tile-vae", action="store_true",
-                   help="decode in tiles of 256 px (the VAE's own size where smaller): less memory for large images")
-    p.add_argument("--low-memory", action="store_true", help="for 8-16 GB machines: UNet block by block, guidance halves in turn")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="a LoRA / LyCORIS file, folder or Hub repo id, at strength SCALE (default 1); repeatable; "
-                        "applied to the base model only when a refiner is given")
-    p.add_argument("--lora-mode", choices=("fuse", "live"),
-                   help="fuse: add LoRAs into the weights (no cost per step); live: run them beside each layer "
-                        "(default: fuse, or live where the UNet is quantized)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="accept .ckpt/.pt/.bin LoRA pickles (loaded with torch.load(weights_only=True); needs torch)")
-    add_quantization_arguments(p, "as it loads")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    return p
+def _inputs(a: argparse.Namespace, recorded: png_record.Recorded | None, log) -> InputImages | None:
+    if a.image is None:
+        return None
+    inputs = read_inputs(a.image, a.mask, a.height, a.width)
+    if inputs.resized:
+        h, w = inputs.source_size
+        log(f"{a.image}: {w}x{h} resized to {inputs.image.shape[2]}x{inputs.image.shape[1]} (width x height)")
+    for name in png_record.INPUTS:
+        recorded_digest = None if recorded is None else recorded.digests.get(name)
+        path = getattr(a, name)
+        if recorded_digest is not None and path is not None and png_record.file_digest(path) != recorded_digest:
+            warnings.warn(f"{path} is not the file {a.from_png} was made from (its contents differ); the image will "
+                          "differ.", MlxUnetWarning, stacklevel=2)
+    return inputs
 
 
-def _lora_spec(spec: str) -> tuple[str, float]:
-    """``FILE[:SCALE]`` -> (FILE, SCALE); a colon not followed by a number is part of the name."""
-    source, colon, tail = spec.rpartition(":")
-    if colon:
-        try:
-            return source, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
+@contextmanager
+def _model_folder(source: str | None, a: argparse.Namespace, quantize, quantize_text, log) -> Iterator[Path]:
+    """The converted pipeline folder of ``source`` (converted into the cache where it is not one,
+    in the run's dtypes and quantization), or the demo's, made on the fly."""
+    if source is None:
+        with demo.demo_pipeline() as folder:
+            yield folder
+        return
+    with converted_pipeline(source, use_cache=not a.no_cache, dtype=a.dtype, vae_dtype=a.vae_dtype,
+                            revision=a.revision, prediction_type=a.prediction_type, quantize=quantize, quantize_text_encoders=quantize_text or False,
+                            allow_pickle=a.allow_pickle, progress=not a.quiet, log=log) as folder:
+        yield folder
 
 
-# The API's name of each option whose flag differs, for the messages of the shared checks.
-_FLAGS = (("steps", "--steps"), ("guidance", "--guidance"), ("height", "--height"), ("width", "--width"),
-          ("num_images_per_prompt", "--batch-size"), ("seed", "--seed"), ("refiner_start", "--refiner-start"))
+# ---------------------------------------------------------------------------------- the run
 
-
-def _checked(args) -> tuple[RunArguments, list[Path]]:
-    """The run's numbers and output paths, checked before anything is read."""
-    run = RunArguments(args.steps, args.guidance, 0.0, args.height, args.width, args.batch_size, args.seed,
-                       refiner_start=args.refiner_start, refined=args.refiner is not None, flags=_FLAGS)
-    check_prompts(args.prompt)
-    if args.negative_prompt is not None:
-        check_prompts(args.negative_prompt, "--negative-prompt")
-    return run, output_paths(args.output, args.batch_size)
-
-
-def _generate(args, log, written: list[Path]) -> int:
+def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
     start = time.perf_counter()
-    run, paths = _checked(args)
-    quantize, quantize_text = quantization_arguments(args)
-    dtype = DTYPES[args.dtype]
-    vae_dtype = DTYPES[args.vae_dtype] if args.vae_dtype else None
-    base = PipelineFolder.read(args.model)
-    refiner_parts = PipelineFolder.read(args.refiner) if args.refiner is not None else None
-    tile = command_tile((refiner_parts or base).vae)
-    plan = check_run(run, base, refiner_parts, prompts=1, scheduler=args.scheduler, dtype=dtype, vae_dtype=vae_dtype,
-                     tiled_vae=args.tile_vae, vae_tile=tile, low_memory=args.low_memory, quantize=quantize,
-                     quantize_text_encoders=quantize_text)
-    unet_quantization = base.quantization("unet", quantize)
-    # LoRAs go live where the UNet is quantized: fusing into quantized weights is refused.
-    lora_mode = args.lora_mode or ("live" if unet_quantization else "fuse")
-    if args.lora and lora_mode == "fuse" and unet_quantization:
-        raise InputError("--lora-mode fuse cannot fuse LoRAs into a quantized UNet (it would round them away); "
-                         "use --lora-mode live, the default for quantized models.")
-    check_writable(paths, plan.height, plan.width)  # before loading: a failed write would waste the run
-    adapters = []  # read and checked before the models load
-    for source, scale in map(_lora_spec, args.lora):
-        adapters.append((read_lora(source, allow_pickle=args.allow_pickle), checked_scale(scale)))
-    seed = run.seed if run.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-    quantized = dict(quantize=quantize, quantize_text_encoders=quantize_text if quantize_text else False)
-    pipe = SDXLPipeline.from_pretrained(base, dtype=dtype, vae_dtype=vae_dtype, **quantized)
-    refiner = SDXLPipeline.from_pretrained(refiner_parts, dtype=dtype, vae_dtype=vae_dtype, **quantized) \
-        if refiner_parts else None
-    if args.tile_vae:
-        (refiner or pipe).vae.enable_tiling(tile)
-    log(f"loaded {args.model} in {time.perf_counter() - start:.1f} s; seed {seed}; "
-        f"estimated peak memory {plan.estimate.peak / 2**30:.2f} GiB")
-    for part, q in (("UNet", unet_quantization),
-                    ("text encoders", base.quantization("text_encoder_2", quantize_text))):
-        if q is not None:
-            log(f"{part}: {q.describe()}")
-    for lora, scale in adapters:
-        pipe.load_lora(lora, scale, fuse=lora_mode == "fuse")
-        log(f"LoRA {lora.describe()}; scale {scale:g}, {'fused' if lora_mode == 'fuse' else 'live'}")
-    progress = Progress(not args.quiet)
-    images = pipe(args.prompt, args.negative_prompt, steps=run.steps, guidance=run.guidance, height=run.height,
-                  width=run.width, num_images_per_prompt=run.num_images_per_prompt, seed=seed,
-                  scheduler=args.scheduler, refiner=refiner, refiner_start=run.refiner_start,
-                  low_memory=args.low_memory, callback=progress)
-    write_pngs(paths, images)
-    written += paths
+    a, recorded = merged_settings(given)
+    if recorded is not None:
+        log(f"rerunning what made {a.from_png}" + (f", with {', '.join(sorted(given))} given" if len(given) > 1 else ""))
+    check_sources(a, recorded)
+    prompts = prompts_of(a)
+    if a.negative_prompt is not None:
+        check_prompts(a.negative_prompt, "--negative-prompt")
+    mode = None if a.image is None else "inpaint" if a.mask is not None else "img2img"
+    strength = None if mode is None else a.strength if a.strength is not None else STRENGTH[mode]
+    run = RunArguments(a.steps, a.guidance, 0.0, a.height, a.width, a.batch_size, a.seed,
+                       RunArguments.strength if strength is None else strength, a.refiner_start,
+                       img2img=mode is not None, refined=a.refiner is not None, flags=FLAGS)
+    quantize, quantize_text = quantization_arguments(a)  # checked before anything is read
+    inputs = _inputs(a, recorded, log)
+    paths = output_paths(a.output, len(prompts) * run.num_images_per_prompt)
+    seeds = seeds_from(run.seed, run.num_images_per_prompt)
+    dtype, vae_dtype = DTYPES[a.dtype], DTYPES[a.vae_dtype] if a.vae_dtype else None
+    with ExitStack() as stack:
+        def folder(source: str | None) -> PipelineFolder:
+            return PipelineFolder.read(stack.enter_context(_model_folder(source, a, quantize, quantize_text, log)))
+
+        base = folder(a.model)
+        refiner_parts = None if a.refiner is None else folder(a.refiner)
+        base.check_clip_skip(a.clip_skip, "--clip-skip")
+        tile = command_tile((refiner_parts or base).vae)
+        one = dataclasses.replace(run, num_images_per_prompt=1)  # images are made one at a time
+        size = None if inputs is None else inputs.image.shape[1:3]
+        plan = check_run(one, base, refiner_parts, prompts=1, scheduler=a.scheduler, dtype=dtype, vae_dtype=vae_dtype,
+                         tiled_vae=a.tile_vae, vae_tile=tile, low_memory=a.low_memory, quantize=quantize,
+                         quantize_text_encoders=quantize_text, image_size=size)
+        inpaint.check_arguments(base.unet, None if inputs is None else inputs.mask, size, 1, refiner_parts is not None)
+        unet_quantization = base.quantization("unet", quantize)
+        # LoRAs go live where the UNet is quantized: fusing into quantized weights is refused.
+        lora_mode = a.lora_mode or ("live" if unet_quantization else "fuse")
+        if a.lora and lora_mode == "fuse" and unet_quantization:
+            raise InputError("--lora-mode fuse cannot fuse LoRAs into a quantized UNet (it would round them away); "
+                             "use --lora-mode live, the default for quantized models.")
+        check_writable(paths, plan.height, plan.width)  # before loading: a failed write would waste the run
+        specs = [lora_spec(spec) for spec in a.lora]
+        adapters = [(read_lora(source, allow_pickle=a.allow_pickle), checked_scale(scale)) for source, scale in specs]
+        quantized = dict(quantize=quantize, quantize_text_encoders=quantize_text if quantize_text else False)
+        pipe = load_pipeline(base, dtype=dtype, vae_dtype=vae_dtype, **quantized)
+        refiner = None if refiner_parts is None else \
+            load_pipeline(refiner_parts, dtype=dtype, vae_dtype=vae_dtype, **quantized)
+        if a.tile_vae:
+            (refiner or pipe).vae.enable_tiling(tile)
+        seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+        log(f"loaded {a.model or 'the demo pipeline'}, {base.family}, in {time.perf_counter() - start:.1f} s; "
+            f"{seed_text}; estimated peak memory {plan.estimate.peak / 2**30:.2f} GiB")
+        for part, q in (("UNet", unet_quantization),
+                        ("text encoders", base.quantization(base.text_encoder_names[-1], quantize_text))):
+            if q is not None:
+                log(f"{part}: {q.describe()}")
+        for lora, scale in adapters:
+            pipe.load_lora(lora, scale, fuse=lora_mode == "fuse")
+            log(f"LoRA {lora.describe()}; scale {scale:g}, {'fused' if lora_mode == 'fuse' else 'live'}")
+        # What each image records: the options, with what the run resolved in place of defaults.
+        resolved = vars(a) | dict(height=plan.height, width=plan.width, strength=strength,
+                                  scheduler=base.sampler_name(a.scheduler))
+        model_name = a.model or demo.MODEL_NAME
+        progress = Progress(not a.quiet)
+        images = _Images(pipe, refiner, run, a, inputs, strength, progress, log, total=len(paths))
+        made = ((prompt, seed, image) for prompt in prompts for seed, image in images.of(prompt, seeds))
+        for path, (prompt, seed, image) in zip(paths, made):
+            settings = resolved | dict(prompt=prompt, seed=seed)
+            _write(path, image, png_record.png_text(settings, model_name, specs), written)
     for stage, seconds in progress.seconds.items():
         # The first step includes one-time work (kernel builds, weight reads): the median is typical.
         log(f"{stage}: {len(seconds)} steps, median {np.median(seconds):.2f} s/step")
-    log(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.1f} s; "
+    log(f"wrote {_listing(written)} in {time.perf_counter() - start:.1f} s; "
         f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB")
     return 0
 
 
+class _Images:
+    """A prompt's images, one seed at a time, the prompt encoded once (where no refiner needs it
+    encoded again by its own encoders)."""
+
+    def __init__(self, pipe, refiner, run: RunArguments, a: argparse.Namespace, inputs: InputImages | None,
+                 strength: float | None, progress: Progress, log, total: int):
+        self.pipe, self.refiner, self.run, self.a, self.log, self.total = pipe, refiner, run, a, log, total
+        self.options = dict(steps=run.steps, guidance=run.guidance, height=None if inputs else run.height,
+                            width=None if inputs else run.width, scheduler=a.scheduler, low_memory=a.low_memory,
+                            callback=progress, image=None if inputs is None else inputs.image,
+                            mask_image=None if inputs is None else inputs.mask, strength=strength)
+        if refiner is not None:
+            self.options.update(refiner=refiner, refiner_start=run.refiner_start)
+        self.count = 0
+
+    def of(self, prompt: str, seeds: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        a = self.a
+        if self.refiner is None:
+            embeddings = self.pipe.encode_prompt(prompt, a.negative_prompt, clip_skip=a.clip_skip, guided=self.run.guided)
+            texts = dict(prompt=None, prompt_embeds=embeddings)
+        else:
+            texts = dict(prompt=prompt, negative_prompt=a.negative_prompt, clip_skip=a.clip_skip)
+        for seed in seeds:
+            self.count += 1
+            if self.total > 1:
+                self.log(f"image {self.count}/{self.total}: seed {seed}, {prompt!r}")
+            yield seed, self.pipe(**texts, seed=seed, **self.options)[0]
+
+
+def _listing(paths: Sequence[Path]) -> str:
+    return ", ".join(map(str, paths)) or "nothing"
+
+
+def _write(path: Path, image: np.ndarray, text: dict[str, str], written: list[Path]) -> None:
+    try:
+        write_png(path, image, text)
+    except OSError as e:  # said with what the run did write
+        raise OSError(e.errno, f"{e.strerror}: {path}; written before it: {_listing(written)}") from None
+    written.append(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    given = vars(without_defaults().parse_args(argv))  # the options typed; usage errors and --help
+    log = (lambda msg: None) if given.get("quiet") else (lambda msg: print(msg, file=sys.stderr))
     written: list[Path] = []
-    return run_command(lambda: _generate(args, log, written),
-                       lambda: f"wrote {', '.join(map(str, written))}" if written else "nothing was written")
+    return run_command(lambda: _generate(given, log, written),
+                       lambda: f"wrote {_listing(written)}" if written else "nothing was written")
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ class CLIPTextConfig(ModelConfig):
 
 
 # ---------------------------------------------------------------------- presets
-# The architecture fields of the published SDXL config.json files. Both carry the legacy
+# The architecture fields of the published SD and SDXL config.json files. All carry the legacy
 # eos_token_id 2 (and bos 0, pad 1), so their pooled token is the largest id: end-of-text.
 
 _SDXL_TEXT = {
@@ -166,6 +166,7 @@ _SDXL_TEXT = {
 }
 
 TEXT_PRESETS: dict[str, dict[str, Any]] = {
+    # SDXL's first text encoder, and SD 1.x's only one (openai/clip-vit-large-patch14's text model).
     "sdxl-clip-l": {
         **_SDXL_TEXT,
         "architectures": ["CLIPTextModel"],
@@ -175,6 +176,18 @@ TEXT_PRESETS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 12,
         "hidden_act": "quick_gelu",
         "projection_dim": 768,
+    },
+    # stabilityai/stable-diffusion-2-1, text_encoder/config.json: OpenCLIP ViT-H without its last
+    # layer (SD 2.x conditions on the penultimate one) and without the projection.
+    "sd2-clip-h": {
+        **_SDXL_TEXT,
+        "architectures": ["CLIPTextModel"],
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 23,
+        "num_attention_heads": 16,
+        "hidden_act": "gelu",
+        "projection_dim": 512,
     },
     "sdxl-clip-bigg": {
         **_SDXL_TEXT,

@@ -139,9 +139,9 @@ def fetch_tokenizers(spec: str) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise ConversionError(f"--tokenizers {spec} is a file; pass a diffusers SDXL folder or a Hub repo id.")
+        raise ConversionError(f"--tokenizers {spec} is a file; pass a diffusers pipeline folder or a Hub repo id.")
     if looks_local(spec):
-        raise ConversionError(f"{missing_path(spec, '--tokenizers')}; pass a diffusers SDXL folder or a Hub repo id.")
+        raise ConversionError(f"{missing_path(spec, '--tokenizers')}; pass a diffusers pipeline folder or a Hub repo id.")
     if not is_repo_id(spec):
         raise ConversionError(f"--tokenizers {spec} is neither a folder nor a Hub repo id (owner/name).")
     names = [f"{t}/{f}" for t in TOKENIZERS.values() for f in TOKENIZER_FILES]

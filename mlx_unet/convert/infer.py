@@ -3,7 +3,8 @@
 Shapes give the widths, layer counts and optional parts; the block numbering gives the UNet's
 architecture (which entries are resnets, transformers, down/upsamplers). What the tensors cannot
 show (head counts, activations, latent scaling, time-id width) follows the family, recognised by
-the UNet's cross-attention width, and the text encoders and VAE take SDXL's published values.
+the UNet's cross-attention width, and the text encoders and VAE take their family's published
+values (``published.py``; SDXL's where the families agree).
 Keys are given without the part's prefix.
 """
 
@@ -25,7 +26,7 @@ Shapes = Mapping[str, tuple[int, ...]]
 # Head counts are not visible in the weights: SD 1.x uses 8 heads at every level, the others
 # 64-wide heads. Each SDXL micro-conditioning id is a 256-wide sinusoid.
 _SD1_HEADS = 8
-_HEAD_WIDTH = 64  # also both SDXL text encoders' (12 heads for ViT-L, 20 for ViT-bigG)
+_HEAD_WIDTH = 64  # also every SD / SDXL text encoder's (12 heads for ViT-L, 16 for ViT-H, 20 for ViT-bigG)
 _SDXL_TIME_ID_DIM = 256
 _UNET_TOP = {*TOP.values(), *ADDED_EMBEDDING.values()}
 _NUMBERED = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)|middle_block\.(\d+)\.(.+)")
@@ -148,6 +149,7 @@ def _unet_config(shapes: Shapes, channels, down_layers, down_depths, up_depths, 
             "1280 SDXL refiner), so its head count is unknown; pass the model's diffusers config with --config."
         )
     conv_in, conv_out = shapes["input_blocks.0.0.weight"], shapes["out.2.weight"]
+    inpainting = conv_in[1] == 9  # latents, mask and masked image's latents side by side
     proj_in = next(k for k in shapes if k.endswith("proj_in.weight"))
 
     # Levels without attention still need a depth in a diffusers config; use what the official
@@ -177,9 +179,10 @@ def _unet_config(shapes: Shapes, channels, down_layers, down_depths, up_depths, 
         "attention_head_dim": _SD1_HEADS if cross == 768 else [c // _HEAD_WIDTH for c in channels],
         "cross_attention_dim": cross,
         "use_linear_projection": len(shapes[proj_in]) == 2,
-        # SD 2.1 needs float32 attention in half precision; in float32 it changes nothing.
-        "upcast_attention": cross == 1024,
-        "sample_size": {768: 64, 1024: 96}.get(cross, 128),
+        # SD 2.1 needs float32 attention in half precision (in float32 it changes nothing); SD 2's
+        # inpainting model, trained at 512 pixels as SD 1.x, does not.
+        "upcast_attention": cross == 1024 and not inpainting,
+        "sample_size": 64 if inpainting and cross == 1024 else {768: 64, 1024: 96}.get(cross, 128),
     }
     time_embed = shapes["time_embed.0.weight"][0]
     if time_embed != 4 * channels[0]:
@@ -204,8 +207,9 @@ def _numbers(keys, pattern: str) -> list[int]:
     return sorted({int(m[1]) for k in keys if (m := re.match(pattern, k))})
 
 
-def infer_vae(shapes: Shapes) -> VAEConfig:
-    """An ldm VAE's config; SDXL's where the tensors do not tell."""
+def infer_vae(shapes: Shapes, published: Mapping[str, Any]) -> VAEConfig:
+    """An ldm VAE's config: ``published`` (the family's latent scaling and tile size), SDXL's
+    where neither they nor the tensors tell (the SD 1.x / 2.x VAEs share its other values)."""
     levels = len(_numbers(shapes, r"decoder\.up\.(\d+)\."))
     down = _numbers(shapes, r"encoder\.down\.(\d+)\.")
     if down != list(range(levels)):
@@ -222,17 +226,21 @@ def infer_vae(shapes: Shapes) -> VAEConfig:
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
     }
-    return _checked("VAE", lambda: VAEConfig.from_preset("sdxl", **fields))
+    return _checked("VAE", lambda: VAEConfig.from_preset("sdxl", **fields, **published))
 
 
 # ---------------------------------------------------------------------- text encoders
 
 
+def _check_numbered(layers: list[int], what: str) -> None:
+    if layers != list(range(len(layers))):
+        raise ConversionError(f"the file's {what} layers are not numbered 0..{len(layers) - 1}; it is incomplete.")
+
+
 def _clip_config(preset: str, what: str, token_embedding: tuple[int, ...], positions: int, layers: list[int],
                  intermediate: int, projection_dim: int | None) -> CLIPTextConfig:
     vocab, hidden = token_embedding
-    if layers != list(range(len(layers))):
-        raise ConversionError(f"the file's {what} layers are not numbered 0..{len(layers) - 1}; it is incomplete.")
+    _check_numbered(layers, what)
     fields: dict[str, Any] = {
         "vocab_size": vocab,
         "hidden_size": hidden,
@@ -258,13 +266,22 @@ def infer_clip(shapes: Shapes) -> CLIPTextConfig:
         None if projection is None else projection[0])
 
 
-def infer_open_clip(shapes: Shapes) -> CLIPTextConfig:
-    """OpenCLIP ViT-bigG in open_clip's layout; its projection is stored (width, projection)."""
+def infer_open_clip(shapes: Shapes, penultimate: bool = False) -> CLIPTextConfig:
+    """OpenCLIP in open_clip's layout: SDXL's ViT-bigG, with its projection (stored (width,
+    projection)); or, ``penultimate``, SD 2.x's ViT-H as diffusers converts it: a CLIPTextModel
+    without the file's last layer (SD 2.x conditions on the penultimate layer's states) or the
+    projection (see ``naming.clip.penultimate_left_alone``)."""
     what = "OpenCLIP text encoder"
-    projection = shapes.get("text_projection")
+    layers = _numbers(shapes, r"transformer\.resblocks\.(\d+)\.")
+    projection = None if penultimate else shapes.get("text_projection")
+    if penultimate:
+        _check_numbered(layers, what)  # before the last is cut off
+        if len(layers) < 2:
+            raise ConversionError(f"the file's {what} has {len(layers)} layer{'' if len(layers) == 1 else 's'}; SD 2.x "
+                                  "conditions on the one before the last, so it needs at least 2.")
     return _clip_config(
-        "sdxl-clip-bigg", what, _shape(shapes, "token_embedding.weight", what),
+        "sd2-clip-h" if penultimate else "sdxl-clip-bigg", what, _shape(shapes, "token_embedding.weight", what),
         _shape(shapes, "positional_embedding", what)[0],
-        _numbers(shapes, r"transformer\.resblocks\.(\d+)\."),
+        layers[:-1] if penultimate else layers,
         _shape(shapes, "transformer.resblocks.0.mlp.c_fc.weight", what)[0],
         None if projection is None else projection[1])

@@ -73,10 +73,12 @@ class Options:
     allow_pickle: bool = False
     ema: bool = False
     unet_config: UNetConfig | None = None
+    prediction_type: str | None = None  # the scheduler config's, replaced; None: the source's (or family's)
 
     def dtype_of(self, name: str, config: Any) -> str:
         """The output dtype of pipeline model ``name``. SDXL's VAE overflows float16 (its config
-        says ``force_upcast``), so it stays float32 unless asked or its config says it is safe."""
+        says ``force_upcast``, as SD 1.x / 2.x ones do by diffusers' default), so it stays float32
+        unless asked or its config says it is safe."""
         if name != "vae":
             return self.dtype
         if self.vae_dtype is not None:

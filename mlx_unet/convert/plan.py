@@ -75,25 +75,52 @@ def _output_index(index: dict[str, Any], written: set[str]) -> tuple[dict[str, A
     return out, left
 
 
+# model_index.json's _class_name -> the text encoders its pipeline runs (by TOKENIZERS' names):
+# the pipelines mlx-unet runs, so converts whole.
+_TASKS = ("", "Img2Img", "Inpaint")
+PIPELINES: dict[str, tuple[str, ...]] = {
+    **{f"StableDiffusion{task}Pipeline": ("text_encoder",) for task in _TASKS},
+    **{f"StableDiffusionXL{task}Pipeline": ("text_encoder", "text_encoder_2") for task in _TASKS},
+}
+
+
+def with_prediction_type(scheduler: dict[str, Any], options: Options, notes: list[str]) -> dict[str, Any]:
+    """The scheduler config with ``--prediction-type`` applied (noted where it changes it)."""
+    wanted = options.prediction_type
+    if wanted is None or scheduler.get("prediction_type", "epsilon") == wanted:
+        return scheduler
+    notes.append(f"prediction type: {wanted} (--prediction-type), instead of the scheduler config's "
+                 f"{scheduler.get('prediction_type', 'epsilon')}")
+    return {**scheduler, "prediction_type": wanted}
+
+
+def _pipeline_models(folder: Path, index: dict[str, Any], kind: str) -> tuple[str, ...]:
+    """The models of pipeline ``kind`` to convert, after checking the index lists what it needs."""
+    encoders = PIPELINES.get(kind)
+    if encoders is None:
+        raise ConversionError(
+            f"{folder} is a {kind} pipeline, which mlx-unet does not run (it converts SD 1.x, 2.x and SDXL "
+            "text-to-image, img2img and inpainting pipelines whole): pass --unet-only to convert its UNet."
+        )
+    required = ("unet", "vae", "scheduler", encoders[-1], TOKENIZERS[encoders[-1]])
+    for name in required:
+        if not listed(index, name):
+            raise ConversionError(f"{folder / MODEL_INDEX} lists no {name}; a {kind} needs one.")
+    for encoder in encoders:
+        if bool(listed(index, encoder)) != bool(listed(index, TOKENIZERS[encoder])):
+            raise ConversionError(f"{folder / MODEL_INDEX} lists only one of {encoder} and {TOKENIZERS[encoder]}; "
+                                  "it needs both or neither.")
+    return ("unet", "vae", *(e for e in encoders if listed(index, e)))
+
+
 def plan_pipeline_folder(folder: Path, options: Options, tokenizers: str | None = None) -> PipelinePlan:
-    """A diffusers SDXL pipeline folder (base or refiner)."""
+    """A diffusers SD 1.x / 2.x or SDXL pipeline folder (text-to-image, img2img, inpainting, refiner)."""
     index = read_json(folder / MODEL_INDEX, "model_index.json")
     kind = index.get("_class_name", "diffusers")
-    if not listed(index, "text_encoder_2"):
-        raise ConversionError(
-            f"{folder} is a {kind} pipeline without text_encoder_2, not an SDXL one; only SDXL pipelines "
-            "convert whole: pass --unet-only to convert its UNet."
-        )
-    for name in ("unet", "vae", "tokenizer_2", "scheduler"):
-        if not listed(index, name):
-            raise ConversionError(f"{folder / MODEL_INDEX} lists no {name}; an SDXL pipeline needs one.")
-    if bool(listed(index, "text_encoder")) != bool(listed(index, "tokenizer")):
-        raise ConversionError(f"{folder / MODEL_INDEX} lists only one of text_encoder and tokenizer; it needs both or neither.")
+    names = _pipeline_models(folder, index, kind)
     models = {}
-    for name, model in MODELS.items():
-        entry = listed(index, name)
-        if entry is None:
-            continue
+    for name in (n for n in MODELS if n in names):
+        model, entry = MODELS[name], listed(index, name)
         if entry not in model.classes:
             raise ConversionError(
                 f"{folder / MODEL_INDEX} says {name} is a {entry}; only {' or '.join(model.classes)} is supported there."
@@ -103,7 +130,7 @@ def plan_pipeline_folder(folder: Path, options: Options, tokenizers: str | None 
         config = options.unet_config if name == "unet" and options.unet_config else model.parse_config(folder / name / "config.json")
         if name in TOKENIZERS and config.architecture not in model.classes:
             raise ConversionError(
-                f"{folder / name / 'config.json'} describes a {config.architecture}; the {model.what} of SDXL is a "
+                f"{folder / name / 'config.json'} describes a {config.architecture}; the {model.what} of a {kind} is a "
                 f"{model.classes[0]}."
             )
         models[name] = plan_model_folder(model, folder / name, options.dtype_of(name, config), options, config)
@@ -112,9 +139,11 @@ def plan_pipeline_folder(folder: Path, options: Options, tokenizers: str | None 
         if entry is not None and entry not in TOKENIZER_CLASSES:
             raise ConversionError(f"{folder / MODEL_INDEX} says {name} is a {entry}; only a CLIPTokenizer is supported there.")
     copied = pipeline_tokenizers(fetch_tokenizers(tokenizers) if tokenizers else folder, models)
-    scheduler = read_json(folder / SCHEDULER_CONFIG, "scheduler config")
+    notes: list[str] = []
+    scheduler = with_prediction_type(read_json(folder / SCHEDULER_CONFIG, "scheduler config"), options, notes)
     model_index, left = _output_index(index, {*models, *copied, "scheduler"})
-    notes = [f"left alone: {', '.join(left)}"] if left else []
+    if left:  # (safety_checker, feature_extractor: diffusers' SD pipelines run without them)
+        notes.insert(0, f"left alone: {', '.join(left)}")
     if tokenizers:
         notes.append(f"tokenizers from {tokenizers}")
     return PipelinePlan(models, copied, scheduler, model_index, f"diffusers pipeline {folder} ({kind})", notes)

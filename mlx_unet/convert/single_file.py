@@ -2,9 +2,10 @@
 its parameters named through that config's table in ``mlx_unet.naming``.
 
 Stability's checkpoints (``sd_xl_base_1.0.safetensors``, SD 1.x/2.x files, and the community
-fine-tunes that share their layout) hold the UNet as ``model.diffusion_model.*``; the SDXL ones
-hold the whole pipeline, text encoders as ``conditioner.embedders.N.*`` and the VAE as
-``first_stage_model.*``.
+fine-tunes that share their layout) hold the UNet as ``model.diffusion_model.*`` and the VAE as
+``first_stage_model.*``; the text encoders as ``conditioner.embedders.N.*`` (SDXL, sgm's layout)
+or ``cond_stage_model.*`` (SD 1.x / 2.x, ldm's). What a file cannot hold (scheduler, pipeline
+class, tokenizers) is written as the family's published pipeline has it (``published.py``).
 """
 
 from __future__ import annotations
@@ -15,27 +16,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..configs.base import FORMAT_KEY, FORMAT_VERSION
 from ..configs.families import unet_family
 from ..configs.unet import UNetConfig
 from ..errors import ConversionError
 from ..naming import NameTable, Take
-from ..naming.clip import CLIPNames, OpenCLIPNames, checkpoint_names
+from ..naming.clip import LDM_CLIP_PREFIX, LDM_OPEN_CLIP_PREFIX, LDM_TEXT_PREFIX, CLIPNames, OpenCLIPNames, \
+    checkpoint_names, penultimate_left_alone
 from ..naming.ldm_unet import UNET_PREFIX, UNetNames, ema_name
 from ..naming.ldm_vae import VAE_PREFIX, VAENames
-from ..schedulers import SDXL_SCHEDULER_CONFIG
 from .hub import fetch_tokenizers
 from .infer import infer_clip, infer_open_clip, infer_unet, infer_vae, unfit
-from .layout import MODELS, TOKENIZERS, UNET, Options
-from .plan import PipelinePlan, Plan
+from .layout import MODELS, UNET, Options
+from .plan import PipelinePlan, Plan, with_prediction_type
+from .published import Published, published
 from .sources import TensorSource
-from .tokenizer_files import pipeline_tokenizers
+from .tokenizer_files import bundled_tokenizers, pipeline_tokenizers
 
 EMBEDDERS = "conditioner.embedders."
 # The parts of a full checkpoint besides the UNet, and what they are.
 _COMPONENTS = {
     VAE_PREFIX: "VAE",
-    "cond_stage_model.": "text encoder",
+    LDM_TEXT_PREFIX: "text encoder",
     EMBEDDERS: "text encoders",
     "model_ema.": "EMA weights",
 }
@@ -46,7 +47,7 @@ def _under(shapes, prefix: str) -> dict[str, tuple[int, ...]]:
 
 
 def holds_more_than_a_unet(keys: Iterable[str]) -> bool:
-    return any(k.startswith((VAE_PREFIX, EMBEDDERS, "cond_stage_model.")) for k in keys)
+    return any(k.startswith((VAE_PREFIX, EMBEDDERS, LDM_TEXT_PREFIX)) for k in keys)
 
 
 def describe_non_unet(keys: list[str]) -> str | None:
@@ -146,11 +147,23 @@ class _Part:
     config: Any
     names: dict[str, Take]
     description: str
+    note: str | None = None  # why some of its tensors are left alone
 
 
-def _text_encoders(shapes) -> dict[str, _Part]:
+def _checked_names(table: NameTable, keys: list[str], what: str, left_alone: tuple[str, ...] = ()) -> dict[str, Take]:
+    """``table``'s names of ``keys`` (all of one part), refusing any key that fits none and is
+    not ``left_alone`` (a start of keys the conversion leaves out on purpose)."""
+    names, unmapped = table.names(keys)
+    unmapped = [k for k in unmapped if not (left_alone and k.startswith(left_alone))]
+    unmapped += [k for k in keys if not k.startswith(table.prefix)]
+    if unmapped:
+        raise unfit(what, unmapped)
+    return names
+
+
+def _sgm_text_encoders(shapes) -> dict[str, _Part]:
     """``text_encoder`` (CLIP ViT-L, the base only) and ``text_encoder_2`` (OpenCLIP ViT-bigG) of
-    an sgm checkpoint, told apart by layout rather than by embedder number."""
+    an sgm SDXL checkpoint, told apart by layout rather than by embedder number."""
     found: dict[str, _Part] = {}
     for n in sorted({int(m[1]) for k in shapes if (m := re.match(re.escape(EMBEDDERS) + r"(\d+)\.", k))}):
         embedder = f"{EMBEDDERS}{n}."
@@ -167,72 +180,81 @@ def _text_encoders(shapes) -> dict[str, _Part]:
             raise unfit(f"conditioner.embedders.{n}", keys)
         if slot in found:
             raise ConversionError(f"the file holds two text encoders of the {slot} kind; this checkpoint is not SDXL.")
-        names, unmapped = table.names(keys)
-        unmapped += [k for k in keys if not k.startswith(prefix)]
-        if unmapped:
-            raise unfit(f"conditioner.embedders.{n}", unmapped)
-        found[slot] = _Part(config, names, f"{what} {prefix}*")
+        found[slot] = _Part(config, _checked_names(table, keys, f"conditioner.embedders.{n}"), f"{what} {prefix}*")
     return found
 
 
-def _vae(shapes) -> _Part:
+def _ldm_text_encoder(shapes) -> dict[str, _Part]:
+    """``text_encoder`` of an ldm SD 1.x / 2.x checkpoint, as diffusers converts it: CLIP ViT-L
+    whole, or OpenCLIP ViT-H without its last layer and projection (SD 2.x conditions on the
+    penultimate layer's token states)."""
+    keys = [k for k in shapes if k.startswith(LDM_TEXT_PREFIX)]
+    note = None
+    left_alone: tuple[str, ...] = ()
+    if any(k.startswith(LDM_CLIP_PREFIX) for k in keys):
+        what, prefix = "CLIP text encoder", LDM_CLIP_PREFIX
+        config = infer_clip(checkpoint_names(_under(shapes, prefix)))
+        table: NameTable = CLIPNames(config, prefix)
+    elif any(k.startswith(LDM_OPEN_CLIP_PREFIX + "transformer.resblocks.") for k in keys):
+        what, prefix = "OpenCLIP text encoder", LDM_OPEN_CLIP_PREFIX
+        config = infer_open_clip(_under(shapes, prefix), penultimate=True)
+        table = OpenCLIPNames(config, prefix)
+        left_alone = penultimate_left_alone(config, prefix)
+        note = (f"left alone: the OpenCLIP text encoder's last layer ({left_alone[0]}*) and {left_alone[1]}, "
+                "as in diffusers: SD 2.x conditions on the penultimate layer")
+    elif keys:
+        raise unfit(LDM_TEXT_PREFIX.rstrip("."), keys)
+    else:
+        return {}
+    names = _checked_names(table, keys, LDM_TEXT_PREFIX.rstrip("."), left_alone)
+    return {"text_encoder": _Part(config, names, f"{what} {prefix}*", note)}
+
+
+def _vae(shapes, family: Published) -> _Part:
     vae = _under(shapes, VAE_PREFIX)
     if not vae:
-        raise ConversionError(
-            f"the file holds no VAE ({VAE_PREFIX}*), so it is not a whole SDXL checkpoint; pass --unet-only "
-            "to convert its UNet."
-        )
-    config = infer_vae(vae)
+        raise ConversionError(f"the file holds no VAE ({VAE_PREFIX}*), so it is not a whole checkpoint; pass "
+                              "--unet-only to convert its UNet.")
+    config = infer_vae(vae, family.vae)
     return _Part(config, _named(VAENames(config), shapes, "VAE"), f"ldm VAE {VAE_PREFIX}*")
-
-
-def _sdxl_model_index(models: Iterable[str], refiner: bool) -> dict[str, Any]:
-    """model_index.json as the published SDXL base and refiner repos have it."""
-    classes = {name: ["diffusers" if name in ("unet", "vae") else "transformers", MODELS[name].classes[0]] for name in models}
-    index = {
-        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
-        # The base conditions an empty negative prompt on zeros; the refiner encodes it.
-        "force_zeros_for_empty_prompt": not refiner,
-        **({"requires_aesthetics_score": True} if refiner else {}),
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-    }
-    for name, tokenizer in TOKENIZERS.items():
-        index[name] = classes.get(name, [None, None])
-        index[tokenizer] = ["transformers", "CLIPTokenizer"] if name in classes else [None, None]
-    return {**index, "unet": classes["unet"], "vae": classes["vae"], FORMAT_KEY: FORMAT_VERSION}
 
 
 def plan_pipeline_single_file(path: Path, source: TensorSource, options: Options,
                               tokenizers: str | None = None) -> PipelinePlan:
-    """An original SDXL single file (sgm layout): every model."""
-    unet, family = _unet(path, source, options)
-    if not family.startswith("SDXL"):
-        raise ConversionError(
-            f"{path} is an {family} checkpoint; only SDXL checkpoints convert as a whole pipeline: "
-            "pass --unet-only to convert its UNet."
-        )
-    if not tokenizers:
-        raise ConversionError(
-            f"{path} holds no tokenizer files; pass --tokenizers with an SDXL diffusers folder or Hub repo id "
-            "(e.g. stabilityai/stable-diffusion-xl-base-1.0) to copy them from, or --unet-only to convert just the UNet."
-        )
-    found = {**_text_encoders(source.shapes), "vae": _vae(source.shapes)}
-    if "text_encoder_2" not in found:
-        raise ConversionError(
-            f"{path} holds no OpenCLIP text encoder ({EMBEDDERS}N.model.*), so it is not a whole SDXL checkpoint; "
-            "pass --unet-only to convert its UNet."
-        )
+    """An original single file of SD 1.x / 2.x (ldm layout) or SDXL (sgm layout), every model;
+    what the file cannot hold (scheduler, pipeline class, tokenizers) as its family publishes it."""
+    unet, family_name = _unet(path, source, options)
+    family = published(unet.config)
+    if family is None:
+        raise ConversionError(f"{path} is an {family_name} checkpoint, of no family whose text encoders and "
+                              "scheduler mlx-unet knows; pass --unet-only to convert its UNet.")
+    found = _sgm_text_encoders(source.shapes) if family.sdxl else _ldm_text_encoder(source.shapes)
+    if ("text_encoder_2" if family.sdxl else "text_encoder") not in found:
+        what = f"OpenCLIP text encoder ({EMBEDDERS}N.model.*)" if family.sdxl else f"text encoder ({LDM_TEXT_PREFIX}*)"
+        raise ConversionError(f"{path} holds no {what}, so it is not a whole {family_name} checkpoint; pass "
+                              "--unet-only to convert its UNet.")
+    found["vae"] = _vae(source.shapes, family)
     models = {"unet": unet}
-    for name in MODELS:
-        if name in found:
-            part = found[name]
-            models[name] = Plan(MODELS[name], part.config, source, part.names, f"{part.description} of {path}",
-                                options.dtype_of(name, part.config))
+    for name in (n for n in MODELS if n in found):
+        part = found[name]
+        models[name] = Plan(MODELS[name], part.config, source, part.names, f"{part.description} of {path}",
+                            options.dtype_of(name, part.config))
     used = {take.key for plan in models.values() for take in plan.names.values()}
     left = sorted(set(source.shapes) - used)
-    notes = [f"left alone: {len(left)} tensors ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''})"] if left else []
-    notes.append(f"tokenizers from {tokenizers}; scheduler: SDXL's EulerDiscreteScheduler config")
-    copied = pipeline_tokenizers(fetch_tokenizers(tokenizers), models)
-    scheduler = {"_class_name": "EulerDiscreteScheduler", **SDXL_SCHEDULER_CONFIG}
-    return PipelinePlan(models, copied, scheduler, _sdxl_model_index(models, family.startswith("SDXL refiner")),
-                        f"{family} single-file checkpoint {path}", notes)
+    more = ", ..." if len(left) > 3 else ""
+    notes = [f"left alone: {len(left)} tensors ({', '.join(left[:3])}{more})"] if left else []
+    notes += [part.note for part in found.values() if part.note]
+    if tokenizers:
+        copied = pipeline_tokenizers(fetch_tokenizers(tokenizers), models)
+        notes.append(f"tokenizers from {tokenizers}")
+    else:
+        copied = bundled_tokenizers(models, family.pads)
+        pads = ", ".join(f"{name} pads with {family.pads[name]!r}" for name in copied)
+        notes.append(f"tokenizers: CLIP's vocabulary, shipped with mlx-unet ({pads})")
+    notes.append(f"scheduler: {family.repo}'s {family.scheduler['_class_name']} config")
+    if options.prediction_type is None and family.prediction_type == "v_prediction":
+        notes.append("prediction type: v_prediction, as diffusers assumes for an SD 2.x file (SD 2.x 768's); pass "
+                     "--prediction-type epsilon for an epsilon model (SD 2.x 512 base)")
+    scheduler = with_prediction_type(family.scheduler, options, notes)
+    return PipelinePlan(models, copied, scheduler, family.model_index(models),
+                        f"{family_name} single-file checkpoint {path}", notes)

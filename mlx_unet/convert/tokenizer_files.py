@@ -1,4 +1,6 @@
-"""The tokenizer files a converted pipeline carries, in the layout ``CLIPTokenizer.from_folder`` reads."""
+"""The tokenizer files a converted pipeline carries, in the layout ``CLIPTokenizer.from_folder`` reads:
+copied from the source pipeline (or --tokenizers), or, for single files, written from CLIP's
+vocabulary that ships with mlx-unet."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import ConfigError, ConversionError
-from ..tokenizer import CLIPTokenizer
+from ..tokenizer import CLIPTokenizer, bundled_tokenizer_files
 from .layout import TOKENIZERS, read_json
 
 # What CLIPTokenizer.from_folder reads; the first two are the tokenizer itself.
@@ -33,7 +35,7 @@ def tokenizer_files(folder: Path) -> dict[str, bytes]:
     if not (folder / "tokenizer.json").is_file():
         raise ConversionError(
             f"{folder} holds no tokenizer (vocab.json and merges.txt, or tokenizer.json); download it again, or "
-            "pass --tokenizers with an SDXL base folder or Hub repo id that has it."
+            "pass --tokenizers with a pipeline folder or Hub repo id of the same family that has it."
         )
     fast = read_json(folder / "tokenizer.json", "tokenizer")
     config = read_json(folder / "tokenizer_config.json", "tokenizer config")
@@ -70,3 +72,9 @@ def _check_tokenizer(folder: Path, what: str) -> None:
 def pipeline_tokenizers(root: Path, models: Iterable[str]) -> dict[str, dict[str, bytes]]:
     """The files of each tokenizer of ``models``' text encoders, under ``root``."""
     return {name: tokenizer_files(root / name) for encoder, name in TOKENIZERS.items() if encoder in models}
+
+
+def bundled_tokenizers(models: Iterable[str], pads: dict[str, str]) -> dict[str, dict[str, bytes]]:
+    """The files of each tokenizer of ``models``' text encoders from the bundled vocabulary,
+    padded as ``pads`` says (tokenizer folder -> pad token)."""
+    return {name: bundled_tokenizer_files(pads[name]) for encoder, name in TOKENIZERS.items() if encoder in models}

@@ -29,6 +29,7 @@ from .quantized import ModelQuantization, choose_quantization, model_quantizatio
 from .resolve import check_out_dir_apart, plan_source
 
 OUTPUT_WEIGHTS = "model.safetensors"
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet predicts: the noise, or v (SD 2.x 768)
 WARNING = "warning: "  # the prefix of a plan's notes that are warnings
 
 
@@ -174,6 +175,15 @@ def _write_pipeline_files(folder: Path, pipeline: PipelinePlan) -> None:
     (folder / MODEL_INDEX).write_text(json.dumps(pipeline.model_index, indent=2) + "\n")
 
 
+def check_output_options(dtype: str, vae_dtype: str | None, prediction_type: str | None) -> None:
+    """The options that shape a conversion's output, checked before anything is read."""
+    for name, value in (("dtype", dtype), ("vae_dtype", vae_dtype)):
+        if value is not None and value not in DTYPES:
+            raise ConversionError(f"{name} {value!r} is not one of {', '.join(DTYPES)}.")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ConversionError(f"prediction type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}.")
+
+
 def convert(
     source: str | Path,
     out_dir: str | Path,
@@ -192,16 +202,22 @@ def convert(
     q_group_size: int | None = None,
     q_mode: str = "affine",
     quantize_text_encoders: Quantization | int | str | bool | None = None,
+    prediction_type: str | None = None,
 ) -> ConversionResult:
-    """Convert an SDXL pipeline (or, with ``unet_only``, a UNet) to an MLX folder.
+    """Convert an SD 1.x / 2.x or SDXL pipeline (or, with ``unet_only``, a UNet) to an MLX folder.
 
     ``source``: a Hub repo id, a diffusers folder, or an original single-file checkpoint. A source
     that holds only a UNet is written as with ``unet_only`` (``UNet2DConditionModel.from_pretrained``
-    loads it).
+    loads it). Pipelines: text-to-image, img2img and inpainting ones (9-channel UNets), SDXL's
+    refiner; a single file is written as its family's published pipeline (``published.py``).
     ``dtype``: the UNet's and text encoders'; ``vae_dtype``: the VAE's (default float32, or
     ``dtype`` when its config says ``force_upcast: false``).
     ``config``: a diffusers UNet config.json (or folder) to use instead of the source's or the inferred one.
-    ``tokenizers``: a diffusers SDXL folder or Hub repo id to copy the tokenizers from (needed for single files).
+    ``tokenizers``: a diffusers pipeline folder or Hub repo id to copy the tokenizers from (default: the
+    source's own; for single files, CLIP's vocabulary that ships with mlx-unet, padded as the family's are).
+    ``prediction_type``: "epsilon" or "v_prediction", written into the scheduler config in place of the
+    source's (or, for single files, the family's: diffusers cannot tell an SD 2.x 512 epsilon model from
+    a 768 v-prediction one by its weights, and assumes v-prediction, as here).
     ``quantize``: 8 or 4 (or a ``Quantization``): the UNet's Linear layers that ``mlx_unet.quantize``'s
     policy takes are written quantized (``q_group_size``: 32, 64 or 128, default 64; ``q_mode``:
     affine (default), or mxfp8 / mxfp4 where MLX has them); scales and biases in ``dtype``.
@@ -210,11 +226,13 @@ def convert(
     VAE stays dense. Each quantized model's config.json records its settings (``mlx_unet`` section).
     Raises an ``MlxUnetError`` for unusable input; nothing is written then.
     """
-    for name, value in (("dtype", dtype), ("vae_dtype", vae_dtype)):
-        if value is not None and value not in DTYPES:
-            raise ConversionError(f"{name} {value!r} is not one of {', '.join(DTYPES)}.")
-    if unet_only and (vae_dtype or tokenizers):
-        raise ConversionError("--vae-dtype and --tokenizers are for whole pipelines; drop them with --unet-only.")
+    check_output_options(dtype, vae_dtype, prediction_type)
+    pipeline_only = [flag for flag, value in (("--vae-dtype", vae_dtype), ("--tokenizers", tokenizers),
+                                              ("--prediction-type", prediction_type)) if value]
+    if unet_only and pipeline_only:
+        it = "it" if len(pipeline_only) == 1 else "them"
+        raise ConversionError(f"{' and '.join(pipeline_only)} {'is' if it == 'it' else 'are'} for whole pipelines; "
+                              f"drop {it} with --unet-only.")
     quantization = choose_quantization(quantize, q_group_size, q_mode, quantize_text_encoders, unet_only)
     out_dir = Path(out_dir)
     tokenizers = None if tokenizers is None else str(tokenizers)
@@ -222,7 +240,7 @@ def convert(
     check_out_dir_apart(out_dir, str(source), tokenizers)
     _check_out_dir(out_dir, force)
     override = UNetConfig.from_json(config) if config is not None else None
-    options = Options(dtype, vae_dtype, variant, revision, allow_pickle, ema, override)
+    options = Options(dtype, vae_dtype, variant, revision, allow_pickle, ema, override, prediction_type)
     planned = plan_source(str(source), options, unet_only, tokenizers)
     pipeline = planned if isinstance(planned, PipelinePlan) else None
     layout = pipeline.models if pipeline else {"": planned}  # output subfolder -> model

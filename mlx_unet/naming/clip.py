@@ -7,6 +7,9 @@
 - open_clip's, in which sgm's SDXL files store ViT-bigG (``conditioner.embedders.N.model.``):
   ``transformer.resblocks.N`` layers with q, k and v fused in one ``in_proj``, and
   ``text_projection`` as the matrix that multiplies the pooled token from the right.
+
+ldm's SD 1.x files store CLIP ViT-L in transformers' layout under ``cond_stage_model.transformer.``,
+SD 2.x files OpenCLIP ViT-H in open_clip's under ``cond_stage_model.model.``.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ from .table import NameTable, Take
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 # ViT-bigG is the second embedder of the base, the only one of the refiner.
 OPEN_CLIP_PREFIX = {"base": "conditioner.embedders.1.model.", "refiner": "conditioner.embedders.0.model."}
+LDM_TEXT_PREFIX = "cond_stage_model."
+LDM_CLIP_PREFIX = LDM_TEXT_PREFIX + "transformer."  # SD 1.x
+LDM_OPEN_CLIP_PREFIX = LDM_TEXT_PREFIX + "model."  # SD 2.x
 
 T = TypeVar("T")
 _TRANSFORMER_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
 _POSITION_IDS = "text_model.embeddings.position_ids"
-# Stored beside the parameters, but none: the position ids buffer, and CLIP's contrastive
-# temperature (it scales image-text similarities, never the text features).
-_NOT_PARAMETERS = ("position_ids", "logit_scale")
+# Stored beside the parameters, but none: the position ids buffer, open_clip's causal mask buffer
+# (should a file hold it), and CLIP's contrastive temperature (it scales image-text similarities,
+# never the text features).
+_NOT_PARAMETERS = ("position_ids", "attn_mask", "logit_scale")
 
 
 def _our_name(key: str) -> str | None:
@@ -133,3 +140,10 @@ class OpenCLIPNames(NameTable):
 
     def _how(self, parameter: str) -> dict:
         return {"transpose": True} if parameter == "text_projection.weight" else {}
+
+
+def penultimate_left_alone(config: CLIPTextConfig, prefix: str) -> tuple[str, ...]:
+    """The starts of the open_clip keys a penultimate-layer text encoder (SD 2.x's: ``config``
+    has one layer fewer than the file) does not use: the last layer, and the projection, which
+    only the pooled output it never reads goes through."""
+    return f"{prefix}transformer.resblocks.{config.num_hidden_layers}.", f"{prefix}text_projection"

@@ -82,6 +82,11 @@ def strength_steps(steps: int, strength: float) -> int:
     return min(int(steps * strength), steps)
 
 
+# diffusers' default strengths: img2img's, and inpainting's (which then starts from pure noise).
+IMG2IMG_STRENGTH = 0.3
+INPAINT_STRENGTH = 1.0
+
+
 @dataclass(frozen=True)
 class RunArguments:
     """The numbers of one text-to-image (or img2img, or base + refiner) run, checked.
@@ -97,7 +102,7 @@ class RunArguments:
     width: int | None = None
     num_images_per_prompt: int = 1
     seed: int | None = None
-    strength: float = 0.3
+    strength: float = IMG2IMG_STRENGTH
     refiner_start: float = 0.8
     img2img: bool = False
     refined: bool = False

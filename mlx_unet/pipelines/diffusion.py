@@ -28,7 +28,7 @@ from ..models.clip import CLIPTextModel
 from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from ..tokenizer import CLIPTokenizer
-from .arguments import RunArguments, check_finite_array, check_int
+from .arguments import IMG2IMG_STRENGTH, INPAINT_STRENGTH, RunArguments, check_finite_array
 from . import inpaint, loras
 from .folder import TEXT_PARTS, PipelineFolder
 from .loras import PipelineLoRA
@@ -176,17 +176,12 @@ class DiffusionPipeline:
         """diffusers' encode_prompt for one side: (token states, pooled embedding or None)."""
         raise NotImplementedError
 
-    def _check_clip_skip(self, clip_skip: int | None) -> None:
-        if clip_skip is not None:
-            layers = min(c.num_hidden_layers for c in self.parts.encoders if c is not None)
-            check_int("clip_skip", clip_skip, 0, layers - 1)
-
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                       prompt_2: str | Sequence[str] | None = None,
                       negative_prompt_2: str | Sequence[str] | None = None,
                       clip_skip: int | None = None, guided: bool = True) -> PromptEmbeddings:
         prompts = check_prompts(prompt)
-        self._check_clip_skip(clip_skip)
+        self.parts.check_clip_skip(clip_skip)
         if (prompt_2 is not None or negative_prompt_2 is not None) and self.parts.encoders[1] is None:
             raise InputError("prompt_2 and negative_prompt_2 are for SDXL's second text encoder; this pipeline has one.")
         prompts_2 = prompts if prompt_2 is None else check_prompts(prompt_2, "prompt_2")
@@ -257,7 +252,7 @@ class DiffusionPipeline:
         if mask_image is not None and image is None:
             raise InputError("mask_image needs image: the picture whose white-masked part is repainted.")
         if strength is None:
-            strength = 1.0 if mask_image is not None else 0.3
+            strength = INPAINT_STRENGTH if mask_image is not None else IMG2IMG_STRENGTH
         args = RunArguments(steps, guidance, guidance_rescale, height, width, num_images_per_prompt, seed, strength,
                             refiner_start, img2img=image is not None, refined=refiner is not None)
         if output not in ("uint8", "float", "latent"):
@@ -281,7 +276,7 @@ class DiffusionPipeline:
         if image is not None:
             size = checked_image(image, count * num_images_per_prompt)
         inpaint.check_arguments(self.unet.config, mask_image, size, count * num_images_per_prompt, refiner is not None)
-        self._check_clip_skip(clip_skip)
+        self.parts.check_clip_skip(clip_skip)
         check_run(args, self.parts, None if refiner is None else refiner.parts, prompts=count, scheduler=scheduler,
                   dtype=self.dtype, vae_dtype=(refiner or self).vae.dtype, tiled_vae=(refiner or self).vae.use_tiling,
                   vae_tile=(refiner or self).vae.tile_sample_size, low_memory=low_memory, image_size=size,

@@ -23,6 +23,7 @@ from ..configs.vae import VAEConfig
 from ..errors import MlxUnetError, PipelineError
 from ..jsonfile import read_json
 from ..schedulers import SAMPLERS, make_scheduler, read_config
+from .arguments import check_int
 
 # diffusers' scheduler class -> our sampler name, to default to the model's own sampler.
 _SAMPLER_OF_CLASS = {
@@ -76,17 +77,27 @@ class PipelineFolder:
         """The folder of part ``name`` ("unet", "tokenizer_2", ...), None where the pipeline has none."""
         return _part(self.path, self.index, name)
 
-    def make_scheduler(self, name: str | None = None):
-        """The named sampler (see ``schedulers.SAMPLERS``) on the shipped scheduler config; by
-        default the sampler the model ships with."""
-        shipped = self.scheduler or {}
+    def sampler_name(self, name: str | None = None) -> str:
+        """``name``, checked, or the sampler the model ships with (Euler where we have none of its kind)."""
         if name is None:
+            shipped = self.scheduler or {}
             name = _SAMPLER_OF_CLASS.get(shipped.get("_class_name"), "euler")
             if name == "dpmpp_2m" and shipped.get("use_karras_sigmas"):
                 name = "dpmpp_2m_karras"
         if name not in SAMPLERS:
             raise PipelineError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}.")
-        return make_scheduler(name, self.scheduler)
+        return name
+
+    def make_scheduler(self, name: str | None = None):
+        """The named sampler (see ``schedulers.SAMPLERS``) on the shipped scheduler config; by
+        default the sampler the model ships with."""
+        return make_scheduler(self.sampler_name(name), self.scheduler)
+
+    def check_clip_skip(self, clip_skip: int | None, flag: str | None = None) -> None:
+        """Refuse a clip_skip that leaves a text encoder no layer (``flag``: the option's name)."""
+        if clip_skip is not None:
+            layers = min(c.num_hidden_layers for c in self.encoders if c is not None)
+            check_int("clip_skip", clip_skip, 0, layers - 1, flag)
 
     @classmethod
     def read(cls, folder: str | Path) -> "PipelineFolder":

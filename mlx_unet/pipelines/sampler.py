@@ -20,6 +20,7 @@ import mlx.core as mx
 from ..errors import InputError, NonFiniteWarning
 from ..models.unet import UNet2DConditionModel
 from .arguments import (
+    IMG2IMG_STRENGTH,
     MAX_GUIDANCE,
     MAX_STEPS,
     PIXELS_PER_LATENT,
@@ -120,7 +121,7 @@ class Sampler:
         latents: mx.array | None = None,
         image_latents: mx.array | None = None,
         inpainting: Inpainting | None = None,
-        strength: float = 0.3,
+        strength: float = IMG2IMG_STRENGTH,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
     ) -> Iterator[Step]:
@@ -237,7 +238,7 @@ class Sampler:
         latents: mx.array | None = None,
         image_latents: mx.array | None = None,
         inpainting: Inpainting | None = None,
-        strength: float = 0.3,
+        strength: float = IMG2IMG_STRENGTH,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
     ) -> Start:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .arguments import strength_steps
+from .arguments import IMG2IMG_STRENGTH, strength_steps
 
 
-def schedule(scheduler, num_inference_steps: int, *, img2img: bool = False, strength: float = 0.3,
+def schedule(scheduler, num_inference_steps: int, *, img2img: bool = False, strength: float = IMG2IMG_STRENGTH,
              denoising_start: float | None = None, denoising_end: float | None = None) -> tuple[mx.array, int]:
     """The timesteps a run takes, and the index of the first in the scheduler's whole schedule
     (set as its begin index). Sets the scheduler's timesteps. ``img2img`` starts at ``strength``

@@ -19,9 +19,8 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
 from mlx_unet import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
-from mlx_unet.configs.base import FORMAT_KEY, FORMAT_VERSION
+from mlx_unet.convert.published import SDXL_BASE
 from mlx_unet.naming.ldm_unet import UNetNames
-from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG
 from mlx_unet.tokenizer import _BYTE_CHARS, END_OF_WORD
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,17 +78,11 @@ def write_pipeline(folder: Path, seed: int = 0, size: str = "tiny", dtype: mx.Dt
             redraw(model)
         save_model(folder / name, model, config.to_dict())
         del model
-    write_tokenizer(folder / "tokenizer", "<|endoftext|>")
-    write_tokenizer(folder / "tokenizer_2", "!")
+    for tokenizer, pad in SDXL_BASE.pads.items():
+        write_tokenizer(folder / tokenizer, pad)
     (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER_CONFIG))
-    index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
-             "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-             "tokenizer_2": ["transformers", "CLIPTokenizer"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             FORMAT_KEY: FORMAT_VERSION}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_BASE.scheduler))
+    index = SDXL_BASE.model_index(["text_encoder", "text_encoder_2"])
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 

@@ -1,6 +1,7 @@
 """Class 2: output is checked before the work and written in one piece: a path that cannot be
-written is refused before any model loads; a batch writes all its files or none; files and
-folders get ordinary permissions."""
+written is refused before any model loads; each image is written whole or not at all, and a batch
+that fails part way says which of its images were written; files and folders get ordinary
+permissions."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import pytest
 from bad_input_helpers import PROMPT, ROOT, RUN, SIZE, assert_user_error, run_cli, tree_digest, write_diffusers_unet
 from PIL import Image
 
-from mlx_unet import InputError, UNetConfig
-from mlx_unet.pipelines.images import check_writable, output_paths, write_pngs
+from mlx_unet import InputError, UNetConfig, cli
+from mlx_unet.pipelines.images import check_writable, output_paths, write_png
 
 
 def _generate(pipeline: Path, out: Path, *flags: str, **kwargs) -> subprocess.CompletedProcess:
@@ -74,34 +75,46 @@ def test_a_batch_that_cannot_be_written_writes_nothing(tiny_pipeline, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mlx_unet", "generate", PROMPT, "--model", str(tiny_pipeline),
                            "-o", str(out), *RUN, "-n", "3"], capture_output=True, text=True, cwd=ROOT, timeout=120,
                           preexec_fn=_file_size_limit(1024))
-    assert_user_error(proc, str(out), "File too large", "none of the batch was written")
+    assert_user_error(proc, f"File too large: {out}; written before it: nothing")
     assert list(tmp_path.iterdir()) == []  # no image, no temporary file
 
 
-def test_write_pngs_is_all_or_nothing(tmp_path, monkeypatch):
-    images = [np.full((8, 8, 3), i, np.uint8) for i in range(3)]
-    paths = output_paths(tmp_path / "x.png", 3)
-    assert [p.name for p in paths] == ["x.png", "x-1.png", "x-2.png"]
-    import mlx_unet.pipelines.images as images_module
+def test_a_failed_png_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "x.png"
+    path.write_bytes(b"an older image")
 
-    real = images_module._encode
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left on device") as failed:
+        write_png(path, np.zeros((8, 8, 3), np.uint8), {"parameters": "a prompt"})
+    assert failed.value.filename == str(path)  # named after the image, not its temporary file
+    assert sorted(tmp_path.iterdir()) == [path] and path.read_bytes() == b"an older image"
+
+
+def test_a_batch_failing_part_way_names_the_images_written(tiny_pipeline, tmp_path, monkeypatch, capsys):
+    import mlx_unet.cli.generate as generate
+
     calls = []
 
-    def third_fails(path, image):
+    def third_fails(path, image, text=None):
         calls.append(path)
         if len(calls) == 3:
             raise OSError(28, "No space left on device", str(path))
-        return real(path, image)
+        write_png(path, image, text)
 
-    monkeypatch.setattr(images_module, "_encode", third_fails)
-    with pytest.raises(OSError, match="No space left on device; none of the batch was written"):
-        write_pngs(paths, images)
-    assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(images_module, "_encode", real)
-    write_pngs(paths, images)
-    for path, image in zip(paths, images):
+    monkeypatch.setattr(generate, "write_png", third_fails)
+    out = tmp_path / "x.png"
+    paths = output_paths(out, 3)
+    assert [p.name for p in paths] == ["x.png", "x-1.png", "x-2.png"]
+    code = cli.main(["generate", PROMPT, "--model", str(tiny_pipeline), "-o", str(out), *RUN, "-n", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: No space left on device: {paths[2]}; written before it: {paths[0]}, {paths[1]}"]
+    assert set(tmp_path.iterdir()) == set(paths[:2])  # whole images, no temporary file
+    for path in paths[:2]:
         with Image.open(path) as png:
-            assert np.array_equal(np.asarray(png), image)
+            png.load()
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 

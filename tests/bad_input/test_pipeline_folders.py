@@ -93,7 +93,9 @@ def test_a_missing_model_folder_is_named(tmp_path):
     assert_user_error(run_cli("generate", PROMPT, "--model", str(tmp_path / "nope"), *RUN),
                       f"{tmp_path / 'nope'} does not exist")
     (tmp_path / "file").write_text("x")
-    assert_user_error(run_cli("generate", PROMPT, "--model", str(tmp_path / "file"), *RUN), "is a file, not a folder")
+    # A file is taken for a single-file checkpoint (converted into the cache): this one is none.
+    assert_user_error(run_cli("generate", PROMPT, "--model", str(tmp_path / "file"), *RUN),
+                      str(tmp_path / "file"), "is not a safetensors file")
 
 
 def test_the_intact_folder_reads(tiny_pipeline):

@@ -1,4 +1,4 @@
-"""Tiny random inpainting pipelines on disk, and the random draws both sides of a parity test share.
+"""Tiny random inpainting pipelines on disk.
 
 Each family's ordinary pipeline (``pipeline_files``, ``sd_pipeline_files``) is saved and
 converted as it is (a 4-channel UNet: diffusers' inpainting pipelines blend the known region
@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import torch
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 from pipeline_files import diffusers_pipeline
 from reference import tiny_config, torch_unet
-from sd_pipeline_files import sd_pipeline
+from sd_image_pipelines import sd_pipeline
 
 from mlx_unet.convert import convert
 
@@ -44,36 +41,3 @@ def inpainting_pipelines(tmp: Path, family: str, dtype: str = "float32") -> dict
     for pipe in (legacy, inpaint):
         pipe.set_progress_bar_config(disable=True)
     return {"legacy": legacy, "inpaint": inpaint, "mlx_legacy": tmp / "mlx-legacy", "mlx_inpaint": tmp / "mlx-inpaint"}
-
-
-class SharedDraws:
-    """The VAE's latent-distribution draws, the same on both sides in call order: the n-th draw
-    diffusers makes (its ``randn_tensor``, NCHW) holds the values of our n-th
-    (``DiagonalGaussian.sample``, NHWC). ``install`` patches both."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-        self.theirs = self.ours = 0  # draws made so far
-
-    def _values(self, index: int, nhwc: tuple[int, ...]) -> np.ndarray:
-        return np.random.default_rng((self.seed, index)).standard_normal(nhwc, dtype=np.float32)
-
-    def install(self, monkeypatch) -> SharedDraws:
-        from diffusers.models.autoencoders import vae as their_vae
-
-        from mlx_unet.models.vae import DiagonalGaussian
-
-        def theirs(shape, *args, **kwargs):
-            b, c, h, w = shape
-            values = self._values(self.theirs, (b, h, w, c))
-            self.theirs += 1
-            return torch.from_numpy(values).permute(0, 3, 1, 2).contiguous()
-
-        def ours(gaussian, key=None):
-            values = self._values(self.ours, gaussian.mean.shape)
-            self.ours += 1
-            return gaussian.mean + gaussian.std * mx.array(values)
-
-        monkeypatch.setattr(their_vae, "randn_tensor", theirs)
-        monkeypatch.setattr(DiagonalGaussian, "sample", ours)
-        return self

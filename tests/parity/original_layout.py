@@ -18,7 +18,8 @@ import torch
 from mlx_unet import CLIPTextConfig, UNetConfig, VAEConfig
 from mlx_unet.convert.infer import infer_clip
 from mlx_unet.naming import NameTable
-from mlx_unet.naming.clip import CLIP_L_PREFIX, OPEN_CLIP_PREFIX, CLIPNames, OpenCLIPNames, checkpoint_names
+from mlx_unet.naming.clip import CLIP_L_PREFIX, LDM_CLIP_PREFIX, LDM_OPEN_CLIP_PREFIX, OPEN_CLIP_PREFIX, CLIPNames, \
+    OpenCLIPNames, checkpoint_names
 from mlx_unet.naming.ldm_unet import UNET_PREFIX, UNetNames
 from mlx_unet.naming.ldm_vae import VAE_PREFIX, VAENames
 
@@ -38,6 +39,12 @@ SINGLE_FILE_FAMILIES: dict[str, UNetConfig] = {
     "sd15": UNetConfig.from_preset("sd15", block_out_channels=[32, 64, 64, 64]),
     "sd2": UNetConfig.from_preset("sd2", block_out_channels=[64, 128, 128, 128], attention_head_dim=[1, 2, 2, 2]),
     "sd15-inpaint": UNetConfig.from_preset("sd15-inpaint", block_out_channels=[32, 64, 64, 64]),
+    "sd2-inpaint": UNetConfig.from_preset("sd2-inpaint", block_out_channels=[64, 128, 128, 128],
+                                          attention_head_dim=[1, 2, 2, 2]),
+    "sdxl-inpaint": UNetConfig.from_preset(
+        "sdxl-inpaint", block_out_channels=[64, 128, 128], attention_head_dim=[1, 2, 2],
+        transformer_layers_per_block=[1, 2, 3],
+    ),
 }
 
 
@@ -126,3 +133,24 @@ def sdxl_single_file(unet: dict[str, torch.Tensor], unet_config: UNetConfig, tex
         tensors[CLIP_L_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
     tensors |= open_clip_to_original(text_encoder_2, BIGG_PREFIX["base" if text_encoder is not None else "refiner"])
     return tensors
+
+
+def sd_single_file(unet: dict[str, torch.Tensor], unet_config: UNetConfig, text_encoder: dict[str, torch.Tensor],
+                   vae: dict[str, torch.Tensor], open_clip: bool, text_model: bool = True) -> dict[str, torch.Tensor]:
+    """An ldm SD 1.x / 2.x checkpoint: CLIP ViT-L as transformers 4.x saved it (with its
+    position_ids buffer; ``text_model=False``: as transformers before 4.x's ``text_model.`` did),
+    or (``open_clip``) an OpenCLIP text tower with a projection, and what training left beside
+    the models (the noise schedule's buffers, the EMA's counters)."""
+    tensors = {**to_original_layout(unet, unet_config), **vae_to_original(vae)}
+    if open_clip:
+        tensors |= open_clip_to_original(text_encoder, LDM_OPEN_CLIP_PREFIX)
+        width = tensors[LDM_OPEN_CLIP_PREFIX + "positional_embedding"].shape[1]
+        # ViT-H's projection (to CLIP's joint space), which SD 2.x never uses.
+        tensors[LDM_OPEN_CLIP_PREFIX + "text_projection"] = torch.randn(width, width, generator=torch.manual_seed(0))
+    else:
+        clip = clip_to_original(text_encoder, LDM_CLIP_PREFIX)
+        clip[LDM_CLIP_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        tensors |= clip if text_model else {k.replace(".text_model.", ".", 1): v for k, v in clip.items()}
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    return {**tensors, "betas": betas, "alphas_cumprod": torch.cumprod(1 - betas, 0),
+            "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000, dtype=torch.int32)}

@@ -238,9 +238,10 @@ def test_single_file_ema_weights(tmp_path):
     assert any("has no EMA weights" in note for note in result.notes)
 
 
-def test_full_checkpoint_of_another_family_needs_unet_only(tmp_path, sd15_file):
-    with pytest.raises(ConversionError, match="is an SD 1.x checkpoint; only SDXL checkpoints convert as a whole "
-                                              "pipeline: pass --unet-only to convert its UNet"):
+def test_checkpoint_without_its_text_encoder_needs_unet_only(tmp_path, sd15_file):
+    """An SD 1.x UNet beside parts of other layouts (an sgm text encoder): not a whole SD 1.x file."""
+    with pytest.raises(ConversionError, match=r"sd15.safetensors holds no text encoder \(cond_stage_model\.\*\), so "
+                                              "it is not a whole SD 1.x checkpoint; pass --unet-only to convert its UNet."):
         convert(sd15_file, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -34,7 +34,7 @@ from mlx_unet.safetensors_io import SafetensorsReader
 from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG
 from mlx_unet import CLIPTextConfig
 from mlx_unet.naming.clip import checkpoint_names
-from mlx_unet.tokenizer import CLIPTokenizer
+from mlx_unet.tokenizer import CLIPTokenizer, bundled_tokenizer_files
 from mlx_unet import VAEConfig
 from mlx_unet.weights import torch_to_mlx_layout
 
@@ -338,7 +338,7 @@ def test_tokenizers_from_a_hub_repo_fetch_only_tokenizer_files(tmp_path, base, m
     assert requests == [["tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer_2/merges.txt",
                          "tokenizer_2/special_tokens_map.json", "tokenizer_2/vocab.json"]]
     assert fetch_tokenizers(str(snapshot)) == snapshot  # a local folder is used where it is
-    with pytest.raises(ConversionError, match="--tokenizers ./nowhere does not exist; pass a diffusers SDXL folder or a Hub repo id"):
+    with pytest.raises(ConversionError, match="--tokenizers ./nowhere does not exist; pass a diffusers pipeline folder or a Hub repo id"):
         fetch_tokenizers("./nowhere")
 
 
@@ -372,13 +372,17 @@ def test_single_file_converts_whole(tmp_path, base, refiner_parts, kind):
     assert f"left alone: {len(left)} tensors ({', '.join(left)})" in result.notes
 
 
-def test_single_file_without_tokenizers_asks_for_them(tmp_path, refiner_parts):
+def test_single_file_without_tokenizers_uses_the_bundled_vocabulary(tmp_path, refiner_parts):
+    """No --tokenizers: CLIP's vocabulary that ships with mlx-unet, padded as SDXL's second
+    tokenizer is ("!"); the same single file still converts its UNet alone with --unet-only."""
     refiner_file = write_single_file(tmp_path / "sd_xl_refiner.safetensors", refiner_parts)
-    proc = subprocess.run([sys.executable, str(ROOT / "convert.py"), str(refiner_file), str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith(f"error: {refiner_file} holds no tokenizer files; pass --tokenizers")
-    assert "--unet-only" in proc.stderr and not (tmp_path / "out").exists()
+    proc = subprocess.run([sys.executable, str(ROOT / "convert.py"), str(refiner_file), str(tmp_path / "out"),
+                           "--dtype", "float32"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "tokenizers: CLIP's vocabulary, shipped with mlx-unet (tokenizer_2 pads with '!')" in proc.stderr
+    assert listing(tmp_path / "out") == expected_listing(refiner_parts)
+    written = {f.name: f.read_bytes() for f in (tmp_path / "out" / "tokenizer_2").iterdir()}
+    assert written == bundled_tokenizer_files("!")
 
     convert(refiner_file, tmp_path / "unet", dtype="float32", unet_only=True, progress=False)
     assert listing(tmp_path / "unet") == ["config.json", "model.safetensors"]  # the layout from before pipelines
@@ -434,10 +438,10 @@ def _damage(source: Path, damage: str) -> None:
         (source / "tokenizer_2" / "vocab.json").unlink()
     elif damage == "bad-vocab":
         (source / "tokenizer_2" / "vocab.json").write_text(json.dumps({"!": 0}))
-    elif damage == "not-sdxl":
+    elif damage in ("not-run", "sd-index"):
         index = json.loads((source / "model_index.json").read_text())
-        (source / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline",
-                                                             "text_encoder_2": [None, None]}))
+        kind = "StableDiffusionUpscalePipeline" if damage == "not-run" else "StableDiffusionPipeline"
+        (source / "model_index.json").write_text(json.dumps({**index, "_class_name": kind}))
     elif damage == "wrong-encoder":
         shutil.rmtree(source / "text_encoder_2")
         shutil.copytree(source / "text_encoder", source / "text_encoder_2")
@@ -451,10 +455,14 @@ def _damage(source: Path, damage: str) -> None:
     ("no-vocab", ConversionError, "tokenizer_2 holds no tokenizer (vocab.json and merges.txt, or tokenizer.json); "
                                   "download it again, or pass --tokenizers"),
     ("bad-vocab", ConversionError, "tokenizer_2 does not load: "),
-    ("not-sdxl", ConversionError, "is a StableDiffusionPipeline pipeline without text_encoder_2, not an SDXL one; only "
-                                  "SDXL pipelines convert whole: pass --unet-only"),
+    ("not-run", ConversionError, "is a StableDiffusionUpscalePipeline pipeline, which mlx-unet does not run (it converts "
+                                 "SD 1.x, 2.x and SDXL text-to-image, img2img and inpainting pipelines whole): pass "
+                                 "--unet-only to convert its UNet."),
+    # An SD pipeline's index on SDXL's models: only the first text encoder is taken, and does not fit the UNet.
+    ("sd-index", ConversionError, "the text encoders give 16-wide token states but the UNet's cross-attention takes "
+                                  "48; these models do not belong together."),
     ("wrong-encoder", ConversionError, "text_encoder_2/config.json describes a CLIPTextModel; the second text encoder "
-                                       "of SDXL is a CLIPTextModelWithProjection."),
+                                       "of a StableDiffusionXLPipeline is a CLIPTextModelWithProjection."),
     ("no-scheduler", ConversionError, "no scheduler config at"),
 ])
 def test_bad_pipelines_are_refused_and_nothing_is_written(tmp_path, base, damage, error, message):

@@ -76,13 +76,30 @@ def test_default_options_write_what_the_pipeline_makes(files, default_image):
     assert np.array_equal(default_image, _pipeline(files)(PROMPT, **API_RUN)[0])
 
 
-def test_batch_writes_numbered_images_that_differ(files, tmp_path):
+def test_batch_writes_numbered_images_of_consecutive_seeds(files, tmp_path):
+    # One image per seed (3, then 4), each as a run of one image with that seed makes it.
     out = tmp_path / "many.png"
     first = _generate(files, out, "-n", "2")
     second = _read_png(tmp_path / "many-1.png")
-    expected = _pipeline(files)(PROMPT, **API_RUN, num_images_per_prompt=2)
-    assert np.array_equal(first, expected[0]) and np.array_equal(second, expected[1])
+    pipe = _pipeline(files)
+    assert np.array_equal(first, pipe(PROMPT, **API_RUN)[0])
+    assert np.array_equal(second, pipe(PROMPT, **{**API_RUN, "seed": 4})[0])
     assert _differ(first, second)
+    for path, seed in ((out, 3), (tmp_path / "many-1.png", 4)):
+        with Image.open(path) as image:
+            assert f"Seed: {seed}," in image.text["parameters"]
+
+
+def test_model_takes_a_diffusers_folder_converted_once_into_the_cache(files, default_image, tmp_path, cache, capsys):
+    source = str(files["diffusers"])
+    for run, said in ((1, "converting"), (2, "using")):
+        image = _generate({**files, "mlx": source}, tmp_path / f"run{run}.png")
+        assert np.array_equal(image, default_image)  # converted as convert's defaults convert it
+        assert f"{said} {source}" in capsys.readouterr().err
+    entries = sorted(cache.iterdir())
+    image = _generate({**files, "mlx": source}, tmp_path / "temporary.png", "--no-cache")
+    assert np.array_equal(image, default_image) and "temporary folder" in capsys.readouterr().err
+    assert sorted(cache.iterdir()) == entries  # the cache untouched
 
 
 def test_seed_steps_guidance_and_size_are_used(files, default_image, tmp_path):
@@ -178,12 +195,12 @@ def test_user_errors_are_one_line_and_exit_2(files, tmp_path):
 
 
 def test_commands_have_help():
-    for module in ("mlx_unet", "mlx_unet.cli.generate"):
+    for module in ("mlx_unet", "mlx_unet.cli.generate", "mlx_unet.generate"):
         args = [sys.executable, "-m", module, *(["generate"] if module == "mlx_unet" else []), "--help"]
         proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 0 and "--tile-vae" in proc.stdout and "mlx-unet generate" in proc.stdout
     listing = subprocess.run([sys.executable, "-m", "mlx_unet", "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert listing.returncode == 0 and "generate" in listing.stdout and "convert" in listing.stdout
+    assert listing.returncode == 0 and all(command in listing.stdout for command in ("generate", "convert", "info"))
 
 
 def test_a_failed_low_memory_run_restores_the_cache_limit(files):

@@ -13,9 +13,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from inpaint_files import SharedDraws, inpainting_pipelines
+from inpaint_files import inpainting_pipelines
 from pipeline_files import SIZE
-from test_text_to_image import PROMPT, _compare, _latents, _nchw
+from image_runs import PROMPT, SharedDraws, compare_images, nchw, noise_latents
 
 from mlx_unet import InputError, PipelineError, load_pipeline
 from mlx_unet.pipelines.inpaint import binary_mask, latent_mask
@@ -50,8 +50,8 @@ def _mask() -> np.ndarray:
 def _run_both(monkeypatch, theirs_pipe, mlx_folder, *, strength, guidance, seed, batch=1, uint8_mask=False):
     """The same inpainting on both sides; returns (ours, theirs, the draws)."""
     draws = SharedDraws(seed).install(monkeypatch)
-    noise = _latents(batch, seed=seed + 1)
-    monkeypatch.setattr(sys.modules[type(theirs_pipe).__module__], "randn_tensor", lambda *a, **k: _nchw(noise))
+    noise = noise_latents(batch, seed=seed + 1)
+    monkeypatch.setattr(sys.modules[type(theirs_pipe).__module__], "randn_tensor", lambda *a, **k: nchw(noise))
     image, mask = _image(seed + 2), _mask()
     our_mask = mask
     if uint8_mask:  # ours reads uint8 as diffusers reads a PNG mask: / 255
@@ -72,7 +72,7 @@ def test_sdxl_inpainting_model_matches_diffusers(sdxl, monkeypatch):
     """From pure noise (strength 1): only the masked image is encoded, two images of one prompt."""
     ours, theirs, draws = _run_both(monkeypatch, sdxl["inpaint"], sdxl["mlx_inpaint"], strength=1.0, seed=20,
                                     batch=2, uint8_mask=True, guidance=5.0)
-    _compare(ours, theirs)
+    compare_images(ours, theirs)
     assert draws.theirs == draws.ours == 1
 
 
@@ -82,7 +82,7 @@ def test_sdxl_inpainting_model_below_full_strength_matches_diffusers(sdxl, monke
     image is encoded, then the masked image."""
     ours, theirs, draws = _run_both(monkeypatch, sdxl["inpaint"], sdxl["mlx_inpaint"], strength=0.6, seed=30,
                                     guidance=5.0)
-    _compare(ours, theirs)
+    compare_images(ours, theirs)
     assert draws.theirs == draws.ours == 2
 
 
@@ -93,7 +93,7 @@ def test_sdxl_ordinary_model_inpaints_by_blending_as_diffusers(sdxl, monkeypatch
     masked image, which such a UNet never sees; we do not (one draw fewer, the last)."""
     ours, theirs, draws = _run_both(monkeypatch, sdxl["legacy"], sdxl["mlx_legacy"], strength=strength, seed=40,
                                     guidance=5.0)
-    _compare(ours, theirs)
+    compare_images(ours, theirs)
     assert (draws.theirs, draws.ours) == (2, 1)
 
 
@@ -102,7 +102,7 @@ def test_sdxl_ordinary_model_inpaints_by_blending_as_diffusers(sdxl, monkeypatch
 def test_sd1_inpainting_model_matches_diffusers(sd1, monkeypatch):
     ours, theirs, draws = _run_both(monkeypatch, sd1["inpaint"], sd1["mlx_inpaint"], strength=1.0, seed=50,
                                     guidance=7.5)
-    _compare(ours, theirs)
+    compare_images(ours, theirs)
     assert draws.theirs == draws.ours == 1
 
 
@@ -111,7 +111,7 @@ def test_sd1_ordinary_model_inpaints_by_blending_as_diffusers(sd1, monkeypatch):
     """DDIM (SD 1.x's scheduler) noises the known region by timestep, not by step index."""
     ours, theirs, draws = _run_both(monkeypatch, sd1["legacy"], sd1["mlx_legacy"], strength=0.8, seed=60,
                                     guidance=7.5)
-    _compare(ours, theirs)
+    compare_images(ours, theirs)
     assert (draws.theirs, draws.ours) == (2, 1)
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from pipeline_files import SIZE
-from sd_pipeline_files import converted_sd_pipeline
-from test_text_to_image import PROMPT, _compare, _latents, _nchw
+from sd_image_pipelines import converted_sd_pipeline
+from image_runs import PROMPT, compare_images, nchw, noise_latents, same_img2img_draws
 
 from mlx_unet import InputError, PipelineError, SDPipeline, SDXLPipeline, load_pipeline
 
@@ -31,14 +31,14 @@ def sd2(tmp_path_factory):
 @pytest.mark.usefixtures("code_path")  # the whole run on the CPU kernels and on plain MLX
 @pytest.mark.parametrize("negative", [None, "blurry, low quality"])
 def test_sd1_text_to_image_matches_diffusers(sd1, negative):
-    latents = _latents(2)
+    latents = noise_latents(2)
     theirs = sd1["pipe"](PROMPT, negative_prompt=negative, num_inference_steps=4, guidance_scale=7.5, height=SIZE,
-                         width=SIZE, num_images_per_prompt=2, latents=_nchw(latents), output_type="np").images
+                         width=SIZE, num_images_per_prompt=2, latents=nchw(latents), output_type="np").images
     pipe = load_pipeline(sd1["mlx"], dtype=mx.float32)
     assert type(pipe) is SDPipeline and pipe.scheduler().__class__.__name__.startswith("DDIM")
     ours = pipe(PROMPT, negative, steps=4, guidance=7.5, height=SIZE, width=SIZE, num_images_per_prompt=2,
                 latents=mx.array(latents), output="float")
-    _compare(ours, theirs)
+    compare_images(ours, theirs)
 
 
 @torch.no_grad()
@@ -50,58 +50,52 @@ def test_sd1_clip_skip_matches_diffusers(sd1, clip_skip, monkeypatch):
     if not hasattr(encoder, "text_model"):
         monkeypatch.setattr(encoder, "text_model", SimpleNamespace(final_layer_norm=encoder.final_layer_norm),
                             raising=False)
-    latents = _latents(1, seed=3)
+    latents = noise_latents(1, seed=3)
     run = dict(num_inference_steps=3, guidance_scale=7.5, height=SIZE, width=SIZE)
-    theirs = sd1["pipe"](PROMPT, clip_skip=clip_skip, latents=_nchw(latents), output_type="np", **run).images
-    plain = sd1["pipe"](PROMPT, latents=_nchw(latents), output_type="np", **run).images
+    theirs = sd1["pipe"](PROMPT, clip_skip=clip_skip, latents=nchw(latents), output_type="np", **run).images
+    plain = sd1["pipe"](PROMPT, latents=nchw(latents), output_type="np", **run).images
     assert np.abs(theirs - plain).max() > 1e-2  # the skip changes the image: the comparison means something
     ours = load_pipeline(sd1["mlx"], dtype=mx.float32)(PROMPT, steps=3, guidance=7.5, height=SIZE, width=SIZE,
                                                         clip_skip=clip_skip, latents=mx.array(latents),
                                                         output="float")
-    _compare(ours, theirs)
+    compare_images(ours, theirs)
 
 
 @torch.no_grad()
 @pytest.mark.usefixtures("code_path")
 def test_sd2_v_prediction_matches_diffusers(sd2):
     assert sd2["pipe"].scheduler.config.prediction_type == "v_prediction"
-    latents = _latents(1, seed=4)
+    latents = noise_latents(1, seed=4)
     theirs = sd2["pipe"](PROMPT, negative_prompt="ugly", num_inference_steps=4, guidance_scale=6.0, height=SIZE,
-                         width=SIZE, latents=_nchw(latents), output_type="np").images
+                         width=SIZE, latents=nchw(latents), output_type="np").images
     pipe = load_pipeline(sd2["mlx"], dtype=mx.float32)
     assert type(pipe) is SDPipeline
     ours = pipe(PROMPT, "ugly", steps=4, guidance=6.0, height=SIZE, width=SIZE, latents=mx.array(latents),
                 output="float")
-    _compare(ours, theirs)
+    compare_images(ours, theirs)
 
 
 @torch.no_grad()
 def test_sd1_img2img_matches_diffusers(sd1, monkeypatch):
     """An image encoded by the VAE, noised to strength 0.6, denoised; both sides get the same
     draws (the latent distribution's noise and the img2img noise)."""
-    from diffusers.models.autoencoders import vae as their_vae
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as their_img2img
 
-    from mlx_unet.models.vae import DiagonalGaussian
-
     image = np.random.default_rng(8).random((1, SIZE, SIZE, 3), dtype=np.float32)
-    sample_noise, start_noise = _latents(1, seed=9), _latents(1, seed=10)
-    monkeypatch.setattr(their_vae, "randn_tensor", lambda *a, **k: _nchw(sample_noise))
-    monkeypatch.setattr(their_img2img, "randn_tensor", lambda *a, **k: _nchw(start_noise))
-    monkeypatch.setattr(DiagonalGaussian, "sample", lambda self, key=None: self.mean + self.std * mx.array(sample_noise))
+    start_noise = same_img2img_draws(monkeypatch, their_img2img, seed=9)
     theirs_pipe = StableDiffusionImg2ImgPipeline(**sd1["pipe"].components)
     theirs_pipe.set_progress_bar_config(disable=True)
     theirs = theirs_pipe(PROMPT, image=image, strength=0.6, num_inference_steps=5, guidance_scale=7.5,
                          output_type="np").images
     ours = load_pipeline(sd1["mlx"], dtype=mx.float32)(PROMPT, image=image, strength=0.6, steps=5, guidance=7.5,
                                                         latents=mx.array(start_noise), output="float")
-    _compare(ours, theirs)
+    compare_images(ours, theirs)
 
 
 @torch.no_grad()
 def test_prompt_embeds_encoded_once_make_the_same_image(sd1):
     pipe = load_pipeline(sd1["mlx"], dtype=mx.float32)
-    latents = mx.array(_latents(1, seed=11))
+    latents = mx.array(noise_latents(1, seed=11))
     run = dict(steps=2, guidance=7.5, height=SIZE, width=SIZE, latents=latents)
     direct = pipe(PROMPT, "dark", **run)
     embeddings = pipe.encode_prompt(PROMPT, "dark")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from image_runs import PROMPT, compare_images, nchw, noise_latents, same_img2img_draws
 from original_layout import SINGLE_FILE_FAMILIES, sdxl_single_file
 from pipeline_files import SIZE, converted_pipelines
 from reference import torch_unet
@@ -21,75 +22,51 @@ from mlx_unet import PipelineError, SDXLPipeline, VAEConfig, load_pipeline
 from mlx_unet.configs.base import FORMAT_KEY
 from mlx_unet.convert import convert
 
-PROMPT = "a photo of an astronaut riding a horse, 35mm"
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return converted_pipelines(tmp_path_factory.mktemp("t2i"))
 
 
-def _latents(batch: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, SIZE // 8, SIZE // 8, 4), dtype=np.float32)
-
-
-def _nchw(latents: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(latents).permute(0, 3, 1, 2).contiguous()
-
-
-def _compare(ours: np.ndarray, theirs: np.ndarray) -> None:
-    """Image by image: a bad image must not hide behind a good one."""
-    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-    for item, (mine, their) in enumerate(zip(ours, theirs)):
-        error = float(np.abs(mine.astype(np.float64) - their).max())
-        off = np.abs((mine * 255).round().astype(np.int16) - (their * 255).round().astype(np.int16))
-        print(f"image {item}: max abs error {error:.2e}; uint8 max diff {off.max()}, "
-              f"{np.mean(off > 0):.4%} of values differ")
-        # The image is varied (not a flat clamp), so agreement means something.
-        assert their.std() > 0.05 and np.mean((their > 0) & (their < 1)) > 0.5
-        assert error <= 1e-3
-        assert off.max() <= 1 and np.mean(off > 0) < 0.01
-
-
 @torch.no_grad()
 @pytest.mark.usefixtures("code_path")  # the whole run on the CPU kernels and on plain MLX
 @pytest.mark.parametrize("negative", [None, "blurry, low quality"])
 def test_text_to_image_matches_diffusers(models, negative):
-    latents = _latents(2)
+    latents = noise_latents(2)
     theirs = models["base"](PROMPT, negative_prompt=negative, num_inference_steps=4, guidance_scale=5.0,
-                            height=SIZE, width=SIZE, num_images_per_prompt=2, latents=_nchw(latents),
+                            height=SIZE, width=SIZE, num_images_per_prompt=2, latents=nchw(latents),
                             output_type="np").images
     pipe = SDXLPipeline.from_pretrained(models["mlx"], dtype=mx.float32)
     ours = pipe(PROMPT, negative, steps=4, guidance=5.0, height=SIZE, width=SIZE, num_images_per_prompt=2,
                 latents=mx.array(latents), output="float")
-    _compare(ours, theirs)
+    compare_images(ours, theirs)
 
 
 @torch.no_grad()
 def test_clip_skip_matches_diffusers(models):
-    latents = _latents(1, seed=12)
+    latents = noise_latents(1, seed=12)
     run = dict(negative_prompt="blurry", num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE)
-    theirs = models["base"](PROMPT, clip_skip=1, latents=_nchw(latents), output_type="np", **run).images
-    plain = models["base"](PROMPT, latents=_nchw(latents), output_type="np", **run).images
+    theirs = models["base"](PROMPT, clip_skip=1, latents=nchw(latents), output_type="np", **run).images
+    plain = models["base"](PROMPT, latents=nchw(latents), output_type="np", **run).images
     assert np.abs(theirs - plain).max() > 1e-2  # the skip changes the image: the comparison means something
     ours = SDXLPipeline.from_pretrained(models["mlx"], dtype=mx.float32)(
         PROMPT, "blurry", steps=3, guidance=5.0, height=SIZE, width=SIZE, clip_skip=1, latents=mx.array(latents),
         output="float")
-    _compare(ours, theirs)
+    compare_images(ours, theirs)
 
 
 @torch.no_grad()
 def test_base_and_refiner_hand_off_matches_diffusers(models):
-    latents = _latents(1, seed=1)
+    latents = noise_latents(1, seed=1)
     handoff = dict(num_inference_steps=5, guidance_scale=5.0)
-    base_latents = models["base"](PROMPT, height=SIZE, width=SIZE, latents=_nchw(latents), denoising_end=0.6,
+    base_latents = models["base"](PROMPT, height=SIZE, width=SIZE, latents=nchw(latents), denoising_end=0.6,
                                   output_type="latent", **handoff).images
     theirs = models["refiner"](PROMPT, image=base_latents, denoising_start=0.6, output_type="np", **handoff).images
     base = SDXLPipeline.from_pretrained(models["mlx"], dtype=mx.float32)
     refiner = SDXLPipeline.from_pretrained(models["mlx_refiner"], dtype=mx.float32)
     ours = base(PROMPT, steps=5, guidance=5.0, height=SIZE, width=SIZE, latents=mx.array(latents),
                 refiner=refiner, refiner_start=0.6, output="float")
-    _compare(ours, theirs)
+    compare_images(ours, theirs)
 
 
 @pytest.mark.slow
@@ -112,36 +89,29 @@ def test_original_single_file_makes_the_same_image(models, tmp_path):
     theirs_pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=clip_l, text_encoder_2=bigg, tokenizer=base.tokenizer,
                                             tokenizer_2=base.tokenizer_2, unet=unet, scheduler=base.scheduler)
     theirs_pipe.set_progress_bar_config(disable=True)
-    latents = _latents(1, seed=2)
-    theirs = theirs_pipe(PROMPT, num_inference_steps=3, height=SIZE, width=SIZE, latents=_nchw(latents),
+    latents = noise_latents(1, seed=2)
+    theirs = theirs_pipe(PROMPT, num_inference_steps=3, height=SIZE, width=SIZE, latents=nchw(latents),
                          output_type="np").images
     ours = SDXLPipeline.from_pretrained(tmp_path / "mlx", dtype=mx.float32)(
         PROMPT, steps=3, height=SIZE, width=SIZE, latents=mx.array(latents), output="float")
-    _compare(ours, theirs)
+    compare_images(ours, theirs)
 
 
 @torch.no_grad()
 def test_img2img_matches_diffusers(models, monkeypatch):
     """An image encoded by the VAE, noised to strength 0.6, denoised. Both sides get the same
     draws: the latent distribution's noise and the img2img noise."""
-    from diffusers.models.autoencoders import vae as their_vae
     from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as their_img2img
 
-    from mlx_unet.models.vae import DiagonalGaussian
-
-    rng = np.random.default_rng(5)
-    image = rng.random((1, SIZE, SIZE, 3), dtype=np.float32)
-    sample_noise, start_noise = _latents(1, seed=6), _latents(1, seed=7)
-    monkeypatch.setattr(their_vae, "randn_tensor", lambda *a, **k: _nchw(sample_noise))
-    monkeypatch.setattr(their_img2img, "randn_tensor", lambda *a, **k: _nchw(start_noise))
-    monkeypatch.setattr(DiagonalGaussian, "sample", lambda self, key=None: self.mean + self.std * mx.array(sample_noise))
+    image = np.random.default_rng(5).random((1, SIZE, SIZE, 3), dtype=np.float32)
+    start_noise = same_img2img_draws(monkeypatch, their_img2img, seed=6)
     theirs_pipe = StableDiffusionXLImg2ImgPipeline(**models["base"].components)
     theirs_pipe.set_progress_bar_config(disable=True)
     theirs = theirs_pipe(PROMPT, image=image, strength=0.6, num_inference_steps=5, guidance_scale=5.0,
                          output_type="np").images
     pipe = SDXLPipeline.from_pretrained(models["mlx"], dtype=mx.float32)
     ours = pipe(PROMPT, image=image, strength=0.6, steps=5, guidance=5.0, latents=mx.array(start_noise), output="float")
-    _compare(ours, theirs)
+    compare_images(ours, theirs)
     with pytest.raises(PipelineError, match="multiples of 8"):
         pipe(PROMPT, image=image[:, :60], steps=4)
 

@@ -1,0 +1,219 @@
+"""``mlx-unet generate``'s options: how the command is asked for images, and what it is asked
+(the defaults, under what a --from-png image records, under the options typed). The text below
+is its --help.
+
+Make PNGs from prompts (text to image), from an image (img2img) and from an image with a mask
+(inpainting), with an SD 1.x, 2.x or XL model.
+
+examples:
+    mlx-unet generate --demo                                         # a tiny random model: no download
+    mlx-unet generate "an astronaut riding a horse" --model stabilityai/stable-diffusion-xl-base-1.0
+    mlx-unet generate "a watercolour" --model models/sd15 --image photo.jpg --strength 0.6
+    mlx-unet generate "a red door" --model models/sdxl --image house.png --mask door.png
+    mlx-unet generate --from-png image.png --seed 8                 # rerun what made image.png, one flag changed
+
+--model takes a pipeline folder written by `mlx-unet convert`, or what it converts (a Hub repo
+id, a diffusers folder, an original single file), converted once into the cache
+($MLX_UNET_CACHE, default ~/.cache/mlx-unet) and reused. Several images (-n, --prompts) are
+written as out.png, out-1.png, ...: -n N with --seed S gives each prompt the seeds S, S+1, ...,
+S+N-1. Every PNG records what made it (a `parameters` text chunk in the form other SD tools
+read, and the exact settings for --from-png, which reproduces it bit for bit on the same machine
+and versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from .. import demo
+from ..configs.base import DTYPES
+from ..convert.writer import PREDICTION_TYPES
+from ..errors import InputError
+from ..pipelines.arguments import IMG2IMG_STRENGTH, INPAINT_STRENGTH, SEED_LIMIT
+from ..pipelines.preflight import check_prompts
+from ..schedulers import SAMPLERS
+from . import png_record
+from .common import ArgumentParser, add_quantization_arguments
+
+_HELP = __doc__.split("\n\n", 1)[1]  # the command's help: this docstring past its first paragraph
+
+# The API's default strength (DiffusionPipeline.__call__): img2img's, and inpainting's.
+STRENGTH = {"img2img": IMG2IMG_STRENGTH, "inpaint": INPAINT_STRENGTH}
+
+
+
+def build_parser(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -> argparse.ArgumentParser:
+    p = parser_class(prog="mlx-unet generate", description=_HELP.split("\n\n")[0],
+                     epilog=_HELP.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?", help="what to draw (or --prompts FILE, or the prompt --from-png reads)")
+    source = p.add_argument_group("model")
+    source.add_argument("--model", help="a converted pipeline folder, a diffusers folder, an original single file "
+                                        "or a Hub repo id (converted once into the cache)")
+    source.add_argument("--demo", action="store_true",
+                        help="a tiny random pipeline made on the fly: no --model, no download, seconds on a CPU")
+    source.add_argument("--revision", help="Hub branch, tag or commit of --model (default: main)")
+    source.add_argument("--prediction-type", choices=PREDICTION_TYPES,
+                        help="what the UNet predicts, where --model is not converted yet (default: the source's; "
+                             "single files their family's, v_prediction for SD 2.x: give epsilon for an SD 2.x 512 base)")
+    source.add_argument("--no-cache", action="store_true",
+                        help="convert --model into a temporary folder, removed after the run, instead of the cache")
+    source.add_argument("--refiner", help="an SDXL refiner (as --model): it finishes the last part of the schedule")
+    source.add_argument("--refiner-start", type=float, default=0.8,
+                        help="fraction of the schedule after which the refiner takes over (default: 0.8)")
+    prompts = p.add_argument_group("prompts and images")
+    prompts.add_argument("--prompts", type=Path, metavar="FILE",
+                         help="a UTF-8 text file of prompts, one a line (blank lines skipped), each making -n images")
+    prompts.add_argument("--negative-prompt", help="what to steer away from (default: none; SDXL then guides against zeros)")
+    prompts.add_argument("--from-png", type=Path, metavar="IMG",
+                         help="rerun what made IMG (a PNG of mlx-unet, or another SD tool's common settings); "
+                              "options given here replace its settings")
+    prompts.add_argument("--image", type=Path,
+                         help="img2img: start from this image (PNG, JPEG, WebP, ...); sizes not multiples of 8 are "
+                              "resized down to one, and to --height/--width where given")
+    prompts.add_argument("--mask", type=Path,
+                         help="inpainting, with --image: white where the image is repainted, black where it is kept; "
+                              "the image's size")
+    prompts.add_argument("--strength", type=float,
+                         help="how much of --image is redrawn, above 0 to 1 (default: 0.3; 1 with --mask)")
+    prompts.add_argument("-o", "--output", type=Path, default=Path("image.png"),
+                         help="PNG to write (default: image.png); more images: image-1.png, ...")
+    run = p.add_argument_group("sampling")
+    run.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30; 10 with --demo)")
+    run.add_argument("--guidance", type=float, default=5.0,
+                     help="classifier-free guidance scale; <= 1 disables it (default: 5)")
+    run.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's, "
+                                                "or --image's)")
+    run.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's, or --image's)")
+    run.add_argument("--seed", type=int, help="random seed of the first image; -n N gives it and the N-1 after "
+                                              "(default: drawn and printed)")
+    run.add_argument("-n", "--batch-size", type=int, default=1, help="images per prompt, one seed each (default: 1)")
+    run.add_argument("--scheduler", choices=list(SAMPLERS), help="sampler (default: the one the model ships with)")
+    run.add_argument("--clip-skip", type=int,
+                     help="condition on the text encoder's states this many layers before the usual one "
+                          "(diffusers' clip_skip; the web UI's 'Clip skip' is this plus 1)")
+    run.add_argument("--dtype", choices=list(DTYPES), default="float16",
+                     help="UNet and text encoder precision (default: float16)")
+    run.add_argument("--vae-dtype", choices=list(DTYPES),
+                     help="VAE precision (default: float32, or the weights' when the VAE is safe in float16)")
+    run.add_argument("--tile-vae", action="store_true",
+                     help="decode in tiles of 256 px (the VAE's own size where smaller): less memory for large images")
+    run.add_argument("--low-memory", action="store_true",
+                     help="for 8-16 GB machines: UNet block by block, guidance halves in turn")
+    lora = p.add_argument_group("LoRA")
+    lora.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                      help="a LoRA / LyCORIS file, folder or Hub repo id, at strength SCALE (default 1); repeatable; "
+                           "applied to the base model only when a refiner is given")
+    lora.add_argument("--lora-mode", choices=("fuse", "live"),
+                      help="fuse: add LoRAs into the weights (no cost per step); live: run them beside each layer "
+                           "(default: fuse, or live where the UNet is quantized)")
+    lora.add_argument("--allow-pickle", action="store_true",
+                      help="accept .ckpt/.pt/.bin pickles (loaded with torch.load(weights_only=True); needs torch)")
+    add_quantization_arguments(p.add_argument_group("quantization"), "as it loads")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def without_defaults(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -> argparse.ArgumentParser:
+    """The parser, with each option absent from its result unless given: to tell what was typed."""
+    parser = build_parser(parser_class)
+    # No public argparse call does this: set_defaults(x=SUPPRESS) makes argparse parse the
+    # SUPPRESS marker as a value of a typed option.
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return parser
+
+
+def lora_spec(spec: str) -> tuple[str, float]:
+    """``FILE[:SCALE]`` -> (FILE, SCALE); a colon not followed by a number is part of the name."""
+    source, colon, tail = spec.rpartition(":")
+    if colon:
+        try:
+            return source, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+# The API's name of each option whose flag differs, for the messages of the shared checks.
+FLAGS = (("steps", "--steps"), ("guidance", "--guidance"), ("height", "--height"), ("width", "--width"),
+         ("num_images_per_prompt", "--batch-size"), ("seed", "--seed"), ("refiner_start", "--refiner-start"),
+         ("strength", "--strength"))
+
+
+# ---------------------------------------------------------------------------------- settings
+
+def merged_settings(given: dict[str, Any]) -> tuple[argparse.Namespace, png_record.Recorded | None]:
+    """The run's settings: the defaults, under what --from-png's image records, under the options
+    ``given``; and what that image records."""
+    defaults = vars(build_parser().parse_args([]))
+    if "prompt" in given and "prompts" in given:
+        raise InputError("give a prompt or --prompts FILE, not both.")
+    recorded, from_png = None, {}
+    if "from_png" in given:
+        known = set(defaults) - png_record.UNRECORDED
+        recorded = png_record.settings_from_png(given["from_png"], without_defaults, known)
+        # What is given replaces what is recorded of the same kind: a model of either kind, a prompt
+        # of either kind, and an image (the recorded strength goes with the recorded image).
+        replaced = {"model": ("model", "demo"), "demo": ("model", "demo"), "prompts": ("prompt",),
+                    "image": ("image", "mask")}
+        dropped = {name for option in given for name in replaced.get(option, ())}
+        from_png = {k: v for k, v in recorded.settings.items() if k not in dropped}
+        if "image" not in from_png and "image" not in given:
+            from_png.pop("strength", None)
+    demo_defaults = demo.RUN_DEFAULTS if {**from_png, **given}.get("demo") else {}
+    return argparse.Namespace(**{**defaults, **demo_defaults, **from_png, **given}), recorded
+
+
+def read_prompts(path: Path) -> list[str]:
+    """A prompts file: UTF-8 text (a byte order mark allowed), one prompt a line, blank lines skipped."""
+    try:
+        raw = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise InputError(f"the prompts file {path} {'is a folder' if path.is_dir() else 'does not exist'}; pass a "
+                         "text file of prompts, one a line.") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"the prompts file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"the prompts file {path} holds no prompt; write one prompt a line.")
+    return prompts
+
+
+def prompts_of(a: argparse.Namespace) -> list[str]:
+    """The run's prompts: the prompts file's, the prompt's, or the demo's."""
+    if a.prompts is not None:
+        return read_prompts(a.prompts)
+    if a.prompt is None:
+        if a.demo:
+            return [demo.PROMPT]
+        raise InputError("give a prompt (or --prompts FILE, or --from-png IMG).")
+    return check_prompts(a.prompt)
+
+
+def check_sources(a: argparse.Namespace, recorded: png_record.Recorded | None) -> None:
+    """A model to run (one of --model and --demo), and the options that need another present."""
+    if a.demo and a.model is not None:
+        raise InputError("--demo makes its own model; leave out --model, or --demo.")
+    if a.model is None and not a.demo:
+        if recorded is not None and recorded.model_name is not None:
+            raise InputError(f"{a.from_png} was made by another tool with the model {recorded.model_name!r}; name "
+                             "that model with --model.")
+        raise InputError("give --model (a converted folder, a diffusers folder, a single file or a Hub repo id), "
+                         "or --demo.")
+    if a.mask is not None and a.image is None:
+        raise InputError("--mask needs --image: the picture whose white-masked part is repainted.")
+    if a.strength is not None and a.image is None:
+        raise InputError("--strength goes with --image: it says how much of the image is redrawn.")
+
+
+def seeds_from(seed: int | None, count: int) -> list[int]:
+    """Each image's seed: ``seed`` (drawn where None) and the ``count - 1`` after it."""
+    first = seed if seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
+    if first + count > SEED_LIMIT:
+        raise InputError(f"--seed {first} with -n {count} runs past the largest seed, 2**64 - 1; give a smaller seed.")
+    return [first + i for i in range(count)]
