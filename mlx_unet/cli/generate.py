@@ -43,9 +43,9 @@ from .generate_options import (FLAGS, STRENGTH, check_sources, lora_spec, merged
 class Progress:
     """One line per stage on stderr: a bar, steps done, seconds per step."""
 
-    def __init__(self, enabled: bool, stream=sys.stderr):
+    def __init__(self, enabled: bool, stream=None):
         self.enabled = enabled
-        self.stream = stream
+        self.stream = stream  # None: sys.stderr as it is at each step (a default bound at import would keep a stale one)
         self.seconds: dict[str, list[float]] = {}
 
     def __call__(self, stage: str, step) -> None:
@@ -55,8 +55,9 @@ class Progress:
         done = step.index + 1
         bar = "#" * (24 * done // step.total)
         end = "\n" if done == step.total else ""
-        self.stream.write(f"\r{stage:8s} [{bar:24s}] {done}/{step.total}  {step.seconds:.2f} s/step{end}")
-        self.stream.flush()
+        stream = self.stream or sys.stderr
+        stream.write(f"\r{stage:8s} [{bar:24s}] {done}/{step.total}  {step.seconds:.2f} s/step{end}")
+        stream.flush()
 
 
 def _inputs(a: argparse.Namespace, recorded: png_record.Recorded | None, log) -> InputImages | None:

@@ -36,7 +36,9 @@ WARNING = "warning: "  # the prefix of a plan's notes that are warnings
 class _Progress:
     """One line, redrawn in place on a terminal; every 10% as a new line otherwise."""
 
-    def __init__(self, total: int, enabled: bool, stream=sys.stderr):
+    def __init__(self, total: int, enabled: bool, stream=None):
+        # sys.stderr as it is now, not as it was at import (a default argument would keep that one).
+        stream = sys.stderr if stream is None else stream
         self.total, self.done, self.enabled, self.stream = max(total, 1), 0, enabled, stream
         self.tty = stream.isatty()
         self.last_decile = -1

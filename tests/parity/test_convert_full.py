@@ -35,6 +35,7 @@ def rss_gib() -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full_size")
 def test_sdxl_base_single_file_fp16_full_size(tmp_path):
     config = UNetConfig.from_preset("sdxl-base")
     source = torch_unet(config, seed=50, dtype=torch.float16)

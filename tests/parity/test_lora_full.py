@@ -97,6 +97,7 @@ def _same_bits(a: mx.array, b: mx.array) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full_size")
 def test_rank32_lora_fused_into_full_size_sdxl_and_removed_bit_for_bit(tmp_path):
     start = time.perf_counter()
     config = UNetConfig.from_preset("sdxl-base")

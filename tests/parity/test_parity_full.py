@@ -15,6 +15,7 @@ from mlx_unet.weights import load_weights
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full_size")
 def test_sdxl_base_full_size_fp32_batch2():
     config = UNetConfig.from_preset("sdxl-base")
     # Batch 2 as classifier-free guidance runs it: two timesteps, 77 text tokens, 32x32 latent.

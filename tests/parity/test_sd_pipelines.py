@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
-from pipeline_files import SIZE
-from sd_image_pipelines import converted_sd_pipeline
 from image_runs import PROMPT, compare_images, nchw, noise_latents, same_img2img_draws
+from pipeline_files import SIZE
+from reference import relative_error
+from sd_image_pipelines import converted_sd_pipeline
 
 from mlx_unet import InputError, PipelineError, SDPipeline, SDXLPipeline, load_pipeline
+from mlx_unet.convert import convert
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,24 @@ def test_sd2_v_prediction_matches_diffusers(sd2):
     ours = pipe(PROMPT, "ugly", steps=4, guidance=6.0, height=SIZE, width=SIZE, latents=mx.array(latents),
                 output="float")
     compare_images(ours, theirs)
+
+
+@torch.no_grad()
+@pytest.mark.usefixtures("code_path")
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_half_precision_runs_stay_near_diffusers_float32(sd1, sd2, tmp_path, family):
+    """The run users get by default: converted to float16 (UNet and text encoder; the VAE as
+    its config says), per image against diffusers in float32."""
+    models = {"sd1": sd1, "sd2": sd2}[family]
+    convert(models["diffusers"], tmp_path / "fp16", dtype="float16", progress=False)
+    pipe = load_pipeline(tmp_path / "fp16")
+    assert pipe.unet.dtype == mx.float16
+    latents = noise_latents(1, seed=13)
+    theirs = models["pipe"](PROMPT, num_inference_steps=3, guidance_scale=7.5, height=SIZE, width=SIZE,
+                            latents=nchw(latents), output_type="np").images
+    ours = pipe(PROMPT, steps=3, guidance=7.5, height=SIZE, width=SIZE, latents=mx.array(latents), output="float")
+    assert theirs.std() > 0.05  # a varied image, not a flat clamp
+    assert relative_error(ours, theirs) <= 1e-2
 
 
 @torch.no_grad()

@@ -94,6 +94,7 @@ def test_bf16_is_as_close_to_float32_as_transformers_bf16(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full_size")
 @pytest.mark.parametrize("preset,batch", [("sdxl-clip-l", 2), ("sdxl-clip-bigg", 1)])
 def test_fp32_full_size_matches_transformers(preset, batch):
     """The published architectures, once each, with the hidden state SDXL uses (-2)."""
