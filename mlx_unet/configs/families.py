@@ -28,7 +28,8 @@ def cross_attention_family(width: int) -> str:
 
 def unet_family(config: UNetConfig) -> str:
     """The family a UNet config belongs to, for messages: "SDXL base (5 time ids)", "SD 1.x, inpainting"."""
-    family = UNET_FAMILIES.get(config.cross_attention_dim, f"SD-like ({config.cross_attention_dim}-wide text)")
+    like = "SDXL-like" if config.has_text_time_embedding else "SD-like"
+    family = UNET_FAMILIES.get(config.cross_attention_dim, f"{like} ({config.cross_attention_dim}-wide text)")
     time_ids = (config.projection_class_embeddings_input_dim or 0) - SDXL_POOLED
     if config.has_text_time_embedding and time_ids > 0:
         family = f"{family} ({time_ids // config.addition_time_embed_dim} time ids)"
