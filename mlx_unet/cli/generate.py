@@ -77,7 +77,7 @@ def _inputs(a: argparse.Namespace, recorded: png_record.Recorded | None, log) ->
 
 
 @contextmanager
-def _model_folder(source: str | None, a: argparse.Namespace, quantize, quantize_text, log) -> Iterator[Path]:
+def _model_folder(source: str | None, a: argparse.Namespace, quantized: dict[str, Any], log) -> Iterator[Path]:
     """The converted pipeline folder of ``source`` (converted into the cache where it is not one,
     in the run's dtypes and quantization), or the demo's, made on the fly."""
     if source is None:
@@ -85,8 +85,8 @@ def _model_folder(source: str | None, a: argparse.Namespace, quantize, quantize_
             yield folder
         return
     with converted_pipeline(source, use_cache=not a.no_cache, dtype=a.dtype, vae_dtype=a.vae_dtype,
-                            revision=a.revision, prediction_type=a.prediction_type, quantize=quantize, quantize_text_encoders=quantize_text or False,
-                            allow_pickle=a.allow_pickle, progress=not a.quiet, log=log) as folder:
+                            revision=a.revision, prediction_type=a.prediction_type, allow_pickle=a.allow_pickle,
+                            progress=not a.quiet, log=log, **quantized) as folder:
         yield folder
 
 
@@ -107,13 +107,15 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
                        RunArguments.strength if strength is None else strength, a.refiner_start,
                        img2img=mode is not None, refined=a.refiner is not None, flags=FLAGS)
     quantize, quantize_text = quantization_arguments(a)  # checked before anything is read
+    # How the models are converted and loaded; text encoders left unquantized are asked for dense.
+    quantized = dict(quantize=quantize, quantize_text_encoders=quantize_text or False)
     inputs = _inputs(a, recorded, log)
     paths = output_paths(a.output, len(prompts) * run.num_images_per_prompt)
     seeds = seeds_from(run.seed, run.num_images_per_prompt)
     dtype, vae_dtype = DTYPES[a.dtype], DTYPES[a.vae_dtype] if a.vae_dtype else None
     with ExitStack() as stack:
         def folder(source: str | None) -> PipelineFolder:
-            return PipelineFolder.read(stack.enter_context(_model_folder(source, a, quantize, quantize_text, log)))
+            return PipelineFolder.read(stack.enter_context(_model_folder(source, a, quantized, log)))
 
         base = folder(a.model)
         refiner_parts = None if a.refiner is None else folder(a.refiner)
@@ -134,7 +136,6 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
         check_writable(paths, plan.height, plan.width)  # before loading: a failed write would waste the run
         specs = [lora_spec(spec) for spec in a.lora]
         adapters = [(read_lora(source, allow_pickle=a.allow_pickle), checked_scale(scale)) for source, scale in specs]
-        quantized = dict(quantize=quantize, quantize_text_encoders=quantize_text if quantize_text else False)
         pipe = load_pipeline(base, dtype=dtype, vae_dtype=vae_dtype, **quantized)
         refiner = None if refiner_parts is None else \
             load_pipeline(refiner_parts, dtype=dtype, vae_dtype=vae_dtype, **quantized)

@@ -17,10 +17,12 @@ from typing import Any, Iterable
 from ..configs.base import FORMAT_KEY, FORMAT_VERSION
 from ..configs.unet import UNetConfig
 from ..schedulers import SDXL_SCHEDULER_CONFIG
+from ..tokenizer import END_OF_TEXT
 from .layout import MODELS, TOKENIZERS, UNET
 
-END_OF_TEXT = "<|endoftext|>"  # CLIP ViT-L's tokenizers pad with it (SD 1.x, SDXL's first)
-EXCLAMATION = "!"  # the OpenCLIP tokenizers (SD 2.x, SDXL's second) pad with id 0, "!"
+# CLIP ViT-L's tokenizers pad with END_OF_TEXT (SD 1.x, SDXL's first); the OpenCLIP ones (SD 2.x,
+# SDXL's second) with id 0, "!".
+EXCLAMATION = "!"
 
 # The noise schedule every SD 1.x / 2.x repo's scheduler config carries (diffusers 0.6-0.10 wrote
 # them; no timestep_spacing, so each scheduler class takes its own default, as in diffusers).

@@ -20,15 +20,14 @@ from tokenizer_files import write_clip_tokenizer
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from mlx_unet.convert import convert
+from mlx_unet.convert.published import PUBLISHED
 
-# runwayml/stable-diffusion-v1-5's and stabilityai/stable-diffusion-2-1's schedules.
-SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-               "steps_offset": 1}
+# The published SD 1.5 and SD 2.1 schedules (SD 2.1's with v-prediction), run by DDIM and Euler.
 FAMILIES = {
     "sd1": dict(unet="sd15", width=24, act="quick_gelu", pad="<|endoftext|>",
-                scheduler=lambda: DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False)),
+                scheduler=lambda: DDIMScheduler.from_config(PUBLISHED[(768, False)].scheduler)),
     "sd2": dict(unet="sd2", width=40, act="gelu", pad="!",
-                scheduler=lambda: EulerDiscreteScheduler(**SD_SCHEDULE, prediction_type="v_prediction")),
+                scheduler=lambda: EulerDiscreteScheduler.from_config(PUBLISHED[(1024, False)].scheduler)),
 }
 
 
