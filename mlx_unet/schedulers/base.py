@@ -192,14 +192,6 @@ def spaced_timesteps(spacing: str, num_train: int, steps: int, steps_offset: int
     return np.arange(num_train, 0, -ratio).round() - 1
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, steps: int) -> np.ndarray:
-    """Karras et al. (2022) schedule: uniform in sigma ** (1 / 7), float64, descending."""
-    rho = 7.0
-    ramp = np.linspace(0, 1, steps)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
-
-
 def sigma_to_t(sigmas: np.ndarray, log_table: np.ndarray) -> np.ndarray:
     """Fractional training timesteps whose sigma is ``sigmas``, by linear interpolation in log sigma.
 

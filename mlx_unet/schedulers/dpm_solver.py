@@ -19,11 +19,11 @@ from .base import (
     Scheduler,
     StepOutput,
     check_steps,
-    karras_sigmas,
     per_item,
     sigma_table,
     sigma_to_t,
 )
+from .sigmas import karras_sigmas
 
 
 @dataclass(frozen=True)

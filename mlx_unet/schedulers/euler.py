@@ -18,12 +18,12 @@ from .base import (
     Scheduler,
     StepOutput,
     check_steps,
-    karras_sigmas,
     per_item,
     sigma_table,
     sigma_to_t,
     spaced_timesteps,
 )
+from .sigmas import karras_sigmas
 
 
 @dataclass(frozen=True)
