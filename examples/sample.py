@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale; <= 1 disables it (default: 5)")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--scheduler", choices=list(SAMPLERS), default="euler", help="sampler (default: euler)")
+    p.add_argument("--scheduler", default="euler",
+                   help=f"sampler: {', '.join(SAMPLERS)}, or a web UI name such as 'DPM++ 2M Karras' (default: euler)")
     p.add_argument("--scheduler-config", type=Path, help="a diffusers scheduler_config.json (default: SDXL base's)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override (SD 2.x 768 models: v_prediction)")
     p.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), help="image size in pixels (default: the model's)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 import warnings
@@ -27,13 +28,14 @@ from ..configs.base import DTYPES
 from ..errors import InputError, MlxUnetWarning
 from ..lora import read_lora
 from ..lora.apply import checked_scale
-from ..pipelines import inpaint
+from ..pipelines import few_step, inpaint
 from ..pipelines.arguments import RunArguments
 from ..pipelines.diffusion import load_pipeline
 from ..pipelines.folder import PipelineFolder
 from ..pipelines.images import InputImages, check_writable, output_paths, read_inputs, write_png
 from ..pipelines.memory import command_tile
 from ..pipelines.preflight import check_prompts, check_run
+from ..schedulers.names import sampler_name
 from . import png_record
 from .common import quantization_arguments, run_command
 from .generate_options import (FLAGS, STRENGTH, check_sources, lora_spec, merged_settings, prompts_of,
@@ -103,8 +105,11 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
         check_prompts(a.negative_prompt, "--negative-prompt")
     mode = None if a.image is None else "inpaint" if a.mask is not None else "img2img"
     strength = None if mode is None else a.strength if a.strength is not None else STRENGTH[mode]
-    run = RunArguments(a.steps, a.guidance, 0.0, a.height, a.width, a.batch_size, a.seed,
-                       RunArguments.strength if strength is None else strength, a.refiner_start,
+    # Checked now with the ordinary step count and guidance where none is given; a few-step
+    # model's own replace them once its folder is read.
+    run = RunArguments(few_step.STEPS if a.steps is None else a.steps,
+                       few_step.GUIDANCE if a.guidance is None else a.guidance, 0.0, a.height, a.width, a.batch_size,
+                       a.seed, RunArguments.strength if strength is None else strength, a.refiner_start,
                        img2img=mode is not None, refined=a.refiner is not None, flags=FLAGS)
     quantize, quantize_text = quantization_arguments(a)  # checked before anything is read
     # How the models are converted and loaded; text encoders left unquantized are asked for dense.
@@ -120,10 +125,12 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
         base = folder(a.model)
         refiner_parts = None if a.refiner is None else folder(a.refiner)
         base.check_clip_skip(a.clip_skip, "--clip-skip")
+        run, scheduler, sigmas, sampling = _sampling(a, base, run, strength, log)
         tile = command_tile((refiner_parts or base).vae)
         one = dataclasses.replace(run, num_images_per_prompt=1)  # images are made one at a time
         size = None if inputs is None else inputs.image.shape[1:3]
-        plan = check_run(one, base, refiner_parts, prompts=1, scheduler=a.scheduler, dtype=dtype, vae_dtype=vae_dtype,
+        plan = check_run(one, base, refiner_parts, prompts=1, scheduler=scheduler, sigmas=sigmas, dtype=dtype,
+                         vae_dtype=vae_dtype,
                          tiled_vae=a.tile_vae, vae_tile=tile, low_memory=a.low_memory, quantize=quantize,
                          quantize_text_encoders=quantize_text, image_size=size)
         inpaint.check_arguments(base.unet, None if inputs is None else inputs.mask, size, 1, refiner_parts is not None)
@@ -152,11 +159,13 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
             pipe.load_lora(lora, scale, fuse=lora_mode == "fuse")
             log(f"LoRA {lora.describe()}; scale {scale:g}, {'fused' if lora_mode == 'fuse' else 'live'}")
         # What each image records: the options, with what the run resolved in place of defaults.
-        resolved = vars(a) | dict(height=plan.height, width=plan.width, strength=strength,
-                                  scheduler=base.sampler_name(a.scheduler))
+        resolved = vars(a) | dict(height=plan.height, width=plan.width, strength=strength, steps=run.steps,
+                                  guidance=run.guidance, **sampling)
         model_name = a.model or demo.MODEL_NAME
         progress = Progress(not a.quiet)
-        images = _Images(pipe, refiner, run, a, inputs, strength, progress, log, total=len(paths))
+        images = _Images(pipe, refiner, run, a, (scheduler, sigmas), inputs, strength, progress, log,
+                         total=len(paths))
+        images.encode(prompts)
         made = ((prompt, seed, image) for prompt in prompts for seed, image in images.of(prompt, seeds))
         for path, (prompt, seed, image) in zip(paths, made):
             settings = resolved | dict(prompt=prompt, seed=seed)
@@ -170,32 +179,78 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
 
 
 class _Images:
-    """A prompt's images, one seed at a time, the prompt encoded once (where no refiner needs it
+    """A prompt's images, one seed at a time. Each distinct prompt is encoded once, all of them
+    before the first image while the text encoders are loaded (where no refiner needs them
     encoded again by its own encoders)."""
 
-    def __init__(self, pipe, refiner, run: RunArguments, a: argparse.Namespace, inputs: InputImages | None,
+    def __init__(self, pipe, refiner, run: RunArguments, a: argparse.Namespace, sampling: tuple,
+                 inputs: InputImages | None,
                  strength: float | None, progress: Progress, log, total: int):
         self.pipe, self.refiner, self.run, self.a, self.log, self.total = pipe, refiner, run, a, log, total
         self.options = dict(steps=run.steps, guidance=run.guidance, height=None if inputs else run.height,
-                            width=None if inputs else run.width, scheduler=a.scheduler, low_memory=a.low_memory,
+                            width=None if inputs else run.width, scheduler=sampling[0], sigmas=sampling[1],
+                            low_memory=a.low_memory,
                             callback=progress, image=None if inputs is None else inputs.image,
                             mask_image=None if inputs is None else inputs.mask, strength=strength)
         if refiner is not None:
             self.options.update(refiner=refiner, refiner_start=run.refiner_start)
         self.count = 0
+        self.embeddings: dict[str, Any] = {}
+        self.text = dict(clip_skip=a.clip_skip, prompt_weighting=not a.no_prompt_weighting, max_tokens=a.max_tokens)
+
+    def encode(self, prompts: list[str]) -> None:
+        """Encode each distinct prompt of ``prompts``, the text encoders loaded once for all."""
+        if self.refiner is not None:
+            return
+        a, pipe, keep = self.a, self.pipe, self.pipe.keep_text_encoders
+        pipe.keep_text_encoders = True
+        try:
+            for prompt in dict.fromkeys(prompts):
+                self.embeddings[prompt] = pipe.encode_prompt(prompt, a.negative_prompt,
+                                                             guided=self.run.guided(pipe.unet.config), **self.text)
+        finally:
+            pipe.keep_text_encoders = keep
+            if not keep:
+                pipe.release_text_encoders()
 
     def of(self, prompt: str, seeds: list[int]) -> Iterator[tuple[int, np.ndarray]]:
         a = self.a
         if self.refiner is None:
-            embeddings = self.pipe.encode_prompt(prompt, a.negative_prompt, clip_skip=a.clip_skip, guided=self.run.guided)
-            texts = dict(prompt=None, prompt_embeds=embeddings)
+            texts = dict(prompt=None, prompt_embeds=self.embeddings[prompt])
         else:
-            texts = dict(prompt=prompt, negative_prompt=a.negative_prompt, clip_skip=a.clip_skip)
+            texts = dict(prompt=prompt, negative_prompt=a.negative_prompt, **self.text)
         for seed in seeds:
             self.count += 1
             if self.total > 1:
                 self.log(f"image {self.count}/{self.total}: seed {seed}, {prompt!r}")
             yield seed, self.pipe(**texts, seed=seed, **self.options)[0]
+
+
+def _sampling(a: argparse.Namespace, base: PipelineFolder, run: RunArguments, strength: float | None,
+              log) -> tuple[RunArguments, Any, str | None, dict[str, Any]]:
+    """The run with a few-step model's defaults (``pipelines.few_step``) where none were given;
+    its sampler (a name, or the scheduler a few-step model's settings make) and sigma schedule
+    for the pipeline; and both by our names, for the record."""
+    names = [png_record.short_name(s) for s in (a.model, *[lora_spec(x)[0] for x in a.lora]) if s is not None]
+    defaults = few_step.run_defaults(base, names)
+    steps = defaults.steps if a.steps is None else a.steps
+    if a.steps is None and strength is not None:
+        steps = max(steps, math.ceil(1 / strength))  # img2img runs strength x steps: at least one
+    run = dataclasses.replace(run, steps=steps, guidance=defaults.guidance if a.guidance is None else a.guidance)
+    # Our names: "DPM++ 2M Karras" is dpmpp_2m on Karras sigmas.
+    sampler, named_sigmas = sampler_name(a.scheduler or defaults.sampler or base.sampler_name())
+    if a.sigmas is not None and named_sigmas not in (None, a.sigmas):
+        raise InputError(f"--scheduler {a.scheduler!r} means {named_sigmas} sigmas; leave out --sigmas {a.sigmas}.")
+    sigmas = a.sigmas or named_sigmas
+    recorded = dict(scheduler=sampler, sigmas=sigmas)
+    if defaults is not few_step.ORDINARY:
+        log(f"few-step model, {defaults.describe()} (--steps, --guidance and --scheduler replace these)")
+    if defaults is few_step.ORDINARY or a.refiner is not None:  # a refiner takes a name, for its own config
+        return run, sampler, sigmas, recorded
+    scheduler = base.make_scheduler(sampler, sigmas, **defaults.scheduler_config)
+    if defaults.timesteps and a.scheduler is None and a.sigmas is None and steps == len(defaults.timesteps):
+        scheduler.custom_timesteps = lambda n: list(defaults.timesteps)
+    return run, scheduler, None, recorded
 
 
 def _listing(paths: Sequence[Path]) -> str:

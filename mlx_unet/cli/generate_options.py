@@ -35,6 +35,8 @@ from ..errors import InputError
 from ..pipelines.arguments import IMG2IMG_STRENGTH, INPAINT_STRENGTH, SEED_LIMIT
 from ..pipelines.preflight import check_prompts
 from ..schedulers import SAMPLERS
+from ..schedulers.names import sampler_name
+from ..schedulers.sigmas import SIGMA_SCHEDULES
 from . import png_record
 from .common import ArgumentParser, add_quantization_arguments
 
@@ -81,16 +83,29 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -
     prompts.add_argument("-o", "--output", type=Path, default=Path("image.png"),
                          help="PNG to write (default: image.png); more images: image-1.png, ...")
     run = p.add_argument_group("sampling")
-    run.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30; 10 with --demo)")
-    run.add_argument("--guidance", type=float, default=5.0,
-                     help="classifier-free guidance scale; <= 1 disables it (default: 5)")
+    run.add_argument("--steps", type=int, help="denoising steps (default: 30, a few-step model's own count, "
+                                               "10 with --demo)")
+    run.add_argument("--guidance", type=float,
+                     help="classifier-free guidance scale; <= 1 disables it and runs one UNet pass a step (default: "
+                          "5, a few-step model's own: 0 for Turbo and Lightning, 1 for LCM-LoRA)")
     run.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's, "
                                                 "or --image's)")
     run.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's, or --image's)")
     run.add_argument("--seed", type=int, help="random seed of the first image; -n N gives it and the N-1 after "
                                               "(default: drawn and printed)")
     run.add_argument("-n", "--batch-size", type=int, default=1, help="images per prompt, one seed each (default: 1)")
-    run.add_argument("--scheduler", choices=list(SAMPLERS), help="sampler (default: the one the model ships with)")
+    run.add_argument("--scheduler", type=_sampler, metavar="SAMPLER",
+                     help=f"sampler: {', '.join(SAMPLERS)}; web UI and ComfyUI names work too ('DPM++ 2M Karras', "
+                          "'euler_ancestral') (default: the one the model ships with, or a few-step model's own)")
+    run.add_argument("--sigmas", choices=SIGMA_SCHEDULES,
+                     help="sigma schedule for samplers that take one: karras, exponential, beta, ays (Align Your "
+                          "Steps, SD 1.x and SDXL), default (the config's spacing) (default: the model's config)")
+    prompts.add_argument("--no-prompt-weighting", action="store_true",
+                         help="read (, ), [, ] and BREAK as text, not as the web UI's emphasis syntax "
+                              "('(word:1.3)', '((word))', '[word]')")
+    prompts.add_argument("--max-tokens", type=int, choices=(77,),
+                         help="cut prompts at CLIP's 77 tokens, with a warning, instead of encoding longer ones in "
+                              "chunks of 75")
     run.add_argument("--clip-skip", type=int,
                      help="condition on the text encoder's states this many layers before the usual one "
                           "(diffusers' clip_skip; the web UI's 'Clip skip' is this plus 1)")
@@ -114,6 +129,15 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -
     add_quantization_arguments(p.add_argument_group("quantization"), "as it loads")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
+
+
+def _sampler(name: str) -> str:
+    """--scheduler's value, checked: a sampler in any known spelling."""
+    try:
+        sampler_name(name)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
 
 
 def without_defaults(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -> argparse.ArgumentParser:

@@ -25,7 +25,6 @@ import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
-from ..version import package_version
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,6 +34,8 @@ from ..errors import InputError, MlxUnetWarning
 from ..jsonfile import InvalidJSON, parse_json
 from ..pipelines import parameters
 from ..pipelines.images import read_png_text
+from ..schedulers.names import sampler_name, web_ui_name
+from ..version import package_version
 
 PARAMETERS = "parameters"
 RECORD = "mlx-unet"
@@ -70,7 +71,7 @@ def record(settings: dict[str, Any]) -> dict[str, Any]:
             "inputs": inputs}
 
 
-def _short_name(source: str) -> str:
+def short_name(source: str) -> str:
     """How the web UI names a model or a LoRA: a file's stem, a folder's name, a Hub id's name."""
     path = Path(source)
     return path.stem if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin") else path.name
@@ -80,13 +81,15 @@ def png_text(settings: dict[str, Any], model: str, loras: Sequence[tuple[str, fl
     """Both text chunks of one image: ``settings`` as for ``record``; ``model`` its name for the
     web UI's form; ``loras`` (source, strength)."""
     s = settings
-    fields = [("Steps", s["steps"]), ("Sampler", parameters.SAMPLER_NAMES[s["scheduler"]]), ("CFG scale", s["guidance"]),
-              ("Seed", s["seed"]), ("Size", f"{s['width']}x{s['height']}"), ("Model", _short_name(model)),
+    sampler, named_sigmas = sampler_name(s["scheduler"])
+    sampler, schedule = web_ui_name(sampler, s.get("sigmas") or named_sigmas)
+    fields = [("Steps", s["steps"]), ("Sampler", sampler), ("Schedule type", schedule), ("CFG scale", s["guidance"]),
+              ("Seed", s["seed"]), ("Size", f"{s['width']}x{s['height']}"), ("Model", short_name(model)),
               ("Denoising strength", s.get("strength")), ("Clip skip", parameters.clip_skip_field(s.get("clip_skip")))]
     if s.get("refiner") is not None:
-        fields += [("Refiner", _short_name(str(s["refiner"]))), ("Refiner switch at", s["refiner_start"])]
+        fields += [("Refiner", short_name(str(s["refiner"]))), ("Refiner switch at", s["refiner_start"])]
     fields.append(("Version", f"mlx-unet {package_version()}"))
-    tags = [(_short_name(source), scale) for source, scale in loras]
+    tags = [(short_name(source), scale) for source, scale in loras]
     text = parameters.format_parameters(s["prompt"], s.get("negative_prompt"), fields, tags)
     return {PARAMETERS: text, RECORD: json.dumps(record(settings), ensure_ascii=False)}
 
@@ -170,10 +173,10 @@ def _from_parameters(png: Path, text: str) -> Recorded:
     if size is not None:
         settings["height"], settings["width"] = size
     if "Sampler" in fields:
-        settings["scheduler"] = parameters.sampler_of(fields)
-        if settings["scheduler"] is None:
-            raise InputError(f"{png} was made with the sampler {fields['Sampler']!r}, which mlx-unet does not have; "
-                             f"pass --scheduler (one of {', '.join(parameters.SAMPLER_NAMES)}).")
+        try:
+            settings["scheduler"], settings["sigmas"] = parameters.sampler_of(fields)
+        except InputError as e:
+            raise InputError(f"{png} was made with a sampler mlx-unet does not have: {e}") from None
     if p.loras():
         names = ", ".join(f"{name}:{scale:g}" for name, scale in p.loras())
         warnings.warn(f"{png}'s prompt names LoRAs ({names}), which are not loaded from it; pass them with --lora.",

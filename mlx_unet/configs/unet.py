@@ -20,11 +20,10 @@ MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
 
 
 # Fields whose only supported values are diffusers' defaults: anything else selects a feature
-# (class labels, LCM conditioning, ControlNet-XS style blocks, ...) that this package lacks.
+# (class labels, ControlNet-XS style blocks, ...) that this package lacks.
 _ONLY_DEFAULT: dict[str, tuple[Any, ...]] = {
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
-    "time_cond_proj_dim": (None,),
     "time_embedding_type": ("positional",),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
@@ -80,6 +79,7 @@ class UNetConfig(ModelConfig):
     flip_sin_to_cos: bool = True
     freq_shift: float = 0
     time_embedding_dim: int | None = None
+    time_cond_proj_dim: int | None = None  # LCM: the width of the guidance-scale embedding
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     downsample_padding: int = 1
@@ -291,6 +291,9 @@ def _normalise(d: dict[str, Any]) -> UNetConfig:
         check_int("projection_class_embeddings_input_dim", d["projection_class_embeddings_input_dim"])
     if d["time_embedding_dim"] is not None:
         check_int("time_embedding_dim", d["time_embedding_dim"])
+    # Latent Consistency distillations condition on the guidance scale through the time embedding.
+    if d["time_cond_proj_dim"] is not None:
+        check_int("time_cond_proj_dim", d["time_cond_proj_dim"])
 
     return UNetConfig(
         block_out_channels=channels,
@@ -315,6 +318,7 @@ def _normalise(d: dict[str, Any]) -> UNetConfig:
         flip_sin_to_cos=check_flag("flip_sin_to_cos", d["flip_sin_to_cos"]),
         freq_shift=check_number("freq_shift", d["freq_shift"]),
         time_embedding_dim=d["time_embedding_dim"],
+        time_cond_proj_dim=d["time_cond_proj_dim"],
         conv_in_kernel=d["conv_in_kernel"],
         conv_out_kernel=d["conv_out_kernel"],
         downsample_padding=d["downsample_padding"],

@@ -35,7 +35,7 @@ class UNet2DConditionModel(nn.Module):
         self.conv_in = nn.Conv2d(c.in_channels, channels[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
 
         self.time_proj = Timesteps(channels[0], c.flip_sin_to_cos, c.freq_shift)
-        self.time_embedding = TimestepEmbedding(channels[0], c.time_embed_dim)
+        self.time_embedding = TimestepEmbedding(channels[0], c.time_embed_dim, c.time_cond_proj_dim)
         self.add_time_proj = self.add_embedding = None
         if c.has_text_time_embedding:
             self.add_time_proj = Timesteps(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
@@ -72,18 +72,30 @@ class UNet2DConditionModel(nn.Module):
         time_ids: mx.array | None = None,
         *,
         added_embedding: mx.array | None = None,
+        timestep_cond: mx.array | None = None,
         after_block: Callable[..., None] | None = None,
     ) -> mx.array:
         """``added_embedding`` may replace ``text_embeds``/``time_ids``: it is what
         :meth:`added_embedding` returns for them, which a sampler computes once per run.
-        ``after_block``: see :meth:`denoise`."""
-        inputs = self.checked_inputs(sample, timestep, encoder_hidden_states, text_embeds, time_ids, added_embedding)
+        ``timestep_cond``: an LCM distillation's (B, time_cond_proj_dim) guidance-scale
+        embedding (``models.embeddings.guidance_scale_embedding``); without it such a UNet runs
+        unconditioned on guidance, as in diffusers. ``after_block``: see :meth:`denoise`."""
+        inputs = self.checked_inputs(sample, timestep, encoder_hidden_states, text_embeds, time_ids, added_embedding,
+                                     timestep_cond)
         return self.denoise(*inputs, after_block=after_block)
 
     def checked_inputs(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
-                       added_embedding=None) -> tuple[mx.array, ...]:
+                       added_embedding=None, timestep_cond=None) -> tuple[mx.array | None, ...]:
         """The arguments of :meth:`__call__` checked and made into those of :meth:`denoise`."""
         sample, timesteps, context = self._check_inputs(sample, timestep, encoder_hidden_states)
+        if timestep_cond is not None:
+            width = self.config.time_cond_proj_dim
+            if width is None:
+                raise InputError("timestep_cond was given but this UNet takes no guidance-scale embedding (not an LCM).")
+            if timestep_cond.shape != (sample.shape[0], width):
+                raise InputError(f"timestep_cond must be ({sample.shape[0]}, {width}) for a batch of "
+                                 f"{sample.shape[0]}, got {_shape(timestep_cond)}.")
+            timestep_cond = timestep_cond.astype(self.dtype)
         if added_embedding is None:
             added_embedding = self.added_embedding(text_embeds, time_ids, batch=sample.shape[0])
         elif added_embedding.shape != (sample.shape[0], self.config.time_embed_dim):
@@ -91,8 +103,8 @@ class UNet2DConditionModel(nn.Module):
                 f"added_embedding must be ({sample.shape[0]}, {self.config.time_embed_dim}) for a batch of "
                 f"{sample.shape[0]}, got {_shape(added_embedding)}; make it with unet.added_embedding()."
             )
-        extra = () if added_embedding is None else (added_embedding.astype(self.dtype),)
-        return (sample, timesteps, context, *extra)
+        added = None if added_embedding is None else added_embedding.astype(self.dtype)
+        return sample, timesteps, context, added, timestep_cond
 
     def added_embedding(self, text_embeds: mx.array | None, time_ids, batch: int | None = None) -> mx.array | None:
         """SDXL's added conditioning, the pooled text embedding and the size/crop (or aesthetic)
@@ -109,9 +121,10 @@ class UNet2DConditionModel(nn.Module):
         return self.add_embedding(mx.concatenate([text_embeds, time_embeds.astype(self.dtype)], axis=-1))
 
     def denoise(self, sample: mx.array, timesteps: mx.array, context: mx.array, added: mx.array | None = None,
-                *, after_block: Callable[..., None] | None = None) -> mx.array:
+                timestep_cond: mx.array | None = None, *, after_block: Callable[..., None] | None = None) -> mx.array:
         """The forward on checked inputs (:meth:`checked_inputs`): (B, H, W, C) sample in the model
-        dtype, float32 (B,) timesteps, (B, tokens, width) context and, for SDXL, the added embedding.
+        dtype, float32 (B,) timesteps, (B, tokens, width) context and, for SDXL, the added embedding;
+        for an LCM distillation, the guidance-scale embedding.
 
         ``after_block(*arrays)`` is called after each block with what the rest of the forward
         needs from it; ``mx.eval`` there evaluates the UNet block by block, so that no lazy graph
@@ -120,7 +133,7 @@ class UNet2DConditionModel(nn.Module):
         c = self.config
         done = after_block or (lambda *arrays: None)
         # diffusers casts the float32 sinusoid to the activation dtype before the MLP.
-        emb = self.time_embedding(self.time_proj(timesteps).astype(self.dtype))
+        emb = self.time_embedding(self.time_proj(timesteps).astype(self.dtype), timestep_cond)
         if added is not None:
             emb = emb + added
         temb_silu = nn.silu(emb)

@@ -131,7 +131,13 @@ class RunArguments:
                 raise InputError(f"{_named('refiner_start', flag('refiner_start'))} must be below 1, or the "
                                  "refiner gets no step; give a fraction such as 0.8.")
 
-    @property
-    def guided(self) -> bool:
-        """Classifier-free guidance runs (a batch of two) only above 1, as in diffusers."""
-        return self.guidance > 1.0
+    def guided(self, unet) -> bool:
+        """Whether the run on ``unet`` (its config) takes classifier-free guidance's batch of two."""
+        return classifier_free(self.guidance, unet)
+
+
+def classifier_free(guidance_scale: float, unet) -> bool:
+    """Classifier-free guidance (a batch of two) runs only above 1, as in diffusers, and not on
+    a UNet that takes the guidance scale as an input instead (an LCM distillation); ``unet`` is
+    a UNet config."""
+    return guidance_scale > 1.0 and unet.time_cond_proj_dim is None

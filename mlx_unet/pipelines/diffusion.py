@@ -27,6 +27,7 @@ from ..errors import InputError, PipelineError
 from ..models.clip import CLIPTextModel
 from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
+from ..schedulers import Scheduler
 from ..tokenizer import CLIPTokenizer
 from .arguments import IMG2IMG_STRENGTH, INPAINT_STRENGTH, RunArguments, check_finite_array
 from . import inpaint, loras
@@ -34,13 +35,15 @@ from .folder import TEXT_PARTS, PipelineFolder
 from .loras import PipelineLoRA
 from .pixels import batched, checked_image, encode, to_pixels
 from .preflight import check_prompts, check_run
+from .prompts import PromptTokens, batch_tokens, check_max_tokens, gather, tokenize_prompt, unique
 from .sampler import Sampler, Step
 
 
 @dataclass
 class PromptEmbeddings:
-    """What the UNet is conditioned on: (B, 77, width) token states, (B, pooled) for SDXL (None
-    for SD 1.x / 2.x), and the negative pair (None: zeros, SDXL's ``force_zeros_for_empty_prompt``)."""
+    """What the UNet is conditioned on: (B, 77 * chunks, width) token states (a long prompt is
+    encoded in chunks of 77; the negative prompt has as many), (B, pooled) for SDXL (None for
+    SD 1.x / 2.x), and the negative pair (None: zeros, SDXL's ``force_zeros_for_empty_prompt``)."""
 
     context: mx.array
     pooled: mx.array | None
@@ -156,10 +159,11 @@ class DiffusionPipeline:
         for lora in reversed(list(self.loras)):
             lora.remove()
 
-    def scheduler(self, name: str | None = None):
-        """The named sampler (see ``schedulers.SAMPLERS``) on this model's scheduler config;
-        by default the sampler the model ships with."""
-        return self.parts.make_scheduler(name)
+    def scheduler(self, name: str | Scheduler | None = None, sigmas: str | None = None):
+        """The named sampler (see ``schedulers.make_scheduler``: ours, the web UI's or ComfyUI's
+        names) on this model's scheduler config, by default the one the model ships with;
+        ``sigmas`` a sigma schedule (karras, exponential, beta, ays, default)."""
+        return self.parts.make_scheduler(name, sigmas)
 
     # ------------------------------------------------------------------ prompt
 
@@ -172,34 +176,61 @@ class DiffusionPipeline:
 
         return SDXLPipeline if parts.unet.has_text_time_embedding else SDPipeline
 
-    def _encode(self, prompts: list[str], prompts_2: list[str], clip_skip: int | None) -> tuple[mx.array, mx.array | None]:
-        """diffusers' encode_prompt for one side: (token states, pooled embedding or None)."""
+    def _encode(self, tokens: list[PromptTokens | None], clip_skip: int | None) -> tuple[mx.array, mx.array | None]:
+        """diffusers' encode_prompt for one side, from each text encoder's (batch, chunks, 77)
+        tokens (None where the pipeline has no such encoder): (token states (batch, chunks * 77,
+        width), the first chunk's pooled embedding or None)."""
         raise NotImplementedError
 
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                       prompt_2: str | Sequence[str] | None = None,
                       negative_prompt_2: str | Sequence[str] | None = None,
-                      clip_skip: int | None = None, guided: bool = True) -> PromptEmbeddings:
+                      clip_skip: int | None = None, guided: bool = True, prompt_weighting: bool = True,
+                      max_tokens: int | None = None) -> PromptEmbeddings:
+        """The UNet's conditioning for ``prompt`` (and the negative prompt where ``guided``).
+
+        ``prompt_weighting``: read AUTOMATIC1111's syntax ("(word:1.3)", "[word]", "BREAK"; see
+        ``pipelines.prompts``); False: the text as written. ``max_tokens``: None encodes long
+        prompts in chunks of 75 tokens; 77 cuts them there with a warning, as diffusers does.
+        Identical prompts in the batch (with their prompt_2) are encoded once."""
         prompts = check_prompts(prompt)
         self.parts.check_clip_skip(clip_skip)
+        check_max_tokens(max_tokens)
+        if not isinstance(prompt_weighting, bool):
+            raise InputError(f"prompt_weighting must be True or False, not {prompt_weighting!r}.")
         if (prompt_2 is not None or negative_prompt_2 is not None) and self.parts.encoders[1] is None:
             raise InputError("prompt_2 and negative_prompt_2 are for SDXL's second text encoder; this pipeline has one.")
         prompts_2 = prompts if prompt_2 is None else check_prompts(prompt_2, "prompt_2")
         if len(prompts_2) != len(prompts):
             raise PipelineError(f"prompt_2 has {len(prompts_2)} entries for {len(prompts)} prompts.")
-        context, pooled = self._encode(prompts, prompts_2, clip_skip)
-        negative_context = negative_pooled = None
-        # SDXL base encodes no negative prompt when none is given: zeros stand in for it (as in
-        # diffusers, a lone negative_prompt_2 does not change that).
+        # diffusers' rule, in both families: clip_skip applies to the prompt only, the negative
+        # prompt is encoded from the usual layer.
+        sides = [(prompts, prompts_2, clip_skip)]
+        # SDXL base encodes no negative prompt when none is given: zeros of the prompt's shape
+        # stand in for it (as in diffusers, a lone negative_prompt_2 does not change that).
         zero_negative = negative_prompt is None and self.parts.force_zeros_for_empty_prompt
         if guided and not zero_negative:
             negatives = _per_prompt("" if negative_prompt is None else negative_prompt, "negative_prompt", len(prompts))
             negatives_2 = negatives if negative_prompt_2 is None else \
                 _per_prompt(negative_prompt_2, "negative_prompt_2", len(prompts))
-            # diffusers' rule, in both families: clip_skip applies to the prompt only, the negative
-            # prompt is encoded from the usual layer.
-            negative_context, negative_pooled = self._encode(negatives, negatives_2, None)
-        embeddings = PromptEmbeddings(context, pooled, negative_context, negative_pooled)
+            sides.append((negatives, negatives_2, None))
+        # Each side's distinct (prompt, prompt_2) pairs, tokenized for each encoder; then every
+        # one padded with empty chunks to the longest, so that prompt and negative prompt, and
+        # the two encoders' states, line up token for token.
+        tokenized = []
+        for texts, texts_2, _ in sides:
+            pairs, index = unique(list(zip(texts, texts_2)))
+            per_encoder = [None if tokenizer is None else
+                           [tokenize_prompt(tokenizer, pair[i], prompt_weighting, max_tokens) for pair in pairs]
+                           for i, tokenizer in enumerate(self.tokenizers)]
+            tokenized.append((index, per_encoder))
+        chunks = max(len(t.ids) for _, per_encoder in tokenized for texts in per_encoder if texts for t in texts)
+        encoded = []
+        for (_, _, skip), (index, per_encoder) in zip(sides, tokenized):
+            tokens = [None if texts is None else batch_tokens(texts, chunks, tokenizer)
+                      for texts, tokenizer in zip(per_encoder, self.tokenizers)]
+            encoded += [gather(a, index) for a in self._encode(tokens, skip)]
+        embeddings = PromptEmbeddings(*encoded, *[None] * (4 - len(encoded)))
         mx.eval([a for a in vars(embeddings).values() if a is not None])
         if not self.keep_text_encoders:
             self.release_text_encoders()
@@ -226,8 +257,11 @@ class DiffusionPipeline:
         image: np.ndarray | mx.array | None = None,
         mask_image: np.ndarray | mx.array | None = None,
         strength: float | None = None,
-        scheduler: str | None = None,
+        scheduler: str | Scheduler | None = None,
+        sigmas: str | None = None,
         clip_skip: int | None = None,
+        prompt_weighting: bool = True,
+        max_tokens: int | None = None,
         refiner: "DiffusionPipeline | None" = None,
         refiner_start: float = 0.8,
         low_memory: bool = False,
@@ -248,6 +282,8 @@ class DiffusionPipeline:
         ``refiner``: an SDXL refiner pipeline that takes over at ``refiner_start`` of the
         schedule (diffusers' ensemble of experts: ``denoising_end`` / ``denoising_start``).
         ``callback(stage, step)`` is called after every step; stage is "base" or "refiner".
+        ``prompt_weighting``, ``max_tokens``: as for ``encode_prompt`` (A1111's "(word:1.3)"
+        syntax, and long prompts in chunks unless ``max_tokens=77``).
         """
         if mask_image is not None and image is None:
             raise InputError("mask_image needs image: the picture whose white-masked part is repainted.")
@@ -277,13 +313,16 @@ class DiffusionPipeline:
             size = checked_image(image, count * num_images_per_prompt)
         inpaint.check_arguments(self.unet.config, mask_image, size, count * num_images_per_prompt, refiner is not None)
         self.parts.check_clip_skip(clip_skip)
+        check_max_tokens(max_tokens)
         check_run(args, self.parts, None if refiner is None else refiner.parts, prompts=count, scheduler=scheduler,
+                  sigmas=sigmas,
                   dtype=self.dtype, vae_dtype=(refiner or self).vae.dtype, tiled_vae=(refiner or self).vae.use_tiling,
                   vae_tile=(refiner or self).vae.tile_sample_size, low_memory=low_memory, image_size=size,
                   quantize=self.quantize, quantize_text_encoders=self.quantize_text_encoders)
-        guided = args.guided
+        guided = args.guided(self.unet.config)
         prompt_args = dict(negative_prompt=negative_prompt, prompt_2=prompt_2,
-                           negative_prompt_2=negative_prompt_2, clip_skip=clip_skip, guided=guided)
+                           negative_prompt_2=negative_prompt_2, clip_skip=clip_skip, guided=guided,
+                           prompt_weighting=prompt_weighting, max_tokens=max_tokens)
         if prompt_embeds is None:
             prompt_embeds = self.encode_prompt(prompt, **prompt_args)
         embeddings = self._repeat(prompt_embeds, num_images_per_prompt)
@@ -298,10 +337,10 @@ class DiffusionPipeline:
                                                      embeddings.context.shape[0], strength, seed), strength=strength)
         elif image is not None:
             sample.update(image_latents=self.encode_image(image, embeddings.context.shape[0], seed), strength=strength)
-        x = self._denoise("base", self, embeddings, callback, low_memory, scheduler, latents=latents,
+        x = self._denoise("base", self, embeddings, callback, low_memory, (scheduler, sigmas), latents=latents,
                           denoising_end=refiner_start if refiner is not None else None, **sample)
         if refiner is not None:
-            x = self._denoise("refiner", refiner, refiner_embeddings, callback, low_memory, scheduler,
+            x = self._denoise("refiner", refiner, refiner_embeddings, callback, low_memory, (scheduler, sigmas),
                               image_latents=x, denoising_start=refiner_start, **sample)
         if output == "latent":
             return x
@@ -316,8 +355,8 @@ class DiffusionPipeline:
         return PromptEmbeddings(rep(e.context), rep(e.pooled), rep(e.negative_context), rep(e.negative_pooled))
 
     @staticmethod
-    def _denoise(stage, pipe: "DiffusionPipeline", e: PromptEmbeddings, callback, low_memory, scheduler, **kwargs):
-        sampler = Sampler(pipe.unet, pipe.scheduler(scheduler), low_memory=low_memory)
+    def _denoise(stage, pipe: "DiffusionPipeline", e: PromptEmbeddings, callback, low_memory, sampling, **kwargs):
+        sampler = Sampler(pipe.unet, pipe.scheduler(*sampling), low_memory=low_memory)
         x = None
         steps = sampler.steps(e.context, e.pooled, negative_prompt_embeds=e.negative_context,
                               negative_pooled_prompt_embeds=e.negative_pooled, **kwargs)

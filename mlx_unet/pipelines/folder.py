@@ -20,18 +20,12 @@ from ..configs.pipeline import check_components_fit
 from ..configs.quantization import Quantization, read_quantization
 from ..configs.unet import UNetConfig
 from ..configs.vae import VAEConfig
-from ..errors import MlxUnetError, PipelineError
+from ..errors import InputError, MlxUnetError, PipelineError
 from ..jsonfile import read_json
-from ..schedulers import SAMPLERS, make_scheduler, read_config
+from ..schedulers import Scheduler, make_scheduler, read_config, shipped_sampler
+from ..schedulers.names import sampler_name
 from .arguments import check_int
 
-# diffusers' scheduler class -> our sampler name, to default to the model's own sampler.
-_SAMPLER_OF_CLASS = {
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "DDIMScheduler": "ddim",
-}
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 # (tokenizer, text encoder) pairs in the order SDXL concatenates their states. SD 1.x / 2.x have
@@ -78,20 +72,25 @@ class PipelineFolder:
         return _part(self.path, self.index, name)
 
     def sampler_name(self, name: str | None = None) -> str:
-        """``name``, checked, or the sampler the model ships with (Euler where we have none of its kind)."""
+        """``name`` (in any known spelling) as ours, or the sampler the model ships with (Euler
+        where we have none of its kind)."""
         if name is None:
-            shipped = self.scheduler or {}
-            name = _SAMPLER_OF_CLASS.get(shipped.get("_class_name"), "euler")
-            if name == "dpmpp_2m" and shipped.get("use_karras_sigmas"):
-                name = "dpmpp_2m_karras"
-        if name not in SAMPLERS:
-            raise PipelineError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}.")
-        return name
+            return shipped_sampler(self.scheduler)
+        try:
+            return sampler_name(name)[0]
+        except InputError as e:
+            raise PipelineError(str(e)) from None
 
-    def make_scheduler(self, name: str | None = None):
-        """The named sampler (see ``schedulers.SAMPLERS``) on the shipped scheduler config; by
-        default the sampler the model ships with."""
-        return make_scheduler(self.sampler_name(name), self.scheduler)
+    def make_scheduler(self, name: str | Scheduler | None = None, sigmas: str | None = None, **overrides):
+        """The named sampler (see ``schedulers.make_scheduler``) on the shipped scheduler config,
+        by default the one the model ships with; ``sigmas`` a sigma schedule (Align-Your-Steps
+        takes this model's family's). A scheduler made already is used as it is."""
+        if isinstance(name, Scheduler):
+            if sigmas is not None or overrides:
+                raise InputError("sigmas go with a sampler's name; a scheduler object carries its own.")
+            return name
+        family = "sdxl" if self.unet.has_text_time_embedding else "sd"
+        return make_scheduler(name or self.sampler_name(), self.scheduler, sigmas=sigmas, family=family, **overrides)
 
     def check_clip_skip(self, clip_skip: int | None, flag: str | None = None) -> None:
         """Refuse a clip_skip that leaves a text encoder no layer (``flag``: the option's name)."""

@@ -3,7 +3,7 @@ and other SD tools (ComfyUI's importers, InvokeAI, Civitai, image browsers) read
 
     a watercolour of a lighthouse at dusk <lora:ink:0.8>
     Negative prompt: fog, grey
-    Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: 7, Size: 1024x1024, Model: sdxl-base, Version: mlx-unet 0.1.0
+    Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, Seed: 7, Size: 1024x1024, Model: sdxl-base, Version: mlx-unet 0.1.0
 
 The prompt (any number of lines), then the negative prompt after ``Negative prompt:``, then one
 line of ``Key: value`` fields separated by ", "; a value holding a comma, a colon or a line break
@@ -22,18 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ..errors import InputError
+from ..schedulers.names import sampler_name, sigma_schedule_name
 
 NEGATIVE = "Negative prompt:"
-# Our sampler -> the web UI's name for it. "DPM++ 2M Karras" is the name up to web UI 1.8; later
-# versions write "Sampler: DPM++ 2M, Schedule type: Karras" and read both.
-SAMPLER_NAMES = {
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "ddim": "DDIM",
-}
-_SAMPLERS_BY_NAME = {name.lower(): ours for ours, name in SAMPLER_NAMES.items()}
 # A field: a key (a word, then words, spaces, hyphens, slashes), a colon, and a JSON string or
 # anything up to the next comma.
 _FIELD = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -108,14 +99,14 @@ def parse_parameters(text: str) -> Parameters:
                       {key.strip(): _unquoted(value) for key, value in fields})
 
 
-def sampler_of(fields: dict[str, str]) -> str | None:
-    """Our sampler for the web UI's ``Sampler`` (and ``Schedule type``) fields; None where it names
-    one we do not have. The web UI's "Automatic" schedule is the sampler's own."""
-    name = fields.get("Sampler", "").strip()
-    schedule = fields.get("Schedule type", "").strip()
-    if schedule and schedule.lower() not in ("automatic", "uniform"):
-        name = f"{name} {schedule}"
-    return _SAMPLERS_BY_NAME.get(name.lower())
+def sampler_of(fields: dict[str, str]) -> tuple[str, str | None]:
+    """(our sampler, our sigma schedule or None) for the web UI's ``Sampler`` and ``Schedule
+    type`` fields: "DPM++ 2M Karras" as written up to web UI 1.8, "DPM++ 2M" with "Schedule
+    type: Karras" after; InputError for a sampler or schedule we do not have."""
+    sampler, sigmas = sampler_name(fields.get("Sampler", ""))
+    if fields.get("Schedule type", "").strip():
+        sigmas = sigma_schedule_name(fields["Schedule type"])
+    return sampler, None if sigmas == "default" else sigmas
 
 
 def size_of(fields: dict[str, str]) -> tuple[int, int] | None:

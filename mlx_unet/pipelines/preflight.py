@@ -13,6 +13,7 @@ import mlx.core as mx
 
 from ..configs.quantization import Quantization
 from ..errors import InputError
+from ..schedulers import Scheduler
 from .arguments import RunArguments
 from .folder import PipelineFolder
 from .memory import RunEstimate, check_run_fits
@@ -45,7 +46,7 @@ class RunPlan:
 
 
 def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder | None, *, prompts: int,
-              scheduler: str | None, dtype: mx.Dtype, vae_dtype: mx.Dtype | None, tiled_vae: bool,
+              scheduler: str | Scheduler | None, sigmas: str | None = None, dtype: mx.Dtype, vae_dtype: mx.Dtype | None, tiled_vae: bool,
               low_memory: bool, vae_tile: int | None = None, image_size: tuple[int, int] | None = None,
               quantize: Quantization | None = None, quantize_text_encoders: Quantization | None = None) -> RunPlan:
     """Refuse (InputError / PipelineError) a run that cannot start or finish, before loading.
@@ -63,11 +64,14 @@ def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder 
     if args.img2img and refiner is not None:
         raise InputError("img2img (image=) runs one model; refine its output in a second call instead.")
     end = args.refiner_start if refiner is not None else None
-    if len(schedule(base.make_scheduler(scheduler), args.steps, img2img=args.img2img, strength=args.strength,
+    if refiner is not None and isinstance(scheduler, Scheduler):
+        raise InputError("a run with a refiner takes its sampler by name (each model makes it on its own config), "
+                         "not as a scheduler object.")
+    if len(schedule(base.make_scheduler(scheduler, sigmas), args.steps, img2img=args.img2img, strength=args.strength,
                     denoising_end=end)[0]) == 0:
         raise InputError(f"refiner_start {args.refiner_start:g} of {args.steps} steps leaves the base model no step; "
                          "raise steps or refiner_start.")
-    if refiner is not None and len(schedule(refiner.make_scheduler(scheduler), args.steps, img2img=True,
+    if refiner is not None and len(schedule(refiner.make_scheduler(scheduler, sigmas), args.steps, img2img=True,
                                             denoising_start=args.refiner_start)[0]) == 0:
         raise InputError(f"refiner_start {args.refiner_start:g} of {args.steps} steps leaves the refiner no step; "
                          "raise steps or lower refiner_start.")
@@ -77,7 +81,7 @@ def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder 
         vae_dtype = mx.float32 if last.vae.force_upcast else dtype
     estimate = check_run_fits(
         base.unet, last.vae, [e for e in base.encoders if e is not None], height=height, width=width, images=images,
-        guided=args.guided, dtype=dtype, vae_dtype=vae_dtype, tiled_vae=tiled_vae, vae_tile=vae_tile, low_memory=low_memory,
+        guided=args.guided(base.unet), dtype=dtype, vae_dtype=vae_dtype, tiled_vae=tiled_vae, vae_tile=vae_tile, low_memory=low_memory,
         refiner=None if refiner is None else refiner.unet, unet_quantization=base.quantization("unet", quantize),
         text_quantization=base.quantization(base.text_encoder_names[-1], quantize_text_encoders),
     )

@@ -18,6 +18,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from ..errors import InputError, NonFiniteWarning
+from ..models.embeddings import guidance_scale_embedding
 from ..models.unet import UNet2DConditionModel
 from .arguments import (
     IMG2IMG_STRENGTH,
@@ -25,6 +26,7 @@ from .arguments import (
     MAX_STEPS,
     PIXELS_PER_LATENT,
     check_finite_array,
+    classifier_free,
     check_int,
     check_real,
     check_seed,
@@ -50,7 +52,8 @@ class Step:
 @dataclass(frozen=True)
 class Conditioning:
     """What every step of a run is conditioned on (``Sampler.prepare_conditioning``). Under
-    classifier-free guidance the batch is doubled, the negative half first as diffusers has it."""
+    classifier-free guidance the batch is doubled, the negative half first as diffusers has it.
+    An LCM distillation takes the guidance scale as an embedding instead, and a batch of one."""
 
     context: mx.array  # (B or 2B, tokens, width), in the UNet's dtype
     added_embedding: mx.array | None  # SDXL's (B or 2B, time_embed_dim); None for SD 1.x/2.x
@@ -59,10 +62,12 @@ class Conditioning:
     # A 9-channel inpainting UNet's mask and masked-image latents (B or 2B, h, w, 5), in its
     # dtype, concatenated after the latents at every step.
     extra_channels: mx.array | None = None
+    # An LCM distillation's guidance-scale embedding (B, time_cond_proj_dim), in the UNet's dtype.
+    timestep_cond: mx.array | None = None
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale > 1.0
+        return self.guidance_scale > 1.0 and self.timestep_cond is None
 
 
 @dataclass(frozen=True)
@@ -198,7 +203,7 @@ class Sampler:
         unet = self.unet
         config, dtype = unet.config, unet.dtype
         batch = prompt_embeds.shape[0]
-        guided = guidance_scale > 1.0
+        guided = classifier_free(guidance_scale, config)
         added = None
         if config.has_text_time_embedding:
             if pooled_prompt_embeds is None:
@@ -225,8 +230,11 @@ class Sampler:
             negative = mx.zeros_like(prompt_embeds) if negative_prompt_embeds is None else negative_prompt_embeds
             context = mx.concatenate([negative, prompt_embeds])
         extra = None if inpainting is None else inpainting.extra_channels(guided)
+        timestep_cond = None
+        if config.time_cond_proj_dim is not None:
+            timestep_cond = guidance_scale_embedding(guidance_scale, config.time_cond_proj_dim, batch).astype(dtype)
         return Conditioning(context.astype(dtype), added, guidance_scale, guidance_rescale,
-                            None if extra is None else extra.astype(dtype))
+                            None if extra is None else extra.astype(dtype), timestep_cond)
 
     def prepare_latents(
         self,
@@ -344,15 +352,16 @@ class Sampler:
         return height or default, width or default
 
     def _predict(self, forward, model_input, t, conditioning: Conditioning) -> mx.array:
-        added = conditioning.added_embedding
+        added, cond = conditioning.added_embedding, conditioning.timestep_cond
         if not self.settings.low_memory or model_input.shape[0] == 1:
-            return forward(model_input, t, conditioning.context, added_embedding=added)
+            return forward(model_input, t, conditioning.context, added_embedding=added, timestep_cond=cond)
         # One sample at a time: the activations of a batch of one, at the cost of reading the
         # weights once per sample.
         halves = []
         for i in range(model_input.shape[0]):
-            one = None if added is None else added[i:i + 1]
-            halves.append(forward(model_input[i:i + 1], t, conditioning.context[i:i + 1], added_embedding=one))
+            one = (lambda a: None if a is None else a[i:i + 1])
+            halves.append(forward(model_input[i:i + 1], t, conditioning.context[i:i + 1], added_embedding=one(added),
+                                  timestep_cond=one(cond)))
             mx.eval(halves[-1])
         return mx.concatenate(halves)
 

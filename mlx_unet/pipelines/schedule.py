@@ -15,7 +15,10 @@ def schedule(scheduler, num_inference_steps: int, *, img2img: bool = False, stre
     (set as its begin index). Sets the scheduler's timesteps. ``img2img`` starts at ``strength``
     of the schedule, or at ``denoising_start`` (the refiner's half of a hand-off);
     ``denoising_end`` stops the base half at the same cutoff."""
-    scheduler.set_timesteps(num_inference_steps)
+    if scheduler.custom_timesteps is None:
+        scheduler.set_timesteps(num_inference_steps)
+    else:
+        scheduler.set_timesteps(timesteps=scheduler.custom_timesteps(num_inference_steps))
     timesteps = scheduler.timesteps
     train_steps = scheduler.config.num_train_timesteps
     begin = _start_index(scheduler, timesteps, num_inference_steps, strength, denoising_start, train_steps) if img2img else 0

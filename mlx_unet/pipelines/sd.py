@@ -7,17 +7,17 @@ prediction type (epsilon, or v for SD 2.x 768) is the scheduler config's.
 
 from __future__ import annotations
 
-import mlx.core as mx
-
 from .diffusion import DiffusionPipeline
+from .prompts import PromptTokens, encode_chunks
 
 
 class SDPipeline(DiffusionPipeline):
     """``SDPipeline.from_pretrained(folder)(prompt)`` -> uint8 images (B, H, W, 3)."""
 
-    def _encode(self, prompts: list[str], prompts_2: list[str], clip_skip: int | None):
+    def _encode(self, tokens: list[PromptTokens | None], clip_skip: int | None):
         """The last layer's states final-normed, as the UNet was trained on; ``clip_skip``
-        takes them that many layers earlier, final-normed too (diffusers' rule, unlike SDXL's)."""
-        tokenizer, encoder = self.tokenizers[0], self._text_encoders()[0]
-        hidden, _ = encoder(mx.array(tokenizer(prompts)), hidden_layer=-1 - (clip_skip or 0))
-        return encoder.text_model.final_layer_norm(hidden), None
+        takes them that many layers earlier, final-normed too (diffusers' rule, unlike SDXL's).
+        Prompt weights apply to the final-normed states, as in A1111."""
+        encoder = self._text_encoders()[0]
+        context, _ = encode_chunks(encoder, tokens[0], -1 - (clip_skip or 0), encoder.text_model.final_layer_norm)
+        return context, None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -152,20 +152,47 @@ def parse_config(config_cls: type, source: Any, overrides: Mapping[str, Any]) ->
 # ---------------------------------------------------------------------------------- tables
 
 
-def alphas_cumprod(config: BetaScheduleConfig) -> np.ndarray:
-    """The training schedule's cumulative alpha product, float32, exactly as diffusers builds it.
+def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps, dtype=torch.float32)`` bit for bit (CPU).
 
-    diffusers makes float32 betas with ``torch.linspace`` and takes ``torch.cumprod`` of the float32
-    alphas, which on the CPU accumulates in float64 and rounds each partial product to float32. A
-    float64 linspace rounded to float32 lands within an ulp of torch's; float64 accumulation is
-    reproduced exactly.
+    torch steps in float32 from ``start`` over the first half and back from ``end`` over the
+    second, each point one fused multiply-add (the compiler contracts ``start + step * i``);
+    a float64 product is exact for float32 factors, so one float64 add rounds as the FMA does.
+    """
+    first, last = np.float32(start), np.float32(end)
+    if steps == 1:
+        return np.array([first])
+    step = (last - first) / np.float32(steps - 1)
+    i = np.arange(steps)
+    up = np.float64(step) * i + np.float64(first)
+    down = np.float64(last) - np.float64(step) * (steps - 1 - i)
+    return np.where(i < steps // 2, up, down).astype(np.float32)
+
+
+def rounded(fn: Any, x: np.ndarray) -> np.ndarray:
+    """``fn`` (np.log, np.exp, np.expm1) of float32 ``x``, correctly rounded to float32.
+
+    torch's float32 log / exp / expm1 (SLEEF, within an ulp) agree with the correctly rounded
+    value on ~99% of inputs, numpy's float32 loops on ~60%; the multistep solvers magnify an
+    ulp where steps are close in log-SNR (their coefficients cancel most of their digits).
+    """
+    return fn(np.asarray(x, np.float64)).astype(np.float32)
+
+
+def alphas_cumprod(config: BetaScheduleConfig) -> np.ndarray:
+    """The training schedule's cumulative alpha product, float32, bit for bit as diffusers builds it.
+
+    diffusers makes float32 betas with ``torch.linspace`` (reproduced by ``torch_linspace``; a
+    float64 linspace rounded is an ulp off in most entries, which the order-3 solvers magnify)
+    and takes ``torch.cumprod`` of the float32 alphas, which on the CPU accumulates in float64
+    and rounds each partial product to float32.
     """
     if config.trained_betas is not None:
         betas = np.asarray(config.trained_betas, dtype=np.float32)
     elif config.beta_schedule == "linear":
-        betas = np.linspace(config.beta_start, config.beta_end, config.num_train_timesteps).astype(np.float32)
+        betas = torch_linspace(config.beta_start, config.beta_end, config.num_train_timesteps)
     else:  # scaled_linear: linear in sqrt(beta), squared in float32 as diffusers does
-        roots = np.linspace(config.beta_start**0.5, config.beta_end**0.5, config.num_train_timesteps).astype(np.float32)
+        roots = torch_linspace(config.beta_start**0.5, config.beta_end**0.5, config.num_train_timesteps)
         betas = roots * roots
     alphas = np.float32(1.0) - betas
     return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
@@ -234,6 +261,38 @@ def per_item(values: np.ndarray, like: mx.array) -> mx.array:
     return mx.array(values.astype(np.float32)).reshape((-1,) + (1,) * (like.ndim - 1)).astype(like.dtype)
 
 
+def table_index(timestep: Any, num_train: int, negative: bool = False) -> int:
+    """An integer timestep as an index of the training table.
+
+    ``negative``: accept -num_train..-1 as counting from the end, as torch indexing does in
+    diffusers (a "trailing" PNDM schedule can hold -1); else only 0..num_train-1.
+    """
+    t = as_scalar(timestep)
+    if t != int(t):
+        raise InputError(f"these samplers take integer timesteps, got {t!r}.")
+    t = int(t)
+    if not (-num_train if negative else 0) <= t < num_train:
+        raise InputError(f"timestep {t} is outside the {num_train} training timesteps.")
+    return t
+
+
+def vp_add_noise(alphas_cumprod_: np.ndarray, original: mx.array, noise: mx.array, timesteps: Any,
+                 negative: bool = False) -> mx.array:
+    """sqrt(a_t) x + sqrt(1 - a_t) noise, a_t looked up by the timesteps themselves (one per item)."""
+    ts = [table_index(t, len(alphas_cumprod_), negative) for t in timestep_list(timesteps)]
+    a = alphas_cumprod_[ts]
+    return per_item(np.sqrt(a), original) * original + per_item(np.sqrt(np.float32(1.0) - a), original) * noise
+
+
+def step_noise(noise: mx.array | None, like: mx.array) -> mx.array:
+    """The caller's standard normal noise (float32), or a fresh draw of ``like``'s shape."""
+    if noise is None:
+        return mx.random.normal(like.shape)
+    if tuple(noise.shape) != tuple(like.shape):
+        raise InputError(f"noise has shape {tuple(noise.shape)}, the model output {tuple(like.shape)}.")
+    return noise.astype(mx.float32)
+
+
 class Scheduler:
     """Config loading and diffusers' step-index bookkeeping.
 
@@ -248,6 +307,10 @@ class Scheduler:
     order = 1  # what diffusers reports for all four samplers (DPMSolverMultistep included)
     # Whether step() consumes noise: a loop that seeds per step passes it only to those that do.
     stochastic = False
+    # Timesteps for a run of n steps, where they are not the config's spacing (Align-Your-Steps):
+    # ``pipelines.schedule`` then calls ``set_timesteps(timesteps=custom_timesteps(n))``.
+    custom_timesteps: Callable[[int], list[int]] | None = None
+    takes_timesteps = False  # whether set_timesteps takes custom ``timesteps`` (as its diffusers class)
 
     def __init__(self, config: BetaScheduleConfig | None = None):
         if config is None:

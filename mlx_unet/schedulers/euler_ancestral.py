@@ -31,6 +31,7 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
 
     config_class = EulerAncestralDiscreteConfig
     stochastic = True
+    takes_timesteps = False  # as its diffusers class, unlike Euler's
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         check_steps(num_inference_steps)

@@ -53,7 +53,6 @@ def test_round_trip_through_diffusers_field_names(preset):
     [
         ("class_embed_type", "timestep"),
         ("num_class_embeds", 10),
-        ("time_cond_proj_dim", 256),
         ("resnet_time_scale_shift", "scale_shift"),
         ("dual_cross_attention", True),
         ("only_cross_attention", True),

@@ -53,11 +53,12 @@ def test_each_image_of_a_batch_has_its_seed_and_reruns_bit_for_bit(model, tmp_pa
     first, second = _pixels(out), _pixels(tmp_path / "out-1.png")
     assert np.abs(first.astype(int) - second).max() > 8  # two seeds, two images
     fields, settings = _texts(tmp_path / "out-1.png")
-    assert fields == {"prompt": PROMPT, "negative": "fog, grey", "Steps": "2", "Sampler": "DPM++ 2M Karras",
-                      "CFG scale": "4", "Seed": "6", "Size": "64x64", "Model": "pipeline", "Clip skip": "2",
+    assert fields == {"prompt": PROMPT, "negative": "fog, grey", "Steps": "2", "Sampler": "DPM++ 2M",
+                      "Schedule type": "Karras", "CFG scale": "4", "Seed": "6", "Size": "64x64", "Model": "pipeline", "Clip skip": "2",
                       "Version": fields["Version"]}
     assert settings == dict(prompt=PROMPT, model=str(model), negative_prompt="fog, grey", steps=2, guidance=4.0,
-                            height=64, width=64, seed=6, scheduler="dpmpp_2m_karras", clip_skip=1, dtype="float32")
+                            height=64, width=64, seed=6, scheduler="dpmpp_2m", sigmas="karras", clip_skip=1,
+                            dtype="float32")
 
     _generate("--from-png", str(tmp_path / "out-1.png"), "-o", str(tmp_path / "again.png"), "--quiet")
     assert np.array_equal(_pixels(tmp_path / "again.png"), second)
