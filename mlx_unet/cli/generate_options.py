@@ -136,7 +136,7 @@ def _sampler(name: str) -> str:
     try:
         sampler_name(name)
     except InputError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(str(e).rstrip(".")) from None
     return name
 
 

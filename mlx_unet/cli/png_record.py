@@ -34,7 +34,7 @@ from ..errors import InputError, MlxUnetWarning
 from ..jsonfile import InvalidJSON, parse_json
 from ..pipelines import parameters
 from ..pipelines.images import read_png_text
-from ..schedulers.names import sampler_name, web_ui_name
+from ..schedulers.names import WEB_UI_SAMPLERS, sampler_name, web_ui_name
 from ..version import package_version
 
 PARAMETERS = "parameters"
@@ -175,8 +175,10 @@ def _from_parameters(png: Path, text: str) -> Recorded:
     if "Sampler" in fields:
         try:
             settings["scheduler"], settings["sigmas"] = parameters.sampler_of(fields)
-        except InputError as e:
-            raise InputError(f"{png} was made with a sampler mlx-unet does not have: {e}") from None
+        except InputError:
+            made = fields["Sampler"] + (f", {fields['Schedule type']}" if fields.get("Schedule type") else "")
+            raise InputError(f"{png} was made with the sampler {made!r}, which mlx-unet does not have; pass --scheduler "
+                             f"(one of {', '.join(WEB_UI_SAMPLERS)}) and --sigmas.") from None
     if p.loras():
         names = ", ".join(f"{name}:{scale:g}" for name, scale in p.loras())
         warnings.warn(f"{png}'s prompt names LoRAs ({names}), which are not loaded from it; pass them with --lora.",

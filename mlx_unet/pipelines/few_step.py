@@ -34,8 +34,8 @@ class RunDefaults:
     def describe(self) -> str:
         sampler = self.sampler or "its shipped sampler"
         spacing = self.scheduler_config.get("timestep_spacing")
-        return (f"{self.label}: {sampler}{f' ({spacing} spacing)' if spacing else ''}, {self.steps} steps, "
-                f"guidance {self.guidance:g}")
+        steps = f"{self.steps} step{'s' if self.steps != 1 else ''}"
+        return f"{self.label}: {sampler}{f' ({spacing} spacing)' if spacing else ''}, {steps}, guidance {self.guidance:g}"
 
 
 ORDINARY = RunDefaults()

@@ -116,8 +116,8 @@ def make_scheduler(name: str, config: Any = None, *, sigmas: str | None = None, 
             raise InputError(f"sampler {name!r} means {key}={implied[key]!r}; got {key}={value!r}.")
     if sigmas is not None:
         if sigmas not in sigma_schedules(sampler):
-            raise InputError(f"the {sampler} sampler cannot run on the {sigmas} sigma schedule; it takes "
-                             f"{', '.join(sigma_schedules(sampler))}.")
+            takes = ", ".join(sigma_schedules(sampler)[1:]) or "none but its own spacing (default)"
+            raise InputError(f"the {sampler} sampler cannot run on the {sigmas} sigma schedule; it takes {takes}.")
         # One re-spacing at most: the chosen one on, the others (a shipped config's) off.
         implied = {**implied, **{flag: kind == sigmas for kind, flag in SIGMA_FLAGS.items()}}
     config = {} if config is None else read_config(config)

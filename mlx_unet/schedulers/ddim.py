@@ -18,11 +18,10 @@ from .base import (
     BetaScheduleConfig,
     Scheduler,
     StepOutput,
-    as_scalar,
     check_steps,
-    per_item,
     spaced_timesteps,
-    timestep_list,
+    table_index,
+    vp_add_noise,
 )
 
 
@@ -89,24 +88,15 @@ class DDIMScheduler(Scheduler):
         """Identity: DDIM works on unscaled samples."""
         return sample
 
-    def _timestep_int(self, timestep: Any) -> int:
-        t = as_scalar(timestep)
-        if t != int(t):
-            raise InputError(f"DDIM timesteps are integers, got {t!r}.")
-        t = int(t)
-        # Negative values index from the end, as torch indexing does in diffusers (a "trailing"
-        # schedule can end at -1); beyond the table is an error.
-        if not -len(self.alphas_cumprod_np) <= t < len(self.alphas_cumprod_np):
-            raise InputError(f"timestep {t} is outside the {len(self.alphas_cumprod_np)} training timesteps.")
-        return t
-
     def step(
         self, model_output: mx.array, timestep: Any, sample: mx.array, noise: mx.array | None = None
     ) -> StepOutput:
         """One DDIM step with eta = 0; ``noise`` is unused (the step is deterministic)."""
         if self.num_inference_steps is None:
             raise InputError("DDIMScheduler: call set_timesteps(num_inference_steps) first.")
-        t = self._timestep_int(timestep)
+        # Negative values index from the end, as torch indexing does in diffusers (a "trailing"
+        # schedule can end at -1).
+        t = table_index(timestep, self.config.num_train_timesteps, negative=True)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         acp = self.alphas_cumprod_np
         a_t = acp[t]
@@ -131,8 +121,4 @@ class DDIMScheduler(Scheduler):
 
     def add_noise(self, original_samples: mx.array, noise: mx.array, timesteps: Any) -> mx.array:
         """sqrt(a_t) x + sqrt(1 - a_t) noise, indexed by the timesteps themselves."""
-        ts = [self._timestep_int(t) for t in timestep_list(timesteps)]
-        a = self.alphas_cumprod_np[ts]
-        return per_item(np.sqrt(a), original_samples) * original_samples + per_item(
-            np.sqrt(np.float32(1.0) - a), original_samples
-        ) * noise
+        return vp_add_noise(self.alphas_cumprod_np, original_samples, noise, timesteps, negative=True)

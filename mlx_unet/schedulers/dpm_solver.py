@@ -25,14 +25,13 @@ from ..configs.base import check_choice, check_number
 from ..errors import InputError
 from .base import (
     BetaScheduleConfig,
-    Scheduler,
     StepOutput,
     check_steps,
-    per_item,
     rounded,
-    sigma_table,
     sigma_to_t,
+    step_noise,
 )
+from .log_snr import LogSNRScheduler, alpha_sigma_lambda, data_estimate
 from .sigmas import chosen_respacing, respaced
 
 # The sigma re-spacings diffusers' DPM-Solvers offer, all implemented.
@@ -196,17 +195,6 @@ def solver_terms(algorithm: str, alpha_t, sigma_t, sigma_s, h) -> Terms:
                  c_quad=alpha_t * ((f - 2.0 * h) / (2.0 * h) ** 2 - 0.5))
 
 
-def alpha_sigma_lambda(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """VP-space alpha_t, sigma_t and log-SNR lambda of Euler-space sigmas, float32 as diffusers.
-
-    lambda is +inf at the final sigma 0, where every update then returns x0 exactly.
-    """
-    alpha = np.float32(1.0) / np.sqrt(sigmas * sigmas + np.float32(1.0))
-    sigma = sigmas * alpha
-    with np.errstate(divide="ignore"):
-        return alpha, sigma, rounded(np.log, alpha) - rounded(np.log, sigma)
-
-
 def folded(*columns: np.ndarray) -> np.ndarray:
     """Per-step weights on the x0 estimates (newest first), folded in float64, stored float32.
 
@@ -219,7 +207,7 @@ def folded(*columns: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------- the samplers
 
 
-class DPMSolverBase(Scheduler):
+class DPMSolverBase(LogSNRScheduler):
     """What the two DPM-Solver++ samplers share: tables, x0 estimate, the linear update, add_noise.
 
     ``timesteps`` are integers (int32 here, int64 in diffusers); ``sigmas`` ends with 0. The model
@@ -230,19 +218,11 @@ class DPMSolverBase(Scheduler):
     (A, N, W) per step, W the weights on the x0 estimates, newest first).
     """
 
-    init_noise_sigma = 1.0
     takes_timesteps = True
 
     def __init__(self, config: DPMSolverConfig | None = None):
         super().__init__(config)
         self.stochastic = self.config.algorithm_type == "sde-dpmsolver++"
-        self._table = sigma_table(self.alphas_cumprod_np)
-        # Before set_timesteps, as diffusers: training timesteps and the (ascending) sigma table.
-        T = self.config.num_train_timesteps
-        self._timesteps_np = np.linspace(0, T - 1, T, dtype=np.float32)[::-1].copy()
-        self.timesteps = mx.array(self._timesteps_np)
-        self.sigmas_np = self._table.copy()
-        self.sigmas = mx.array(self.sigmas_np)
         self._x0s: list[mx.array] = []
 
     def set_timesteps(self, num_inference_steps: int | None = None, timesteps: Any = None) -> None:
@@ -267,21 +247,10 @@ class DPMSolverBase(Scheduler):
         self._x0s = []
         self._reset_index()
 
-    def _missing_timestep(self, timestep: float) -> int:
-        # diffusers' DPM-Solvers fall back to the last step for an unknown timestep.
-        return len(self._timesteps_np) - 1
-
-    def scale_model_input(self, sample: mx.array, timestep: Any = None) -> mx.array:
-        """Identity: the solver works on unscaled samples."""
-        return sample
-
     def _x0(self, model_output: mx.array, sample: mx.array, i: int) -> mx.array:
         """The data estimate from the model output at step i (float32), kept newest first."""
-        alpha_s, sigma_s = float(self._alpha_s[i]), float(self._sigma_s[i])
-        if self.config.prediction_type == "epsilon":
-            x0 = (sample - sigma_s * model_output) / alpha_s
-        else:  # v_prediction
-            x0 = alpha_s * sample - sigma_s * model_output
+        x0 = data_estimate(self.config.prediction_type, model_output, sample, float(self._alpha_s[i]),
+                           float(self._sigma_s[i]))
         self._x0s = [x0, *self._x0s][: self.config.solver_order]
         return x0
 
@@ -292,19 +261,8 @@ class DPMSolverBase(Scheduler):
         for w, x0 in zip(W[i], self._x0s):
             prev = prev + float(w) * x0
         if self.stochastic:
-            if noise is None:
-                noise = mx.random.normal(sample.shape)
-            elif tuple(noise.shape) != tuple(sample.shape):
-                raise InputError(f"noise has shape {tuple(noise.shape)}, the sample {tuple(sample.shape)}.")
-            prev = prev + float(N[i]) * noise.astype(mx.float32)
+            prev = prev + float(N[i]) * step_noise(noise, sample)
         return prev
-
-    def add_noise(self, original_samples: mx.array, noise: mx.array, timesteps: Any) -> mx.array:
-        """alpha_t x + sigma_t noise (VP form), one timestep per batch item."""
-        sigma = per_item(self.sigmas_np[self._add_noise_indices(timesteps)], original_samples)
-        alpha_t = 1 / mx.sqrt(sigma * sigma + 1)
-        return alpha_t * original_samples + (sigma * alpha_t) * noise
-
 
 class DPMSolverMultistepScheduler(DPMSolverBase):
     """DPM-Solver++ 2M / 3M (and their SDE forms) in MLX, step for step diffusers'.

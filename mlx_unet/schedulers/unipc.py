@@ -21,23 +21,15 @@ from ..configs.base import check_choice, check_number
 from ..errors import ConfigError
 from .base import (
     BetaScheduleConfig,
-    Scheduler,
     StepOutput,
     check_steps,
-    per_item,
     rounded,
-    sigma_table,
     sigma_to_t,
 )
+from .log_snr import LogSNRScheduler, alpha_sigma_lambda, data_estimate
 from .sigmas import chosen_respacing, respaced
 
 # ----------------------------------------------------------------------- shared with DEIS
-
-
-def alpha_sigma(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """VP-space (alpha_t, sigma_t) of Euler-space sigmas, in float32 as diffusers' tensors."""
-    alpha = np.float32(1.0) / np.sqrt(s * s + np.float32(1.0))
-    return alpha, s * alpha
 
 
 def multistep_schedule(config: Any, table: np.ndarray, steps: int, final_zero: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -74,24 +66,11 @@ def multistep_schedule(config: Any, table: np.ndarray, steps: int, final_zero: b
     return timesteps, sigmas
 
 
-class LogSNRMultistepScheduler(Scheduler):
-    """What UniPC and DEIS share: the schedule, the unscaled model input, ``add_noise``.
-
-    ``timesteps`` are integers (int32 here, int64 in diffusers). Before ``set_timesteps``, as
-    diffusers: the training timesteps, and ``sigmas`` the (ascending) training table.
-    ``step`` keeps past model outputs: call ``set_timesteps`` before each new run.
-    """
-
-    init_noise_sigma = 1.0
+class LogSNRMultistepScheduler(LogSNRScheduler):
+    """What UniPC and DEIS share beyond ``LogSNRScheduler``: the schedule and the past outputs."""
 
     def __init__(self, config: Any = None):
         super().__init__(config)
-        self._table = sigma_table(self.alphas_cumprod_np)
-        T = self.config.num_train_timesteps
-        self._timesteps_np = np.linspace(0, T - 1, T, dtype=np.float32)[::-1].copy()
-        self.timesteps = mx.array(self._timesteps_np)
-        self.sigmas_np = self._table.copy()
-        self.sigmas = mx.array(self.sigmas_np)
         self._outputs: list[mx.array] = []
         self._lower_order_nums = 0
 
@@ -104,41 +83,23 @@ class LogSNRMultistepScheduler(Scheduler):
         self.timesteps = mx.array(timesteps.astype(np.int32))
         self.sigmas = mx.array(self.sigmas_np)
         self.num_inference_steps = len(timesteps)
-        self._alpha, self._sigma = alpha_sigma(self.sigmas_np)
+        self._alpha, self._sigma, self._lambda = alpha_sigma_lambda(self.sigmas_np)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            # log-SNR, float32, +inf at a final sigma of 0; h[j]: increment of step j.
-            self._lambda = rounded(np.log, self._alpha) - rounded(np.log, self._sigma)
+            # h[j]: the log-SNR increment of step j.
             self._h = self._lambda[1:] - self._lambda[:-1]
             self._precompute()  # the subclass's per-step solver coefficients
         self._outputs = []
         self._lower_order_nums = 0
         self._reset_index()
 
-    def _missing_timestep(self, timestep: float) -> int:
-        # diffusers' multistep samplers fall back to the last step for an unknown timestep.
-        return len(self._timesteps_np) - 1
-
-    def scale_model_input(self, sample: mx.array, timestep: Any = None) -> mx.array:
-        """Identity: these solvers work on unscaled samples."""
-        return sample
-
     def _x0(self, model_output: mx.array, sample: mx.array, i: int) -> mx.array:
-        """The model's x0 estimate at step i (float32 inputs), in diffusers' order of operations."""
-        alpha, sigma = float(self._alpha[i]), float(self._sigma[i])
-        if self.config.prediction_type == "epsilon":
-            return (sample - sigma * model_output) / alpha
-        return alpha * sample - sigma * model_output  # v_prediction
+        """The model's x0 estimate at step i (float32 inputs)."""
+        return data_estimate(self.config.prediction_type, model_output, sample, float(self._alpha[i]),
+                             float(self._sigma[i]))
 
     def _push(self, output: mx.array) -> None:
         """Keep the last ``solver_order`` converted model outputs, newest last."""
         self._outputs = (self._outputs + [output])[-self.config.solver_order:]
-
-    def add_noise(self, original_samples: mx.array, noise: mx.array, timesteps: Any) -> mx.array:
-        """alpha_t x + sigma_t noise (VP form), one timestep per batch item."""
-        sigma = per_item(self.sigmas_np[self._add_noise_indices(timesteps)], original_samples)
-        alpha_t = 1 / mx.sqrt(sigma * sigma + 1)
-        return alpha_t * original_samples + (sigma * alpha_t) * noise
-
 
 def _check_ends(config: Any) -> None:
     """The re-spaced ends, when configured, are noise levels: positive."""

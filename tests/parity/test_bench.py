@@ -12,6 +12,7 @@ from reference import TIME_IDS, make_inputs, mlx_from_torch, run_mlx, run_torch,
 from torch.utils.flop_counter import FlopCounterMode
 
 from mlx_unet import cpu
+from mlx_unet.schedulers import SAMPLERS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,3 +61,13 @@ def test_flop_count_equals_torchs_flop_counter(family, monkeypatch):
     with torch_counter, torch.no_grad():
         run_torch(reference, inputs)
     assert counted[0] == torch_counter.get_total_flops() > 0
+
+
+@pytest.mark.slow
+def test_sampler_errors_lists_every_sampler_within_its_bound():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampler_errors.py"), "--steps", "4"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    assert {row[0] for row in rows} == set(SAMPLERS)
+    assert all(float(row[-1]) <= 1e-4 for row in rows)

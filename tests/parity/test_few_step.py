@@ -151,17 +151,22 @@ def test_unet_with_guidance_embedding_matches_diffusers(family):
     cond = np.array(guidance_scale_embedding(6.0, LCM_WIDTH, 2))
     with torch.no_grad():
         expected = run_torch_with_cond(reference, inputs, cond)
-    got = np.array(ours(mx.array(inputs["sample"]), mx.array(inputs["timestep"]),
-                        mx.array(inputs["encoder_hidden_states"]),
-                        text_embeds=mx.array(inputs["text_embeds"]) if "text_embeds" in inputs else None,
-                        time_ids=mx.array(inputs["time_ids"]) if "time_ids" in inputs else None,
-                        timestep_cond=mx.array(cond)))
-    assert relative_error(got, expected) <= 1e-4
+    assert relative_error(np.array(run_mlx_with_cond(ours, inputs, cond)), expected) <= 1e-4
     # The condition matters: without it the output differs (diffusers' UNet then skips cond_proj).
     with torch.no_grad():
         plain = run_torch(reference, inputs)
     assert relative_error(run_mlx(ours, inputs), plain) <= 1e-4
     assert relative_error(plain, expected) > 1e-3
+    # float16 weights and activations against the float32 reference, as the other UNet tests.
+    half = mlx_from_torch(reference, config, dtype=mx.float16)
+    got = run_mlx_with_cond(half, inputs, cond)
+    assert got.dtype == mx.float16 and relative_error(np.array(got.astype(mx.float32)), expected) <= 1e-2
+
+
+def run_mlx_with_cond(model, inputs, cond):
+    extra = {k: mx.array(inputs[k]) for k in ("text_embeds", "time_ids") if k in inputs}
+    return model(mx.array(inputs["sample"]), mx.array(inputs["timestep"]), mx.array(inputs["encoder_hidden_states"]),
+                 timestep_cond=mx.array(cond), **extra)
 
 
 def run_torch_with_cond(model, inputs, cond):

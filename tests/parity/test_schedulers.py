@@ -18,6 +18,8 @@ from diffusers import (
     EulerDiscreteScheduler as TorchEuler,
 )
 from diffusers.schedulers import scheduling_euler_ancestral_discrete
+from scheduler_runs import (SDXL, SHAPE, case_id, check_add_noise_per_item, check_refused, feed_noise,
+                            img2img_start, nchw, nhwc, rel, run_both, run_trajectories, set_steps)
 
 from mlx_unet.errors import ConfigError
 from mlx_unet.schedulers.names import sampler_name
@@ -31,25 +33,6 @@ from mlx_unet.schedulers import (
     make_scheduler,
 )
 
-# stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json
-SDXL = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
-
 TORCH_CLASS = {
     EulerDiscreteScheduler: TorchEuler,
     EulerAncestralDiscreteScheduler: TorchEulerA,
@@ -59,7 +42,6 @@ TORCH_CLASS = {
 STEP_COUNTS = (1, 4, 25, 37, 50)
 # The samplers this file covers; the others have files of their own (test_schedulers_*.py).
 FIRST_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim")
-SHAPE = (2, 8, 8, 4)  # NHWC; diffusers gets (2, 4, 8, 8)
 
 # diffusers' np.array(torch_tensor) calls trip a numpy 2 deprecation notice; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -80,17 +62,11 @@ def pair(sampler, **changes):
     return ours, theirs
 
 
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t):
-    return t.numpy().transpose(0, 2, 3, 1)
-
-
-def rel(ours, theirs):
-    ours, theirs = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
-    return np.abs(ours - theirs).max() / np.abs(theirs).max()
+def run_first(ours, theirs, start, rng, sample, noise_feed):
+    """run_both for this file's samplers: diffusers' DPM-Solver step returns no x0, its DDIM keeps
+    no step index."""
+    run_both(ours, theirs, start, rng, sample, noise_feed, check_x0=not isinstance(theirs, TorchDPM),
+             check_step_index=not isinstance(theirs, TorchDDIM))
 
 
 # --------------------------------------------------------------------------- schedules
@@ -113,8 +89,7 @@ def test_schedule_matches_diffusers(sampler, spacing):
         assert ours.order == theirs.order
         # 61 "trailing" steps: diffusers' float arange yields 62 timesteps, the last one -1.
         for steps in STEP_COUNTS + (61,):
-            ours.set_timesteps(steps)
-            theirs.set_timesteps(steps)
+            set_steps(ours, theirs, steps)
             t_ours, t_theirs = np.array(ours.timesteps), theirs.timesteps.numpy()
             assert t_ours.shape == t_theirs.shape, (steps, t_ours, t_theirs)
             # Same kind: float32 for the Euler samplers, integers for DPM-Solver and DDIM.
@@ -140,18 +115,11 @@ SCHEDULE_EXTRAS = [
 ]
 
 
-def case_id(value):
-    if isinstance(value, dict):
-        return "-".join(f"{k}={v}" if k != "trained_betas" else k for k, v in value.items()) or "as-configured"
-    return getattr(value, "__name__", value)
-
-
-@pytest.mark.parametrize("cls,changes", SCHEDULE_EXTRAS, ids=case_id)
+@pytest.mark.parametrize("cls,changes", SCHEDULE_EXTRAS, ids=lambda v: case_id(v, bare=("trained_betas",)))
 def test_schedule_options_match_diffusers(cls, changes):
     ours, theirs = pair(cls, **changes)
     for steps in (7, 30):
-        ours.set_timesteps(steps)
-        theirs.set_timesteps(steps)
+        set_steps(ours, theirs, steps)
         np.testing.assert_allclose(np.array(ours.timesteps), theirs.timesteps.numpy(), rtol=1e-5, atol=0)
         if hasattr(ours, "sigmas"):
             np.testing.assert_allclose(np.array(ours.sigmas), theirs.sigmas.numpy(), rtol=1e-5, atol=0)
@@ -189,56 +157,15 @@ TRAJECTORY_CASES = [
 ]
 
 
-class NoiseFeed:
-    """Stands in for diffusers' randn_tensor in Euler ancestral: returns the noise given to ours."""
-
-    def __init__(self):
-        self.next = None
-
-    def __call__(self, shape, **kwargs):
-        assert tuple(shape) == tuple(self.next.shape)
-        return self.next
-
-
 @pytest.fixture
 def noise_feed(monkeypatch):
-    feed = NoiseFeed()
-    monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", feed)
-    return feed
-
-
-def run_both(ours, theirs, start, rng, noise_feed, sample):
-    """Step both from index ``start`` to the end on the same model outputs; check each step."""
-    x_ours, x_theirs = mx.array(sample), nchw(sample)
-    timesteps = np.array(ours.timesteps)
-    for i in range(start, len(timesteps)):
-        t_ours, t_theirs = ours.timesteps[i], theirs.timesteps[i]
-        in_ours = ours.scale_model_input(x_ours, t_ours)
-        in_theirs = theirs.scale_model_input(x_theirs, t_theirs)
-        assert rel(in_ours, nhwc(in_theirs)) < 1e-5, ("scale_model_input", i)
-        model_output = rng.standard_normal(SHAPE).astype(np.float32)
-        noise = rng.standard_normal(SHAPE).astype(np.float32)
-        noise_feed.next = nchw(noise)
-        out_ours = ours.step(mx.array(model_output), t_ours, x_ours, noise=mx.array(noise))
-        out_theirs = theirs.step(nchw(model_output), t_theirs, x_theirs)
-        assert rel(out_ours.prev_sample, nhwc(out_theirs.prev_sample)) < 1e-5, ("prev_sample", i)
-        if getattr(out_theirs, "pred_original_sample", None) is not None:
-            assert rel(out_ours.pred_original_sample, nhwc(out_theirs.pred_original_sample)) < 1e-5, ("x0", i)
-        if hasattr(theirs, "step_index"):  # diffusers' DDIM keeps none
-            assert ours.step_index == theirs.step_index
-        x_ours, x_theirs = out_ours.prev_sample, out_theirs.prev_sample
-    assert x_ours.dtype == mx.float32
+    return feed_noise(monkeypatch, scheduling_euler_ancestral_discrete)
 
 
 @pytest.mark.parametrize("sampler,changes", TRAJECTORY_CASES, ids=case_id)
 def test_trajectory_matches_diffusers(sampler, changes, noise_feed):
-    ours, theirs = pair(sampler, **changes)
-    rng = np.random.default_rng(0)
-    for steps in (4, 20):  # 20 >= 15: past diffusers' lower_order_final threshold for DPM-Solver
-        ours.set_timesteps(steps)
-        theirs.set_timesteps(steps)
-        sample = rng.standard_normal(SHAPE).astype(np.float32) * ours.init_noise_sigma
-        run_both(ours, theirs, 0, rng, noise_feed, sample)
+    # 20 steps >= 15: past diffusers' lower_order_final threshold for DPM-Solver.
+    run_trajectories(*pair(sampler, **changes), (4, 20), run_first, noise_feed=noise_feed)
 
 
 @pytest.mark.parametrize("use_begin_index", [True, False], ids=["set_begin_index", "by_timestep"])
@@ -246,38 +173,21 @@ def test_trajectory_matches_diffusers(sampler, changes, noise_feed):
 def test_img2img_start_midway(sampler, use_begin_index, noise_feed):
     """Noise an image latent to timesteps[k] and denoise from there, as img2img / the refiner do."""
     ours, theirs = pair(sampler)
-    ours.set_timesteps(25)
-    theirs.set_timesteps(25)
+    set_steps(ours, theirs, 25)
     k = 9
     if use_begin_index:
         ours.set_begin_index(k)
         if hasattr(theirs, "set_begin_index"):  # diffusers' DDIM has none (it needs none)
             theirs.set_begin_index(k)
     rng = np.random.default_rng(1)
-    image = rng.standard_normal(SHAPE).astype(np.float32)
-    noise = rng.standard_normal(SHAPE).astype(np.float32)
-    t_ours = mx.repeat(ours.timesteps[k : k + 1], SHAPE[0])
-    t_theirs = theirs.timesteps[k : k + 1].repeat(SHAPE[0])
-    noisy_ours = ours.add_noise(mx.array(image), mx.array(noise), t_ours)
-    noisy_theirs = theirs.add_noise(nchw(image), nchw(noise), t_theirs)
-    assert rel(noisy_ours, nhwc(noisy_theirs)) < 1e-5
-    run_both(ours, theirs, k, rng, noise_feed, np.array(noisy_ours))
+    run_first(ours, theirs, k, rng, img2img_start(ours, theirs, k, rng), noise_feed)
 
 
 @pytest.mark.parametrize("sampler", FIRST_SAMPLERS)
 def test_add_noise_per_item_timesteps(sampler):
     ours, theirs = pair(sampler, timestep_spacing="trailing")
-    ours.set_timesteps(30)
-    theirs.set_timesteps(30)
-    rng = np.random.default_rng(2)
-    image = rng.standard_normal(SHAPE).astype(np.float32)
-    noise = rng.standard_normal(SHAPE).astype(np.float32)
-    index = np.array([3, 17])
-    noisy_ours = ours.add_noise(mx.array(image), mx.array(noise), ours.timesteps[mx.array(index)])
-    noisy_theirs = theirs.add_noise(nchw(image), nchw(noise), theirs.timesteps[torch.from_numpy(index)])
-    assert rel(noisy_ours, nhwc(noisy_theirs)) < 1e-5
-    # The two items really got different noise levels.
-    assert not np.allclose(np.array(noisy_ours[0] - image[0]), np.array(noisy_ours[1] - image[1]))
+    set_steps(ours, theirs, 30)
+    check_add_noise_per_item(ours, theirs, [3, 17], np.random.default_rng(2))
 
 
 # --------------------------------------------------------------------------- step-index quirks
@@ -294,8 +204,7 @@ def test_index_for_timestep_takes_the_second_of_duplicates(sampler):
 
 def test_dpm_unknown_timestep_falls_back_to_last_step_but_euler_refuses():
     ours, theirs = pair("dpmpp_2m")
-    ours.set_timesteps(10)
-    theirs.set_timesteps(10)
+    set_steps(ours, theirs, 10)
     assert ours.index_for_timestep(3) == theirs.index_for_timestep(3) == 9
     euler, _ = pair("euler")
     euler.set_timesteps(10)
@@ -389,9 +298,6 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("cls,field,value", REFUSED, ids=lambda v: str(getattr(v, "__name__", v)))
+@pytest.mark.parametrize("cls,field,value", REFUSED, ids=case_id)
 def test_unsupported_config_value_is_refused_by_name(cls, field, value):
-    with pytest.raises(ConfigError) as e:
-        cls.from_config(SDXL, **{field: value})
-    assert isinstance(e.value, ValueError)
-    assert repr(field) in str(e.value) and repr(value) in str(e.value)
+    check_refused(cls, SDXL, field, value)

@@ -12,14 +12,11 @@ import itertools
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from diffusers import DPMSolverMultistepScheduler as TorchMultistep
 from diffusers import DPMSolverSinglestepScheduler as TorchSinglestep
-from diffusers.schedulers import (
-    AysSchedules,
-    scheduling_dpmsolver_multistep,
-    scheduling_dpmsolver_singlestep,
-)
+from diffusers.schedulers import scheduling_dpmsolver_multistep, scheduling_dpmsolver_singlestep
+from scheduler_runs import (AYS_SDXL, SDXL, SHAPE, case_id, check_add_noise_per_item, check_refused,
+                            feed_noise, img2img_start, nchw, nhwc, rel, run_trajectories)
 
 from mlx_unet.errors import ConfigError, InputError
 from mlx_unet.schedulers.dpm_singlestep import DPMSolverSinglestepScheduler
@@ -28,74 +25,19 @@ from mlx_unet.schedulers.dpm_solver import DPMSolverMultistepScheduler
 # diffusers' np.array(torch_tensor) calls trip a numpy 2 deprecation notice; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-# stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json
-SDXL = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
-
 MULTI, SINGLE = DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 TORCH_CLASS = {MULTI: TorchMultistep, SINGLE: TorchSinglestep}
-SHAPE = (2, 8, 8, 4)  # NHWC; diffusers gets (2, 4, 8, 8)
 RESPACINGS = {"default": {}, "karras": {"use_karras_sigmas": True},
               "exponential": {"use_exponential_sigmas": True}, "beta": {"use_beta_sigmas": True}}
-AYS_SDXL = AysSchedules["StableDiffusionXLTimesteps"]
 
 
 def pair(cls, **changes):
     return cls.from_config(SDXL, **changes), TORCH_CLASS[cls].from_config(SDXL, **changes)
 
 
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t):
-    return t.numpy().transpose(0, 2, 3, 1)
-
-
-def rel(ours, theirs):
-    ours, theirs = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
-    return np.abs(ours - theirs).max() / np.abs(theirs).max()
-
-
-def case_id(value):
-    if isinstance(value, dict):
-        return "-".join(f"{k}={v}" for k, v in value.items()) or "as-configured"
-    return getattr(value, "__name__", str(value))
-
-
-class NoiseFeed:
-    """Stands in for diffusers' randn_tensor: returns the noise given to ours, and counts the draws."""
-
-    def __init__(self):
-        self.next, self.draws = None, 0
-
-    def __call__(self, shape, **kwargs):
-        assert tuple(shape) == tuple(self.next.shape)
-        self.draws += 1
-        return self.next.to(kwargs.get("dtype") or torch.float32)
-
-
 @pytest.fixture
 def noise_feed(monkeypatch):
-    feed = NoiseFeed()
-    for module in (scheduling_dpmsolver_multistep, scheduling_dpmsolver_singlestep):
-        monkeypatch.setattr(module, "randn_tensor", feed)
-    return feed
+    return feed_noise(monkeypatch, scheduling_dpmsolver_multistep, scheduling_dpmsolver_singlestep)
 
 
 def set_both(ours, theirs, steps=None, timesteps=None):
@@ -112,7 +54,7 @@ def set_both(ours, theirs, steps=None, timesteps=None):
     assert ours.order == theirs.order
 
 
-def run_both(ours, theirs, start, rng, noise_feed, sample, tol=1e-5):
+def run_both(ours, theirs, start, rng, sample, noise_feed, tol=1e-5):
     """Step both from index ``start`` to the end on the same model outputs; check every step.
 
     diffusers returns no x0 estimate, but keeps it as its newest ``model_outputs`` entry.
@@ -140,10 +82,7 @@ def run_both(ours, theirs, start, rng, noise_feed, sample, tol=1e-5):
 def trajectories(cls, changes, step_counts, noise_feed, tol=1e-5):
     ours, theirs = pair(cls, **changes)
     assert ours.stochastic == (changes.get("algorithm_type") == "sde-dpmsolver++")
-    rng = np.random.default_rng(0)
-    for steps in step_counts:
-        set_both(ours, theirs, steps)
-        run_both(ours, theirs, 0, rng, noise_feed, rng.standard_normal(SHAPE).astype(np.float32), tol)
+    run_trajectories(ours, theirs, step_counts, run_both, set_both, noise_feed=noise_feed, tol=tol)
 
 
 # --------------------------------------------------------------------------- schedules
@@ -177,7 +116,7 @@ def test_custom_timesteps_align_your_steps(cls, noise_feed):
         ours, theirs = pair(cls, **changes)
         set_both(ours, theirs, timesteps=AYS_SDXL)
         rng = np.random.default_rng(4)
-        run_both(ours, theirs, 0, rng, noise_feed, rng.standard_normal(SHAPE).astype(np.float32))
+        run_both(ours, theirs, 0, rng, rng.standard_normal(SHAPE).astype(np.float32), noise_feed)
     ours.set_timesteps(timesteps=mx.array(AYS_SDXL))  # an mx.array is taken too
     assert np.array(ours.timesteps).tolist() == AYS_SDXL
 
@@ -287,27 +226,14 @@ def test_img2img_start_midway(cls, changes, k, use_begin_index, noise_feed):
         ours.set_begin_index(k)
         theirs.set_begin_index(k)
     rng = np.random.default_rng(1)
-    image = rng.standard_normal(SHAPE).astype(np.float32)
-    noise = rng.standard_normal(SHAPE).astype(np.float32)
-    t_ours = mx.repeat(ours.timesteps[k : k + 1], SHAPE[0])
-    noisy_ours = ours.add_noise(mx.array(image), mx.array(noise), t_ours)
-    noisy_theirs = theirs.add_noise(nchw(image), nchw(noise), theirs.timesteps[k : k + 1].repeat(SHAPE[0]))
-    assert rel(noisy_ours, nhwc(noisy_theirs)) < 1e-5
-    run_both(ours, theirs, k, rng, noise_feed, np.array(noisy_ours))
+    run_both(ours, theirs, k, rng, img2img_start(ours, theirs, k, rng), noise_feed)
 
 
 @pytest.mark.parametrize("cls", [MULTI, SINGLE], ids=case_id)
 def test_add_noise_per_item_timesteps(cls):
     ours, theirs = pair(cls, use_karras_sigmas=True)
     set_both(ours, theirs, 30)
-    rng = np.random.default_rng(2)
-    image = rng.standard_normal(SHAPE).astype(np.float32)
-    noise = rng.standard_normal(SHAPE).astype(np.float32)
-    index = np.array([3, 17])
-    noisy_ours = ours.add_noise(mx.array(image), mx.array(noise), ours.timesteps[mx.array(index)])
-    noisy_theirs = theirs.add_noise(nchw(image), nchw(noise), theirs.timesteps[torch.from_numpy(index)])
-    assert rel(noisy_ours, nhwc(noisy_theirs)) < 1e-5
-    assert not np.allclose(np.array(noisy_ours[0] - image[0]), np.array(noisy_ours[1] - image[1]))
+    check_add_noise_per_item(ours, theirs, [3, 17], np.random.default_rng(2))
 
 
 # --------------------------------------------------------------------------- runtime details
@@ -375,9 +301,7 @@ REFUSED = [
 
 @pytest.mark.parametrize("cls,field,value", REFUSED, ids=case_id)
 def test_unsupported_config_value_is_refused_by_name(cls, field, value):
-    with pytest.raises(ConfigError) as e:
-        cls.from_config(SDXL, **{field: value})
-    assert repr(field) in str(e.value) and repr(value) in str(e.value)
+    check_refused(cls, SDXL, field, value)
 
 
 @pytest.mark.parametrize("cls", [MULTI, SINGLE], ids=case_id)

@@ -12,14 +12,15 @@ import inspect
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from diffusers import (
     EulerAncestralDiscreteScheduler as TorchEulerA,
     EulerDiscreteScheduler as TorchEuler,
     HeunDiscreteScheduler as TorchHeun,
     LMSDiscreteScheduler as TorchLMS,
 )
-from diffusers.schedulers import AysSchedules, scheduling_euler_ancestral_discrete
+from diffusers.schedulers import scheduling_euler_ancestral_discrete
+from scheduler_runs import (AYS_SDXL, SDXL, SHAPE, case_id, check_add_noise_per_item, check_refused,
+                            feed_noise, img2img_start, rel, run_both, run_trajectories)
 
 from mlx_unet.errors import ConfigError
 from mlx_unet.schedulers.euler import EulerDiscreteScheduler
@@ -29,25 +30,6 @@ from mlx_unet.schedulers.lms import LMSDiscreteScheduler, lms_coefficients
 
 # diffusers' np.array(torch_tensor) calls trip a numpy 2 deprecation notice; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-# stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json
-SDXL = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
 
 TORCH_CLASS = {
     EulerDiscreteScheduler: TorchEuler,
@@ -59,7 +41,6 @@ CLASSES = [EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler]
 RESPACINGS = [None, "karras", "exponential", "beta"]
 FLAGS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
 SPACINGS = ["leading", "trailing", "linspace"]
-SHAPE = (2, 8, 8, 4)  # NHWC; diffusers gets (2, 4, 8, 8)
 
 
 def respacing(kind):
@@ -70,19 +51,6 @@ def respacing(kind):
 def pair(cls, **changes):
     """(ours, diffusers') for ``cls``, from the SDXL config with ``changes``."""
     return cls.from_config(SDXL, **changes), TORCH_CLASS[cls].from_config({**SDXL, **changes})
-
-
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t):
-    return t.numpy().transpose(0, 2, 3, 1)
-
-
-def rel(ours, theirs):
-    ours, theirs = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
-    return np.abs(ours - theirs).max() / np.abs(theirs).max()
 
 
 def check_schedule(ours, theirs):
@@ -108,59 +76,9 @@ def set_both(ours, theirs, steps=None, timesteps=None):
     check_schedule(ours, theirs)
 
 
-class NoiseFeed:
-    """Stands in for diffusers' randn_tensor in Euler ancestral: returns the noise given to ours."""
-
-    def __init__(self):
-        self.next = None
-
-    def __call__(self, shape, **kwargs):
-        assert tuple(shape) == tuple(self.next.shape)
-        return self.next
-
-
 @pytest.fixture
 def noise_feed(monkeypatch):
-    feed = NoiseFeed()
-    monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", feed)
-    return feed
-
-
-def run_both(ours, theirs, start, rng, sample, noise_feed=None, **step_kwargs):
-    """Step both from index ``start`` to the end on the same model outputs; check every call."""
-    x_ours, x_theirs = mx.array(sample), nchw(sample)
-    for i in range(start, len(np.array(ours.timesteps))):
-        t_ours, t_theirs = ours.timesteps[i], theirs.timesteps[i]
-        in_ours = ours.scale_model_input(x_ours, t_ours)
-        in_theirs = theirs.scale_model_input(x_theirs, t_theirs)
-        assert rel(in_ours, nhwc(in_theirs)) < 1e-5, ("scale_model_input", i)
-        model_output = rng.standard_normal(SHAPE).astype(np.float32)
-        noise = rng.standard_normal(SHAPE).astype(np.float32)
-        if noise_feed is not None:
-            noise_feed.next = nchw(noise)
-        out_ours = ours.step(mx.array(model_output), t_ours, x_ours, noise=mx.array(noise))
-        out_theirs = theirs.step(nchw(model_output), t_theirs, x_theirs, **step_kwargs)
-        assert rel(out_ours.prev_sample, nhwc(out_theirs.prev_sample)) < 1e-5, ("prev_sample", i)
-        assert rel(out_ours.pred_original_sample, nhwc(out_theirs.pred_original_sample)) < 1e-5, ("x0", i)
-        assert ours.step_index == theirs.step_index
-        if hasattr(theirs, "state_in_first_order"):
-            assert ours.state_in_first_order == theirs.state_in_first_order, i
-        x_ours, x_theirs = out_ours.prev_sample, out_theirs.prev_sample
-    assert x_ours.dtype == mx.float32
-
-
-def run_trajectories(ours, theirs, steps_list, seed=0, **step_kwargs):
-    rng = np.random.default_rng(seed)
-    for steps in steps_list:
-        set_both(ours, theirs, steps)
-        sample = rng.standard_normal(SHAPE).astype(np.float32) * ours.init_noise_sigma
-        run_both(ours, theirs, 0, rng, sample, **step_kwargs)
-
-
-def case_id(value):
-    if isinstance(value, dict):
-        return "-".join(f"{k}={v}" for k, v in value.items()) or "as-configured"
-    return getattr(value, "__name__", str(value))
+    return feed_noise(monkeypatch, scheduling_euler_ancestral_discrete)
 
 
 # --------------------------------------------------------------------------- schedules
@@ -279,7 +197,7 @@ TRAJECTORY_CASES = [
 
 @pytest.mark.parametrize("cls,changes", TRAJECTORY_CASES, ids=case_id)
 def test_trajectory_matches_diffusers(cls, changes):
-    run_trajectories(*pair(cls, **changes), (4, 7, 20))
+    run_trajectories(*pair(cls, **changes), (4, 7, 20), set_both=set_both)
 
 
 @pytest.mark.slow
@@ -289,7 +207,7 @@ def test_trajectory_matches_diffusers(cls, changes):
 @pytest.mark.parametrize("cls", CLASSES, ids=case_id)
 def test_trajectory_matches_diffusers_exhaustive(cls, kind, spacing, prediction):
     ours, theirs = pair(cls, timestep_spacing=spacing, prediction_type=prediction, **respacing(kind))
-    run_trajectories(ours, theirs, (1, 4, 7, 20, 61))
+    run_trajectories(ours, theirs, (1, 4, 7, 20, 61), set_both=set_both)
 
 
 @pytest.mark.parametrize("lms_order", [1, 2, 3])
@@ -297,21 +215,15 @@ def test_lms_order_setting_is_diffusers_step_order(lms_order):
     ours = LMSDiscreteScheduler.from_config(SDXL, lms_order=lms_order)
     theirs = TorchLMS.from_config(SDXL)
     assert ours.lms_order == lms_order and ours.order == theirs.order == 1
-    run_trajectories(ours, theirs, (4, 7), order=lms_order)
+    run_trajectories(ours, theirs, (4, 7), set_both=set_both, order=lms_order)
 
 
 def test_euler_ancestral_still_matches_diffusers(noise_feed):
     ours, theirs = pair(EulerAncestralDiscreteScheduler, prediction_type="v_prediction")
-    rng = np.random.default_rng(5)
-    set_both(ours, theirs, 7)
-    sample = rng.standard_normal(SHAPE).astype(np.float32) * ours.init_noise_sigma
-    run_both(ours, theirs, 0, rng, sample, noise_feed)
+    run_trajectories(ours, theirs, (7,), set_both=set_both, seed=5, noise_feed=noise_feed)
 
 
 # --------------------------------------------------------------------------- custom timesteps
-
-AYS_SDXL = AysSchedules["StableDiffusionXLTimesteps"]
-
 
 @pytest.mark.parametrize("cls", [EulerDiscreteScheduler, HeunDiscreteScheduler], ids=case_id)
 @pytest.mark.parametrize("custom", [AYS_SDXL, [999.0, 700.5, 400.25, 80.0, 3.0]], ids=["ays_sdxl", "fractional"])
@@ -397,28 +309,14 @@ def test_img2img_start_midway(cls, changes, use_begin_index):
         ours.set_begin_index(k)
         theirs.set_begin_index(k)
     rng = np.random.default_rng(1)
-    image = rng.standard_normal(SHAPE).astype(np.float32)
-    noise = rng.standard_normal(SHAPE).astype(np.float32)
-    t_ours = mx.repeat(ours.timesteps[k : k + 1], SHAPE[0])
-    t_theirs = theirs.timesteps[k : k + 1].repeat(SHAPE[0])
-    noisy_ours = ours.add_noise(mx.array(image), mx.array(noise), t_ours)
-    noisy_theirs = theirs.add_noise(nchw(image), nchw(noise), t_theirs)
-    assert rel(noisy_ours, nhwc(noisy_theirs)) < 1e-5
-    run_both(ours, theirs, k, rng, np.array(noisy_ours))
+    run_both(ours, theirs, k, rng, img2img_start(ours, theirs, k, rng))
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=case_id)
 def test_add_noise_per_item_timesteps(cls):
     ours, theirs = pair(cls, timestep_spacing="trailing")
     set_both(ours, theirs, 30)
-    rng = np.random.default_rng(2)
-    image = rng.standard_normal(SHAPE).astype(np.float32)
-    noise = rng.standard_normal(SHAPE).astype(np.float32)
-    index = np.array([4, 17])
-    noisy_ours = ours.add_noise(mx.array(image), mx.array(noise), ours.timesteps[mx.array(index)])
-    noisy_theirs = theirs.add_noise(nchw(image), nchw(noise), theirs.timesteps[torch.from_numpy(index)])
-    assert rel(noisy_ours, nhwc(noisy_theirs)) < 1e-5
-    assert not np.allclose(np.array(noisy_ours[0] - image[0]), np.array(noisy_ours[1] - image[1]))
+    check_add_noise_per_item(ours, theirs, [4, 17], np.random.default_rng(2))
 
 
 # --------------------------------------------------------------------------- dtypes, noise
@@ -458,12 +356,9 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("cls,field,value", REFUSED, ids=lambda v: str(getattr(v, "__name__", v)))
+@pytest.mark.parametrize("cls,field,value", REFUSED, ids=case_id)
 def test_unsupported_config_value_is_refused_by_name(cls, field, value):
-    with pytest.raises(ConfigError) as e:
-        cls.from_config(SDXL, **{field: value})
-    assert isinstance(e.value, ValueError)
-    assert repr(field) in str(e.value) and repr(value) in str(e.value)
+    check_refused(cls, SDXL, field, value)
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=case_id)

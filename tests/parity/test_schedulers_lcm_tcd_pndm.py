@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import LCMScheduler as TorchLCM, PNDMScheduler as TorchPNDM, TCDScheduler as TorchTCD
-from diffusers.schedulers import AysSchedules, scheduling_lcm, scheduling_tcd
+from diffusers.schedulers import scheduling_lcm, scheduling_tcd
+from scheduler_runs import (AYS_SDXL, SDXL, SHAPE, case_id as plain_case_id, check_add_noise_per_item,
+                            check_refused, feed_noise, img2img_start, nchw, nhwc, rel, run_trajectories, set_steps)
 
 from mlx_unet.errors import ConfigError, InputError
 from mlx_unet.schedulers.lcm import LCMScheduler
@@ -25,13 +27,7 @@ from mlx_unet.schedulers.tcd import TCDScheduler
 # diffusers' np.array(torch_tensor) calls trip a numpy 2 deprecation notice; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-# stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json (what TCD-SDXL-LoRA users load TCD from)
-SDXL = {
-    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
-    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
-    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
-}
+# SDXL (scheduler_runs) is what TCD-SDXL-LoRA users load TCD from.
 # latent-consistency/lcm-lora-sdxl and latent-consistency/lcm-sdxl
 LCM_SDXL = {
     "_class_name": "LCMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
@@ -49,8 +45,7 @@ SD15 = {
 TORCH = {LCMScheduler: TorchLCM, TCDScheduler: TorchTCD, PNDMScheduler: TorchPNDM}
 # Where diffusers keeps the x0 estimate that ours returns as pred_original_sample (PNDM has none).
 X0_LOCAL = {TorchLCM: "denoised", TorchTCD: "pred_original_sample"}
-SHAPE = (2, 8, 8, 4)  # NHWC; diffusers gets (2, 4, 8, 8)
-AYS_SDXL = AysSchedules["StableDiffusionXLTimesteps"]
+CONFIG_NAMES = {"lcm-sdxl": LCM_SDXL, "sdxl": SDXL, "sd15": SD15}
 
 
 def pair(cls, config, eta=None, **changes):
@@ -59,36 +54,14 @@ def pair(cls, config, eta=None, **changes):
     return cls.from_config(config, **extra, **changes), TORCH[cls].from_config(config, **changes)
 
 
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t):
-    return t.numpy().transpose(0, 2, 3, 1)
-
-
-def rel(ours, theirs):
-    ours, theirs = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
-    return np.abs(ours - theirs).max() / np.abs(theirs).max()
-
-
-class NoiseFeed:
-    """Stands in for diffusers' randn_tensor in LCM and TCD: returns the noise given to ours."""
-
-    def __init__(self):
-        self.next = None
-
-    def __call__(self, shape, **kwargs):
-        assert tuple(shape) == tuple(self.next.shape)
-        return self.next
+def case_id(value):
+    """scheduler_runs' case_id, with the configs above by name."""
+    return plain_case_id(value, named=CONFIG_NAMES)
 
 
 @pytest.fixture
 def noise_feed(monkeypatch):
-    feed = NoiseFeed()
-    monkeypatch.setattr(scheduling_lcm, "randn_tensor", feed)
-    monkeypatch.setattr(scheduling_tcd, "randn_tensor", feed)
-    return feed
+    return feed_noise(monkeypatch, scheduling_lcm, scheduling_tcd)
 
 
 @contextmanager
@@ -108,7 +81,7 @@ def locals_at_return(function):
         sys.setprofile(previous)
 
 
-def run_both(ours, theirs, start, rng, noise_feed, sample, eta=None):
+def run_both(ours, theirs, start, rng, sample, noise_feed, eta=None):
     """Step both from index ``start`` to the end on the same model outputs and noise; check each step."""
     x_ours, x_theirs = mx.array(sample), nchw(sample)
     kwargs = {} if eta is None else {"eta": eta}
@@ -140,15 +113,10 @@ def check_timesteps(ours, theirs):
     assert ours.num_inference_steps == theirs.num_inference_steps
 
 
-CONFIG_NAMES = {id(LCM_SDXL): "lcm-sdxl", id(SDXL): "sdxl", id(SD15): "sd15"}
-
-
-def case_id(value):
-    if id(value) in CONFIG_NAMES:
-        return CONFIG_NAMES[id(value)]
-    if isinstance(value, dict):
-        return "-".join(f"{k}={v}" for k, v in value.items()) or "as-configured"
-    return getattr(value, "__name__", str(value))
+def set_both(ours, theirs, steps):
+    """set_timesteps(steps) on both, then check the schedules agree."""
+    set_steps(ours, theirs, steps)
+    check_timesteps(ours, theirs)
 
 
 # --------------------------------------------------------------------------- LCM / TCD schedules
@@ -218,12 +186,7 @@ CONSISTENCY_CASES = [
 @pytest.mark.parametrize("cls,config,eta,changes,step_counts", CONSISTENCY_CASES, ids=case_id)
 def test_consistency_trajectory_matches_diffusers(cls, config, eta, changes, step_counts, noise_feed):
     ours, theirs = pair(cls, config, eta=eta, **changes)
-    rng = np.random.default_rng(0)
-    for steps in step_counts:
-        ours.set_timesteps(steps)
-        theirs.set_timesteps(steps)
-        check_timesteps(ours, theirs)
-        run_both(ours, theirs, 0, rng, noise_feed, rng.standard_normal(SHAPE).astype(np.float32), eta)
+    run_trajectories(ours, theirs, step_counts, run_both, set_both, noise_feed=noise_feed, eta=eta)
 
 
 @pytest.mark.parametrize("cls,eta", [(LCMScheduler, None), (TCDScheduler, 0.3), (TCDScheduler, 0.0)], ids=case_id)
@@ -234,17 +197,7 @@ def test_custom_timesteps_trajectory(cls, eta, noise_feed):
     for timesteps in ([999, 759, 499, 259], AYS_SDXL, [999, 499, 99, 9, 1]):
         ours.set_timesteps(timesteps=timesteps)
         theirs.set_timesteps(timesteps=timesteps)
-        run_both(ours, theirs, 0, rng, noise_feed, rng.standard_normal(SHAPE).astype(np.float32), eta)
-
-
-def img2img_start(ours, theirs, k, rng):
-    """The image latent noised to timesteps[k] by both; checked equal; returned as NHWC numpy."""
-    image = rng.standard_normal(SHAPE).astype(np.float32)
-    noise = rng.standard_normal(SHAPE).astype(np.float32)
-    noisy_ours = ours.add_noise(mx.array(image), mx.array(noise), mx.repeat(ours.timesteps[k : k + 1], SHAPE[0]))
-    noisy_theirs = theirs.add_noise(nchw(image), nchw(noise), theirs.timesteps[k : k + 1].repeat(SHAPE[0]))
-    assert rel(noisy_ours, nhwc(noisy_theirs)) < 1e-5
-    return np.array(noisy_ours)
+        run_both(ours, theirs, 0, rng, rng.standard_normal(SHAPE).astype(np.float32), noise_feed, eta)
 
 
 @pytest.mark.parametrize("use_begin_index", [True, False], ids=["set_begin_index", "by_timestep"])
@@ -255,13 +208,12 @@ def test_consistency_img2img_start_midway(cls, eta, use_begin_index, noise_feed)
     ours, theirs = pair(cls, LCM_SDXL, eta=eta)
     rng = np.random.default_rng(1)
     for steps, strength in ((8, 0.6), (4, 0.5), (7, 0.3)):
-        ours.set_timesteps(steps)
-        theirs.set_timesteps(steps)
+        set_steps(ours, theirs, steps)
         k = steps - int(steps * strength)
         if use_begin_index:
             ours.set_begin_index(k)
             theirs.set_begin_index(k)
-        run_both(ours, theirs, k, rng, noise_feed, img2img_start(ours, theirs, k, rng), eta)
+        run_both(ours, theirs, k, rng, img2img_start(ours, theirs, k, rng), noise_feed, eta)
 
 
 @pytest.mark.parametrize("cls,eta", [(LCMScheduler, None), (TCDScheduler, 0.3)], ids=case_id)
@@ -274,11 +226,11 @@ def test_consistency_img2img_by_strength(cls, eta, noise_feed):
         ours.set_timesteps(steps, strength=strength)
         theirs.set_timesteps(steps, strength=strength)
         check_timesteps(ours, theirs)
-        run_both(ours, theirs, 0, rng, noise_feed, img2img_start(ours, theirs, 0, rng), eta)
+        run_both(ours, theirs, 0, rng, img2img_start(ours, theirs, 0, rng), noise_feed, eta)
     ours.set_timesteps(timesteps=AYS_SDXL, strength=0.5)
     theirs.set_timesteps(timesteps=AYS_SDXL, strength=0.5)
     check_timesteps(ours, theirs)
-    run_both(ours, theirs, 0, rng, noise_feed, img2img_start(ours, theirs, 0, rng), eta)
+    run_both(ours, theirs, 0, rng, img2img_start(ours, theirs, 0, rng), noise_feed, eta)
 
 
 def test_tcd_intermediate_timestep_is_diffusers_float32_floor():
@@ -309,9 +261,7 @@ def test_pndm_schedule_matches_diffusers(skip_prk_steps, spacing):
                 with pytest.raises(InputError, match="at least 4 steps"):
                     ours.set_timesteps(steps)
                 continue
-            ours.set_timesteps(steps)
-            theirs.set_timesteps(steps)
-            check_timesteps(ours, theirs)
+            set_both(ours, theirs, steps)
 
 
 PNDM_CASES = [
@@ -332,12 +282,7 @@ PNDM_CASES = [
 @pytest.mark.parametrize("config,changes,step_counts", PNDM_CASES, ids=case_id)
 def test_pndm_trajectory_matches_diffusers(config, changes, step_counts, noise_feed):
     ours, theirs = pair(PNDMScheduler, config, **changes)
-    rng = np.random.default_rng(0)
-    for steps in step_counts:
-        ours.set_timesteps(steps)
-        theirs.set_timesteps(steps)
-        check_timesteps(ours, theirs)
-        run_both(ours, theirs, 0, rng, noise_feed, rng.standard_normal(SHAPE).astype(np.float32))
+    run_trajectories(ours, theirs, step_counts, run_both, set_both, noise_feed=noise_feed)
 
 
 @pytest.mark.parametrize("skip_prk_steps", [True, False], ids=["plms", "prk"])
@@ -347,11 +292,10 @@ def test_pndm_img2img_start_midway(skip_prk_steps, noise_feed):
     ours, theirs = pair(PNDMScheduler, SD15, skip_prk_steps=skip_prk_steps)
     rng = np.random.default_rng(1)
     for steps, strength in ((25, 0.6), (20, 0.75), (7, 0.5)):
-        ours.set_timesteps(steps)
-        theirs.set_timesteps(steps)
+        set_steps(ours, theirs, steps)
         k = steps - int(steps * strength)
         ours.set_begin_index(k)
-        run_both(ours, theirs, k, rng, noise_feed, img2img_start(ours, theirs, k, rng))
+        run_both(ours, theirs, k, rng, img2img_start(ours, theirs, k, rng), noise_feed)
 
 
 # --------------------------------------------------------------------------- shared behaviour
@@ -361,16 +305,8 @@ def test_pndm_img2img_start_midway(skip_prk_steps, noise_feed):
                          ids=case_id)
 def test_add_noise_per_item_timesteps(cls, config):
     ours, theirs = pair(cls, config)
-    ours.set_timesteps(8)
-    theirs.set_timesteps(8)
-    rng = np.random.default_rng(2)
-    image = rng.standard_normal(SHAPE).astype(np.float32)
-    noise = rng.standard_normal(SHAPE).astype(np.float32)
-    index = np.array([1, 6])
-    noisy_ours = ours.add_noise(mx.array(image), mx.array(noise), ours.timesteps[mx.array(index)])
-    noisy_theirs = theirs.add_noise(nchw(image), nchw(noise), theirs.timesteps[torch.from_numpy(index)])
-    assert rel(noisy_ours, nhwc(noisy_theirs)) < 1e-5
-    assert not np.allclose(np.array(noisy_ours[0] - image[0]), np.array(noisy_ours[1] - image[1]))
+    set_steps(ours, theirs, 8)
+    check_add_noise_per_item(ours, theirs, [1, 6], np.random.default_rng(2))
 
 
 def test_stochastic_flags_and_noise_drawn_when_none_given():
@@ -457,8 +393,6 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("cls,field,value", REFUSED, ids=lambda v: str(getattr(v, "__name__", v)))
+@pytest.mark.parametrize("cls,field,value", REFUSED, ids=case_id)
 def test_unsupported_config_value_is_refused_by_name(cls, field, value):
-    with pytest.raises(ConfigError) as e:
-        cls.from_config(LCM_SDXL if cls is not PNDMScheduler else SD15, **{field: value})
-    assert repr(field) in str(e.value) and repr(value) in str(e.value)
+    check_refused(cls, LCM_SDXL if cls is not PNDMScheduler else SD15, field, value)
