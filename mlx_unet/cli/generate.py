@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import ExitStack, contextmanager
@@ -23,7 +25,8 @@ import mlx.core as mx
 import numpy as np
 
 from .. import demo
-from ..cache import converted_pipeline
+from ..cache import converted_pipeline, locate
+from ..convert import convert
 from ..configs.base import DTYPES
 from ..errors import InputError, MlxUnetWarning
 from ..lora import read_lora
@@ -92,6 +95,25 @@ def _model_folder(source: str | None, a: argparse.Namespace, quantized: dict[str
         yield folder
 
 
+@contextmanager
+def _unet_folder(source: str, base: PipelineFolder, a: argparse.Namespace, log) -> Iterator[Path]:
+    """--unet's converted folder: as it is where mlx-unet wrote it, else converted for this run
+    into a temporary folder (a lone weights file in diffusers' layout with --model's UNet config)."""
+    found = locate(source)
+    if found.kind in ("converted UNet", "converted"):
+        yield found.path if found.kind == "converted UNet" else found.path / "unet"
+        return
+    temporary = Path(tempfile.mkdtemp(prefix="mlx-unet-"))
+    try:
+        log(f"converting the UNet {source} for this run (mlx-unet convert --unet-only makes a folder to reuse)")
+        convert(source, temporary / "unet", dtype=a.dtype, unet_only=True, allow_pickle=a.allow_pickle,
+                config=base.part("unet") if found.kind == "file" else None,
+                progress=not a.quiet)
+        yield temporary / "unet"
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------- the run
 
 def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
@@ -123,6 +145,8 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
             return PipelineFolder.read(stack.enter_context(_model_folder(source, a, quantized, log)))
 
         base = folder(a.model)
+        if a.unet is not None:
+            base = base.with_unet(stack.enter_context(_unet_folder(a.unet, base, a, log)))
         refiner_parts = None if a.refiner is None else folder(a.refiner)
         base.check_clip_skip(a.clip_skip, "--clip-skip")
         run, scheduler, sigmas, sampling = _sampling(a, base, run, strength, log)
@@ -231,12 +255,15 @@ def _sampling(a: argparse.Namespace, base: PipelineFolder, run: RunArguments, st
     """The run with a few-step model's defaults (``pipelines.few_step``) where none were given;
     its sampler (a name, or the scheduler a few-step model's settings make) and sigma schedule
     for the pipeline; and both by our names, for the record."""
-    names = [png_record.short_name(s) for s in (a.model, *[lora_spec(x)[0] for x in a.lora]) if s is not None]
+    sources = (a.model, a.unet, *[lora_spec(x)[0] for x in a.lora])
+    names = [png_record.short_name(s) for s in sources if s is not None]
     defaults = few_step.run_defaults(base, names)
     steps = defaults.steps if a.steps is None else a.steps
     if a.steps is None and strength is not None:
         steps = max(steps, math.ceil(1 / strength))  # img2img runs strength x steps: at least one
     run = dataclasses.replace(run, steps=steps, guidance=defaults.guidance if a.guidance is None else a.guidance)
+    if defaults.size is not None and a.image is None and a.height is None and a.width is None:
+        run = dataclasses.replace(run, height=defaults.size, width=defaults.size)
     # Our names: "DPM++ 2M Karras" is dpmpp_2m on Karras sigmas.
     sampler, named_sigmas = sampler_name(a.scheduler or defaults.sampler or base.sampler_name())
     if a.sigmas is not None and named_sigmas not in (None, a.sigmas):

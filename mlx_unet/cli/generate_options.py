@@ -56,6 +56,10 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -
                                         "or a Hub repo id (converted once into the cache)")
     source.add_argument("--demo", action="store_true",
                         help="a tiny random pipeline made on the fly: no --model, no download, seconds on a CPU")
+    source.add_argument("--unet", metavar="UNET",
+                        help="a UNet to run in place of --model's: a distilled one such as SDXL-Lightning's or "
+                             "Hyper-SD's (a diffusers-layout weights file takes --model's config), converted for "
+                             "the run, or a folder written by mlx-unet convert --unet-only")
     source.add_argument("--revision", help="Hub branch, tag or commit of --model (default: main)")
     source.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                         help="what the UNet predicts, where --model is not converted yet (default: the source's; "

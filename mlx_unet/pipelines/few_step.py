@@ -22,7 +22,8 @@ STEPS, GUIDANCE = 30, 5.0  # the ordinary defaults
 class RunDefaults:
     """A model's defaults: ``sampler`` None keeps the shipped one; ``scheduler_config`` replaces
     fields of its config (the trailing spacing these distillations were trained on);
-    ``timesteps`` are the model's own, for runs of exactly that many steps."""
+    ``timesteps`` are the model's own, for runs of exactly that many steps; ``size`` the pixels
+    it was distilled at, where that is not its UNet config's."""
 
     label: str = ""  # "SDXL-Lightning 4-step", for the log; "" for an ordinary model
     steps: int = STEPS
@@ -30,6 +31,7 @@ class RunDefaults:
     sampler: str | None = None
     scheduler_config: dict[str, Any] = field(default_factory=dict)
     timesteps: tuple[int, ...] | None = None
+    size: int | None = None
 
     def describe(self) -> str:
         sampler = self.sampler or "its shipped sampler"
@@ -60,8 +62,9 @@ def _from_name(name: str, guidance_embedded: bool) -> RunDefaults | None:
         return RunDefaults(f"Hyper-SD {steps}-step", steps, 5.0 if "cfg" in name else 0.0, "ddim", _TRAILING)
     if "dmd2" in name:  # four fixed timesteps under LCM, no guidance
         return RunDefaults("DMD2 4-step", 4, 0.0, "lcm", timesteps=(999, 749, 499, 249))
-    if "turbo" in name:  # Stability's adversarial distillations: ancestral Euler, trailing, 1 step
-        return RunDefaults("Turbo", 1, 0.0, "euler_a", _TRAILING)
+    if "turbo" in name:  # Stability's adversarial distillations: ancestral Euler, trailing, 1 step,
+        # 512 px (its diffusers config says so; a single file's published SDXL config does not)
+        return RunDefaults("Turbo", 1, 0.0, "euler_a", _TRAILING, size=512)
     if "tcd" in name:
         return _TCD
     if re.search(r"(^|[^a-z])lcm", name):

@@ -9,7 +9,7 @@ folder is refused in one sentence at once, not after the UNet has loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class PipelineFolder:
     encoders: tuple[CLIPTextConfig | None, CLIPTextConfig | None]  # by TEXT_PARTS; None where absent
     scheduler: dict[str, Any] | None  # the shipped scheduler config, if any
     quantized: dict[str, Quantization] = field(default_factory=dict)  # the parts stored quantized
+    unet_folder: Path | None = None  # a UNet run in place of the pipeline's own (``with_unet``)
 
     def quantization(self, part: str, requested: Quantization | None) -> Quantization | None:
         """How part ``part`` will be quantized: as stored, else as ``requested`` at load."""
@@ -69,7 +70,30 @@ class PipelineFolder:
 
     def part(self, name: str) -> Path | None:
         """The folder of part ``name`` ("unet", "tokenizer_2", ...), None where the pipeline has none."""
+        if name == "unet" and self.unet_folder is not None:
+            return self.unet_folder
         return _part(self.path, self.index, name)
+
+    def with_unet(self, folder: str | Path) -> "PipelineFolder":
+        """This pipeline with the UNet mlx-unet converted into ``folder`` in place of its own (a
+        distilled UNet on its base model: SDXL-Lightning's, Hyper-SD's); checked to fit the
+        pipeline's text encoders and VAE."""
+        folder = Path(folder).expanduser()
+        if not (folder / "config.json").is_file():
+            raise PipelineError(f"{folder} holds no converted UNet (no config.json); convert it with mlx-unet convert "
+                                "--unet-only.")
+        try:
+            unet = UNetConfig.from_json(folder)
+            check_components_fit(unet, [e for e in self.encoders if e is not None], self.vae)
+            stored = read_quantization(folder, "unet")
+        except MlxUnetError as e:
+            raise PipelineError(f"the UNet in {folder} does not fit {self.path}: {e}") from None
+        if not any(folder.glob("*.safetensors")):
+            raise PipelineError(f"{folder} holds no .safetensors weights; convert the UNet again.")
+        quantized = {k: q for k, q in self.quantized.items() if k != "unet"}
+        if stored is not None:
+            quantized["unet"] = stored
+        return replace(self, unet=unet, quantized=quantized, unet_folder=folder)
 
     def sampler_name(self, name: str | None = None) -> str:
         """``name`` (in any known spelling) as ours, or the sampler the model ships with (Euler

@@ -221,3 +221,36 @@ def test_guidance_zero_runs_one_unet_pass_a_step(models, monkeypatch):
     batches.clear()
     pipe(PROMPT, steps=2, guidance=5.0, height=SIZE, width=SIZE, seed=1, output="latent")
     assert batches == [2, 2]
+
+
+@torch.no_grad()
+def test_generate_runs_a_distilled_unet_file_on_its_base_model(models, tmp_path, capsys):
+    """``--unet sdxl_lightning_2step_unet.safetensors``: a lone UNet in diffusers' layout (no
+    config beside it) runs in place of --model's, converted with --model's config, on the
+    Lightning schedule its name announces; the image is diffusers' with that UNet."""
+    from safetensors.torch import save_file
+
+    from mlx_unet import cli
+
+    base = models["base"]
+    distilled = torch_unet(tiny_config("sdxl-base"), seed=91)
+    unet_file = tmp_path / "sdxl_lightning_2step_unet.safetensors"
+    save_file({k: v.contiguous() for k, v in distilled.state_dict().items()}, str(unet_file))
+    out = tmp_path / "l.png"
+    assert cli.main(["generate", PROMPT, "--model", str(models["mlx"]), "--unet", str(unet_file), "--seed", "4",
+                     "--height", str(SIZE), "--width", str(SIZE), "--dtype", "float32", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "converting the UNet" in err and "SDXL-Lightning 2-step: euler (trailing spacing), 2 steps" in err
+    theirs = StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                                       tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=distilled,
+                                       scheduler=EulerDiscreteScheduler.from_config(base.scheduler.config,
+                                                                                    timestep_spacing="trailing"))
+    theirs.set_progress_bar_config(disable=True)
+    latents = mx.random.normal((1, SIZE // 8, SIZE // 8, 4), key=mx.random.split(mx.random.key(4))[0])
+    expected = theirs(PROMPT, num_inference_steps=2, guidance_scale=0.0, height=SIZE, width=SIZE,
+                      latents=nchw(np.array(latents)), output_type="np").images
+    from PIL import Image
+
+    with Image.open(out) as image:
+        ours = np.asarray(image).astype(np.float32) / 255
+    assert np.abs(ours - expected[0]).max() <= 1.5 / 255  # a PNG: uint8 rounding either side

@@ -69,6 +69,9 @@ def test_a_turbo_model_runs_its_own_sampler_steps_and_guidance(demo, tmp_path, c
     assert (settings["steps"], settings["guidance"]) == (2, 0.0)
     expected = api_image(turbo, steps=2, guidance=0.0, scheduler_config=("euler_a", {"timestep_spacing": "trailing"}))
     assert np.array_equal(image, expected)
+    # Without a size, Turbo's 512 px (whatever its UNet config says: a single file's says 1024).
+    assert cli.main(["generate", PROMPT, "--model", str(turbo), "--quiet", "-o", str(tmp_path / "t3.png")]) == 0
+    assert pixels(tmp_path / "t3.png")[0].shape == (512, 512, 3)
 
 
 def test_a_lightning_lora_sets_a_trailing_euler_run_of_its_steps(demo, tmp_path, capsys):

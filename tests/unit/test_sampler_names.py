@@ -155,6 +155,7 @@ def test_few_step_models_are_told_by_their_names(names, label, steps, guidance, 
     defaults = few_step.run_defaults(folder(), names)
     assert (defaults.label, defaults.steps, defaults.guidance, defaults.sampler) == (label, steps, guidance, sampler)
     assert defaults.scheduler_config.get("timestep_spacing") == spacing
+    assert defaults.size == (512 if label == "Turbo" else None)
 
 
 def test_few_step_models_are_told_by_what_they_ship():
