@@ -42,6 +42,7 @@ class RunDefaults:
 
 ORDINARY = RunDefaults()
 _TRAILING = {"timestep_spacing": "trailing"}
+_TCD = RunDefaults("TCD", 4, 0.0, "tcd")
 
 
 def _steps_in(name: str, default: int) -> int:
@@ -70,9 +71,6 @@ def _from_name(name: str, guidance_embedded: bool) -> RunDefaults | None:
     if re.search(r"(^|[^a-z])lcm", name):
         return _lcm(guidance_embedded)
     return None
-
-
-_TCD = RunDefaults("TCD", 4, 0.0, "tcd")
 
 
 def _lcm(guidance_embedded: bool) -> RunDefaults:

@@ -181,6 +181,7 @@ def run_torch_with_cond(model, inputs, cond):
 
 
 @torch.no_grad()
+@pytest.mark.usefixtures("code_path")  # the new UNet input on the CPU kernels and on plain MLX
 def test_lcm_distilled_pipeline_matches_diffusers(models, tmp_path, monkeypatch):
     """An SDXL pipeline whose UNet takes the guidance scale (as latent-consistency/lcm-sdxl's):
     guidance 8 is one UNet pass a step, conditioned on the scale's embedding."""
