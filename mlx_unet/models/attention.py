@@ -47,11 +47,16 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
 
-    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
-        context = x if context is None else context
+    def keys_values(self, context: mx.array) -> tuple[mx.array, mx.array]:
+        """The keys and values of ``context`` tokens, (B, heads, tokens, head_dim) each. For the
+        cross-attention they depend on the text alone, so a sampling loop computes them once
+        (``UNet2DConditionModel.cross_attention_kv``) rather than in every step."""
+        return self._split_heads(self.to_k(context)), self._split_heads(self.to_v(context))
+
+    def __call__(self, x: mx.array, keys_values: tuple[mx.array, mx.array] | None = None) -> mx.array:
+        """Attention of ``x`` to itself, or to the tokens whose ``keys_values`` are given."""
         q = self._split_heads(self.to_q(x))
-        k = self._split_heads(self.to_k(context))
-        v = self._split_heads(self.to_v(context))
+        k, v = self.keys_values(x) if keys_values is None else keys_values
         dtype = q.dtype
         if self.upcast and dtype != mx.float32:
             # SD 2.x sets upcast_attention: its logits overflow float16.
@@ -96,9 +101,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim)
 
-    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, text_kv: tuple[mx.array, mx.array]) -> mx.array:
+        """``text_kv``: ``attn2.keys_values`` of the text context."""
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), text_kv)
         return x + self.ff(self.norm3(x))
 
 
@@ -125,9 +131,14 @@ class Transformer2DModel(nn.Module):
             BasicTransformerBlock(channels, heads, head_dim, context_dim, upcast) for _ in range(depth)
         ]
 
-    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+    def cross_attention_kv(self, context: mx.array) -> list[tuple[mx.array, mx.array]]:
+        """Each block's cross-attention keys and values of the text ``context``."""
+        return [block.attn2.keys_values(context) for block in self.transformer_blocks]
+
+    def __call__(self, x: mx.array, text_kv: list[tuple[mx.array, mx.array]]) -> mx.array:
+        """``text_kv``: what :meth:`cross_attention_kv` made of the text context."""
         b, h, w, c = x.shape
         tokens = self.proj_in(self.norm(x)).reshape(b, h * w, c)
-        for block in self.transformer_blocks:
-            tokens = block(tokens, context)
+        for block, block_kv in zip(self.transformer_blocks, text_kv, strict=True):
+            tokens = block(tokens, block_kv)
         return x + self.proj_out(tokens.reshape(b, h, w, c))

@@ -34,12 +34,17 @@ def _resnet(config: UNetConfig, in_channels: int, out_channels: int, scale: floa
     )
 
 
-def _layer(block: nn.Module, i: int, x: mx.array, temb_silu: mx.array, context: mx.array) -> mx.array:
+def _layer(block: nn.Module, i: int, x: mx.array, temb_silu: mx.array, text_kv: list) -> mx.array:
     """Resnet ``i`` of ``block``, then its transformer if the block has attention."""
     x = block.resnets[i](x, temb_silu)
     if block.attentions:
-        x = block.attentions[i](x, context)
+        x = block.attentions[i](x, text_kv[i])
     return x
+
+
+def _cross_attention_kv(block: nn.Module, context: mx.array) -> list:
+    """Per transformer of ``block`` (none without attention), its blocks' text keys and values."""
+    return [attention.cross_attention_kv(context) for attention in block.attentions]
 
 
 class DownBlock(nn.Module):
@@ -58,11 +63,14 @@ class DownBlock(nn.Module):
         is_last = level == config.num_levels - 1
         self.downsamplers = [] if is_last else [Downsample2D(out, config.downsample_padding)]
 
-    def __call__(self, x, temb_silu, context) -> tuple[mx.array, list[mx.array]]:
-        """Returns the output and the skip activations the matching up block will consume."""
+    cross_attention_kv = _cross_attention_kv
+
+    def __call__(self, x, temb_silu, text_kv) -> tuple[mx.array, list[mx.array]]:
+        """Returns the output and the skip activations the matching up block will consume.
+        ``text_kv`` (here and in the other blocks): what ``cross_attention_kv`` made of the text."""
         skips = []
         for i in range(len(self.resnets)):
-            x = _layer(self, i, x, temb_silu, context)
+            x = _layer(self, i, x, temb_silu, text_kv)
             skips.append(x)
         for downsampler in self.downsamplers:
             x = downsampler(x)
@@ -82,9 +90,11 @@ class MidBlock(nn.Module):
             config, channels, config.num_attention_heads[-1], (config.mid_transformer_depth,)
         )
 
-    def __call__(self, x, temb_silu, context) -> mx.array:
+    cross_attention_kv = _cross_attention_kv
+
+    def __call__(self, x, temb_silu, text_kv) -> mx.array:
         x = self.resnets[0](x, temb_silu)
-        return self.resnets[1](self.attentions[0](x, context), temb_silu)
+        return self.resnets[1](self.attentions[0](x, text_kv[0]), temb_silu)
 
 
 class UpBlock(nn.Module):
@@ -117,11 +127,13 @@ class UpBlock(nn.Module):
         is_last = index == levels - 1
         self.upsamplers = [] if is_last else [Upsample2D(out)]
 
-    def __call__(self, x, temb_silu, context, skips: list[mx.array],
+    cross_attention_kv = _cross_attention_kv
+
+    def __call__(self, x, temb_silu, text_kv, skips: list[mx.array],
                  upsample_size: tuple[int, int] | None = None) -> mx.array:
         for i in range(len(self.resnets)):
             x = mx.concatenate([x, skips.pop()], axis=-1)
-            x = _layer(self, i, x, temb_silu, context)
+            x = _layer(self, i, x, temb_silu, text_kv)
         for upsampler in self.upsamplers:
             x = upsampler(x, upsample_size)
         return x

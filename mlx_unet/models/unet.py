@@ -7,6 +7,7 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from ..configs.quantization import Quantization, as_quantization
 from ..configs.unet import UNetConfig
@@ -67,27 +68,38 @@ class UNet2DConditionModel(nn.Module):
         self,
         sample: mx.array,
         timestep: mx.array | float | int,
-        encoder_hidden_states: mx.array,
+        encoder_hidden_states: mx.array | None,
         text_embeds: mx.array | None = None,
         time_ids: mx.array | None = None,
         *,
         added_embedding: mx.array | None = None,
+        cross_attention_kv: dict | None = None,
         timestep_cond: mx.array | None = None,
         after_block: Callable[..., None] | None = None,
     ) -> mx.array:
         """``added_embedding`` may replace ``text_embeds``/``time_ids``: it is what
         :meth:`added_embedding` returns for them, which a sampler computes once per run.
+        ``cross_attention_kv`` may replace ``encoder_hidden_states`` (pass None for it): what
+        :meth:`cross_attention_kv` returns for them, also computed once per run.
         ``timestep_cond``: an LCM distillation's (B, time_cond_proj_dim) guidance-scale
         embedding (``models.embeddings.guidance_scale_embedding``); without it such a UNet runs
         unconditioned on guidance, as in diffusers. ``after_block``: see :meth:`denoise`."""
         inputs = self.checked_inputs(sample, timestep, encoder_hidden_states, text_embeds, time_ids, added_embedding,
-                                     timestep_cond)
+                                     timestep_cond, cross_attention_kv)
         return self.denoise(*inputs, after_block=after_block)
 
     def checked_inputs(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
-                       added_embedding=None, timestep_cond=None) -> tuple[mx.array | None, ...]:
+                       added_embedding=None, timestep_cond=None, cross_attention_kv=None) -> tuple:
         """The arguments of :meth:`__call__` checked and made into those of :meth:`denoise`."""
-        sample, timesteps, context = self._check_inputs(sample, timestep, encoder_hidden_states)
+        if (encoder_hidden_states is None) == (cross_attention_kv is None):
+            raise InputError("give the UNet either encoder_hidden_states or cross_attention_kv (made from them by "
+                             "unet.cross_attention_kv), not both or neither.")
+        if cross_attention_kv is None:
+            sample, timesteps, context = self._check_inputs(sample, timestep, encoder_hidden_states)
+            text_kv = self.cross_attention_kv(context)
+        else:
+            sample, timesteps, _ = self._check_inputs(sample, timestep, None)
+            text_kv = self._check_cross_attention_kv(cross_attention_kv, sample.shape[0])
         if timestep_cond is not None:
             width = self.config.time_cond_proj_dim
             if width is None:
@@ -104,7 +116,21 @@ class UNet2DConditionModel(nn.Module):
                 f"{sample.shape[0]}, got {_shape(added_embedding)}; make it with unet.added_embedding()."
             )
         added = None if added_embedding is None else added_embedding.astype(self.dtype)
-        return sample, timesteps, context, added, timestep_cond
+        return sample, timesteps, text_kv, added, timestep_cond
+
+    def cross_attention_kv(self, encoder_hidden_states: mx.array) -> dict[str, list]:
+        """Every cross-attention layer's keys and values of the text context (B, tokens, width),
+        by block: ``{"down": [...], "mid": [...], "up": [...]}``, each a block's per-transformer,
+        per-layer (keys, values). They do not depend on the timestep or the latents, so a
+        sampling loop computes them once per run instead of in every step."""
+        if not isinstance(encoder_hidden_states, mx.array) or encoder_hidden_states.ndim != 3 or \
+                encoder_hidden_states.shape[-1] != self.config.cross_attention_dim:
+            raise InputError(f"encoder_hidden_states must be (batch, tokens, {self.config.cross_attention_dim}), "
+                             f"got {_shape(encoder_hidden_states)}.")
+        context = encoder_hidden_states.astype(self.dtype)
+        mid = [] if self.mid_block is None else self.mid_block.cross_attention_kv(context)
+        return {"down": [block.cross_attention_kv(context) for block in self.down_blocks], "mid": mid,
+                "up": [block.cross_attention_kv(context) for block in self.up_blocks]}
 
     def added_embedding(self, text_embeds: mx.array | None, time_ids, batch: int | None = None) -> mx.array | None:
         """SDXL's added conditioning, the pooled text embedding and the size/crop (or aesthetic)
@@ -120,11 +146,11 @@ class UNet2DConditionModel(nn.Module):
         time_embeds = self.add_time_proj(time_ids.reshape(-1)).reshape(batch, -1)
         return self.add_embedding(mx.concatenate([text_embeds, time_embeds.astype(self.dtype)], axis=-1))
 
-    def denoise(self, sample: mx.array, timesteps: mx.array, context: mx.array, added: mx.array | None = None,
+    def denoise(self, sample: mx.array, timesteps: mx.array, text_kv: dict, added: mx.array | None = None,
                 timestep_cond: mx.array | None = None, *, after_block: Callable[..., None] | None = None) -> mx.array:
         """The forward on checked inputs (:meth:`checked_inputs`): (B, H, W, C) sample in the model
-        dtype, float32 (B,) timesteps, (B, tokens, width) context and, for SDXL, the added embedding;
-        for an LCM distillation, the guidance-scale embedding.
+        dtype, float32 (B,) timesteps, the text's :meth:`cross_attention_kv` and, for SDXL, the
+        added embedding; for an LCM distillation, the guidance-scale embedding.
 
         ``after_block(*arrays)`` is called after each block with what the rest of the forward
         needs from it; ``mx.eval`` there evaluates the UNet block by block, so that no lazy graph
@@ -143,13 +169,13 @@ class UNet2DConditionModel(nn.Module):
         x = self.conv_in(sample)
 
         skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, temb_silu, context)
+        for block, block_kv in zip(self.down_blocks, text_kv["down"], strict=True):
+            x, block_skips = block(x, temb_silu, block_kv)
             skips.extend(block_skips)
             done(x, skips)
 
         if self.mid_block is not None:
-            x = self.mid_block(x, temb_silu, context)
+            x = self.mid_block(x, temb_silu, text_kv["mid"])
             done(x)
 
         # When the latent is not a multiple of the total downsampling, the stride-2 convolutions
@@ -157,12 +183,12 @@ class UNet2DConditionModel(nn.Module):
         # instead of doubling (diffusers' forward_upsample_size).
         f = c.downsample_factor
         forward_size = sample.shape[1] % f != 0 or sample.shape[2] % f != 0
-        for block in self.up_blocks:
+        for block, block_kv in zip(self.up_blocks, text_kv["up"], strict=True):
             size = None
             if forward_size and block.upsamplers:
                 remaining = len(block.resnets)
                 size = tuple(skips[-remaining - 1].shape[1:3])
-            x = block(x, temb_silu, context, skips, size)
+            x = block(x, temb_silu, block_kv, skips, size)
             done(x)
 
         x = self.conv_act(self.conv_norm_out(x))
@@ -198,6 +224,8 @@ class UNet2DConditionModel(nn.Module):
                 f"got shape {_shape(timesteps)}."
             )
 
+        if context is None:  # (cross_attention_kv given instead: _check_cross_attention_kv)
+            return sample.astype(dtype), timesteps, None
         if not isinstance(context, mx.array) or context.ndim != 3:
             got = _shape(context) if isinstance(context, mx.array) else type(context).__name__
             raise InputError(
@@ -213,6 +241,15 @@ class UNet2DConditionModel(nn.Module):
                 f"encoder_hidden_states has batch {context.shape[0]} but sample has batch {batch}."
             )
         return sample.astype(dtype), timesteps, context.astype(dtype)
+
+    def _check_cross_attention_kv(self, text_kv, batch: int) -> dict:
+        blocks = {"down": len(self.down_blocks), "mid": 0 if self.mid_block is None else 1, "up": len(self.up_blocks)}
+        if not isinstance(text_kv, dict) or set(text_kv) != set(blocks) or \
+                any(not isinstance(text_kv[k], list) or len(text_kv[k]) != n for k, n in blocks.items()):
+            raise InputError("cross_attention_kv must be what this UNet's cross_attention_kv() returned.")
+        if any(not isinstance(a, mx.array) or a.shape[0] != batch for _, a in tree_flatten(text_kv)):
+            raise InputError(f"cross_attention_kv was made for another batch size than the sample's {batch}.")
+        return text_kv
 
     def _check_added_conditioning(self, batch, text_embeds, time_ids):
         c = self.config

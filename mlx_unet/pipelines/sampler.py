@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
+from mlx.utils import tree_map
 
 from ..errors import InputError, NonFiniteWarning
 from ..models.embeddings import guidance_scale_embedding
@@ -295,6 +296,9 @@ class Sampler:
         warned = False
         with self.settings.applied():
             forward = self.settings.forward(self.unet)
+            # The text's keys and values in every cross-attention layer: the same in every step.
+            text_kv = self.unet.cross_attention_kv(conditioning.context)
+            mx.eval(text_kv)
             for i in range(total):
                 begin = time.perf_counter()
                 t = timesteps[i]
@@ -302,7 +306,7 @@ class Sampler:
                 model_input = sched.scale_model_input(model_input, t).astype(dtype)
                 if conditioning.extra_channels is not None:
                     model_input = mx.concatenate([model_input, conditioning.extra_channels], axis=-1)
-                prediction = self._predict(forward, model_input, t, conditioning).astype(mx.float32)
+                prediction = self._predict(forward, model_input, t, text_kv, conditioning).astype(mx.float32)
                 if guided:
                     uncond, cond = mx.split(prediction, 2)
                     prediction = uncond + scale * (cond - uncond)
@@ -351,17 +355,18 @@ class Sampler:
         height, width = check_size("height", height), check_size("width", width)
         return height or default, width or default
 
-    def _predict(self, forward, model_input, t, conditioning: Conditioning) -> mx.array:
+    def _predict(self, forward, model_input, t, text_kv: dict, conditioning: Conditioning) -> mx.array:
         added, cond = conditioning.added_embedding, conditioning.timestep_cond
         if not self.settings.low_memory or model_input.shape[0] == 1:
-            return forward(model_input, t, conditioning.context, added_embedding=added, timestep_cond=cond)
+            return forward(model_input, t, None, cross_attention_kv=text_kv, added_embedding=added,
+                           timestep_cond=cond)
         # One sample at a time: the activations of a batch of one, at the cost of reading the
         # weights once per sample.
         halves = []
         for i in range(model_input.shape[0]):
             one = (lambda a: None if a is None else a[i:i + 1])
-            halves.append(forward(model_input[i:i + 1], t, conditioning.context[i:i + 1], added_embedding=one(added),
-                                  timestep_cond=one(cond)))
+            halves.append(forward(model_input[i:i + 1], t, None, cross_attention_kv=tree_map(one, text_kv),
+                                  added_embedding=one(added), timestep_cond=one(cond)))
             mx.eval(halves[-1])
         return mx.concatenate(halves)
 

@@ -133,6 +133,29 @@ def test_without_guidance_runs_one_batch(base, monkeypatch):
     assert relative_error(np.array(ours), nhwc(expected)) <= FP32
 
 
+@pytest.mark.parametrize("low_memory", [False, True], ids=["batched", "low-memory"])
+def test_text_keys_and_values_are_computed_once_per_run(base, monkeypatch, low_memory):
+    """The cross-attention keys and values of the prompt are made once per run, not per step, and the
+    run still matches diffusers (which makes them in every step), guided halves one by one too."""
+    emb = embeddings(base.config, seed=11, negative=True)
+    start = noise((1, 16, 16, 4), seed=12)
+    with torch.no_grad():
+        expected = sdxl_pipeline(base, THEIR_SCHEDULERS["euler"]())(
+            **to_torch(emb), latents=nchw(start), num_inference_steps=4, guidance_scale=5.0,
+            output_type="latent").images
+    made, steps = [], []
+    cross_attention_kv, denoise = UNet2DConditionModel.cross_attention_kv, UNet2DConditionModel.denoise
+    monkeypatch.setattr(UNet2DConditionModel, "cross_attention_kv",
+                        lambda self, context: made.append(context.shape) or cross_attention_kv(self, context))
+    monkeypatch.setattr(UNet2DConditionModel, "denoise",
+                        lambda self, x, *a, **k: steps.append(x.shape) or denoise(self, x, *a, **k))
+    sampler = Sampler(base.ours, make_scheduler("euler", SDXL_SCHEDULER_CONFIG), compile=False, low_memory=low_memory)
+    ours = sampler(**to_mlx(emb), latents=mx.array(start), num_inference_steps=4, guidance_scale=5.0)
+    assert made == [(2, 9, base.config.cross_attention_dim)]
+    assert steps == ([(1, 16, 16, 4)] * 8 if low_memory else [(2, 16, 16, 4)] * 4)
+    assert relative_error(np.array(ours), nhwc(expected)) <= FP32
+
+
 def test_img2img_strength_matches_diffusers(base, monkeypatch):
     emb = embeddings(base.config, seed=5)
     image, added = noise((1, 16, 16, 4), seed=6), noise((1, 16, 16, 4), seed=7)

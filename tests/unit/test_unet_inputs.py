@@ -3,7 +3,7 @@
 import mlx.core as mx
 import pytest
 
-from mlx_unet import InputError, UNet2DConditionModel, UNetConfig
+from mlx_unet import InputError, UNet2DConditionModel, UNetConfig, cpu
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,34 @@ def test_inputs_are_cast_to_the_model_dtype(sdxl):
     half.set_dtype(mx.float16)
     out = call(half)
     assert out.dtype == mx.float16
+
+
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["plain", "cpu-kernels"])
+def test_text_keys_values_made_once_give_the_same_output(sdxl, cpu_kernels):
+    """What a sampler does (the prompt's cross-attention keys and values made once, reused every
+    step) computes exactly what the UNet computes from the prompt itself."""
+    model = cpu.prepare(UNet2DConditionModel(sdxl.config), cpu_kernels)
+    mx.random.seed(3)
+    args = {name: mx.random.normal(a.shape) for name, a in good().items() if name != "timestep"}
+    context = args.pop("encoder_hidden_states")
+    direct = model(args["sample"], 10, context, args["text_embeds"], args["time_ids"])
+    reused = model(args["sample"], 10, None, args["text_embeds"], args["time_ids"],
+                   cross_attention_kv=model.cross_attention_kv(context))
+    assert mx.array_equal(direct, reused)
+
+
+@pytest.mark.parametrize(
+    "context,text_kv,message",
+    [
+        (True, True, "either encoder_hidden_states or cross_attention_kv"),
+        (False, False, "either encoder_hidden_states or cross_attention_kv"),
+        (False, {"down": []}, "must be what this UNet's cross_attention_kv() returned"),
+        (False, "one", "another batch size than the sample's 2"),
+    ],
+)
+def test_bad_text_keys_values_are_explained(sdxl, context, text_kv, message):
+    args = good()
+    made = sdxl.cross_attention_kv(args["encoder_hidden_states"][:1] if text_kv == "one" else args["encoder_hidden_states"])
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        sdxl(args["sample"], 10, args["encoder_hidden_states"] if context else None, args["text_embeds"],
+             args["time_ids"], cross_attention_kv=text_kv if isinstance(text_kv, dict) else made if text_kv else None)
