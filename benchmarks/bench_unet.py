@@ -1,16 +1,19 @@
-"""Our UNet forward against diffusers' (torch), side by side in one process.
+"""Our UNet forward against diffusers' (torch), both timed as their users run them.
 
     python benchmarks/bench_unet.py                                  # SDXL base, 32 and 64 latents, fp32, batch 1
     python benchmarks/bench_unet.py --latent 128 --batch 2 --dtype float16
     python benchmarks/bench_unet.py --latent 64 128 --batch 2 --dtype float16 --no-torch --low-memory
     python benchmarks/bench_unet.py --quick                          # tiny model: checks the benchmark runs
 
-Both sides get the same weights (diffusers' model, handed to MLX tensor by tensor), the same
-inputs and the same thread count. Reported per case: median seconds per forward after warm-up
-(ours, diffusers, ratio), the FLOPs of one forward counted from the model's own layers and the
-input shapes, the GFLOP/s that gives, that as a share of this machine's sgemm GFLOP/s (measured
-between our timed forwards, median against median), and MLX's peak memory. The torch model is
-timed first and freed before ours is built, so a full-size SDXL fits twice over in 24 GB.
+Both sides get the same weights (diffusers' model built from one seed, handed to MLX tensor by
+tensor), the same inputs and the same thread count. diffusers is timed in a process of its own
+that never loads MLX or mlx_unet (``torch_reference.py`` says why), and torch's sgemm rate in that
+process is reported beside it. Ours is timed as a sampling step runs it: the prompt's
+cross-attention keys and values made once (a run makes them once, before its first step).
+Reported per case: median seconds per forward after warm-up (ours, diffusers, ratio), the FLOPs
+of our forward counted from the model's own layers and the input shapes, the GFLOP/s that gives,
+that as a share of MLX's sgemm GFLOP/s (measured between our timed forwards, median against
+median), diffusers' GFLOP/s over its whole forward's FLOPs, torch's sgemm, and MLX's peak memory.
 ``--compile`` runs our forward through mx.compile and reports the first call (trace and kernel
 build) apart; ``--low-memory`` measures the low-memory mode of a run (pipelines/run.py).
 """
@@ -18,6 +21,7 @@ build) apart; ``--low-memory`` measures the low-memory mode of a run (pipelines/
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import statistics
@@ -28,9 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
+import torch_reference  # noqa: E402  (benchmarks/, on sys.path when run as a script)
 import mlx_unet  # noqa: E402  (before mlx: the fast BLAS on Linux)
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 import mlx.nn as nn  # noqa: E402
@@ -39,6 +43,8 @@ from mlx_unet.configs.base import DTYPES  # noqa: E402
 from mlx_unet.models.attention import ScaledDotProductAttention  # noqa: E402
 from mlx_unet.pipelines.run import RunSettings  # noqa: E402
 from mlx_unet.weights import load_weights, torch_to_mlx_layout  # noqa: E402
+
+SEED = 0  # of the diffusers UNet whose weights both sides run
 
 
 
@@ -83,17 +89,13 @@ def counting_flops():
 
 
 def sgemm_gflops(n: int) -> float:
-    """float32 n x n matmul throughput on this machine: MLX's and torch's, the better of the two
-    (each library's BLAS, with the process's thread settings)."""
-    import torch
-
-    a, t = mx.random.normal((n, n)), torch.randn(n, n)
-    mx.eval(a)
+    """MLX's float32 n x n matmul rate in this process (best of two after a warm-up)."""
+    a = mx.random.normal((n, n))
+    mx.eval(a @ a)
     best = float("inf")
-    for run in (lambda: mx.eval(a @ a), lambda: t @ t):
-        run()  # warm-up: thread pool, packing buffers
+    for _ in range(2):
         start = time.perf_counter()
-        run()
+        mx.eval(a @ a)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
@@ -113,44 +115,21 @@ def median_seconds(run, warmup: int, repeats: int, between=None) -> tuple[float,
     return statistics.median(times), samples
 
 
-def make_inputs(config: UNetConfig, batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    inputs = {
-        "sample": rng.standard_normal((batch, size, size, config.in_channels), dtype=np.float32),
-        "timestep": np.float32(500.0),
-        "context": rng.standard_normal((batch, 77, config.cross_attention_dim), dtype=np.float32),
-    }
-    if config.has_text_time_embedding:
-        inputs["time_ids"] = np.tile(np.float32([1024, 1024, 0, 0, 1024, 1024]), (batch, 1))
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        inputs["text_embeds"] = rng.standard_normal((batch, pooled), dtype=np.float32)
-    return inputs
-
-
 def bench_case(config: UNetConfig, size: int, batch: int, dtype: str, warmup: int, repeats: int,
-               with_torch: bool, compile: bool = False, low_memory: bool = False, sgemm_n: int = 4096) -> dict:
+               threads: int | None, compile: bool = False, low_memory: bool = False, sgemm_n: int = 4096) -> dict:
+    """``threads``: diffusers' thread count (in its own process), or None not to time it."""
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
 
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    torch.manual_seed(0)
-    reference = TorchUNet(**config.to_diffusers_dict()).to(torch_dtype).eval()
-    inputs = make_inputs(config, batch, size)
+    diffusers_config = config.to_diffusers_dict()
     result = {"latent": size, "batch": batch, "dtype": dtype}
-
-    if with_torch:
-        sample = torch.from_numpy(inputs["sample"]).permute(0, 3, 1, 2).contiguous().to(torch_dtype)
-        context = torch.from_numpy(inputs["context"]).to(torch_dtype)
-        added = {}
-        if "time_ids" in inputs:
-            added = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(inputs["text_embeds"]).to(torch_dtype),
-                                           "time_ids": torch.from_numpy(inputs["time_ids"])}}
-
-        def run_torch(model=reference):
-            with torch.no_grad():
-                model(sample, float(inputs["timestep"]), context, **added)
-
-        result["torch_s"], _ = median_seconds(run_torch, warmup, repeats)
+    if threads is not None:
+        theirs = torch_reference.run("unet", threads, config=diffusers_config, batch=batch, size=size, dtype=dtype,
+                                     warmup=warmup, repeats=repeats, seed=SEED, sgemm_n=sgemm_n)
+        result["torch_s"], result["torch_sgemm"] = theirs["seconds"], theirs["sgemm"]
+    torch.manual_seed(SEED)  # the reference process's weights
+    reference = TorchUNet(**diffusers_config)
+    inputs = torch_reference.make_unet_inputs(diffusers_config, batch, size)
 
     # Hand the weights over tensor by tensor, freeing torch's copy as we go.
     state = reference.state_dict()
@@ -159,21 +138,29 @@ def bench_case(config: UNetConfig, size: int, batch: int, dtype: str, warmup: in
     weights = {}
     for name in list(state):
         tensor = state.pop(name)
-        weights[name] = mx.array(torch_to_mlx_layout(tensor.float().numpy())).astype(DTYPES[dtype])
+        weights[name] = mx.array(torch_to_mlx_layout(tensor.numpy())).astype(DTYPES[dtype])
         mx.eval(weights[name])
     ours = UNet2DConditionModel(config)
     load_weights(ours, weights)
     del weights, state
     gc.collect()
 
-    args = (mx.array(inputs["sample"]), mx.array(inputs["timestep"]), mx.array(inputs["context"]))
-    kwargs = {}
+    sample, timestep = mx.array(inputs["sample"]), mx.array(inputs["timestep"])
+    context = mx.array(inputs["context"])
+    added = {}
     if "time_ids" in inputs:
-        kwargs = {"text_embeds": mx.array(inputs["text_embeds"]), "time_ids": mx.array(inputs["time_ids"])}
+        added = {"text_embeds": mx.array(inputs["text_embeds"]), "time_ids": mx.array(inputs["time_ids"])}
+    # Counted on the plain model: the CPU kernels compute the same products in their own code.
     with counting_flops() as flops:
-        ours(*args, **kwargs)
+        ours(sample, timestep, context, **added)
+    result["reference_gflop"] = flops[0] / 1e9
+    with counting_flops() as flops:
+        ours(sample, timestep, None, cross_attention_kv=ours.cross_attention_kv(context), **added)
     result["gflop"] = flops[0] / 1e9
     ours = cpu.prepare(ours)  # the CPU kernels unless MLX_UNET_CPU_KERNELS=0
+    text_kv = ours.cross_attention_kv(context)
+    mx.eval(text_kv)
+    step_inputs = dict(cross_attention_kv=text_kv, **added)
 
     settings = RunSettings(compile=compile, low_memory=low_memory)
     forward = settings.forward(ours)
@@ -181,7 +168,7 @@ def bench_case(config: UNetConfig, size: int, batch: int, dtype: str, warmup: in
         mx.clear_cache()
         mx.reset_peak_memory()
         start = time.perf_counter()
-        mx.eval(forward(*args, **kwargs))
+        mx.eval(forward(sample, timestep, None, **step_inputs))
         result["first_s"] = time.perf_counter() - start
         # This host's speed drifts by 10-20% within minutes, so the machine's sgemm is measured
         # between our timed forwards (same state of the host) and its median is the reference.
@@ -194,14 +181,11 @@ def bench_case(config: UNetConfig, size: int, batch: int, dtype: str, warmup: in
             mx.reset_peak_memory()
             return gflops
 
-        result["ours_s"], sgemm = median_seconds(lambda: mx.eval(forward(*args, **kwargs)),
+        result["ours_s"], sgemm = median_seconds(lambda: mx.eval(forward(sample, timestep, None, **step_inputs)),
                                                  max(warmup - 1, 0), repeats, sample_sgemm)
         result["sgemm"] = statistics.median(sgemm)
         result["peak_gib"] = max(peaks + [mx.get_peak_memory()]) / 2**30
     result["weights_gib"] = sum(v.nbytes for _, v in tree_flatten(ours.parameters())) / 2**30
-    del ours, forward
-    gc.collect()
-    mx.clear_cache()
     return result
 
 
@@ -214,7 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"])
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of both sides (default: all cores)")
     p.add_argument("--no-torch", action="store_true", help="time only our forward")
     p.add_argument("--compile", action="store_true", help="our forward through mx.compile; the first call is reported apart")
     p.add_argument("--low-memory", action="store_true", help="our forward in a run's low-memory mode")
@@ -223,31 +207,36 @@ def main(argv=None) -> int:
     if args.quick:
         args.family, args.latent, args.warmup, args.repeats = "tiny", [16], 1, 1
 
-    import diffusers
-    import torch
-
-    diffusers.utils.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
+    if mlx_unet.cpu.blas.loaded:  # MLX's matmuls run in OpenBLAS's threads: as many as torch's
+        ctypes.CDLL(mlx_unet.cpu.blas.loaded).openblas_set_num_threads(args.threads)
     config = UNetConfig.from_preset(args.family)
     blas = mlx_unet.cpu.blas.loaded or "MLX's bundled BLAS"
     mode = ", ".join(m for m, on in (("compiled", args.compile), ("low-memory", args.low_memory)) if on)
-    print(f"{args.family}, batch {args.batch}{'; ' + mode if mode else ''}; torch {torch.__version__} on {args.threads} threads; MLX "
-          f"{mx.__version__} ({mx.default_device()}, {blas})")
+    print(f"{args.family}, batch {args.batch}{'; ' + mode if mode else ''}; {args.threads} threads; MLX {mx.__version__} "
+          f"({mx.default_device()}, {blas}); diffusers in its own process")
     sgemm_n = 512 if args.quick else 4096
-    print(f"sgemm: the better of MLX's and torch's {sgemm_n}x{sgemm_n} float32 matmul, median of one "
-          "measurement before each of our timed forwards")
+    print(f"sgemm: {sgemm_n}x{sgemm_n} float32 matmul, MLX's (median of one before each of our timed forwards) "
+          "and torch's (in diffusers' process)")
     header = (f"{'latent':>6} {'dtype':>8} {'ours s':>8} {'diffusers s':>11} {'ratio':>6} {'GFLOP':>8} "
-              f"{'GFLOP/s':>8} {'sgemm':>6} {'of sgemm':>8} {'peak GiB':>8} {'weights GiB':>11} {'first call s':>12}")
+              f"{'GFLOP/s':>8} {'sgemm':>6} {'of sgemm':>8} {'diffusers GFLOP/s':>17} {'torch sgemm':>11} "
+              f"{'peak GiB':>8} {'weights GiB':>11} {'first call s':>12}")
     print(header)
     for dtype in args.dtype:
         for size in args.latent:
-            r = bench_case(config, size, args.batch, dtype, args.warmup, args.repeats, not args.no_torch,
-                           args.compile, args.low_memory, sgemm_n)
+            r = bench_case(config, size, args.batch, dtype, args.warmup, args.repeats,
+                           None if args.no_torch else args.threads, args.compile, args.low_memory, sgemm_n)
+            gc.collect()  # the case's model, before the next one is built
+            mx.clear_cache()
             rate = r["gflop"] / r["ours_s"]
-            theirs = f"{r['torch_s']:11.3f} {r['ours_s'] / r['torch_s']:6.2f}" if "torch_s" in r else f"{'-':>11} {'-':>6}"
+            if "torch_s" in r:
+                theirs = f"{r['torch_s']:11.3f} {r['ours_s'] / r['torch_s']:6.2f}"
+                their_rates = f"{r['reference_gflop'] / r['torch_s']:17.1f} {r['torch_sgemm']:11.0f}"
+            else:
+                theirs, their_rates = f"{'-':>11} {'-':>6}", f"{'-':>17} {'-':>11}"
             print(f"{size:>6} {dtype:>8} {r['ours_s']:8.3f} {theirs} {r['gflop']:8.1f} {rate:8.1f} "
-                  f"{r['sgemm']:6.0f} {rate / r['sgemm']:8.0%} {r['peak_gib']:8.2f} {r['weights_gib']:11.2f} {r['first_s']:12.2f}", flush=True)
+                  f"{r['sgemm']:6.0f} {rate / r['sgemm']:8.0%} {their_rates} {r['peak_gib']:8.2f} "
+                  f"{r['weights_gib']:11.2f} {r['first_s']:12.2f}", flush=True)
     return 0
 
 

@@ -6,7 +6,7 @@ from . import cpu
 from .configs.clip import CLIPTextConfig  # noqa: E402
 from .configs.quantization import Quantization  # noqa: E402
 from .configs.unet import PRESETS, UNetConfig  # noqa: E402
-from .configs.vae import VAEConfig  # noqa: E402
+from .configs.vae import TinyVAEConfig, VAEConfig  # noqa: E402
 from .errors import (  # noqa: E402
     ConfigError,
     ConversionError,
@@ -18,6 +18,7 @@ from .errors import (  # noqa: E402
     WeightsError,
 )
 from .models.clip import CLIPTextModel  # noqa: E402
+from .models.tiny_vae import AutoencoderTiny  # noqa: E402
 from .models.unet import UNet2DConditionModel  # noqa: E402
 from .models.vae import AutoencoderKL  # noqa: E402
 from .pipelines.sampler import Sampler  # noqa: E402
@@ -30,6 +31,7 @@ from .tokenizer import CLIPTokenizer  # noqa: E402
 __all__ = [
     "PRESETS",
     "AutoencoderKL",
+    "AutoencoderTiny",
     "CLIPTextConfig",
     "CLIPTextModel",
     "CLIPTokenizer",
@@ -45,6 +47,7 @@ __all__ = [
     "SDPipeline",
     "SDXLPipeline",
     "Sampler",
+    "TinyVAEConfig",
     "UNet2DConditionModel",
     "UNetConfig",
     "VAEConfig",

@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(SDXL: and text_encoder_2/; a refiner has only that one), each config.json + model.safetensors, their "
         "tokenizer folders, scheduler/ and model_index.json, for mlx_unet's pipelines. With --unet-only, the UNet "
         "alone (config.json + model.safetensors), for mlx_unet.UNet2DConditionModel.from_pretrained; a source "
-        "that holds only a UNet is converted so too.",
+        "that holds only a UNet is converted so too, and so is a tiny VAE (diffusers' AutoencoderTiny: "
+        "madebyollin/taesd, madebyollin/taesdxl), for mlx_unet.AutoencoderTiny.from_pretrained and generate's "
+        "--tiny-vae.",
         epilog="SOURCE is a Hub repo id (stabilityai/stable-diffusion-xl-base-1.0), a diffusers folder "
         "(a pipeline root, or a UNet folder), or an original single-file checkpoint (v1-5-pruned.safetensors, "
         "v2-1_768-ema-pruned.safetensors, sd_xl_base_1.0.safetensors, ...; its tokenizers are written from CLIP's "
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-dtype", choices=list(DTYPES),
                    help="output dtype of the VAE (default: float32, since SDXL's VAE overflows float16 and VAE "
                    "configs say force_upcast, SD 1.x / 2.x ones by diffusers' default; the --dtype value when the "
-                   "VAE's config says force_upcast: false, as the fp16-fix VAE's does)")
+                   "VAE's config says force_upcast: false, as the fp16-fix VAE's does; a tiny VAE: the --dtype value)")
     p.add_argument("--unet-only", action="store_true",
                    help="convert only the UNet, into OUT_DIR/config.json + OUT_DIR/model.safetensors")
     p.add_argument("--tokenizers", metavar="SOURCE",

@@ -31,7 +31,7 @@ from ..configs.base import DTYPES
 from ..errors import InputError, MlxUnetWarning
 from ..lora import read_lora
 from ..lora.apply import checked_scale
-from ..pipelines import few_step, inpaint
+from ..pipelines import few_step, inpaint, previews
 from ..pipelines.arguments import RunArguments
 from ..pipelines.diffusion import load_pipeline
 from ..pipelines.folder import PipelineFolder
@@ -41,8 +41,8 @@ from ..pipelines.preflight import check_prompts, check_run
 from ..schedulers.names import sampler_name
 from . import png_record
 from .common import quantization_arguments, run_command
-from .generate_options import (FLAGS, STRENGTH, check_sources, lora_spec, merged_settings, prompts_of,
-                               seeds_from, without_defaults)
+from .generate_options import (FLAGS, STRENGTH, check_sources, lora_spec, merged_settings, preview_path,
+                               prompts_of, seeds_from, without_defaults)
 
 
 class Progress:
@@ -138,6 +138,7 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
     quantized = dict(quantize=quantize, quantize_text_encoders=quantize_text or False)
     inputs = _inputs(a, recorded, log)
     paths = output_paths(a.output, len(prompts) * run.num_images_per_prompt)
+    preview = preview_path(a, paths)
     seeds = seeds_from(run.seed, run.num_images_per_prompt)
     dtype, vae_dtype = DTYPES[a.dtype], DTYPES[a.vae_dtype] if a.vae_dtype else None
     with ExitStack() as stack:
@@ -164,7 +165,12 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
         if a.lora and lora_mode == "fuse" and unet_quantization:
             raise InputError("--lora-mode fuse cannot fuse LoRAs into a quantized UNet (it would round them away); "
                              "use --lora-mode live, the default for quantized models.")
-        check_writable(paths, plan.height, plan.width)  # before loading: a failed write would waste the run
+        # Before loading: a failed write would waste the run.
+        check_writable(paths + ([preview] if preview else []), plan.height, plan.width)
+        tiny = None  # the tiny VAE's folder, converted before the pipeline loads: its mistakes show at once
+        if a.vae == "tiny" or preview is not None:
+            tiny_source = a.tiny_vae or previews.default_source(base)
+            tiny = stack.enter_context(previews.converted(tiny_source, progress=not a.quiet, log=log))
         specs = [lora_spec(spec) for spec in a.lora]
         adapters = [(read_lora(source, allow_pickle=a.allow_pickle), checked_scale(scale)) for source, scale in specs]
         pipe = load_pipeline(base, dtype=dtype, vae_dtype=vae_dtype, **quantized)
@@ -172,6 +178,9 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
             load_pipeline(refiner_parts, dtype=dtype, vae_dtype=vae_dtype, **quantized)
         if a.tile_vae:
             (refiner or pipe).vae.enable_tiling(tile)
+        if tiny is not None:
+            pipe.load_tiny_vae(tiny, vae_dtype)
+            log(f"tiny VAE {tiny_source}" + (f"; previews every {a.preview_every} steps: {preview}" if preview else ""))
         seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
         log(f"loaded {a.model or 'the demo pipeline'}, {base.family}, in {time.perf_counter() - start:.1f} s; "
             f"{seed_text}; estimated peak memory {plan.estimate.peak / 2**30:.2f} GiB")
@@ -184,11 +193,11 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
             log(f"LoRA {lora.describe()}; scale {scale:g}, {'fused' if lora_mode == 'fuse' else 'live'}")
         # What each image records: the options, with what the run resolved in place of defaults.
         resolved = vars(a) | dict(height=plan.height, width=plan.width, strength=strength, steps=run.steps,
-                                  guidance=run.guidance, **sampling)
+                                  guidance=run.guidance, tiny_vae=a.tiny_vae if a.vae == "tiny" else None, **sampling)
         model_name = a.model or demo.MODEL_NAME
         progress = Progress(not a.quiet)
-        images = _Images(pipe, refiner, run, a, (scheduler, sigmas), inputs, strength, progress, log,
-                         total=len(paths))
+        images = _Images(pipe, refiner, run, a, (scheduler, sigmas), inputs, strength, _previewing(progress, preview),
+                         log, total=len(paths))
         images.encode(prompts)
         made = ((prompt, seed, image) for prompt in prompts for seed, image in images.of(prompt, seeds))
         for path, (prompt, seed, image) in zip(paths, made):
@@ -209,12 +218,13 @@ class _Images:
 
     def __init__(self, pipe, refiner, run: RunArguments, a: argparse.Namespace, sampling: tuple,
                  inputs: InputImages | None,
-                 strength: float | None, progress: Progress, log, total: int):
+                 strength: float | None, callback, log, total: int):
         self.pipe, self.refiner, self.run, self.a, self.log, self.total = pipe, refiner, run, a, log, total
         self.options = dict(steps=run.steps, guidance=run.guidance, height=None if inputs else run.height,
                             width=None if inputs else run.width, scheduler=sampling[0], sigmas=sampling[1],
                             low_memory=a.low_memory,
-                            callback=progress, image=None if inputs is None else inputs.image,
+                            callback=callback, preview_every=a.preview_every, vae=a.vae or "full",
+                            image=None if inputs is None else inputs.image,
                             mask_image=None if inputs is None else inputs.mask, strength=strength)
         if refiner is not None:
             self.options.update(refiner=refiner, refiner_start=run.refiner_start)
@@ -278,6 +288,20 @@ def _sampling(a: argparse.Namespace, base: PipelineFolder, run: RunArguments, st
     if defaults.timesteps and a.scheduler is None and a.sigmas is None and steps == len(defaults.timesteps):
         scheduler.custom_timesteps = lambda n: list(defaults.timesteps)
     return run, scheduler, None, recorded
+
+
+def _previewing(progress: Progress, path: Path | None):
+    """The run's callback: the progress line, and the preview written to ``path`` when one is due
+    (through a temporary file renamed over it: a viewer never reads half an image)."""
+    if path is None:
+        return progress
+
+    def callback(stage: str, step) -> None:
+        progress(stage, step)
+        if step.preview is not None:
+            write_png(path, step.preview[0])
+
+    return callback
 
 
 def _listing(paths: Sequence[Path]) -> str:

@@ -121,6 +121,20 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -
                      help="decode in tiles of 256 px (the VAE's own size where smaller): less memory for large images")
     run.add_argument("--low-memory", action="store_true",
                      help="for 8-16 GB machines: UNet block by block, guidance halves in turn")
+    draft = p.add_argument_group("previews and drafts")
+    draft.add_argument("--vae", choices=("full", "tiny"),
+                       help="the VAE that decodes the image: full (default), or tiny (TAESD / TAESDXL: a fraction of "
+                            "the time and memory, for drafts, with less fine detail)")
+    draft.add_argument("--tiny-vae", metavar="SOURCE",
+                       help="the tiny VAE of --vae tiny and --preview-every: a folder (diffusers' AutoencoderTiny, or "
+                            "one mlx-unet convert wrote) or a Hub repo id (default: madebyollin/taesdxl for SDXL "
+                            "models, madebyollin/taesd for SD 1.x / 2.x)")
+    draft.add_argument("--preview-every", type=int, metavar="N",
+                       help="every N steps (and at the last), write the image so far, decoded by the tiny VAE, to "
+                            "--preview")
+    draft.add_argument("--preview", type=Path, metavar="PATH.png",
+                       help="the PNG --preview-every writes, replaced at each preview (default: OUTPUT's name with "
+                            ".preview.png, beside it)")
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                       help="a LoRA / LyCORIS file, folder or Hub repo id, at strength SCALE (default 1); repeatable; "
@@ -245,3 +259,23 @@ def seeds_from(seed: int | None, count: int) -> list[int]:
     if first + count > SEED_LIMIT:
         raise InputError(f"--seed {first} with -n {count} runs past the largest seed, 2**64 - 1; give a smaller seed.")
     return [first + i for i in range(count)]
+
+
+def preview_path(a: argparse.Namespace, outputs: list[Path]) -> Path | None:
+    """Where --preview-every writes its previews (None: no previews), after checking the options
+    of previews and of the tiny VAE; ``outputs``: the images' paths, which a preview must not take."""
+    if a.preview is not None and a.preview_every is None:
+        raise InputError("--preview names the file that --preview-every writes; add --preview-every N.")
+    if a.preview_every is not None and a.preview_every < 1:
+        raise InputError(f"--preview-every must be a number of steps, at least 1, got {a.preview_every}.")
+    if a.tiny_vae is not None and a.vae != "tiny" and a.preview_every is None:
+        raise InputError("--tiny-vae names the tiny VAE of --vae tiny and --preview-every; add one of them.")
+    if a.vae == "tiny" and a.tile_vae:
+        raise InputError("--tile-vae tiles the full VAE's decode, and --vae tiny decodes with the tiny VAE, whole; "
+                         "leave out one of them.")
+    if a.preview_every is None:
+        return None
+    path = a.preview if a.preview is not None else a.output.with_name(f"{a.output.stem}.preview.png")
+    if any(path.resolve() == output.resolve() for output in outputs):
+        raise InputError(f"the preview {path} would replace an output image; give --preview another file.")
+    return path

@@ -154,3 +154,125 @@ VAE_PRESETS["tiny"] = {
     "force_upcast": False,
 }
 VAEConfig.presets = VAE_PRESETS
+
+
+# ---------------------------------------------------------------------- the tiny VAE
+
+# Every field of diffusers' AutoencoderTiny config, with diffusers' defaults: those of TAESD and
+# TAESDXL (madebyollin/taesd, madebyollin/taesdxl), which differ only in their weights.
+_TINY_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "encoder_block_out_channels": (64, 64, 64, 64),
+    "decoder_block_out_channels": (64, 64, 64, 64),
+    "act_fn": "relu",
+    "upsample_fn": "nearest",
+    "latent_channels": 4,
+    "upsampling_scaling_factor": 2,
+    "num_encoder_blocks": (1, 3, 3, 3),
+    "num_decoder_blocks": (3, 3, 3, 1),
+    "latent_magnitude": 3,
+    "latent_shift": 0.5,
+    "scaling_factor": 1.0,
+    "shift_factor": 0.0,
+}
+# diffusers writes both into every AutoencoderTiny config and overrides both as it builds the
+# model (block_out_channels := decoder_block_out_channels, force_upcast := false): read past.
+_TINY_OVERRIDDEN = ("block_out_channels", "force_upcast")
+
+
+@dataclass(frozen=True)
+class TinyVAEConfig(ModelConfig):
+    """The architecture and latent scaling of one AutoencoderTiny (TAESD, TAESDXL).
+
+    Each level of the encoder (decoder) is a stride-2 convolution (a 2x upsampling) and
+    ``num_encoder_blocks`` (``num_decoder_blocks``) residual blocks, all at one width.
+    ``scaling_factor`` is 1: TAESD was distilled on latents already scaled for the UNet.
+    ``latent_magnitude`` and ``latent_shift`` only map latents to [0, 1] for storing them as
+    8-bit images (diffusers' ``scale_latents``); encoding and decoding do not read them.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    encoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64)
+    decoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64)
+    latent_channels: int = 4
+    num_encoder_blocks: tuple[int, ...] = (1, 3, 3, 3)
+    num_decoder_blocks: tuple[int, ...] = (3, 3, 3, 1)
+    latent_magnitude: float = 3.0
+    latent_shift: float = 0.5
+    scaling_factor: float = 1.0
+
+    model_name: ClassVar[str] = "tiny VAE"
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel, along each side, of the encoder."""
+        return 2 ** (len(self.encoder_block_out_channels) - 1)
+
+    @property
+    def upsample_factor(self) -> int:
+        """Image pixels per latent pixel, along each side, of the decoder."""
+        return 2 ** (len(self.decoder_block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TinyVAEConfig":
+        """Parse a diffusers config dict (an AutoencoderTiny ``config.json``)."""
+        d = config_fields(raw, _TINY_DEFAULTS, "AutoencoderTiny", _TINY_OVERRIDDEN, class_name="AutoencoderTiny")
+        act = d["act_fn"]
+        check_choice("act_fn", act.lower() if isinstance(act, str) else act, ("relu",))  # diffusers lowercases it
+        check_choice("upsample_fn", d["upsample_fn"], ("nearest",))
+        check_choice("upsampling_scaling_factor", d["upsampling_scaling_factor"], (2,))
+        if d["shift_factor"] not in (None, 0):  # as VAEConfig: SD and SDXL pipelines never shift latents
+            raise ConfigError(f"config field 'shift_factor' = {d['shift_factor']!r} is not supported by mlx_unet "
+                              "(supported: 0); latents are only scaled by scaling_factor.")
+        return TinyVAEConfig(
+            in_channels=check_int("in_channels", d["in_channels"]),
+            out_channels=check_int("out_channels", d["out_channels"]),
+            encoder_block_out_channels=_one_width("encoder_block_out_channels", d["encoder_block_out_channels"]),
+            decoder_block_out_channels=_one_width("decoder_block_out_channels", d["decoder_block_out_channels"]),
+            latent_channels=check_int("latent_channels", d["latent_channels"]),
+            num_encoder_blocks=_blocks("num_encoder_blocks", d["num_encoder_blocks"], d["encoder_block_out_channels"]),
+            num_decoder_blocks=_blocks("num_decoder_blocks", d["num_decoder_blocks"], d["decoder_block_out_channels"]),
+            latent_magnitude=check_number("latent_magnitude", d["latent_magnitude"], positive=True),
+            latent_shift=check_number("latent_shift", d["latent_shift"]),
+            scaling_factor=check_number("scaling_factor", d["scaling_factor"], positive=True),
+        )
+
+    def to_diffusers_dict(self) -> dict[str, Any]:
+        """The config in diffusers' field names, loadable by ``AutoencoderTiny(**d)``."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {"_class_name": "AutoencoderTiny", **d, "act_fn": "relu", "upsample_fn": "nearest",
+                "upsampling_scaling_factor": 2, "shift_factor": 0.0}
+
+    library_dict = to_diffusers_dict
+
+
+def _one_width(name: str, value: Any) -> tuple[int, ...]:
+    """A list of channel counts, one per level, all equal: diffusers' EncoderTiny and DecoderTiny
+    chain their levels with convolutions that keep each level's own width, so a second width
+    would fail at its first call there."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"config field {name!r} must be a non-empty list, got {value!r}.")
+    channels = tuple(check_int(name, c) for c in value)
+    if len(set(channels)) > 1:
+        raise ConfigError(f"config field {name!r} = {list(channels)} changes width between levels, which diffusers' "
+                          "AutoencoderTiny cannot run; every entry must be the same.")
+    return channels
+
+
+def _blocks(name: str, value: Any, channels: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) != len(channels):
+        raise ConfigError(f"config field {name!r} = {value!r} must give one block count per level "
+                          f"({len(channels)}, as its block_out_channels).")
+    return tuple(check_int(name, n, minimum=0) for n in value)
+
+
+TINY_VAE_PRESETS: dict[str, dict[str, Any]] = {
+    "taesd": {},  # madebyollin/taesd and madebyollin/taesdxl: diffusers' defaults
+    # TAESD's structure (four levels, one block in the decoder's last) at a width that runs in
+    # milliseconds.
+    "tiny": {"encoder_block_out_channels": [8] * 4, "decoder_block_out_channels": [8] * 4,
+             "num_encoder_blocks": [1, 2, 1, 1], "num_decoder_blocks": [1, 2, 1, 1]},
+}
+TinyVAEConfig.presets = TINY_VAE_PRESETS

@@ -91,7 +91,8 @@ def _choose_from_listing(kind: ModelKind, files: set[str], folder: str, variant:
 
 
 def fetch_unet(repo_id: str, options: Options, files: set[str] | None = None) -> Path:
-    """Download (or, with HF_HUB_OFFLINE=1, find in the cache) only a repo's UNet config and weights."""
+    """Download (or, with HF_HUB_OFFLINE=1, find in the cache) only the config and weights of a repo's UNet
+    (or of the one model a repo without model_index.json holds: a UNet, a tiny VAE)."""
     prefer_fp16 = options.dtype == "float16"
     if is_offline():
         patterns = ["config.json", f"{WEIGHTS}*", "unet/config.json", f"unet/{WEIGHTS}*"]

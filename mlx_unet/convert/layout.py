@@ -12,10 +12,11 @@ import mlx.nn as nn
 from .. import jsonfile
 from ..configs.clip import CLIPTextConfig
 from ..configs.unet import UNetConfig
-from ..configs.vae import VAEConfig
+from ..configs.vae import TinyVAEConfig, VAEConfig
 from ..errors import ConversionError
 from ..models.clip import CLIPTextModel
 from ..models.unet import UNet2DConditionModel
+from ..models.tiny_vae import AutoencoderTiny
 from ..models.vae import AutoencoderKL
 from ..naming.clip import checkpoint_names
 
@@ -46,10 +47,14 @@ class ModelKind:
     build: Callable[[Any], nn.Module]
     config_dict: Callable[[Any], dict]
     names: Callable[[Iterable[str]], dict[str, str]] = _same_names  # our name -> key in a diffusers-layout file
+    alone: str | None = None  # its name in a ConversionResult where a source holds this model alone
 
 
 UNET = ModelKind("UNet", ("UNet2DConditionModel",), WEIGHTS, WEIGHTS, UNetConfig.from_json, UNet2DConditionModel,
-                 UNetConfig.to_dict)
+                 UNetConfig.to_dict, alone="unet")
+# TAESD / TAESDXL: a model of its own beside a pipeline, never a part of one.
+TINY_VAE = ModelKind("tiny VAE", ("AutoencoderTiny",), WEIGHTS, WEIGHTS, TinyVAEConfig.from_json, AutoencoderTiny,
+                     TinyVAEConfig.to_dict, alone="tiny_vae")
 MODELS: dict[str, ModelKind] = {
     "unet": UNET,
     "text_encoder": ModelKind("text encoder", ("CLIPTextModel",), "model", "pytorch_model", CLIPTextConfig.from_json,

@@ -12,8 +12,8 @@ from ..configs.pipeline import check_components_fit
 from ..errors import ConfigError, ConversionError
 from ..naming import Take
 from .hub import fetch_tokenizers
-from .layout import MODEL_INDEX, MODELS, SCHEDULER_CONFIG, TOKENIZERS, UNET, ModelKind, Options, listed, read_json, \
-    unet_folder, weight_files
+from .layout import MODEL_INDEX, MODELS, SCHEDULER_CONFIG, TINY_VAE, TOKENIZERS, UNET, ModelKind, Options, listed, \
+    read_json, unet_folder, weight_files
 from .sources import TensorSource, open_tensors
 from .tokenizer_files import TOKENIZER_CLASSES, pipeline_tokenizers
 
@@ -60,6 +60,20 @@ def plan_unet_folder(folder: Path, options: Options) -> Plan:
 def only_unet(plan: Plan) -> Plan:
     plan.notes.append("the source holds only a UNet: writing it alone (config.json + model.safetensors)")
     return plan
+
+
+def plan_lone_folder(folder: Path, options: Options) -> Plan:
+    """A folder of one model (or a pipeline root, for its UNet): a tiny VAE where its config
+    says AutoencoderTiny, else a UNet."""
+    folder = unet_folder(folder)
+    config = folder / "config.json"
+    if not (config.is_file() and read_json(config, "config.json").get("_class_name") in TINY_VAE.classes):
+        return only_unet(plan_model_folder(UNET, folder, options.dtype, options, options.unet_config))
+    if options.unet_config is not None:
+        raise ConversionError(f"{folder} holds a tiny VAE (AutoencoderTiny), which --config (a UNet config) cannot "
+                              "describe; drop --config.")
+    # A VAE's dtype, where one is asked; it runs in float16 as well, so by default it takes --dtype.
+    return plan_model_folder(TINY_VAE, folder, options.vae_dtype or options.dtype, options)
 
 
 def _output_index(index: dict[str, Any], written: set[str]) -> tuple[dict[str, Any], list[str]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import ConversionError
 from .hub import fetch_pipeline, fetch_unet, is_offline, is_repo_id, looks_local, missing_path, repo_files, snapshot
 from .layout import MODEL_INDEX, Options
-from .plan import PipelinePlan, Plan, only_unet, plan_pipeline_folder, plan_unet_folder
+from .plan import PipelinePlan, Plan, only_unet, plan_lone_folder, plan_pipeline_folder, plan_unet_folder
 from .single_file import holds_more_than_a_unet, plan_pipeline_single_file, plan_unet_single_file
 from .sources import open_tensors
 
@@ -62,7 +62,7 @@ def plan_source(source: str, options: Options, unet_only: bool, tokenizers: str 
         if unet_only:
             return plan_unet_folder(path, options)
         if not (path / MODEL_INDEX).is_file():
-            return only_unet(plan_unet_folder(path, options))
+            return plan_lone_folder(path, options)
         return plan_pipeline_folder(path, options, tokenizers)
 
     if unet_only:
@@ -70,7 +70,7 @@ def plan_source(source: str, options: Options, unet_only: bool, tokenizers: str 
     elif is_offline():
         folder = snapshot(source, options.revision, None, offline=True)
         if not (folder / MODEL_INDEX).is_file():
-            plan = only_unet(plan_unet_folder(fetch_unet(source, options), options))
+            plan = plan_lone_folder(fetch_unet(source, options), options)
         else:
             try:
                 plan = plan_pipeline_folder(folder, options, tokenizers)
@@ -81,7 +81,7 @@ def plan_source(source: str, options: Options, unet_only: bool, tokenizers: str 
         if MODEL_INDEX in files:
             plan = plan_pipeline_folder(fetch_pipeline(source, options, files), options, tokenizers)
         else:
-            plan = only_unet(plan_unet_folder(fetch_unet(source, options, files), options))
+            plan = plan_lone_folder(fetch_unet(source, options, files), options)
     plan.description = f"Hub repo {source}" + (f"@{options.revision}" if options.revision else "")
     if isinstance(plan, PipelinePlan):
         plan.description += f" ({plan.model_index.get('_class_name', 'diffusers')})"

@@ -60,7 +60,7 @@ class _Progress:
 @dataclass
 class ConversionResult:
     out_dir: Path
-    config: UNetConfig
+    config: UNetConfig | None  # None where the source holds a tiny VAE alone
     tensors: int
     bytes: int
     nonfinite: list[str]
@@ -210,7 +210,9 @@ def convert(
 
     ``source``: a Hub repo id, a diffusers folder, or an original single-file checkpoint. A source
     that holds only a UNet is written as with ``unet_only`` (``UNet2DConditionModel.from_pretrained``
-    loads it). Pipelines: text-to-image, img2img and inpainting ones (9-channel UNets), SDXL's
+    loads it); one that holds only a tiny VAE (diffusers' AutoencoderTiny: madebyollin/taesd,
+    madebyollin/taesdxl) is written so too, in ``vae_dtype`` or else ``dtype``
+    (``AutoencoderTiny.from_pretrained`` loads it). Pipelines: text-to-image, img2img and inpainting ones (9-channel UNets), SDXL's
     refiner; a single file is written as its family's published pipeline (``published.py``).
     ``dtype``: the UNet's and text encoders'; ``vae_dtype``: the VAE's (default float32, or
     ``dtype`` when its config says ``force_upcast: false``).
@@ -276,7 +278,7 @@ def convert(
             how = f", {quantized[sub].describe()}" if sub in quantized else ""
             log(f"  {sub}: {plan.description}, {len(plan.names)} tensors -> {plan.dtype}{how}")
     else:
-        log(f"source: {planned.description}, {len(planned.names)} UNet tensors")
+        log(f"source: {planned.description}, {len(planned.names)} {planned.kind.what} tensors")
         if "" in quantized:
             log(f"  quantized: {quantized[''].describe()}")
     for note in notes:
@@ -313,12 +315,13 @@ def convert(
         warnings.warn(NonFiniteWarning(
             f"{len(nonfinite)} tensors hold NaN or inf values after conversion to {dtype} ({shown}); the model will "
             "likely make black images: check the source, or convert to float32 if float16 overflowed."), stacklevel=2)
-    dtypes = {sub or "unet": plan.dtype for sub, plan in layout.items()}
-    written = {sub or "unet": q for sub, q in quantized.items()}
+    name = {sub: sub or plan.kind.alone for sub, plan in layout.items()}  # a model alone by its kind
+    dtypes = {name[sub]: plan.dtype for sub, plan in layout.items()}
+    written = {name[sub]: q for sub, q in quantized.items()}
     dense_total = sum(math.prod(shape) * DTYPES[plan.dtype].size for sub, plan in layout.items()
                       for shape in expected[sub].values())
     how = f"; dense {dense_total / 1e9:.2f} GB; {summary(written, list(dtypes))}" if written else ""
     log(f"wrote {out_dir} ({total / 1e9:.2f} GB, {', '.join(sorted(set(dtypes.values())))}{how})")
-    configs = {sub or "unet": plan.config for sub, plan in layout.items()}
-    return ConversionResult(out_dir, configs["unet"], sum(len(g) for g in specs.values()), total, nonfinite, notes,
+    configs = {name[sub]: plan.config for sub, plan in layout.items()}
+    return ConversionResult(out_dir, configs.get("unet"), sum(len(g) for g in specs.values()), total, nonfinite, notes,
                             configs, dtypes, {c: q.quantization for c, q in written.items()})

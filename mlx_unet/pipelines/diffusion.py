@@ -25,15 +25,16 @@ from ..cpu import on_cpu
 from ..configs.quantization import Quantization, as_quantization, text_encoder_quantization
 from ..errors import InputError, PipelineError
 from ..models.clip import CLIPTextModel
+from ..models.tiny_vae import AutoencoderTiny
 from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from ..schedulers import Scheduler
 from ..tokenizer import CLIPTokenizer
 from .arguments import IMG2IMG_STRENGTH, INPAINT_STRENGTH, RunArguments, check_finite_array
-from . import inpaint, loras
+from . import inpaint, loras, previews
 from .folder import TEXT_PARTS, PipelineFolder
 from .loras import PipelineLoRA
-from .pixels import batched, checked_image, encode, to_pixels
+from .pixels import batched, checked_image, decode, encode, to_pixels
 from .preflight import check_prompts, check_run
 from .prompts import PromptTokens, batch_tokens, check_max_tokens, gather, tokenize_prompt, unique
 from .sampler import Sampler, Step
@@ -64,6 +65,8 @@ def _per_prompt(value: str | Sequence[str], name: str, count: int) -> list[str]:
 class DiffusionPipeline:
     """``load_pipeline(folder)(prompt)`` -> uint8 images (B, H, W, 3); ``load_pipeline`` is
     ``DiffusionPipeline.from_pretrained``, which picks the family's class from the folder."""
+
+    tiny_vae: AutoencoderTiny | None = None  # for previews and vae="tiny" (``load_tiny_vae``)
 
     def __init__(self, parts: PipelineFolder, unet: UNet2DConditionModel, vae: AutoencoderKL,
                  tokenizers: list[CLIPTokenizer | None], dtype: mx.Dtype, keep_text_encoders: bool = False,
@@ -158,6 +161,14 @@ class DiffusionPipeline:
         """Remove every LoRA, newest first."""
         for lora in reversed(list(self.loras)):
             lora.remove()
+
+    def load_tiny_vae(self, source: str | Path | AutoencoderTiny | None = None,
+                      dtype: mx.Dtype | None = None) -> AutoencoderTiny:
+        """Load (and return) the tiny VAE that ``preview_every`` and ``vae="tiny"`` decode with:
+        ``source`` as ``previews.load`` takes it, by default the family's (madebyollin/taesdxl or
+        madebyollin/taesd), in ``dtype`` (default: the VAE's)."""
+        self.tiny_vae = previews.load(source, self.parts, self.vae.dtype if dtype is None else dtype)
+        return self.tiny_vae
 
     def scheduler(self, name: str | Scheduler | None = None, sigmas: str | None = None):
         """The named sampler (see ``schedulers.make_scheduler``: ours, the web UI's or ComfyUI's
@@ -266,6 +277,8 @@ class DiffusionPipeline:
         refiner_start: float = 0.8,
         low_memory: bool = False,
         callback: Callable[[str, Step], None] | None = None,
+        preview_every: int | None = None,
+        vae: str = "full",
         output: str = "uint8",
     ) -> np.ndarray | mx.array:
         """Images for ``prompt``: uint8 (B, H, W, 3); ``output="float"`` gives floats in [0, 1],
@@ -282,6 +295,9 @@ class DiffusionPipeline:
         ``refiner``: an SDXL refiner pipeline that takes over at ``refiner_start`` of the
         schedule (diffusers' ensemble of experts: ``denoising_end`` / ``denoising_start``).
         ``callback(stage, step)`` is called after every step; stage is "base" or "refiner".
+        ``preview_every``: N makes each step a ``previews.PreviewStep`` whose ``preview`` is the tiny
+        VAE's uint8 (B, H, W, 3) image of its latents every N steps of a stage and at its last.
+        ``vae="tiny"``: the final image decoded by the tiny VAE, a fast draft (``load_tiny_vae`` first).
         ``prompt_weighting``, ``max_tokens``: as for ``encode_prompt`` (A1111's "(word:1.3)"
         syntax, and long prompts in chunks unless ``max_tokens=77``).
         """
@@ -293,6 +309,7 @@ class DiffusionPipeline:
                             refiner_start, img2img=image is not None, refined=refiner is not None)
         if output not in ("uint8", "float", "latent"):
             raise InputError(f"output must be 'uint8', 'float' or 'latent', got {output!r}.")
+        callback = previews.checked_callback(self.tiny_vae, vae, preview_every, callback)
         texts = (("negative_prompt", negative_prompt), ("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2))
         if prompt_embeds is None:
             count = len(check_prompts(prompt))
@@ -344,6 +361,8 @@ class DiffusionPipeline:
                               image_latents=x, denoising_start=refiner_start, **sample)
         if output == "latent":
             return x
+        if vae == "tiny":
+            return decode(self.tiny_vae, x, as_uint8=output == "uint8")
         return (refiner or self).decode(x, as_uint8=output == "uint8")
 
     @staticmethod
@@ -378,12 +397,7 @@ class DiffusionPipeline:
 
     def decode(self, latents: mx.array, as_uint8: bool = True) -> np.ndarray:
         """Scaled latents (B, h, w, 4) -> images (B, 8h, 8w, 3): uint8, or floats in [0, 1]."""
-        vae = self.vae
-        images = vae.decode((latents / vae.config.scaling_factor).astype(vae.dtype))
-        # diffusers' postprocessing: [-1, 1] -> [0, 1], clamped, in float32, then x255 rounded.
-        images = np.array(mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0))
-        images = np.nan_to_num(images)  # NaN latents (warned of per step) decode to black, without a second warning
-        return (images * 255).round().astype(np.uint8) if as_uint8 else images
+        return decode(self.vae, latents, as_uint8)
 
 
 load_pipeline = DiffusionPipeline.from_pretrained

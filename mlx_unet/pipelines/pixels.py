@@ -1,5 +1,6 @@
 """Images and masks as the pipelines take them (arrays: uint8, or floats in [0, 1] as diffusers
-takes them), checked; and their latents, drawn from the VAE's latent distribution."""
+takes them), checked; their latents, drawn from the VAE's latent distribution; and latents
+decoded back to images."""
 
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ def encode(vae: AutoencoderKL, pixels: mx.array, key: mx.array | None) -> mx.arr
     ``key``), as diffusers' ``retrieve_latents`` samples it."""
     latents = vae.encode(pixels.astype(vae.dtype)).sample(key).astype(mx.float32)
     return latents * vae.config.scaling_factor
+
+
+def decode(vae, latents: mx.array, as_uint8: bool = True) -> np.ndarray:
+    """Scaled latents (B, h, w, 4) -> images (B, 8h, 8w, 3) by ``vae`` (an AutoencoderKL or
+    AutoencoderTiny): uint8, or floats in [0, 1]."""
+    images = vae.decode((latents / vae.config.scaling_factor).astype(vae.dtype))
+    # diffusers' postprocessing: [-1, 1] -> [0, 1], clamped, in float32, then x255 rounded.
+    images = np.array(mx.clip(images.astype(mx.float32) / 2 + 0.5, 0.0, 1.0))
+    images = np.nan_to_num(images)  # NaN latents (warned of per step) decode to black, without a second warning
+    return (images * 255).round().astype(np.uint8) if as_uint8 else images
 
 
 def batched(array: mx.array | None, batch: int) -> mx.array | None:

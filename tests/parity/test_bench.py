@@ -23,11 +23,12 @@ def test_benchmark_quick_run_reports_every_column():
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert "sgemm: the better of MLX's and torch's 512x512" in proc.stdout
+    assert "sgemm: 512x512 float32 matmul" in proc.stdout and "diffusers in its own process" in proc.stdout
     header, row = lines[-2].split(), lines[-1].split()
     assert header[:3] == ["latent", "dtype", "ours"] and row[:2] == ["16", "float32"]
-    assert len(row) == 12 and float(row[5]) > 0  # GFLOP counted from the model's layers
+    assert len(row) == 14 and float(row[5]) > 0  # GFLOP counted from the model's layers
     assert float(row[7]) > 0 and row[8].endswith("%")  # sgemm measured between our forwards
+    assert float(row[9]) > 0 and float(row[10]) > 0  # diffusers' rate, torch's sgemm in its process
 
 
 @pytest.mark.slow
@@ -71,3 +72,18 @@ def test_sampler_errors_lists_every_sampler_within_its_bound():
     rows = [line.split() for line in proc.stdout.splitlines()[1:]]
     assert {row[0] for row in rows} == set(SAMPLERS)
     assert all(float(row[-1]) <= 1e-4 for row in rows)
+
+
+def test_reference_process_loads_neither_mlx_nor_our_blas():
+    """diffusers is timed in a process where torch's BLAS calls reach torch's own library: one that
+    never imported MLX or mlx_unet, whose OpenBLAS, loaded globally, would take them over."""
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import torch_reference, diffusers, torch; "
+            "print(any(m.split('.')[0] in ('mlx', 'mlx_unet') for m in sys.modules)); "
+            "print('/libopenblas' in open('/proc/self/maps').read())")  # (numpy's is libscipy_openblas)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["False", "False"]
+    # What the check would see in a process that imported mlx_unet first.
+    after_ours = subprocess.run([sys.executable, "-c", "import mlx_unet; " + code], capture_output=True, text=True,
+                                cwd=ROOT)
+    assert after_ours.stdout.split("\n")[:2] == ["True", str(cpu.blas.loaded is not None)]
