@@ -1,17 +1,18 @@
-"""Prompt to image, ours (SDXLPipeline) against diffusers' StableDiffusionXLPipeline, in one process.
+"""Prompt to image, ours (SDXLPipeline) against diffusers' StableDiffusionXLPipeline, stage by stage.
 
     python benchmarks/bench_text_to_image.py                          # SDXL base sizes, 512 px, 4 steps, float32
-    python benchmarks/bench_text_to_image.py --size 1024 --dtype float16 --workdir ~/sdxl-random
+    python benchmarks/bench_text_to_image.py --size 512 1024 --dtype float32 float16 --workdir ~/sdxl-random
     python benchmarks/bench_text_to_image.py --quick                  # tiny components: checks the benchmark runs
 
 The pipeline has SDXL base's architecture with seeded random weights (no download): built in
 diffusers, saved to the work dir, converted there by our converter, so both sides hold the same
-weights. Both get the same prompt, initial latents, steps, guidance (so a batch of two through the
-UNet) and thread count. diffusers runs on the CPU in float32 whatever --dtype (ours) is.
-Per stage: seconds of ours, of diffusers, and ours/diffusers; "denoising" is the median step.
-Loading is not timed; both sides have their text encoders loaded before the run. Peak memory: MLX's
-(ours) and the process's peak RSS during each side's load and run. diffusers runs first and is
-freed before ours loads: two float32 SDXLs do not fit in 24 GB together. A full-size run needs
+weights; likewise a random tiny VAE (TAESDXL's architecture). Both get the same prompt, initial
+latents, steps, guidance (so a batch of two through the UNet) and thread count. diffusers runs
+in a process of its own (``torch_reference.py`` says why), in float32 whatever --dtype (ours) is.
+Per stage (load, text encoders, denoising, VAE decode, and the tiny VAE's decode of the same final
+latents): seconds of ours, of diffusers, and ours/diffusers ("step" is the median denoising step),
+then the peak memory of each stage: MLX's (ours) and the process's RSS (both sides). Ours runs as
+a one-shot ``mlx-unet generate`` does: the UNet released before the decode. A full-size run needs
 about 20 GB of memory and, without --workdir, 30 GB of temporary disk.
 """
 
@@ -24,7 +25,6 @@ import gc
 import gzip
 import importlib.util
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -33,19 +33,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
+import torch_reference  # noqa: E402  (benchmarks/, on sys.path when run as a script)
 import mlx_unet  # noqa: E402  (before mlx: the fast BLAS on Linux)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mlx_unet import SDXLPipeline, UNetConfig, VAEConfig  # noqa: E402
+from mlx_unet import AutoencoderTiny, CLIPTextConfig, SDXLPipeline, TinyVAEConfig, UNetConfig, VAEConfig  # noqa: E402
 from mlx_unet.convert import convert  # noqa: E402
+from mlx_unet.pipelines.pixels import decode as decode_images  # noqa: E402
 from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG  # noqa: E402
-from mlx_unet import CLIPTextConfig  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, 35mm"
 GUIDANCE = 5.0
-STAGES = ("text encoders", "denoising s/step", "VAE decode", "total")
+STAGES = ("load", "text encoders", "denoising", "step", "VAE decode", "total", "tiny VAE decode")
 
 
 # ---------------------------------------------------------------------- the random pipeline
@@ -119,6 +120,15 @@ def build_diffusers_pipeline(folder: Path, quick: bool) -> None:
     pipe.save_pretrained(folder, max_shard_size="2GB")
 
 
+def build_tiny_vae(folder: Path, quick: bool) -> None:
+    """A random tiny VAE: TAESD's architecture (TAESDXL's is the same), or the tiny preset."""
+    from diffusers import AutoencoderTiny as TorchTinyVAE
+
+    config = TinyVAEConfig.from_preset("tiny" if quick else "taesd").to_diffusers_dict()
+    tiny = random_module(TorchTinyVAE, **{k: v for k, v in config.items() if not k.startswith("_")}, seed=4)
+    tiny.save_pretrained(folder)
+
+
 # ---------------------------------------------------------------------- measuring
 
 
@@ -126,77 +136,68 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
 
 
 def release_memory() -> None:
-    """Give freed memory back to the OS between the sides: torch frees into glibc's heap, which
-    keeps it unless trimmed, and ours would land on top of it."""
+    """Give freed memory back to the OS between stages: MLX's buffer cache and glibc's heap keep
+    it otherwise, and the next stage's RSS would count it."""
     gc.collect()
     mx.clear_cache()
     if hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
 
 
-def reset_peak_rss() -> bool:
-    """Linux keeps one RSS high-water mark per process; writing 5 to clear_refs resets it, so that
-    each side's peak is its own and not the earlier side's or the pipeline build's."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+
+class Stages(torch_reference.Stages):
+    """The reference's stage clock, with MLX's peak memory of each stage too."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlx: dict[str, float] = {}
+
+    def begin(self, stage: str) -> None:
+        super().begin(stage)
+        mx.reset_peak_memory()
+
+    def end(self) -> None:
+        if self._stage is not None:
+            self.mlx[self._stage] = mx.get_peak_memory() / 2**30
+        super().end()
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def timed(fn, spans: dict, name: str):
-    """``fn`` that records the (start, end) of its last call in ``spans[name]``."""
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        spans[name] = (start, time.perf_counter())
-        return out
-    return wrapper
-
-
-def result(spans: dict, steps: list[float], start: float, end: float, image: np.ndarray) -> dict:
-    return {"text encoders": spans["text"][1] - spans["text"][0], "denoising s/step": statistics.median(steps),
-            "VAE decode": spans["decode"][1] - spans["decode"][0], "total": end - start,
-            "rss": peak_rss_gib(), "image": image}
-
-
-def run_diffusers(folder: Path, latents: np.ndarray, steps: int, tile_vae: bool) -> dict:
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder)  # float32, as saved
-    pipe.set_progress_bar_config(disable=True)
-    if tile_vae:
-        pipe.vae.enable_tiling()
-    # Instance attributes shadow the methods the pipeline calls, so one ordinary call times each stage.
-    spans, stamps = {}, []
-    pipe.encode_prompt = timed(pipe.encode_prompt, spans, "text")
-    pipe.vae.decode = timed(pipe.vae.decode, spans, "decode")
-    start = time.perf_counter()
-    image = pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, height=latents.shape[1] * 8,
-                 width=latents.shape[2] * 8, latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
-                 output_type="np", callback_on_step_end=lambda *a: stamps.append(time.perf_counter()) or {}).images
-    end = time.perf_counter()
-    # A step is the time from the previous one's end (from the prompt's encoding for the first).
-    return result(spans, np.diff([spans["text"][1]] + stamps).tolist(), start, end, image)
-
-
-def run_ours(folder: Path, latents: np.ndarray, steps: int, dtype: str, tile_vae: bool) -> dict:
+def run_ours(folder: Path, tiny_folder: Path, latents: np.ndarray, steps: int, dtype: str, tile_vae: bool) -> dict:
+    stages, stamps = Stages(), []
+    stages.begin("load")
     pipe = SDXLPipeline.from_pretrained(folder, dtype=getattr(mx, dtype))
     pipe._text_encoders()  # loaded now, as diffusers' are: the stage is the encoding, not the reading
     if tile_vae:
         pipe.vae.enable_tiling()
-    spans, step_seconds = {}, []
-    pipe.encode_prompt = timed(pipe.encode_prompt, spans, "text")  # (it then releases the encoders)
-    pipe.decode = timed(pipe.decode, spans, "decode")
+    encode_prompt, decode = pipe.encode_prompt, pipe.decode
+
+    def timed_encode(*args, **kwargs):  # (it then releases the encoders)
+        stages.begin("text encoders")
+        out = encode_prompt(*args, **kwargs)
+        stages.begin("denoising")
+        stamps.append(time.perf_counter())
+        return out
+
+    def timed_decode(x, *args, **kwargs):
+        stages.begin("VAE decode")
+        final.append(x)
+        return decode(x, *args, **kwargs)
+
+    final = []
+    pipe.encode_prompt, pipe.decode = timed_encode, timed_decode
     start = time.perf_counter()
-    image = pipe(PROMPT, steps=steps, guidance=GUIDANCE, latents=mx.array(latents), output="float",
-                 callback=lambda stage, step: step_seconds.append(step.seconds))
-    end = time.perf_counter()
-    return {**result(spans, step_seconds, start, end, image), "mlx": mx.get_peak_memory() / 2**30}
+    image = pipe(PROMPT, steps=steps, guidance=GUIDANCE, latents=mx.array(latents), output="float", release_unet=True,
+                 callback=lambda stage, step: stamps.append(time.perf_counter()))
+    stages.end()
+    total = time.perf_counter() - start
+    del pipe
+    tiny = AutoencoderTiny.from_pretrained(tiny_folder, dtype=getattr(mx, dtype))
+    release_memory()
+    stages.begin("tiny VAE decode")
+    tiny_image = decode_images(tiny, final[0], as_uint8=False)
+    stages.end()
+    seconds = {**stages.seconds, "step": statistics.median(np.diff(stamps).tolist()), "total": total}
+    return {"seconds": seconds, "rss": stages.rss, "mlx": stages.mlx, "image": image, "tiny image": tiny_image}
 
 
 # ---------------------------------------------------------------------- command line
@@ -205,19 +206,20 @@ def run_ours(folder: Path, latents: np.ndarray, steps: int, dtype: str, tile_vae
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, help="image height and width in pixels (default: 512; 64 with --quick)")
+    p.add_argument("--size", type=int, nargs="+", help="image heights and widths in pixels (default: 512; 64 with --quick)")
     p.add_argument("--steps", type=int, help="denoising steps (default: 4; 2 with --quick)")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="ours (diffusers: float32)")
+    p.add_argument("--dtype", nargs="+", choices=["float32", "float16"], default=["float32"],
+                   help="ours (diffusers: float32)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of both sides (default: all cores)")
     p.add_argument("--tile-vae", action="store_true", help="both sides decode in tiles")
     p.add_argument("--no-diffusers", action="store_true", help="run ours only")
     p.add_argument("--workdir", type=Path, help="keep the random pipeline here between runs (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="tiny components: a smoke run")
     args = p.parse_args(argv)
-    size = args.size or (64 if args.quick else 512)
+    sizes = args.size or [64 if args.quick else 512]
     steps = args.steps if args.steps is not None else 2 if args.quick else 4
-    if size % 32 or steps < 1:
-        p.error("--size must be a multiple of 32 and --steps at least 1")
+    if any(size % 32 for size in sizes) or steps < 2:
+        p.error("--size must be a multiple of 32 and --steps at least 2 (a median step)")
 
     import diffusers
     import transformers
@@ -226,51 +228,71 @@ def main(argv=None) -> int:
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
-    torch.set_num_threads(args.threads)
     if mlx_unet.cpu.blas.loaded:  # MLX's matmuls run in OpenBLAS's threads
         ctypes.CDLL(mlx_unet.cpu.blas.loaded).openblas_set_num_threads(args.threads)
 
     temp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench-t2i-")
     workdir = (args.workdir or Path(temp.name)).expanduser()
     kind = "tiny" if args.quick else "sdxl-base"
-    reference, ours_folder = workdir / f"{kind}-diffusers", workdir / f"{kind}-mlx-{args.dtype}"
+    reference, tiny_reference = workdir / f"{kind}-diffusers", workdir / f"{kind}-tiny-vae-diffusers"
     if not (reference / "model_index.json").is_file():
         print(f"building a random {kind} pipeline in {reference}", flush=True)
         build_diffusers_pipeline(reference, args.quick)
-        release_memory()
-    if not (ours_folder / "model_index.json").is_file():
-        print(f"converting it to {ours_folder}", flush=True)
-        convert(reference, ours_folder, dtype=args.dtype, progress=False)
-
-    latents = np.random.default_rng(0).standard_normal((1, size // 8, size // 8, 4), dtype=np.float32)
-    reset_ok = reset_peak_rss()
-    theirs = None
-    if not args.no_diffusers:
-        with torch.no_grad():
-            theirs = run_diffusers(reference, latents, steps, args.tile_vae)
-        release_memory()  # (collects the pipeline: the timing wrappers make it a reference cycle)
-        reset_ok = reset_peak_rss() and reset_ok
-    mx.reset_peak_memory()
-    ours = run_ours(ours_folder, latents, steps, args.dtype, args.tile_vae)
+    if not (tiny_reference / "config.json").is_file():
+        build_tiny_vae(tiny_reference, args.quick)
+    release_memory()
+    tiny_folder = workdir / f"{kind}-tiny-vae-mlx"
+    if not (tiny_folder / "config.json").is_file():
+        convert(tiny_reference, tiny_folder, dtype="float32", progress=False)
+    for dtype in args.dtype:
+        if not (workdir / f"{kind}-mlx-{dtype}" / "model_index.json").is_file():
+            print(f"converting it to {workdir / f'{kind}-mlx-{dtype}'}", flush=True)
+            convert(reference, workdir / f"{kind}-mlx-{dtype}", dtype=dtype, progress=False)
 
     blas = mlx_unet.cpu.blas.loaded or "MLX's bundled BLAS"
-    print(f"{kind}, {size}x{size} px, {steps} steps, guidance {GUIDANCE}; ours {args.dtype} (MLX {mx.__version__}, "
-          f"{mx.default_device()}, {blas}), diffusers {diffusers.__version__} float32 (torch {torch.__version__}, CPU); "
+    print(f"{kind}, {steps} steps, guidance {GUIDANCE}; MLX {mx.__version__} ({mx.default_device()}, {blas}); "
+          f"diffusers {diffusers.__version__} float32 (torch {torch.__version__}, CPU) in its own process; "
           f"{args.threads} threads{'; tiled VAE' if args.tile_vae else ''}")
-    print(f"{'stage':<18} {'ours s':>9} {'diffusers s':>11} {'ratio':>6}")
-    for stage in STAGES:
-        other = f"{theirs[stage]:11.3f} {ours[stage] / theirs[stage]:6.2f}" if theirs else f"{'-':>11} {'-':>6}"
-        print(f"{stage:<18} {ours[stage]:9.3f} {other}")
-    print(f"{'peak MLX GiB':<18} {ours['mlx']:9.2f} {'-':>11}")
-    their_rss = f"{theirs['rss']:11.2f}" if theirs else f"{'-':>11}"
-    print(f"{'peak RSS GiB':<18} {ours['rss']:9.2f} {their_rss}"
-          + ("" if reset_ok else "  (not reset between sides: a peak includes what ran before)"))
-    if theirs:
-        difference = float(np.abs(ours["image"].astype(np.float64) - theirs["image"]).max())
-        print(f"image max abs difference: {difference:.2e} (images in [0, 1])")
+    for size in sizes:
+        latents = np.random.default_rng(0).standard_normal((1, size // 8, size // 8, 4), dtype=np.float32)
+        theirs = None
+        if not args.no_diffusers:
+            np.save(workdir / "latents.npy", latents)
+            theirs = torch_reference.run("pipeline", args.threads, folder=str(reference),
+                                         latents=str(workdir / "latents.npy"), steps=steps, guidance=GUIDANCE,
+                                         prompt=PROMPT, image=str(workdir / "image.npy"), tile_vae=args.tile_vae,
+                                         tiny_vae=str(tiny_reference))
+            theirs["image"] = np.load(workdir / "image.npy")
+            theirs["tiny image"] = np.load(workdir / "image.npy.tiny.npy")
+        for dtype in args.dtype:
+            release_memory()
+            ours = run_ours(workdir / f"{kind}-mlx-{dtype}", tiny_folder, latents, steps, dtype, args.tile_vae)
+            print_table(size, dtype, ours, theirs)
     if temp:
         temp.cleanup()
     return 0
+
+
+def print_table(size: int, dtype: str, ours: dict, theirs: dict | None) -> None:
+    print(f"\n{size}x{size} px, ours {dtype}")
+    print(f"{'stage':<16} {'ours s':>8} {'diffusers s':>11} {'ratio':>6} {'ours MLX GiB':>12} {'ours RSS GiB':>12} "
+          f"{'diffusers RSS GiB':>17}")
+    for stage in STAGES:
+        seconds = ours["seconds"][stage]
+        other = f"{theirs['seconds'][stage]:11.2f} {seconds / theirs['seconds'][stage]:6.2f}" if theirs \
+            else f"{'-':>11} {'-':>6}"
+        memory = f"{ours['mlx'][stage]:12.2f} {ours['rss'][stage]:12.2f}" if stage in ours["mlx"] else f"{'':>12} {'':>12}"
+        their_rss = f"{theirs['rss'][stage]:17.2f}" if theirs and stage in theirs["rss"] else ""
+        print(f"{stage:<16} {seconds:8.2f} {other} {memory} {their_rss}".rstrip())
+    # The whole run's peaks: the tiny VAE's decode is an alternative to the VAE's, not a stage of it.
+    run_stages = [stage for stage in ours["mlx"] if stage != "tiny VAE decode"]
+    their_peak = f"{max(theirs['rss'][s] for s in run_stages):17.2f}" if theirs else f"{'-':>17}"
+    print(f"{'peak (run)':<16} {'':>8} {'':>11} {'':>6} {max(ours['mlx'][s] for s in run_stages):12.2f} "
+          f"{max(ours['rss'][s] for s in run_stages):12.2f} {their_peak}")
+    if theirs:
+        for name in ("image", "tiny image"):
+            difference = float(np.abs(ours[name].astype(np.float64) - theirs[name]).max())
+            print(f"{name} max abs difference: {difference:.2e} (images in [0, 1])")
 
 
 if __name__ == "__main__":

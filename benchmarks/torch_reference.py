@@ -92,7 +92,100 @@ def unet_job(config: dict, batch: int, size: int, dtype: str, warmup: int, repea
     return {"seconds": seconds, "sgemm": torch_sgemm_gflops(sgemm_n)}
 
 
-JOBS = {"unet": unet_job}
+# ---------------------------------------------------------------------- the whole pipeline
+
+
+def reset_peak_rss() -> None:
+    """Linux keeps one RSS high-water mark per process; writing 5 to clear_refs resets it, so
+    that each stage's peak is its own."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Stages:
+    """Seconds and peak RSS of a run's stages, each measured from the end of the one before."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.rss: dict[str, float] = {}
+        self._stage, self._start = None, 0.0
+
+    def begin(self, stage: str) -> None:
+        self.end()
+        self._stage, self._start = stage, time.perf_counter()
+        reset_peak_rss()
+
+    def end(self) -> None:
+        if self._stage is not None:
+            self.seconds[self._stage] = time.perf_counter() - self._start
+            self.rss[self._stage] = peak_rss_gib()
+        self._stage = None
+
+
+def pipeline_job(folder: str, latents: str, steps: int, guidance: float, prompt: str, image: str,
+                 tile_vae: bool, tiny_vae: str | None) -> dict:
+    """diffusers' StableDiffusionXLPipeline from ``folder`` (float32, as saved) on the latents in
+    the .npy file ``latents`` (NHWC), the image written to the .npy file ``image``. Per stage
+    (load, text encoders, denoising, VAE decode; the tiny VAE's decode of the same latents when
+    ``tiny_vae`` names an AutoencoderTiny folder, its image written to ``image`` + ".tiny.npy"):
+    seconds and peak RSS; "step" is the median step."""
+    import torch
+    from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
+
+    stages, stamps = Stages(), []
+    stages.begin("load")
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    if tile_vae:
+        pipe.vae.enable_tiling()
+    encode_prompt, decode = pipe.encode_prompt, pipe.vae.decode
+    final = {}
+
+    def timed_encode(*args, **kwargs):  # (an instance attribute shadows the method the pipeline calls)
+        stages.begin("text encoders")
+        out = encode_prompt(*args, **kwargs)
+        stages.begin("denoising")
+        stamps.append(time.perf_counter())
+        return out
+
+    def timed_decode(z, *args, **kwargs):
+        stages.begin("VAE decode")
+        final["latents"] = z * pipe.vae.config.scaling_factor  # (the pipeline's latents, as a tiny VAE takes them)
+        return decode(z, *args, **kwargs)
+
+    pipe.encode_prompt, pipe.vae.decode = timed_encode, timed_decode
+    z = torch.from_numpy(np.load(latents)).permute(0, 3, 1, 2)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=z.shape[2] * 8,
+                   width=z.shape[3] * 8, latents=z, output_type="np",
+                   callback_on_step_end=lambda *a: stamps.append(time.perf_counter()) or {}).images
+    stages.end()
+    total = time.perf_counter() - start
+    np.save(image, out)
+    # A step is the time from the previous one's end (from the start of denoising for the first).
+    step = statistics.median(np.diff(stamps).tolist())
+    result = {"seconds": {**stages.seconds, "step": step, "total": total}, "rss": stages.rss}
+    if tiny_vae:
+        del pipe
+        tiny = AutoencoderTiny.from_pretrained(tiny_vae).eval()
+        stages.begin("tiny VAE decode")
+        with torch.no_grad():
+            pixels = tiny.decode(final["latents"] / tiny.config.scaling_factor).sample
+        stages.end()
+        # The pipeline's postprocessing of an image in [-1, 1], NHWC.
+        np.save(image + ".tiny.npy", (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy())
+        result["seconds"]["tiny VAE decode"] = stages.seconds["tiny VAE decode"]
+        result["rss"]["tiny VAE decode"] = stages.rss["tiny VAE decode"]
+    return result
+
+
+JOBS = {"unet": unet_job, "pipeline": pipeline_job}
 
 
 def run(job: str, threads: int, **arguments) -> dict:

@@ -257,7 +257,8 @@ class _Images:
             self.count += 1
             if self.total > 1:
                 self.log(f"image {self.count}/{self.total}: seed {seed}, {prompt!r}")
-            yield seed, self.pipe(**texts, seed=seed, **self.options)[0]
+            # The last image's decode has the memory to itself: nothing needs the UNet after it.
+            yield seed, self.pipe(**texts, seed=seed, release_unet=self.count == self.total, **self.options)[0]
 
 
 def _sampling(a: argparse.Namespace, base: PipelineFolder, run: RunArguments, strength: float | None,

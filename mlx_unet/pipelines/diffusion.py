@@ -8,7 +8,9 @@ The folder is what ``mlx-unet convert`` writes for a whole pipeline (``unet/``, 
 
 Memory: the text encoders are loaded for the prompt and released before the denoising loop, so
 at most one of (encoders, UNet) is resident with the VAE; a refiner's UNet is loaded only after
-the base UNet is released.
+the base UNet is released. ``release_unet=True`` also frees the UNet before the VAE decodes (a
+one-shot run's last image: the decode then has the memory to itself); it is loaded again, with
+its LoRAs, when a later call needs it.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class DiffusionPipeline:
         self.parts = parts
         self.quantize, self.quantize_text_encoders = quantize, quantize_text_encoders  # asked of dense parts
         self.folder = parts.path
-        self.unet = unet
+        self._unet: UNet2DConditionModel | None = unet
         self.vae = vae
         self.tokenizers = tokenizers
         self.dtype = dtype
@@ -107,9 +109,24 @@ class DiffusionPipeline:
         quantize = as_quantization(quantize)
         text = text_encoder_quantization(quantize, quantize_text_encoders)
         tokenizers = [None if parts.part(t) is None else CLIPTokenizer.from_folder(parts.part(t)) for t, _ in TEXT_PARTS]
-        unet = UNet2DConditionModel.from_pretrained(parts.part("unet"), dtype=dtype, quantize=quantize)
         vae = AutoencoderKL.from_pretrained(parts.part("vae"), dtype=vae_dtype)
-        return cls(parts, unet, vae, tokenizers, dtype, keep_text_encoders, quantize, text)
+        return cls(parts, _load_unet(parts, dtype, quantize), vae, tokenizers, dtype, keep_text_encoders, quantize, text)
+
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        """The UNet; loaded again (with the pipeline's LoRAs) if ``release_unet`` freed it."""
+        if self._unet is None:
+            self._unet = _load_unet(self.parts, self.dtype, self.quantize)
+            for lora in self.loras:
+                lora.apply_to_unet(self._unet)
+        return self._unet
+
+    def release_unet(self) -> None:
+        """Free the UNet's weights until the next call that needs them."""
+        self._unet = None
+        for lora in self.loras:
+            lora.unet_released()
+        mx.clear_cache()
 
     def _text_encoders(self) -> list[CLIPTextModel | None]:
         if self._encoders is None:
@@ -276,6 +293,7 @@ class DiffusionPipeline:
         refiner: "DiffusionPipeline | None" = None,
         refiner_start: float = 0.8,
         low_memory: bool = False,
+        release_unet: bool = False,
         callback: Callable[[str, Step], None] | None = None,
         preview_every: int | None = None,
         vae: str = "full",
@@ -294,6 +312,8 @@ class DiffusionPipeline:
         or floats in [0, 1]; white (1) is repainted, black kept.
         ``refiner``: an SDXL refiner pipeline that takes over at ``refiner_start`` of the
         schedule (diffusers' ensemble of experts: ``denoising_end`` / ``denoising_start``).
+        ``release_unet``: free the UNet (and a refiner's) before the VAE decodes, so that the decode
+        does not add to its weights (for the last image of a run: a later call loads it again).
         ``callback(stage, step)`` is called after every step; stage is "base" or "refiner".
         ``preview_every``: N makes each step a ``previews.PreviewStep`` whose ``preview`` is the tiny
         VAE's uint8 (B, H, W, 3) image of its latents every N steps of a stage and at its last.
@@ -309,6 +329,8 @@ class DiffusionPipeline:
                             refiner_start, img2img=image is not None, refined=refiner is not None)
         if output not in ("uint8", "float", "latent"):
             raise InputError(f"output must be 'uint8', 'float' or 'latent', got {output!r}.")
+        if not isinstance(release_unet, bool):
+            raise InputError(f"release_unet must be True or False, not {release_unet!r}.")
         callback = previews.checked_callback(self.tiny_vae, vae, preview_every, callback)
         texts = (("negative_prompt", negative_prompt), ("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2))
         if prompt_embeds is None:
@@ -361,6 +383,11 @@ class DiffusionPipeline:
                               image_latents=x, denoising_start=refiner_start, **sample)
         if output == "latent":
             return x
+        if release_unet:
+            mx.eval(x)
+            for pipe in (self, refiner):
+                if pipe is not None:
+                    pipe.release_unet()
         if vae == "tiny":
             return decode(self.tiny_vae, x, as_uint8=output == "uint8")
         return (refiner or self).decode(x, as_uint8=output == "uint8")
@@ -398,6 +425,10 @@ class DiffusionPipeline:
     def decode(self, latents: mx.array, as_uint8: bool = True) -> np.ndarray:
         """Scaled latents (B, h, w, 4) -> images (B, 8h, 8w, 3): uint8, or floats in [0, 1]."""
         return decode(self.vae, latents, as_uint8)
+
+
+def _load_unet(parts: PipelineFolder, dtype: mx.Dtype, quantize: Quantization | None) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(parts.part("unet"), dtype=dtype, quantize=quantize)
 
 
 load_pipeline = DiffusionPipeline.from_pretrained

@@ -1,9 +1,10 @@
 """LoRAs on a whole pipeline: one file applied to the UNet and the text encoders at once.
 
-The UNet is loaded for the pipeline's life, so its part is applied at once. The text encoders
-are loaded for each prompt and released after it, so their parts are checked at once (against
-the encoders' configs: a file that cannot apply is refused before anything changes) and applied
-to the encoders each time they are loaded, in the order the LoRAs were loaded.
+Each part is checked at once (the text encoders' against their configs: a file that cannot
+apply is refused before anything changes). The UNet's part is applied at once; the text
+encoders are loaded for each prompt and released after it, and a UNet released before a decode
+(``DiffusionPipeline.release_unet``) is loaded again for the next image, so their parts are
+applied again to each freshly loaded model, in the order the LoRAs were loaded.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class PipelineLoRA:
         report_unmatched(lora, unmatched, sum(len(u) for u in planned.values()))
         self._planned = planned
         self.scales = dict(scales)
-        self._unet = AppliedLoRA(pipeline.unet, lora, UNET, planned[UNET], scales[UNET], fuse) \
-            if planned.get(UNET) else None
+        self._unet: AppliedLoRA | None = None
+        self.apply_to_unet(pipeline.unet)
         self._encoders: dict[str, AppliedLoRA] = {}
         if pipeline.loaded_text_encoders is not None:
             self.apply_to_encoders(pipeline.loaded_text_encoders)
@@ -54,6 +55,14 @@ class PipelineLoRA:
     def parts(self) -> dict[str, int]:
         """How many layers of each part this LoRA updates."""
         return {part: len(updates) for part, updates in self._planned.items() if updates}
+
+    def apply_to_unet(self, unet) -> None:
+        """Apply the UNet part to the pipeline's (freshly loaded) UNet."""
+        if self._planned.get(UNET):
+            self._unet = AppliedLoRA(unet, self.lora, UNET, self._planned[UNET], self.scales[UNET], self.fuse)
+
+    def unet_released(self) -> None:
+        self._unet = None
 
     def apply_to_encoders(self, encoders: list[CLIPTextModel | None]) -> None:
         """Apply the text-encoder parts to freshly loaded encoders (in ``TEXT_PARTS`` order)."""

@@ -259,9 +259,9 @@ class World:
     def sdxl(self, **kwargs) -> SDXLPipeline:
         return SDXLPipeline.from_pretrained(self.mlx, dtype=mx.float32, **kwargs)
 
-    def image(self, pipe: SDXLPipeline) -> np.ndarray:
+    def image(self, pipe: SDXLPipeline, **options) -> np.ndarray:
         return pipe(PROMPT, steps=STEPS, guidance=5.0, height=SIZE, width=SIZE, latents=mx.array(self.latents),
-                    output="float")
+                    output="float", **options)
 
     def image_without_lora(self) -> np.ndarray:
         """Ours on the code path of the test (as exact as diffusers' without LoRA: see

@@ -17,10 +17,13 @@ def test_benchmark_quick_run_reports_every_stage_and_the_same_image():
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert re.search(r"^stage +ours s +diffusers s +ratio$", out, re.M), out
-    for stage in ("text encoders", "denoising s/step", "VAE decode", "total"):  # ours, diffusers, ratio
-        assert re.search(rf"^{re.escape(stage)} +{NUMBER} +{NUMBER} +{NUMBER}$", out, re.M), (stage, out)
-    assert re.search(rf"^peak MLX GiB +{NUMBER} +-$", out, re.M), out
-    assert re.search(rf"^peak RSS GiB +{NUMBER} +{NUMBER}", out, re.M), out
-    difference = re.search(r"^image max abs difference: (\S+)", out, re.M)
-    assert difference and float(difference.group(1)) < 1e-3, out
+    assert re.search(r"^stage +ours s +diffusers s +ratio +ours MLX GiB +ours RSS GiB +diffusers RSS GiB$", out, re.M), out
+    for stage in ("load", "text encoders", "denoising", "VAE decode", "tiny VAE decode"):
+        # seconds: ours, diffusers, ratio; peak memory: ours MLX and RSS, diffusers' RSS
+        assert re.search(rf"^{re.escape(stage)} +{NUMBER}( +{NUMBER}){{5}}$", out, re.M), (stage, out)
+    for stage in ("step", "total"):
+        assert re.search(rf"^{stage} +{NUMBER} +{NUMBER} +{NUMBER}$", out, re.M), (stage, out)
+    assert re.search(rf"^peak \(run\) +{NUMBER} +{NUMBER} +{NUMBER}$", out, re.M), out
+    for name in ("image", "tiny image"):
+        difference = re.search(rf"^{name} max abs difference: (\S+)", out, re.M)
+        assert difference and float(difference.group(1)) < 1e-3, out

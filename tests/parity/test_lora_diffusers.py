@@ -63,6 +63,22 @@ def test_kohya_image_on_both_code_paths(world, lora, code_path, fuse):
     assert np.array_equal(world.image(pipe), world.image_without_lora())
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "live"])
+def test_a_unet_released_before_the_decode_comes_back_with_its_loras(world, fuse):
+    """release_unet frees the UNet before the decode (a one-shot run's last image); the next call
+    loads it again and applies the pipeline's LoRAs to it again: the same image, bit for bit."""
+    pipe = world.sdxl()
+    pipe.load_lora(world.files["kohya_sgm"].path, fuse=fuse)
+    image = world.image(pipe)
+    seen = []
+    released = world.image(pipe, release_unet=True, callback=lambda stage, step: seen.append(pipe._unet))
+    assert seen[-1] is not None and pipe._unet is None
+    assert np.array_equal(released, image)
+    assert np.array_equal(world.image(pipe), image) and pipe._unet is not None
+    assert not np.array_equal(image, world.image_without_lora())
+
+
 TWO = [("kohya", 0.6), ("peft_metadata", 1.3)]  # overlapping modules, different formats and scales
 
 
