@@ -159,10 +159,15 @@ class SafetensorsReader:
     def keys(self):
         return self.tensors.keys()
 
-    def read_numpy(self, name: str) -> np.ndarray:
-        """The stored values (bfloat16 comes back as its uint16 bits)."""
+    def read_numpy(self, name: str, buffer: np.ndarray | None = None) -> np.ndarray:
+        """The stored values (bfloat16 comes back as its uint16 bits), read into the start of
+        ``buffer`` (bytes, as large as the tensor) where given, else into a new array."""
         info = self.tensors[name]
-        out = np.empty(info.shape, dtype=_DTYPES[info.dtype][0])
+        dtype = np.dtype(_DTYPES[info.dtype][0])
+        if buffer is None:
+            out = np.empty(info.shape, dtype=dtype)
+        else:
+            out = buffer[:info.end - info.begin].view(dtype).reshape(info.shape)
         with open(self.path, "rb") as f:
             f.seek(info.begin)
             if f.readinto(memoryview(out.reshape(-1)).cast("B")) != info.end - info.begin:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import jsonfile
 from ..configs.base import FORMAT_KEY, FORMAT_VERSION
 from ..configs.pipeline import check_components_fit
 from ..errors import ConfigError, ConversionError
@@ -67,7 +68,9 @@ def plan_lone_folder(folder: Path, options: Options) -> Plan:
     says AutoencoderTiny, else a UNet."""
     folder = unet_folder(folder)
     config = folder / "config.json"
-    if not (config.is_file() and read_json(config, "config.json").get("_class_name") in TINY_VAE.classes):
+    # Read as the model's config is (a ConfigError), whichever model it turns out to describe.
+    if not (config.is_file() and jsonfile.read_json(config, "config.json", ConfigError).get("_class_name")
+            in TINY_VAE.classes):
         return only_unet(plan_model_folder(UNET, folder, options.dtype, options, options.unet_config))
     if options.unet_config is not None:
         raise ConversionError(f"{folder} holds a tiny VAE (AutoencoderTiny), which --config (a UNet config) cannot "

@@ -60,27 +60,28 @@ _SWAPS: dict[type, Callable[[nn.Module], nn.Module]] = {
 }
 
 
-def _swapped(module: nn.Module) -> nn.Module:
+def _swapped(module: nn.Module, loaded: bool) -> nn.Module:
     swap = _SWAPS.get(type(module))
     if swap is None:
-        _swap_children(module)
+        _swap_children(module, loaded)
         return module
     replacement = swap(module)
-    # Evaluated one layer at a time: a re-laid-out weight exists twice only while it is copied.
-    mx.eval(replacement.parameters())
+    if loaded:
+        # Evaluated one layer at a time: a re-laid-out weight exists twice only while it is copied.
+        mx.eval(replacement.parameters())
     return replacement
 
 
-def _swap_children(module: nn.Module) -> None:
+def _swap_children(module: nn.Module, loaded: bool) -> None:
     for name in module.children():
         child = module[name]  # the stored list itself: children() hands out copies of lists
         if isinstance(child, nn.Module):
-            module[name] = _swapped(child)
+            module[name] = _swapped(child, loaded)
         elif isinstance(child, list):
             # In place, one item at a time, so that each replaced layer is freed as it goes.
             for index, item in enumerate(child):
                 if isinstance(item, nn.Module):
-                    child[index] = _swapped(item)
+                    child[index] = _swapped(item, loaded)
 
 
 def is_accelerated(layer: nn.Module) -> bool:
@@ -89,12 +90,15 @@ def is_accelerated(layer: nn.Module) -> bool:
     return isinstance(layer, (Linear, Conv2d, QuantizedLinear))
 
 
-def accelerate(model: nn.Module) -> nn.Module:
-    """Put the CPU kernels into ``model`` (in place) and return it."""
-    _swap_children(model)
+def accelerate(model: nn.Module, loaded: bool = True) -> nn.Module:
+    """Put the CPU kernels into ``model`` (in place) and return it. ``loaded=False``: a model
+    just built, whose weights are still its lazy initial ones: only its structure changes (no
+    weight is laid out or evaluated), and ``weights.load_weights`` lays each weight out as it
+    loads it."""
+    _swap_children(model, loaded)
     return model
 
 
-def prepare(model: nn.Module, cpu_kernels: bool | None = None) -> nn.Module:
+def prepare(model: nn.Module, cpu_kernels: bool | None = None, loaded: bool = True) -> nn.Module:
     """``model`` with the CPU kernels where ``kernels_enabled(cpu_kernels)``, else as it is."""
-    return accelerate(model) if kernels_enabled(cpu_kernels) else model
+    return accelerate(model, loaded) if kernels_enabled(cpu_kernels) else model
