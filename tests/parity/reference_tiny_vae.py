@@ -40,13 +40,6 @@ def mlx_tiny_vae_from_torch(model: TorchTinyVAE, config: TinyVAEConfig, dtype=mx
 
 
 @torch.no_grad()
-def torch_tiny_decode(model: TorchTinyVAE, latents: np.ndarray) -> np.ndarray:
-    """NHWC float32 latents in, NHWC float32 images out (the model's own dtype in between)."""
-    z = torch.from_numpy(latents).permute(0, 3, 1, 2).to(model.dtype)
-    return model.decode(z).sample.float().permute(0, 2, 3, 1).numpy()
-
-
-@torch.no_grad()
 def torch_tiny_encode(model: TorchTinyVAE, images: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(images).permute(0, 3, 1, 2).to(model.dtype)
     return model.encode(x).latents.float().permute(0, 2, 3, 1).numpy()

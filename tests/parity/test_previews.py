@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from pipeline_files import SIZE, diffusers_pipeline
 from reference import relative_error
-from reference_tiny_vae import hub_snapshot, torch_tiny_decode, torch_tiny_vae
+from reference_vae import torch_decode
+from reference_tiny_vae import hub_snapshot, torch_tiny_vae
 
 from mlx_unet import InputError, PipelineError, SDXLPipeline, TinyVAEConfig, cli
 from mlx_unet.convert import convert
@@ -56,7 +57,7 @@ def _generate(files, out, *flags):
 def _diffusers_tiny_image(files, latents: mx.array, as_uint8: bool = True) -> np.ndarray:
     """diffusers' AutoencoderTiny decoding scaled latents as its SDXL pipeline does (divided by its
     scaling_factor, 1), postprocessed as diffusers' image processor does: floats in [0, 1], or uint8."""
-    images = torch_tiny_decode(files["tiny"], np.array(latents) / files["tiny"].config.scaling_factor)
+    images = torch_decode(files["tiny"], np.array(latents) / files["tiny"].config.scaling_factor)
     images = np.clip(images / 2 + 0.5, 0, 1)
     return (images * 255).round().astype(np.uint8) if as_uint8 else images
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from reference import relative_error, tiny_config
-from reference_tiny_vae import hub_snapshot, mlx_tiny_vae_from_torch, torch_tiny_decode, torch_tiny_encode, \
+from reference_vae import torch_decode
+from reference_tiny_vae import hub_snapshot, mlx_tiny_vae_from_torch, torch_tiny_encode, \
     torch_tiny_vae
 
 from mlx_unet import AutoencoderTiny, ConfigError, InputError, TinyVAEConfig
@@ -51,7 +52,7 @@ def test_decode_fp32(tiny):
     assert np.abs(latents).max() > 3
     out = np.array(ours.decode(mx.array(latents)))
     assert out.shape == (2, 64, 96, 3) and ours.dtype == mx.float32
-    error = relative_error(out, torch_tiny_decode(model, latents))
+    error = relative_error(out, torch_decode(model, latents))
     print(f"tiny decode fp32: {error:.2e}")
     assert error <= FP32_BOUND
 
@@ -77,7 +78,7 @@ def test_half_precision(dtype):
     ours = mlx_tiny_vae_from_torch(model, config, dtype=getattr(mx, dtype))
     latents = _normal((1, 8, 8, 4), seed=5)
     images = _images((1, 64, 64, 3), seed=6)
-    for what, run, theirs, x in (("decode", ours.decode, torch_tiny_decode, latents),
+    for what, run, theirs, x in (("decode", ours.decode, torch_decode, latents),
                                  ("encode", ours.encode, torch_tiny_encode, images)):
         out = run(mx.array(x))
         assert out.dtype == getattr(mx, dtype)
@@ -96,7 +97,7 @@ def test_taesd_widths_decode_and_encode():
     ours = mlx_tiny_vae_from_torch(model, config)
     latents = _normal((1, 4, 4, 4), seed=8)
     images = _images((1, 32, 32, 3), seed=9)
-    decode_error = relative_error(np.array(ours.decode(mx.array(latents))), torch_tiny_decode(model, latents))
+    decode_error = relative_error(np.array(ours.decode(mx.array(latents))), torch_decode(model, latents))
     encode_error = relative_error(np.array(ours.encode(mx.array(images))), torch_tiny_encode(model, images))
     print(f"TAESD widths fp32: decode {decode_error:.2e}, encode {encode_error:.2e}")
     assert max(decode_error, encode_error) <= FP32_BOUND
@@ -161,7 +162,7 @@ def test_converts_a_diffusers_folder_and_a_hub_snapshot(tmp_path, monkeypatch):
     config = TinyVAEConfig.from_preset("tiny")
     model = torch_tiny_vae(config, seed=10)
     latents = _normal((1, 6, 5, 4), seed=11)
-    expected = torch_tiny_decode(model, latents)
+    expected = torch_decode(model, latents)
 
     model.save_pretrained(tmp_path / "diffusers")
     result = convert(tmp_path / "diffusers", tmp_path / "mlx", dtype="float32", progress=False)
