@@ -48,7 +48,8 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from bench_unet import counting_flops, make_inputs  # noqa: E402
+from bench_unet import counting_flops  # noqa: E402
+from torch_reference import make_unet_inputs  # noqa: E402
 from mlx_unet import UNet2DConditionModel, UNetConfig, cpu  # noqa: E402
 from mlx_unet.configs.base import DTYPES  # noqa: E402
 from mlx_unet.lora import apply_lora, read_lora  # noqa: E402
@@ -308,7 +309,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
     config = UNetConfig.from_preset(family)
     alpha = args.rank / 2
-    inputs = make_inputs(config, args.batch, args.latent)
+    inputs = make_unet_inputs(config.to_diffusers_dict(), args.batch, args.latent)
 
     start = time.perf_counter()
     progress(f"building diffusers' {family} UNet", start)
