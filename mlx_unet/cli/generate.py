@@ -42,7 +42,7 @@ from ..schedulers.names import sampler_name
 from . import png_record
 from .common import quantization_arguments, run_command
 from .generate_options import (FLAGS, STRENGTH, check_sources, lora_spec, merged_settings, preview_path,
-                               prompts_of, seeds_from, without_defaults)
+                               prompts_of, seeds_from, vae_tiling, without_defaults)
 
 
 class Progress:
@@ -139,6 +139,7 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
     inputs = _inputs(a, recorded, log)
     paths = output_paths(a.output, len(prompts) * run.num_images_per_prompt)
     preview = preview_path(a, paths)
+    tiled_vae, vae_budget = vae_tiling(a)
     seeds = seeds_from(run.seed, run.num_images_per_prompt)
     dtype, vae_dtype = DTYPES[a.dtype], DTYPES[a.vae_dtype] if a.vae_dtype else None
     with ExitStack() as stack:
@@ -151,13 +152,15 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
         refiner_parts = None if a.refiner is None else folder(a.refiner)
         base.check_clip_skip(a.clip_skip, "--clip-skip")
         run, scheduler, sigmas, sampling = _sampling(a, base, run, strength, log)
-        tile = command_tile((refiner_parts or base).vae)
+        tile = command_tile((refiner_parts or base).vae) if tiled_vae else None  # by need: from the VAE's size
         one = dataclasses.replace(run, num_images_per_prompt=1)  # images are made one at a time
         size = None if inputs is None else inputs.image.shape[1:3]
         plan = check_run(one, base, refiner_parts, prompts=1, scheduler=scheduler, sigmas=sigmas, dtype=dtype,
                          vae_dtype=vae_dtype,
-                         tiled_vae=a.tile_vae, vae_tile=tile, low_memory=a.low_memory, quantize=quantize,
-                         quantize_text_encoders=quantize_text, image_size=size)
+                         tiled_vae=tiled_vae, vae_tile=tile, vae_memory_budget=vae_budget, low_memory=a.low_memory,
+                         quantize=quantize,
+                         quantize_text_encoders=quantize_text, image_size=size,
+                         release_unet=len(paths) == 1)  # as _Images: freed before the last image's decode
         inpaint.check_arguments(base.unet, None if inputs is None else inputs.mask, size, 1, refiner_parts is not None)
         unet_quantization = base.quantization("unet", quantize)
         # LoRAs go live where the UNet is quantized: fusing into quantized weights is refused.
@@ -176,8 +179,13 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
         pipe = load_pipeline(base, dtype=dtype, vae_dtype=vae_dtype, **quantized)
         refiner = None if refiner_parts is None else \
             load_pipeline(refiner_parts, dtype=dtype, vae_dtype=vae_dtype, **quantized)
-        if a.tile_vae:
-            (refiner or pipe).vae.enable_tiling(tile)
+        decoder = (refiner or pipe).vae
+        if tiled_vae is None:
+            decoder.enable_tiling_by_need(vae_budget)
+        elif tiled_vae:
+            decoder.enable_tiling(tile)
+        else:
+            decoder.disable_tiling()
         if tiny is not None:
             pipe.load_tiny_vae(tiny, vae_dtype)
             log(f"tiny VAE {tiny_source}" + (f"; previews every {a.preview_every} steps: {preview}" if preview else ""))

@@ -117,8 +117,15 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -
                      help="UNet and text encoder precision (default: float16)")
     run.add_argument("--vae-dtype", choices=list(DTYPES),
                      help="VAE precision (default: float32, or the weights' when the VAE is safe in float16)")
-    run.add_argument("--tile-vae", action="store_true",
-                     help="decode in tiles of 256 px (the VAE's own size where smaller): less memory for large images")
+    tiling = run.add_mutually_exclusive_group()
+    tiling.add_argument("--tile-vae", action="store_true",
+                        help="always decode in tiles of 256 px (the VAE's own size where smaller): least memory "
+                             "(default: tiles only where the whole decode would not fit, see --vae-memory-budget)")
+    tiling.add_argument("--no-tile-vae", action="store_true",
+                        help="decode whole even where the memory estimate says it needs tiles")
+    run.add_argument("--vae-memory-budget", type=float, metavar="GIB",
+                     help="decode in tiles when a whole decode is estimated to need more than GIB GiB (default: "
+                          "the memory still free when the decode starts)")
     run.add_argument("--low-memory", action="store_true",
                      help="for 8-16 GB machines: UNet block by block, guidance halves in turn")
     draft = p.add_argument_group("previews and drafts")
@@ -259,6 +266,20 @@ def seeds_from(seed: int | None, count: int) -> list[int]:
     if first + count > SEED_LIMIT:
         raise InputError(f"--seed {first} with -n {count} runs past the largest seed, 2**64 - 1; give a smaller seed.")
     return [first + i for i in range(count)]
+
+
+def vae_tiling(a: argparse.Namespace) -> tuple[bool | None, int | None]:
+    """The VAE's ``use_tiling`` (True: always, False: never, None: by need) and by-need budget in
+    bytes (None: the memory free at the decode), from the tiling options."""
+    budget = a.vae_memory_budget
+    if budget is None:
+        return (True if a.tile_vae else False if a.no_tile_vae else None), None
+    if a.tile_vae or a.no_tile_vae:
+        raise InputError("--vae-memory-budget decides when to tile the decode, which --tile-vae and --no-tile-vae "
+                         "already fix; leave out one of them.")
+    if not 0 < budget < 2**20:
+        raise InputError(f"--vae-memory-budget must be a positive number of GiB, got {budget}.")
+    return None, int(budget * 2**30)
 
 
 def preview_path(a: argparse.Namespace, outputs: list[Path]) -> Path | None:

@@ -10,7 +10,10 @@ Names, shapes and values of every parameter stay as they are, so weights load an
 Only the exact classes in ``_SWAPS`` are replaced. Anything else is walked into: a wrapper
 around a layer (a LoRA layer holding its base ``nn.Linear``, say) keeps its own code and gets the
 CPU kernel for the layer inside it; a layer of another class (a grouped convolution, say) is left
-as MLX computes it.
+as MLX computes it. A few containers (``_CONTAINERS``: the upsampler, the VAE's encoder and
+decoder) are walked into and then replaced by CPU versions holding the same children. And where a
+module's SiLU only ever reads a GroupNorm's output (``_NORM_SILU``), the pair is fused: the norm
+becomes a ``norm.NormSiLU`` and the SiLU an ``nn.Identity``, so the model's forward is unchanged.
 """
 
 from __future__ import annotations
@@ -21,13 +24,21 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..models import vae
 from ..models.attention import GatedGELU, ScaledDotProductAttention
 from ..models.clip import QuickGELU
+from ..models.norm import GroupNorm as PlainGroupNorm
+from ..models.resnet import ResnetBlock2D
+from ..models.resnet import Upsample2D as PlainUpsample2D
+from ..models.unet import UNet2DConditionModel
 from . import activations
 from .attention import ChunkedAttention
 from .conv import Conv2d
 from .linear import Linear
+from .norm import GroupNorm, NormSiLU
 from .quantized import QuantizedLinear
+from .upsample import Upsample2D
+from .vae import Decoder, Encoder
 
 ENV_SWITCH = "MLX_UNET_CPU_KERNELS"
 
@@ -57,14 +68,42 @@ _SWAPS: dict[type, Callable[[nn.Module], nn.Module]] = {
     GatedGELU: lambda _: activations.GatedGELU(),
     ScaledDotProductAttention: lambda _: ChunkedAttention(),
     nn.QuantizedLinear: QuantizedLinear.from_module,
+    PlainGroupNorm: GroupNorm.from_module,
+}
+
+# Containers replaced by a CPU version holding the same children, once those are swapped.
+_CONTAINERS: dict[type, Callable[[nn.Module], nn.Module]] = {
+    PlainUpsample2D: Upsample2D.from_module,
+    vae.Encoder: Encoder.from_module,
+    vae.Decoder: Decoder.from_module,
+}
+
+# Modules whose SiLU reads nothing but the outputs of the named GroupNorms: each of those norms
+# becomes a NormSiLU, which applies the SiLU itself, and the SiLU an identity.
+_NORM_SILU: dict[type, tuple[tuple[str, ...], str]] = {
+    ResnetBlock2D: (("norm1", "norm2"), "nonlinearity"),
+    vae.Encoder: (("conv_norm_out",), "conv_act"),
+    vae.Decoder: (("conv_norm_out",), "conv_act"),
+    UNet2DConditionModel: (("conv_norm_out",), "conv_act"),
 }
 
 
+def _fuse_norm_silu(module: nn.Module) -> None:
+    norms, activation = _NORM_SILU.get(type(module), ((), None))
+    if activation is None or type(module[activation]) is not nn.SiLU:
+        return
+    for name in norms:
+        module[name] = NormSiLU.from_module(module[name])
+    module[activation] = nn.Identity()
+
+
 def _swapped(module: nn.Module, loaded: bool) -> nn.Module:
+    _fuse_norm_silu(module)
     swap = _SWAPS.get(type(module))
     if swap is None:
         _swap_children(module, loaded)
-        return module
+        container = _CONTAINERS.get(type(module))
+        return module if container is None else container(module)
     replacement = swap(module)
     if loaded:
         # Evaluated one layer at a time: a re-laid-out weight exists twice only while it is copied.
@@ -95,6 +134,7 @@ def accelerate(model: nn.Module, loaded: bool = True) -> nn.Module:
     just built, whose weights are still its lazy initial ones: only its structure changes (no
     weight is laid out or evaluated), and ``weights.load_weights`` lays each weight out as it
     loads it."""
+    _fuse_norm_silu(model)
     _swap_children(model, loaded)
     return model
 

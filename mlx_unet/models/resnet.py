@@ -10,7 +10,8 @@ from .norm import GroupNorm
 class ResnetBlock2D(nn.Module):
     """GroupNorm -> SiLU -> conv1 (+ time projection) -> GroupNorm -> SiLU -> conv2, plus the skip.
 
-    With ``temb_channels=None`` (the VAE's resnets) there is no time projection at all."""
+    With ``temb_channels=None`` (the VAE's resnets) there is no time projection at all.
+    ``nonlinearity`` reads only the norms' outputs: the CPU layer fuses each pair (cpu/swap.py)."""
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, eps: float,
                  output_scale_factor: float = 1.0):

@@ -185,11 +185,52 @@ def _blend(previous: mx.array, tile: mx.array, extent: int, axis: int) -> mx.arr
     return mx.concatenate([blended, rest], axis=axis)
 
 
+def tile_plan(size, overlap, factor: int) -> tuple[int, int, int, int]:
+    """(latent tile size, latent step between tiles, blended pixels, pixels kept per tile) for
+    tiles of ``size`` image pixels overlapping by ``overlap``, computed as diffusers does, after
+    checking that the kept parts stitch into the full image."""
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % factor:
+        raise InputError(f"tile_sample_size must be a positive multiple of {factor} pixels, got {size!r}.")
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+        raise InputError(f"the tile overlap must be a fraction in [0, 1), got {overlap!r}.")
+    latent_tile = size // factor
+    step = int(latent_tile * (1 - overlap))
+    blend = int(size * overlap)
+    keep = size - blend
+    if step == 0 or step * factor != keep:
+        raise InputError(
+            f"tiles of {size} pixels overlapping by {overlap} do not stitch evenly ({step} latent rows per "
+            f"step are {step * factor} pixels, but {keep} are kept per tile); choose an overlap that makes "
+            f"{latent_tile} x overlap a whole number."
+        )
+    return latent_tile, step, blend, keep
+
+
+def tile_sizes(largest: int, overlap: float, factor: int) -> list[int]:
+    """The tile sizes automatic tiling chooses from, largest first: ``largest`` and its halves, for
+    as long as they stitch."""
+    sizes = [largest]
+    while sizes[-1] % 2 == 0:
+        try:
+            tile_plan(sizes[-1] // 2, overlap, factor)
+        except InputError:
+            break
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
 class AutoencoderKL(nn.Module):
     """diffusers' AutoencoderKL. Parameter names are diffusers' checkpoint names.
 
     ``encode(images)`` -> DiagonalGaussian over unscaled latents; ``decode(latents)`` -> images,
     both NHWC in the model's dtype.
+
+    Decoding is tiled by need (``use_tiling`` None, the default): when the run's memory estimate
+    for an untiled decode (``pipelines.memory.decode_tile``) exceeds ``memory_budget`` (bytes; None:
+    what this process can still get), latents are decoded in tiles, the largest of
+    ``tile_sample_size`` and its halves whose decode fits, exactly as diffusers' ``tiled_decode``
+    with that tile size and ``tile_overlap``. ``enable_tiling()`` tiles whatever the memory (as in
+    diffusers), ``disable_tiling()`` never; ``decode_tile_size`` says what a decode will do.
     """
 
     def __init__(self, config: VAEConfig):
@@ -200,7 +241,8 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * n, 2 * n, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(n, n, 1) if config.use_post_quant_conv else None
-        self.use_tiling = False
+        self.use_tiling: bool | None = None  # None: by need (see the class docstring)
+        self.memory_budget: int | None = None
         self.tile_sample_size = config.sample_size
         self.tile_overlap = 0.25
 
@@ -226,60 +268,71 @@ class AutoencoderKL(nn.Module):
     def decode(self, latents: mx.array) -> mx.array:
         """(B, h, w, latent_channels) unscaled latents -> (B, 8h, 8w, out_channels) images in about [-1, 1].
 
-        With ``use_tiling`` a latent larger than a tile is decoded by :meth:`tiled_decode`.
+        Tiled where ``decode_tile_size`` says so (see the class docstring), by :meth:`tiled_decode`'s method.
         """
         latents = self._check(latents, "latents", self.config.latent_channels)
-        if self.use_tiling and max(latents.shape[1:3]) > self._tile_plan()[0]:
-            return self._tiled_decode(latents)
-        return self._decode(latents)
+        tile = self.decode_tile_size(latents.shape)
+        return self._decode(latents) if tile is None else self._tiled_decode(latents, tile)
 
     def tiled_decode(self, latents: mx.array) -> mx.array:
-        """Decode overlapping tiles one at a time, blended where they overlap, as diffusers'
-        ``AutoencoderKL.tiled_decode`` does (so the result equals diffusers' with the same tile
-        size and overlap, not the untiled decode). Memory is that of one tile's decode."""
-        return self._tiled_decode(self._check(latents, "latents", self.config.latent_channels))
+        """Decode overlapping tiles of ``tile_sample_size`` one at a time, blended where they
+        overlap, as diffusers' ``AutoencoderKL.tiled_decode`` does (so the result equals diffusers'
+        with the same tile size and overlap, not the untiled decode). Memory is that of one tile's
+        decode."""
+        latents = self._check(latents, "latents", self.config.latent_channels)
+        return self._tiled_decode(latents, self.tile_sample_size)
+
+    def decode_tile_size(self, latent_shape: tuple[int, ...]) -> int | None:
+        """The tile size in image pixels that :meth:`decode` uses for latents of ``latent_shape``
+        (B, h, w, C); None: it decodes them whole."""
+        f = self.config.downsample_factor
+        batch, height, width = latent_shape[0], latent_shape[1] * f, latent_shape[2] * f
+        if self.use_tiling is False:
+            return None
+        if self.use_tiling:
+            return self.tile_sample_size if max(height, width) > self.tile_sample_size else None
+        # (imported here: the pipelines import the models)
+        from ..cpu import is_accelerated
+        from ..pipelines import memory
+
+        budget = memory.decode_budget() if self.memory_budget is None else self.memory_budget
+        return memory.decode_tile(self.config, (height, width), batch, self.dtype, is_accelerated(self.decoder.conv_in),
+                                  budget, tile_sizes(self.tile_sample_size, self.tile_overlap, f))
 
     def enable_tiling(self, tile_sample_size: int | None = None, overlap: float = 0.25) -> None:
         """Decode latents larger than a tile in tiles of ``tile_sample_size`` image pixels
-        (default: the config's sample_size, as diffusers), overlapping by ``overlap`` of a tile.
-        Encoding is never tiled."""
-        size = self.config.sample_size if tile_sample_size is None else tile_sample_size
-        previous = (self.tile_sample_size, self.tile_overlap)
-        self.tile_sample_size, self.tile_overlap = size, overlap
-        try:
-            self._tile_plan()
-        except InputError:
-            self.tile_sample_size, self.tile_overlap = previous
-            raise
+        (default: the config's sample_size, as diffusers), overlapping by ``overlap`` of a tile,
+        whatever the memory. Encoding is never tiled."""
+        self._set_tiles(tile_sample_size, overlap)
         self.use_tiling = True
+
+    def enable_tiling_by_need(self, memory_budget: int | None = None, tile_sample_size: int | None = None,
+                              overlap: float = 0.25) -> None:
+        """The default: tile only decodes estimated to need more than ``memory_budget`` bytes (None:
+        what this process can still get), in the largest of ``tile_sample_size`` (default: the
+        config's sample_size) and its halves that fits."""
+        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                          or memory_budget <= 0):
+            raise InputError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}.")
+        self._set_tiles(tile_sample_size, overlap)
+        self.use_tiling, self.memory_budget = None, memory_budget
+
+    def disable_tiling(self) -> None:
+        """Decode whole, whatever the memory."""
+        self.use_tiling = False
+
+    def _set_tiles(self, tile_sample_size: int | None, overlap: float) -> None:
+        size = self.config.sample_size if tile_sample_size is None else tile_sample_size
+        tile_plan(size, overlap, self.config.downsample_factor)
+        self.tile_sample_size, self.tile_overlap = size, overlap
 
     def _decode(self, latents: mx.array) -> mx.array:
         if self.post_quant_conv is not None:
             latents = self.post_quant_conv(latents)
         return self.decoder(latents)
 
-    def _tile_plan(self) -> tuple[int, int, int, int]:
-        """(latent tile size, latent step between tiles, blended pixels, pixels kept per tile),
-        computed as diffusers does, after checking that the kept parts stitch into the full image."""
-        size, overlap, f = self.tile_sample_size, self.tile_overlap, self.config.downsample_factor
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % f:
-            raise InputError(f"tile_sample_size must be a positive multiple of {f} pixels, got {size!r}.")
-        if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
-            raise InputError(f"the tile overlap must be a fraction in [0, 1), got {overlap!r}.")
-        latent_tile = size // f
-        step = int(latent_tile * (1 - overlap))
-        blend = int(size * overlap)
-        keep = size - blend
-        if step == 0 or step * f != keep:
-            raise InputError(
-                f"tiles of {size} pixels overlapping by {overlap} do not stitch evenly ({step} latent rows per "
-                f"step are {step * f} pixels, but {keep} are kept per tile); choose an overlap that makes "
-                f"{latent_tile} x overlap a whole number."
-            )
-        return latent_tile, step, blend, keep
-
-    def _tiled_decode(self, latents: mx.array) -> mx.array:
-        tile, step, blend, keep = self._tile_plan()
+    def _tiled_decode(self, latents: mx.array, size: int) -> mx.array:
+        tile, step, blend, keep = tile_plan(size, self.tile_overlap, self.config.downsample_factor)
         height, width = latents.shape[1:3]
         rows, above = [], []
         for i in range(0, height, step):

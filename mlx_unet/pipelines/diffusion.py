@@ -353,10 +353,12 @@ class DiffusionPipeline:
         inpaint.check_arguments(self.unet.config, mask_image, size, count * num_images_per_prompt, refiner is not None)
         self.parts.check_clip_skip(clip_skip)
         check_max_tokens(max_tokens)
+        decoder = (refiner or self).vae
         check_run(args, self.parts, None if refiner is None else refiner.parts, prompts=count, scheduler=scheduler,
                   sigmas=sigmas,
-                  dtype=self.dtype, vae_dtype=(refiner or self).vae.dtype, tiled_vae=(refiner or self).vae.use_tiling,
-                  vae_tile=(refiner or self).vae.tile_sample_size, low_memory=low_memory, image_size=size,
+                  dtype=self.dtype, vae_dtype=decoder.dtype, tiled_vae=decoder.use_tiling, vae_tile=decoder.tile_sample_size,
+                  vae_overlap=decoder.tile_overlap, vae_memory_budget=decoder.memory_budget, low_memory=low_memory,
+                  image_size=size, release_unet=release_unet,
                   quantize=self.quantize, quantize_text_encoders=self.quantize_text_encoders)
         guided = args.guided(self.unet.config)
         prompt_args = dict(negative_prompt=negative_prompt, prompt_2=prompt_2,

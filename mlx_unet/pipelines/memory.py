@@ -8,8 +8,9 @@ text encoders only for the prompt; a refiner pipeline holds its own UNet and VAE
 - "text encoders": the encoders' weights and their (small) activations;
 - "denoise" / "refine": one UNet forward's activations, for the whole guided batch, or for one
   sample at a time under ``low_memory`` (``Sampler._predict``);
-- "decode": the VAE decoder's activations at the full image size, or at one tile's size with
-  ``vae.enable_tiling()`` (of ``vae_tile`` pixels), plus the decoded images.
+- "decode": the VAE decoder's activations at the full image size, or at one tile's size when it
+  decodes in tiles (of ``vae_tile`` pixels with ``vae.enable_tiling()``; by need, the default,
+  of the size ``decode_tile`` picks, as ``AutoencoderKL.decode`` does), plus the decoded images.
 
 Activations are counted per layer shape from the configs and scaled by factors measured on
 real runs (``benchmarks/bench_memory_estimate.py`` prints measured against estimated), so that
@@ -33,6 +34,7 @@ from ..configs.unet import UNetConfig
 from ..configs.vae import VAEConfig
 from ..cpu import kernels_enabled, on_cpu
 from ..errors import InputError
+from ..models.vae import tile_sizes
 from .arguments import PIXELS_PER_LATENT
 from .model_sizes import largest_linear, text_encoder_bytes, unet_bytes, vae_parameters
 
@@ -46,6 +48,9 @@ TOKENS = 77  # CLIP's context
 # VAE decoder at 256 px took 10.4 copies with the kernels and 32 on the plain path (MLX's
 # convolution first copies every 3x3 patch, 9x its input); the tiny pipeline's 10 and 34.
 RESNET_WORK = {True: 11.0, False: 36.0}  # GroupNorm's float32 copies, SiLU, convolution, sum
+# The VAE decoder's, since the CPU kernels fuse GroupNorm with SiLU in bands of rows and fuse the
+# upsampler with its convolution: SDXL's decoder at 256-1024 px took 5.2-6.6 copies with them.
+VAE_DECODE_WORK = {True: 7.0, False: RESNET_WORK[False]}
 UNET_FEED_FORWARD_WORK = 3.0  # of the feed-forward's 8x-wide GEGLU activation
 TEXT_WORK = 8.0  # of a text encoder layer's MLP activation
 # The CPU kernels' chunked attention, whatever its size: MLX runs several chunks of the lazy
@@ -109,12 +114,37 @@ def vae_decode_activations(c: VAEConfig, pixels: tuple[int, int], batch: int, dt
     up = tuple(reversed(c.block_out_channels))
     largest = max(up[i] * h * w * 4**min(i + 1, len(up) - 1) for i in range(len(up)))
     scores = _attention(batch, 1, h * w, dtype.size, chunked) if c.mid_block_add_attention else 0
-    return int(batch * RESNET_WORK[chunked] * largest * F32 + scores)
+    return int(batch * VAE_DECODE_WORK[chunked] * largest * F32 + scores)
 
 
 def _images(batch: int, pixels: tuple[int, int], channels: int) -> int:
     """The decoded images: the VAE's output, its float32 copy, the [0, 1] array and the uint8 one."""
     return batch * pixels[0] * pixels[1] * channels * (3 * F32 + 1)
+
+
+def decode_bytes(c: VAEConfig, pixels: tuple[int, int], tile: int | None, batch: int, dtype: mx.Dtype,
+                 chunked: bool) -> int:
+    """A decode's working memory: the decoder's activations at the size of one ``tile`` (None:
+    the whole image), and the decoded images of ``pixels`` (height, width)."""
+    decoded = pixels if tile is None else (min(pixels[0], tile), min(pixels[1], tile))
+    return vae_decode_activations(c, decoded, batch, dtype, chunked) + _images(batch, pixels, c.out_channels)
+
+
+def decode_tile(c: VAEConfig, pixels: tuple[int, int], batch: int, dtype: mx.Dtype, chunked: bool, budget: int,
+                tiles: Sequence[int]) -> int | None:
+    """The tile size (pixels) a decode of ``batch`` images of ``pixels`` uses when its working
+    memory (``decode_bytes``) may take ``budget`` bytes: None (whole) when the whole decode fits,
+    else the first of ``tiles`` (largest first) whose decode fits, else the last.
+    ``AutoencoderKL.decode`` and ``estimate_run`` both choose by this."""
+    for tile in (None, *tiles):
+        if decode_bytes(c, pixels, tile, batch, dtype, chunked) <= budget:
+            return tile
+    return tiles[-1]
+
+
+def decode_budget() -> int:
+    """What a decode may use now by default: ``available_memory()`` less what MLX holds already."""
+    return available_memory()[0] - mx.get_active_memory()
 
 
 def text_activations(encoders: Sequence[CLIPTextConfig], images: int) -> int:
@@ -151,19 +181,23 @@ def _gib(nbytes: float) -> str:
 
 
 def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextConfig], *, height: int, width: int,
-                 images: int, guided: bool, dtype: mx.Dtype, vae_dtype: mx.Dtype, tiled_vae: bool, low_memory: bool,
-                 cpu_kernels: bool | None = None, refiner: UNetConfig | None = None, vae_tile: int | None = None,
-                 unet_quantization: Quantization | None = None,
-                 text_quantization: Quantization | None = None) -> RunEstimate:
+                 images: int, guided: bool, dtype: mx.Dtype, vae_dtype: mx.Dtype, tiled_vae: bool | None,
+                 low_memory: bool, cpu_kernels: bool | None = None, refiner: UNetConfig | None = None,
+                 vae_tile: int | None = None, vae_overlap: float = 0.25, vae_memory_budget: int | None = None,
+                 unet_quantization: Quantization | None = None, text_quantization: Quantization | None = None,
+                 release_unet: bool = False) -> RunEstimate:
     """The memory a run of ``images`` images of ``height`` x ``width`` pixels needs at each stage.
     ``cpu_kernels`` None: whether ``mlx_unet.cpu`` puts its kernels in here (chunked attention).
     ``unet_quantization`` / ``text_quantization``: how the UNets / text encoders are quantized.
-    ``vae_tile``: the tiles' size in pixels under ``tiled_vae`` (None: the VAE's sample_size)."""
+    ``tiled_vae``: the VAE's ``use_tiling`` (True: tiles of ``vae_tile`` pixels, default the VAE's
+    sample_size; None: tiles by need, as ``AutoencoderKL.decode`` chooses them with
+    ``vae_memory_budget``, its ``memory_budget``, and ``vae_tile`` and ``vae_overlap`` as its largest
+    tile; False: whole). ``release_unet``: the UNets are freed before the decode."""
     chunked = kernels_enabled(cpu_kernels)
     unets = [unet] + ([refiner] if refiner is not None else [])
     # Each pipeline (base, refiner) holds its UNet and VAE for as long as it lives.
-    resident = (sum(unet_bytes(u, dtype.size, unet_quantization) for u in unets)
-                + len(unets) * vae_parameters(vae) * vae_dtype.size)
+    unets_held = sum(unet_bytes(u, dtype.size, unet_quantization) for u in unets)
+    resident = unets_held + len(unets) * vae_parameters(vae) * vae_dtype.size
     encoder_dtype = mx.float32 if on_cpu() else dtype  # as DiffusionPipeline._text_encoders
     text = sum(text_encoder_bytes(e, encoder_dtype.size, text_quantization) for e in encoders)
     latent = (height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT)
@@ -176,9 +210,15 @@ def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextCo
     for name, config in zip(("denoise", "refine"), unets):
         stages[name] = resident + unet_activations(config, latent, batch, dtype, chunked) + dequantized
     tile = vae.sample_size if vae_tile is None else vae_tile
-    decoded = (min(height, tile), min(width, tile)) if tiled_vae else (height, width)
-    stages["decode"] = (resident + vae_decode_activations(vae, decoded, images, vae_dtype, chunked)
-                        + _images(images, (height, width), vae.out_channels))
+    decode_resident = resident - unets_held if release_unet else resident
+    if tiled_vae is None:
+        # The decode's budget by default is what the process can get less what it holds then.
+        budget = available_memory()[0] - decode_resident if vae_memory_budget is None else vae_memory_budget
+        tiles = tile_sizes(tile, vae_overlap, vae.downsample_factor)
+        tile = decode_tile(vae, (height, width), images, vae_dtype, chunked, budget, tiles)
+    if tiled_vae is False:
+        tile = None
+    stages["decode"] = decode_resident + decode_bytes(vae, (height, width), tile, images, vae_dtype, chunked)
     return RunEstimate(height, width, images, stages)
 
 

@@ -46,16 +46,19 @@ class RunPlan:
 
 
 def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder | None, *, prompts: int,
-              scheduler: str | Scheduler | None, sigmas: str | None = None, dtype: mx.Dtype, vae_dtype: mx.Dtype | None, tiled_vae: bool,
-              low_memory: bool, vae_tile: int | None = None, image_size: tuple[int, int] | None = None,
-              quantize: Quantization | None = None, quantize_text_encoders: Quantization | None = None) -> RunPlan:
+              scheduler: str | Scheduler | None, sigmas: str | None = None, dtype: mx.Dtype, vae_dtype: mx.Dtype | None,
+              tiled_vae: bool | None, low_memory: bool, vae_tile: int | None = None, vae_overlap: float = 0.25,
+              vae_memory_budget: int | None = None, image_size: tuple[int, int] | None = None,
+              quantize: Quantization | None = None, quantize_text_encoders: Quantization | None = None,
+              release_unet: bool = False) -> RunPlan:
     """Refuse (InputError / PipelineError) a run that cannot start or finish, before loading.
 
     ``image_size``: an img2img input's (height, width), which sets the size. ``vae_dtype`` None
-    means the VAE's default (float32 where its config says ``force_upcast``); ``vae_tile``: the
-    decode's tile size in pixels under ``tiled_vae`` (None: the VAE's sample_size). ``quantize`` /
+    means the VAE's default (float32 where its config says ``force_upcast``); ``tiled_vae``,
+    ``vae_tile``, ``vae_overlap``, ``vae_memory_budget``: the VAE's ``use_tiling``,
+    ``tile_sample_size``, ``tile_overlap`` and ``memory_budget`` (``memory.estimate_run`` says how the decode is estimated). ``quantize`` /
     ``quantize_text_encoders``: what the models are quantized to as they load (parts stored
-    quantized count as stored)."""
+    quantized count as stored). ``release_unet``: the UNets are freed before the decode."""
     default = (base.unet.sample_size or 128) * 8
     height, width = image_size or (args.height or default, args.width or default)
     if refiner is not None and not (base.unet.has_text_time_embedding and refiner.unet.has_text_time_embedding):
@@ -81,8 +84,10 @@ def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder 
         vae_dtype = mx.float32 if last.vae.force_upcast else dtype
     estimate = check_run_fits(
         base.unet, last.vae, [e for e in base.encoders if e is not None], height=height, width=width, images=images,
-        guided=args.guided(base.unet), dtype=dtype, vae_dtype=vae_dtype, tiled_vae=tiled_vae, vae_tile=vae_tile, low_memory=low_memory,
+        guided=args.guided(base.unet), dtype=dtype, vae_dtype=vae_dtype, tiled_vae=tiled_vae, vae_tile=vae_tile,
+        vae_overlap=vae_overlap, vae_memory_budget=vae_memory_budget, low_memory=low_memory,
         refiner=None if refiner is None else refiner.unet, unet_quantization=base.quantization("unet", quantize),
         text_quantization=base.quantization(base.text_encoder_names[-1], quantize_text_encoders),
+        release_unet=release_unet,
     )
     return RunPlan(height, width, images, estimate)

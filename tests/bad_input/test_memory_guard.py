@@ -93,6 +93,9 @@ def test_estimate_grows_with_size_and_batch_and_shrinks_with_tiling_and_low_memo
     assert peak(stage="decode", tiled_vae=True, vae_tile=256) < 0.5 * peak(stage="decode")
     assert peak(4096, "denoise", low_memory=True, images=2) < peak(4096, "denoise", images=2)
     assert peak(4096, low_memory=True, tiled_vae=True) < peak(4096, tiled_vae=True)
+    unet_weights = model_sizes.unet_bytes(unet, mx.float16.size, None)
+    assert peak(stage="decode", release_unet=True) == peak(stage="decode") - unet_weights
+    assert peak(stage="denoise", release_unet=True) == peak(stage="denoise")
     refined = memory.estimate_run(unet, vae, encoders, height=1024, width=1024, refiner=UNetConfig.from_preset(
         "sdxl-refiner"), **RUN | {"cpu_kernels": kernels})
     assert refined.peak > peak() and "refine" in refined.stages
@@ -166,11 +169,16 @@ def test_refused_quickly_under_an_address_space_limit(tiny_pipeline):
 def test_the_command_refuses_what_cannot_fit_before_loading(tiny_pipeline, tmp_path):
     """The issue's repro: ``generate --height 8192 --width 8192`` on the tiny model, refused at start-up
     with exit code 2 in one line that gives the estimate, the budget and what would fit. At an 8 GiB
-    budget the denoising fits and the decode does not, so tiling is one way out."""
+    budget the denoising fits and the whole decode does not (--no-tile-vae), so tiling is one way
+    out; by default the decode is tiled by need, and the run fits."""
     env = {**os.environ, memory.BUDGET_ENV: "8"}
     out = tmp_path / "big.png"
     proc = run_cli("generate", PROMPT, "--model", str(tiny_pipeline), "-o", str(out), "--steps", "2",
-                   "--height", "8192", "--width", "8192", "--quiet", env=env, timeout=60)
+                   "--height", "8192", "--width", "8192", "--no-tile-vae", "--quiet", env=env, timeout=60)
     line = assert_user_error(proc, "8192x8192 image needs about", f"8 GiB {memory.BUDGET_ENV}", "--tile-vae")
     assert re.search(r"at most about \d+x\d+ fits", line), line
     assert list(tmp_path.iterdir()) == []
+    configs, run = _configs(tiny_pipeline), RUN | {"tiled_vae": None, "release_unet": True}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(memory.BUDGET_ENV, "8")
+        assert memory.check_run_fits(*configs, height=8192, width=8192, **run).peak <= 8 * memory.GIB

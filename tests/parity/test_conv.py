@@ -1,13 +1,17 @@
-"""Our Conv2d (per-tap products or gathered patches on the CPU) against torch's conv2d."""
+"""Our Conv2d (per-tap products or gathered patches on the CPU) and the fused upsampler (nearest 2x
+and a 3x3 convolution) against torch."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mlx_unet.cpu import conv
 from mlx_unet.cpu.conv import Conv2d
+from mlx_unet.cpu.upsample import Upsample2D
+from mlx_unet.models.resnet import Upsample2D as PlainUpsample2D
 
 
 def _pair(in_channels, out_channels, kernel, stride, padding, seed=0):
@@ -30,16 +34,22 @@ def _relative_error(ours, reference):
 
 
 CASES = {
-    # name: (batch, height, width, in, out, kernel, stride, padding, expected path)
+    # name: (batch, height, width, in, out, kernel, stride, padding, expected path; None: one product)
     "3x3 large, per-tap": (2, 40, 36, 24, 20, 3, 1, 1, "_by_taps"),
     "3x3 at the threshold": (1, 32, 32, 8, 12, 3, 1, 1, "_by_taps"),
     "3x3 just below it": (1, 31, 33, 8, 12, 3, 1, 1, "_by_patches"),
     "3x3 small": (2, 9, 7, 16, 8, 3, 1, 1, "_by_patches"),
-    "1x1": (2, 12, 10, 16, 24, 1, 1, 0, "_by_taps"),
+    "1x1": (2, 12, 10, 16, 24, 1, 1, 0, None),
     "3x3 stride 2": (2, 17, 16, 8, 8, 3, 2, 1, "_by_patches"),
     "3x3 stride 2 unpadded": (1, 18, 18, 8, 8, 3, 2, 0, "_by_patches"),
+    "3x3 stride 2 per-tap": (2, 67, 64, 8, 12, 3, 2, 1, "_by_taps"),
+    "3x3 stride 2 unpadded per-tap": (1, 65, 66, 8, 9, 3, 2, 0, "_by_taps"),
+    "4x4 stride 3 per-tap": (1, 100, 98, 6, 6, 4, 3, 1, "_by_taps"),
     "5x5 per-tap": (1, 36, 40, 6, 5, 5, 1, 2, "_by_taps"),
-    "3x3 unpadded per-tap": (1, 40, 36, 6, 5, 3, 1, 0, "_by_taps"),
+    "3x3 unpadded per-tap": (1, 40, 36, 8, 12, 3, 1, 0, "_by_taps"),
+    "3x3 to an image's 3 channels": (2, 40, 36, 16, 3, 3, 1, 1, "_by_outputs"),
+    "3x3 stride 2 to 4 channels": (1, 67, 64, 16, 4, 3, 2, 1, "_by_outputs"),
+    "3x3 from an image's 3 channels": (1, 40, 36, 3, 16, 3, 1, 1, "_by_patches"),
 }
 
 
@@ -49,18 +59,29 @@ def test_float32_matches_torch_on_each_path(case, monkeypatch):
     ours, reference = _pair(cin, cout, kernel, stride, padding)
     x = np.random.default_rng(1).normal(0.0, 1.0, (batch, height, width, cin)).astype(np.float32)
     taken = []
-    for name in ("_by_taps", "_by_patches"):
+    for name in ("_by_taps", "_by_patches", "_by_outputs"):
         method = getattr(Conv2d, name)
         monkeypatch.setattr(Conv2d, name, lambda self, *a, _m=method, _n=name: taken.append(_n) or _m(self, *a))
     y = ours(mx.array(x))
-    assert taken == [path]
+    assert taken == ([] if path is None else [path])
     expected = reference(x)
     assert y.shape == expected.shape and y.dtype == mx.float32
     assert _relative_error(np.array(y), expected) <= 1e-5
 
 
+@pytest.mark.parametrize("case", ["3x3 large, per-tap", "3x3 stride 2 per-tap", "5x5 per-tap"])
+def test_per_tap_products_in_blocks_of_rows_join_up(case, monkeypatch):
+    """Blocks of 3-4 output rows (the last one shorter): each block's products see only its rows."""
+    batch, height, width, cin, cout, kernel, stride, padding, _ = CASES[case]
+    ours, reference = _pair(cin, cout, kernel, stride, padding, seed=4)
+    monkeypatch.setattr(conv, "_BLOCK_PIXELS", 4 * (width // stride + kernel))
+    x = np.random.default_rng(5).normal(0.0, 1.0, (batch, height, width, cin)).astype(np.float32)
+    assert _relative_error(np.array(ours(mx.array(x))), reference(x)) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype,bound", [(mx.float16, 2e-3), (mx.bfloat16, 1e-2)])
-@pytest.mark.parametrize("case", ["3x3 large, per-tap", "3x3 small", "1x1", "3x3 stride 2"])
+@pytest.mark.parametrize("case", ["3x3 large, per-tap", "3x3 small", "1x1", "3x3 stride 2", "3x3 stride 2 per-tap",
+                                  "3x3 to an image's 3 channels"])
 def test_half_precision_is_computed_in_float32_and_rounded_once(case, dtype, bound):
     batch, height, width, cin, cout, kernel, stride, padding, _ = CASES[case]
     ours, reference = _pair(cin, cout, kernel, stride, padding, seed=2)
@@ -88,4 +109,63 @@ def test_cpu_weight_layout_and_threshold():
     assert np.array_equal(np.array(layer.weight), np.array(plain.weight))
     assert layer.weight.shape == (4, 3, 3, 6)
     assert memoryview(layer.weight).strides == (4, 4 * 3 * 6 * 4, 4 * 6 * 4, 4 * 4)
-    assert conv._TAPS_FROM_PIXELS == 32 * 32  # the case table above straddles it
+    assert conv._TAPS_FROM_PIXELS == 32 * 32 and conv._FEW == 64  # the case table above straddles both
+
+
+# ---------------------------------------------------------------------- the fused upsampler
+
+
+def _upsampler(channels, seed):
+    plain = PlainUpsample2D(channels)
+    rng = np.random.default_rng(seed)
+    weight = rng.uniform(-1, 1, (channels, 3, 3, channels)).astype(np.float32) / np.sqrt(9 * channels)
+    plain.conv.weight = mx.array(weight)
+    plain.conv.bias = mx.array(rng.uniform(-0.5, 0.5, channels).astype(np.float32))
+    fused = Upsample2D.from_module(PlainUpsample2D(channels))
+    fused.conv = Conv2d.from_module(plain.conv)
+    return plain, fused
+
+
+def _torch_upsample_conv(x, plain, size=None):
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    t = F.interpolate(t, size=size, scale_factor=None if size else 2.0, mode="nearest")
+    weight = torch.from_numpy(np.array(plain.conv.weight)).permute(0, 3, 1, 2)
+    return F.conv2d(t, weight, torch.from_numpy(np.array(plain.conv.bias)), padding=1).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("shape,block_rows", [((2, 9, 7), None), ((1, 20, 26), 3), ((1, 1, 1), None)])
+def test_fused_upsampler_matches_torch(shape, block_rows, monkeypatch):
+    """Nearest 2x then a 3x3 convolution, as four 2x2 convolutions of the source: against torch's
+    interpolate + conv2d, in blocks of source rows too (the last one shorter)."""
+    plain, fused = _upsampler(6, seed=6)
+    if block_rows:
+        monkeypatch.setattr(conv, "_BLOCK_PIXELS", block_rows * (shape[2] + 2))
+    x = np.random.default_rng(7).normal(0.0, 1.0, (*shape, 6)).astype(np.float32)
+    taken = []
+    monkeypatch.setattr(PlainUpsample2D, "__call__", lambda *a: taken.append(1) or None)  # the fallback
+    out = np.array(fused(mx.array(x)))
+    assert not taken and out.shape == (shape[0], 2 * shape[1], 2 * shape[2], 6)
+    assert _relative_error(out, _torch_upsample_conv(x, plain)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,bound", [(mx.float16, 2e-3), (mx.bfloat16, 1e-2)])
+def test_fused_upsampler_in_half_precision(dtype, bound):
+    plain, fused = _upsampler(8, seed=8)
+    fused.conv.update({k: Conv2d.laid_out(v.astype(dtype)) if k == "weight" else v.astype(dtype)
+                       for k, v in fused.conv.parameters().items()})
+    plain.conv.update({k: v.astype(dtype) for k, v in plain.conv.parameters().items()})
+    x = mx.array(np.random.default_rng(9).normal(0.0, 1.0, (1, 12, 10, 8)).astype(np.float32)).astype(dtype)
+    out = fused(x)
+    assert out.dtype == dtype
+    plain32 = PlainUpsample2D(8)
+    plain32.conv.weight, plain32.conv.bias = plain.conv.weight.astype(mx.float32), plain.conv.bias.astype(mx.float32)
+    expected = _torch_upsample_conv(np.array(x.astype(mx.float32)), plain32)
+    assert _relative_error(np.array(out.astype(mx.float32)), expected) <= bound
+
+
+def test_upsampler_to_another_size_is_left_to_the_plain_code():
+    """An explicit size other than 2x (the UNet's odd skip sizes) takes the plain path."""
+    plain, fused = _upsampler(4, seed=10)
+    x = np.random.default_rng(11).normal(0.0, 1.0, (1, 5, 6, 4)).astype(np.float32)
+    out = np.array(fused(mx.array(x), size=(9, 11)))
+    assert _relative_error(out, _torch_upsample_conv(x, plain, size=(9, 11))) <= 1e-5

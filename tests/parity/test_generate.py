@@ -121,7 +121,7 @@ def test_negative_prompt_and_scheduler_change_the_image(files, default_image, tm
     assert _differ(multistep, default_image)  # (euler_a is close to euler at 2 steps)
 
 
-def test_dtypes_and_tile_vae_are_used(files, default_image, tmp_path):
+def test_dtypes_and_vae_tiling_are_used(files, default_image, tmp_path):
     full = _generate(files, tmp_path / "full.png", "--dtype", "float32")
     assert np.array_equal(full, _pipeline(files, dtype=mx.float32)(PROMPT, **API_RUN)[0])
     assert 0 < np.abs(full.astype(np.int16) - default_image).max()
@@ -136,6 +136,15 @@ def test_dtypes_and_tile_vae_are_used(files, default_image, tmp_path):
     pipe.vae.enable_tiling()
     assert np.array_equal(tiled, pipe.decode(latents)[0])
     assert 0 < np.abs(tiled.astype(np.int16) - default_image).max()  # the tiles did blend
+
+    # By need (the default): tiles only under a budget the whole decode exceeds.
+    budget = 0.0001
+    by_need = _generate(files, tmp_path / "need.png", "--vae-memory-budget", str(budget))
+    pipe.vae.enable_tiling_by_need(int(budget * 2**30))
+    assert pipe.vae.decode_tile_size(latents.shape) is not None
+    assert np.array_equal(by_need, pipe.decode(latents)[0])
+    assert 0 < np.abs(by_need.astype(np.int16) - default_image).max()
+    assert np.array_equal(_generate(files, tmp_path / "whole.png", "--no-tile-vae"), default_image)
 
 
 def test_low_memory_runs_guidance_halves_block_by_block(files, default_image, tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ from reference import relative_error
 from reference_vae import mlx_vae_from_torch, to_numpy, torch_decode, torch_encode, torch_vae
 
 from mlx_unet import ConfigError, InputError, WeightsError
-from mlx_unet import AutoencoderKL, VAEConfig
+from mlx_unet import AutoencoderKL, UNetConfig, VAEConfig, cpu
+from mlx_unet.pipelines import memory
 from mlx_unet.models.vae import DiagonalGaussian
 
 FP32_BOUND = 1e-4
@@ -91,6 +92,13 @@ def test_decode_half_precision(dtype):
     assert ours_error <= HALF_VS_DIFFUSERS_HALF * theirs_error
 
 
+def _diffusers_tiles(reference, tile, overlap, factor):
+    reference.enable_tiling()
+    reference.tile_sample_min_size = tile
+    reference.tile_latent_min_size = tile // factor
+    reference.tile_overlap_factor = overlap
+
+
 @pytest.mark.usefixtures("code_path")
 @pytest.mark.parametrize("tile,overlap,shape", [(32, 0.25, (1, 7, 10)), (64, 0.5, (2, 11, 9))])
 def test_tiled_decode_matches_diffusers(tile, overlap, shape):
@@ -99,10 +107,7 @@ def test_tiled_decode_matches_diffusers(tile, overlap, shape):
     config = VAEConfig.from_preset("tiny")
     reference = torch_vae(config, seed=6)
     ours = mlx_vae_from_torch(reference, config)
-    reference.enable_tiling()
-    reference.tile_sample_min_size = tile
-    reference.tile_latent_min_size = tile // config.downsample_factor
-    reference.tile_overlap_factor = overlap
+    _diffusers_tiles(reference, tile, overlap, config.downsample_factor)
     ours.enable_tiling(tile, overlap)
     latents = mx.array(_normal((*shape, config.latent_channels), seed=7))
     out = to_numpy(ours.decode(latents))
@@ -115,6 +120,65 @@ def test_tiled_decode_matches_diffusers(tile, overlap, shape):
     np.testing.assert_array_equal(to_numpy(ours.tiled_decode(latents)), out)
     one_tile = latents[:, :tile // 8, :tile // 8]  # no larger than a tile: decoded whole
     np.testing.assert_array_equal(to_numpy(ours.decode(one_tile)), to_numpy(ours._decode(one_tile)))
+
+
+@pytest.mark.usefixtures("code_path")
+def test_decode_tiles_by_need_within_its_memory_budget():
+    """By default a decode is tiled only when its estimated memory exceeds the budget, in the
+    largest tile (of sample_size and its halves) that fits: here 32 px, which equals diffusers'
+    tiled_decode with 32 px tiles. With room for the whole decode it is diffusers' plain decode."""
+    config = VAEConfig.from_preset("tiny")
+    reference = torch_vae(config, seed=15)
+    ours = mlx_vae_from_torch(reference, config)
+    latents = _normal((1, 11, 9, config.latent_channels), seed=16)
+    f = config.downsample_factor
+    pixels, chunked = (11 * f, 9 * f), cpu.is_accelerated(ours.decoder.conv_in)
+
+    def need(tile):  # the estimate the decode compares with its budget
+        return memory.decode_bytes(config, pixels, tile, 1, mx.float32, chunked)
+
+    assert ours.use_tiling is None and ours.memory_budget is None
+    assert ours.decode_tile_size(latents.shape) is None  # the machine's memory: room for it whole
+    ours.enable_tiling_by_need(memory_budget=need(32))
+    assert ours.decode_tile_size(latents.shape) == 32
+    tiled = to_numpy(ours.decode(mx.array(latents)))
+    untiled = torch_decode(reference, latents)
+    _diffusers_tiles(reference, 32, 0.25, f)
+    error = relative_error(tiled, torch_decode(reference, latents))
+    print(f"decode tiled by need (32 px tiles): {error:.2e}")
+    assert error <= FP32_BOUND and relative_error(tiled, untiled) > 100 * FP32_BOUND
+
+    ours.enable_tiling_by_need(memory_budget=need(None))
+    assert ours.decode_tile_size(latents.shape) is None
+    assert relative_error(to_numpy(ours.decode(mx.array(latents))), untiled) <= FP32_BOUND
+    ours.memory_budget = 1  # nothing fits: the smallest tile
+    assert ours.decode_tile_size(latents.shape) == 32
+    ours.disable_tiling()
+    assert ours.decode_tile_size(latents.shape) is None
+    ours.enable_tiling(64)
+    assert ours.decode_tile_size(latents.shape) == 64
+    with pytest.raises(InputError, match="memory_budget"):
+        ours.enable_tiling_by_need(memory_budget=0)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "plain-mlx"])
+def test_run_estimate_tiles_the_decode_as_the_vae_does(kernels):
+    """The run's memory estimate (tiled_vae None: by need) picks the tile the VAE's decode picks
+    with the same budget: its decode stage is that of the explicitly tiled decode."""
+    unet, vae = UNetConfig.from_preset("sdxl-base"), VAEConfig.from_preset("sdxl")
+    run = dict(images=1, guided=True, dtype=mx.float16, vae_dtype=mx.float32, low_memory=False, cpu_kernels=kernels)
+    model = AutoencoderKL(vae)
+    if kernels:
+        model = cpu.accelerate(model, loaded=False)
+    for size, budget in ((1024, 64 * memory.GIB), (2048, 6 * memory.GIB), (4096, 3 * memory.GIB)):
+        model.enable_tiling_by_need(memory_budget=budget)
+        tile = model.decode_tile_size((1, size // 8, size // 8, 4))
+        by_need = memory.estimate_run(unet, vae, [], height=size, width=size, tiled_vae=None,
+                                      vae_memory_budget=budget, **run)
+        explicit = memory.estimate_run(unet, vae, [], height=size, width=size, tiled_vae=tile is not None,
+                                       vae_tile=tile, **run)
+        assert by_need.stages["decode"] == explicit.stages["decode"], (size, tile)
+        print(f"{size} px within {budget / memory.GIB:g} GiB: tiles of {tile}")
 
 
 def test_sdxl_widths_decode_and_encode():

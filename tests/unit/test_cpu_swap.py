@@ -12,8 +12,12 @@ from mlx_unet.cpu import activations
 from mlx_unet.cpu.attention import ChunkedAttention
 from mlx_unet.cpu.conv import Conv2d
 from mlx_unet.cpu.linear import Linear
+from mlx_unet.cpu.norm import NormSiLU
+from mlx_unet.cpu.upsample import Upsample2D
 from mlx_unet.models.attention import GatedGELU, ScaledDotProductAttention
 from mlx_unet.models.clip import QuickGELU
+from mlx_unet.models.norm import GroupNorm
+from mlx_unet.models.resnet import Upsample2D as PlainUpsample2D
 
 
 class LowRankWrapper(nn.Module):
@@ -111,5 +115,6 @@ def test_the_kernels_are_on_by_default_on_the_cpu(monkeypatch):
     assert cpu.kernels_enabled()
     model = cpu.prepare(UNet2DConditionModel(UNetConfig.from_preset("tiny")))
     kinds = {type(m) for _, m in model.named_modules()}
-    assert {Linear, Conv2d, activations.SiLU, activations.GatedGELU, ChunkedAttention} <= kinds
-    assert not kinds & {nn.Linear, nn.SiLU, ScaledDotProductAttention, GatedGELU}
+    # Every SiLU of the UNet follows a GroupNorm: each such pair is fused (cpu.norm.NormSiLU).
+    assert {Linear, Conv2d, NormSiLU, activations.GatedGELU, ChunkedAttention, Upsample2D} <= kinds
+    assert not kinds & {nn.Linear, nn.SiLU, ScaledDotProductAttention, GatedGELU, GroupNorm, PlainUpsample2D}

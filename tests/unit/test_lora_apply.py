@@ -90,7 +90,10 @@ def test_update_matches_the_definition(lora_file, fuse):
     assert _relative(base, reference) > 1e-2  # the LoRA matters
     assert _relative(ours, reference) <= 1e-5
     applied.set_scale(0.0)
-    assert _relative(_run(unet, inputs), base) <= (1e-6 if fuse else 0.0)
+    # Live at scale 0 adds exact zeros, but on the CPU kernels a LoRA-wrapped upsampler
+    # convolution is no longer fused with the upsample (cpu/upsample.py): float32 rounding only.
+    exact = not fuse and not cpu.kernels_enabled()
+    assert _relative(_run(unet, inputs), base) <= (0.0 if exact else 1e-6)
     applied.remove()
     assert not any(isinstance(layer, LoRALayer) for _, layer in adaptable_layers(unet))
 

@@ -1,5 +1,5 @@
-"""``mlx-unet generate``'s tiny VAE options (--vae, --tiny-vae, --preview-every, --preview) and the
-API's previews, on the demo pipeline and a tiny VAE written in MLX (no torch): each mistake is one
+"""``mlx-unet generate``'s tiny VAE options (--vae, --tiny-vae, --preview-every, --preview), the
+full VAE's tiling options' mistakes, and the API's previews, on the demo pipeline and a tiny VAE written in MLX (no torch): each mistake is one
 line and exit code 2 before any model loads, and what the command writes is what the API makes.
 (Against diffusers: tests/parity/test_previews.py.)"""
 
@@ -43,6 +43,9 @@ def _settings(*args: str):
     (["--preview-every", "0"], "--preview-every must be a number of steps, at least 1, got 0."),
     (["--tiny-vae", "madebyollin/taesd"], "--tiny-vae names the tiny VAE of --vae tiny and --preview-every"),
     (["--vae", "tiny", "--tile-vae"], "--tile-vae tiles the full VAE's decode"),
+    (["--tile-vae", "--vae-memory-budget", "2"], "--vae-memory-budget decides when to tile the decode"),
+    (["--vae-memory-budget", "0"], "--vae-memory-budget must be a positive number of GiB, got 0.0."),
+    (["--vae-memory-budget", "nan"], "--vae-memory-budget must be a positive number of GiB, got nan."),
     (["--preview-every", "1", "--preview", "out.png", "-o", "out.png"], "would replace an output image"),
     (["--preview-every", "1", "--preview", "p.jpg"], "p.jpg must be a .png file"),
 ])
@@ -55,7 +58,7 @@ def test_mistakes_are_one_line_and_exit_2(args, message, tmp_path, monkeypatch, 
 
 
 def test_usage_errors_exit_2(capsys):
-    for args in (["--vae", "medium"], ["--preview-every", "two"]):
+    for args in (["--vae", "medium"], ["--preview-every", "two"], ["--tile-vae", "--no-tile-vae"]):
         with pytest.raises(SystemExit) as exit:
             cli.main(["generate", PROMPT, *RUN, *args])
         assert exit.value.code == 2 and "error: argument" in capsys.readouterr().err

@@ -1,0 +1,225 @@
+"""Our VAE decode and encode against diffusers' AutoencoderKL, in one process, float32.
+
+    python benchmarks/bench_vae.py                                   # SDXL's VAE, decode and encode, 512 and 1024 px
+    python benchmarks/bench_vae.py --size 512 --what decode --repeats 5
+    python benchmarks/bench_vae.py --quick                           # tiny VAE, 64 px: checks the benchmark runs
+
+Both sides get the same seeded random weights (every parameter drawn, so that each one matters;
+built in diffusers, handed to ours tensor by tensor), the same inputs (latents from a normal
+draw, images uniform in [-1, 1]) and the same thread count (torch's threads and OpenBLAS's).
+
+diffusers is timed first, before this process imports mlx_unet: that import loads OpenBLAS
+globally (cpu/blas.py), and torch timed after it can run slower than a torch user sees it
+(benchmarks/torch_reference.py says why). Each case is run once as a warm-up, then --repeats
+times; the median is reported. Per case: seconds (ours, diffusers, ours / diffusers), the FLOPs
+of the reference computation (every convolution, Linear and attention product, counted from
+our plain model's layers and shapes), the GFLOP/s ours reaches on that count, peak memory (MLX's
+for ours, and each side's resident-set growth over the call), and the largest difference between
+the outputs (images for decode, the latent mean for encode), absolute and relative to the
+largest value. Both sides decode whole (ours with tiling disabled). Other processes on the machine
+show in the times (each side's lines give the 1-minute load average after it): run it on a quiet
+one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The architecture fields of diffusers' config for each VAE benchmarked: SDXL's published
+# vae/config.json, and a tiny variant of it for --quick (mlx_unet's VAE presets, checked equal
+# once mlx_unet is imported: it cannot be before diffusers is timed).
+ARCHITECTURES = {
+    "sdxl": {"block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+             "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 2, "latent_channels": 4,
+             "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+}
+ARCHITECTURES["tiny"] = {**ARCHITECTURES["sdxl"], "block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8,
+                         "sample_size": 128, "force_upcast": False}
+
+
+# ---------------------------------------------------------------------- diffusers' side
+
+
+def random_vae(architecture: dict, seed: int) -> torch.nn.Module:
+    """diffusers' AutoencoderKL allocated once (on the meta device first, so no default init runs)
+    with every parameter drawn uniformly from ``seed``: norm scales around 1 and shifts around 0,
+    not exactly 1 and 0, and weights scaled for unit-variance outputs."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        model = AutoencoderKL(**architecture)
+    model = model.to_empty(device="cpu")
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            values = rng.random(p.shape, dtype=np.float32)
+            half, centre = ((3.0 / p[0].numel()) ** 0.5, 0.0) if p.ndim >= 2 else (0.35, float(name.endswith("weight")))
+            p.copy_(torch.from_numpy(values * (2 * half) + (centre - half)))
+    return model.eval()
+
+
+def make_input(what: str, size: int, latent_channels: int, seed: int = 0) -> np.ndarray:
+    """NHWC: latents for decode, images in [-1, 1] for encode."""
+    rng = np.random.default_rng(seed)
+    if what == "decode":
+        return rng.standard_normal((1, size // 8, size // 8, latent_channels), dtype=np.float32)
+    return rng.uniform(-1, 1, (1, size, size, 3)).astype(np.float32)
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measured(call, warmup: int, repeats: int) -> tuple[float, int, object]:
+    """(median seconds, peak resident-set growth over a call in bytes, the last result)."""
+    for _ in range(warmup):
+        result = call()
+    times, growth = [], 0
+    for _ in range(repeats):
+        gc.collect()
+        before = resident_bytes()
+        Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark below
+        start = time.perf_counter()
+        result = call()
+        times.append(time.perf_counter() - start)
+        growth = max(growth, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    return statistics.median(times), growth, result
+
+
+def time_diffusers(reference, cases, warmup: int, repeats: int) -> dict:
+    latent_channels = reference.config.latent_channels
+    results = {}
+    for what, size in cases:
+        x = torch.from_numpy(make_input(what, size, latent_channels)).permute(0, 3, 1, 2).contiguous()
+
+        @torch.no_grad()
+        def call():
+            if what == "decode":
+                return reference.decode(x).sample.permute(0, 2, 3, 1).numpy()
+            return reference.encode(x).latent_dist.mean.permute(0, 2, 3, 1).numpy()
+
+        seconds, growth, output = measured(call, warmup, repeats)
+        results[what, size] = {"seconds": seconds, "rss": growth, "output": output}
+        print(f"  diffusers {what} {size} px: {seconds:.2f} s (load average {os.getloadavg()[0]:.1f})", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------- ours
+
+
+def count_gflop(ours, what: str, x) -> float:
+    """FLOPs of one call, counted while the plain model (before the CPU kernels: the reference's
+    products) is traced; MLX is lazy, so tracing reads shapes only."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_unet import counting_flops
+
+    with counting_flops() as flops:
+        ours.decode(x) if what == "decode" else ours.encode(x)
+    return flops[0] / 1e9
+
+
+def time_ours(reference, preset: str, cases, warmup: int, repeats: int, theirs: dict) -> list[dict]:
+    import mlx.core as mx
+
+    from mlx_unet import AutoencoderKL, VAEConfig, cpu
+    from mlx_unet.weights import load_weights, torch_to_mlx_layout
+
+    config = VAEConfig.from_dict(dict(reference.config))
+    if config != VAEConfig.from_preset(preset):
+        raise SystemExit(f"ARCHITECTURES[{preset!r}] no longer matches mlx_unet's VAE preset: update it")
+    weights = {name: mx.array(torch_to_mlx_layout(t.numpy())) for name, t in reference.state_dict().items()}
+    ours = AutoencoderKL(config)
+    load_weights(ours, weights)
+    ours.disable_tiling()  # whole, as diffusers decodes by default, whatever the machine's memory
+    inputs = {case: mx.array(make_input(*case, config.latent_channels)) for case in cases}
+    gflop = {(what, size): count_gflop(ours, what, inputs[what, size]) for what, size in cases}
+    ours = cpu.prepare(ours)  # the CPU kernels unless MLX_UNET_CPU_KERNELS=0
+    rows = []
+    for what, size in cases:
+        x = inputs[what, size]
+
+        def call():
+            if what == "decode":
+                out = ours.decode(x)
+            else:
+                out = ours.encode(x).mean
+            mx.eval(out)
+            return out
+
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        seconds, growth, output = measured(call, warmup, repeats)
+        print(f"  ours {what} {size} px: {seconds:.2f} s (load average {os.getloadavg()[0]:.1f})", flush=True)
+        reference_output = theirs[what, size]["output"]
+        difference = np.abs(np.array(output) - reference_output).max()
+        rows.append({"what": what, "size": size, "ours": seconds, "diffusers": theirs[what, size]["seconds"],
+                     "gflop": gflop[what, size], "mlx_peak": mx.get_peak_memory(), "ours_rss": growth,
+                     "diffusers_rss": theirs[what, size]["rss"], "max_diff": float(difference),
+                     "relative_diff": float(difference / np.abs(reference_output).max())})
+    return rows
+
+
+# ---------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, nargs="+", default=[512, 1024], help="image sizes in pixels (default: 512 1024)")
+    p.add_argument("--what", nargs="+", choices=["decode", "encode"], default=["decode", "encode"])
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and OpenBLAS threads (default: all cores)")
+    p.add_argument("--quick", action="store_true", help="tiny VAE at 64 px, one run each: a smoke run")
+    args = p.parse_args(argv)
+    preset = "sdxl"
+    if args.quick:
+        preset, args.size, args.warmup, args.repeats = "tiny", [64], 0, 1
+    for size in args.size:
+        if size <= 0 or size % 8:
+            p.error(f"--size takes positive multiples of 8 pixels, got {size}")
+    if "mlx" in sys.modules or "mlx_unet" in sys.modules:
+        raise RuntimeError("diffusers must be timed before MLX is imported")
+    os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)  # read as OpenBLAS loads (import mlx_unet)
+    os.environ.setdefault("MLX_ENABLE_TF32", "0")
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    cases = [(what, size) for what in args.what for size in args.size]
+    print(f"{preset} VAE, float32, batch 1; torch {torch.__version__} and OpenBLAS on {args.threads} threads")
+    reference = random_vae(ARCHITECTURES[preset], seed=0)
+    theirs = time_diffusers(reference, cases, args.warmup, args.repeats)
+
+    sys.path.insert(0, str(ROOT))  # run from a source checkout
+    import mlx_unet  # (after diffusers is timed: see the module docstring)
+    import mlx.core as mx
+
+    path = "CPU kernels" if mlx_unet.cpu.kernels_enabled() else "plain MLX"
+    print(f"ours: MLX {mx.__version__} ({mx.default_device()}, {path}, {mlx_unet.cpu.blas.loaded or 'bundled BLAS'})")
+    rows = time_ours(reference, preset, cases, args.warmup, args.repeats, theirs)
+    print(f"{'what':>6} {'px':>5} {'ours s':>8} {'diffusers s':>11} {'ratio':>6} {'GFLOP':>7} {'GFLOP/s':>7} "
+          f"{'MLX peak MiB':>12} {'ours RSS MiB':>12} {'diffusers RSS MiB':>17} {'max |diff|':>10} {'relative':>8}")
+    for r in rows:
+        print(f"{r['what']:>6} {r['size']:>5} {r['ours']:8.2f} {r['diffusers']:11.2f} {r['ours'] / r['diffusers']:6.2f} "
+              f"{r['gflop']:7.1f} {r['gflop'] / r['ours']:7.1f} {r['mlx_peak'] / 2**20:12.0f} "
+              f"{r['ours_rss'] / 2**20:12.0f} {r['diffusers_rss'] / 2**20:17.0f} {r['max_diff']:10.2e} "
+              f"{r['relative_diff']:8.1e}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

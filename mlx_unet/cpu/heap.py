@@ -1,0 +1,88 @@
+"""Reuse freed memory for large activations on Linux, where glibc's malloc serves MLX's buffers.
+
+MLX's CPU allocator keeps no cache: each buffer is malloc'ed when an operation runs and freed when
+its last reader is done. glibc serves requests above its mmap threshold (which adapts, up to
+32 MiB) with a fresh mapping and unmaps it on free, so a buffer that large is faulted in page
+by page, and zero-filled by the kernel, as it is first written. The VAE's activations at 512 px
+and more are 100 MiB to 1 GiB each, so without reuse a decode spent a large share of its time in
+page faults (system time), more than some of its convolutions.
+
+``reused_heap()`` raises malloc's mmap and trim thresholds for the duration of a block: large
+buffers then come from the heap and go back to it when freed, and the next layer's buffers reuse
+them. On leaving the outermost block the thresholds go back to the values glibc's own adaptation
+settles at, and ``malloc_trim`` returns the freed memory to the system, so the process holds no
+more afterwards than it did before. ``MLX_UNET_NO_HEAP_REUSE=1`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+import sys
+import threading
+from contextlib import contextmanager
+
+DISABLE_ENV = "MLX_UNET_NO_HEAP_REUSE"
+
+# mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# Within a block: every request below 2 GiB (mallopt takes an int) from the heap, and no freed
+# top of it handed back.
+_REUSE = 2**31 - 1
+# Afterwards: where glibc's dynamic thresholds end once a buffer of 32 MiB or more was freed
+# (DEFAULT_MMAP_THRESHOLD_MAX, and the trim threshold twice the mmap threshold).
+_MMAP_AFTER = 32 << 20
+_TRIM_AFTER = 64 << 20
+
+
+def _glibc():
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        return None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    return libc
+
+
+_libc = _glibc()
+_lock = threading.Lock()
+_depth = 0
+
+
+def available() -> bool:
+    """Whether ``reused_heap`` changes anything here (glibc, and not turned off)."""
+    return _libc is not None and os.environ.get(DISABLE_ENV) != "1"
+
+
+def _set(mmap_threshold: int, trim_threshold: int) -> None:
+    _libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+    _libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+
+
+@contextmanager
+def reused_heap():
+    """Serve and keep large buffers from the heap inside the block (see the module docstring)."""
+    global _depth
+    if not available():
+        yield
+        return
+    with _lock:
+        _depth += 1
+        if _depth == 1:
+            _set(_REUSE, _REUSE)
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _set(_MMAP_AFTER, _TRIM_AFTER)
+                _libc.malloc_trim(0)
