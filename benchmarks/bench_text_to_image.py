@@ -88,12 +88,15 @@ def random_module(cls, *args, seed: int, **kwargs) -> torch.nn.Module:
     return model.eval()
 
 
-def build_diffusers_pipeline(folder: Path, quick: bool) -> None:
+def build_diffusers_pipeline(folder: Path, quick: bool, configs: tuple | None = None) -> None:
+    """``configs``: (UNet, CLIP ViT-L, OpenCLIP bigG, VAE) configs in place of the presets."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig as HFTextConfig
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    if quick:  # the tiny presets, the UNet widened to take the two tiny encoders' 48 + 40 states
+    if configs is not None:
+        unet, clip_l, bigg, vae = configs
+    elif quick:  # the tiny presets, the UNet widened to take the two tiny encoders' 48 + 40 states
         unet = UNetConfig.from_preset("tiny", cross_attention_dim=88, projection_class_embeddings_input_dim=24 + 6 * 8)
         clip_l, bigg = CLIPTextConfig.from_preset("tiny-clip-l"), CLIPTextConfig.from_preset("tiny-clip-bigg")
         vae = VAEConfig.from_preset("tiny")
