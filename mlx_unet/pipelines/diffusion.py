@@ -6,11 +6,12 @@ inpainting are modes of one call, as in diffusers' StableDiffusion[XL][Img2Img|I
 The folder is what ``mlx-unet convert`` writes for a whole pipeline (``unet/``, ``vae/``,
 ``text_encoder[_2]/``, ``tokenizer[_2]/``, ``scheduler/``, ``model_index.json``).
 
-Memory: the text encoders are loaded for the prompt and released before the denoising loop, so
-at most one of (encoders, UNet) is resident with the VAE; a refiner's UNet is loaded only after
-the base UNet is released. ``release_unet=True`` also frees the UNet before the VAE decodes (a
-one-shot run's last image: the decode then has the memory to itself); it is loaded again, with
-its LoRAs, when a later call needs it.
+Memory: the UNet is loaded when a call first needs it, after the prompt is encoded (or when
+``pipe.unet`` is read, by ``load_lora`` say), and the text encoders are loaded for the prompt and
+released before the denoising loop, so a first call holds at most one of (encoders, UNet) with
+the VAE. ``release_unet=True`` frees the UNet before the VAE decodes (a one-shot run's last
+image: the decode then has the memory to itself); it is loaded again, with its LoRAs, when a
+later call needs it.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class DiffusionPipeline:
 
     tiny_vae: AutoencoderTiny | None = None  # for previews and vae="tiny" (``load_tiny_vae``)
 
-    def __init__(self, parts: PipelineFolder, unet: UNet2DConditionModel, vae: AutoencoderKL,
+    def __init__(self, parts: PipelineFolder, unet: UNet2DConditionModel | None, vae: AutoencoderKL,
                  tokenizers: list[CLIPTokenizer | None], dtype: mx.Dtype, keep_text_encoders: bool = False,
                  quantize: Quantization | None = None, quantize_text_encoders: Quantization | None = None):
         self.parts = parts
@@ -110,11 +111,12 @@ class DiffusionPipeline:
         text = text_encoder_quantization(quantize, quantize_text_encoders)
         tokenizers = [None if parts.part(t) is None else CLIPTokenizer.from_folder(parts.part(t)) for t, _ in TEXT_PARTS]
         vae = AutoencoderKL.from_pretrained(parts.part("vae"), dtype=vae_dtype)
-        return cls(parts, _load_unet(parts, dtype, quantize), vae, tokenizers, dtype, keep_text_encoders, quantize, text)
+        return cls(parts, None, vae, tokenizers, dtype, keep_text_encoders, quantize, text)
 
     @property
     def unet(self) -> UNet2DConditionModel:
-        """The UNet; loaded again (with the pipeline's LoRAs) if ``release_unet`` freed it."""
+        """The UNet, loaded on first use, and again (with the pipeline's LoRAs) if ``release_unet``
+        freed it."""
         if self._unet is None:
             self._unet = _load_unet(self.parts, self.dtype, self.quantize)
             for lora in self.loras:
@@ -350,7 +352,7 @@ class DiffusionPipeline:
             size = (latents.shape[1] * 8, latents.shape[2] * 8) if latents.ndim == 4 else None
         if image is not None:
             size = checked_image(image, count * num_images_per_prompt)
-        inpaint.check_arguments(self.unet.config, mask_image, size, count * num_images_per_prompt, refiner is not None)
+        inpaint.check_arguments(self.parts.unet, mask_image, size, count * num_images_per_prompt, refiner is not None)
         self.parts.check_clip_skip(clip_skip)
         check_max_tokens(max_tokens)
         decoder = (refiner or self).vae
@@ -360,7 +362,7 @@ class DiffusionPipeline:
                   vae_overlap=decoder.tile_overlap, vae_memory_budget=decoder.memory_budget, low_memory=low_memory,
                   image_size=size, release_unet=release_unet,
                   quantize=self.quantize, quantize_text_encoders=self.quantize_text_encoders)
-        guided = args.guided(self.unet.config)
+        guided = args.guided(self.parts.unet)
         prompt_args = dict(negative_prompt=negative_prompt, prompt_2=prompt_2,
                            negative_prompt_2=negative_prompt_2, clip_skip=clip_skip, guided=guided,
                            prompt_weighting=prompt_weighting, max_tokens=max_tokens)
@@ -374,7 +376,7 @@ class DiffusionPipeline:
         sample = dict(num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=guidance_rescale,
                       height=height, width=width, seed=seed)
         if mask_image is not None:
-            sample.update(inpainting=inpaint.prepare(self.vae, self.unet.config, image, mask_image,
+            sample.update(inpainting=inpaint.prepare(self.vae, self.parts.unet, image, mask_image,
                                                      embeddings.context.shape[0], strength, seed), strength=strength)
         elif image is not None:
             sample.update(image_latents=self.encode_image(image, embeddings.context.shape[0], seed), strength=strength)

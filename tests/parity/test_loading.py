@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from reference import make_inputs, mlx_weights, relative_error, run_mlx, run_torch, tiny_config, torch_unet
 
 from mlx_unet import ConfigError, UNet2DConditionModel, WeightsError, cpu
-from mlx_unet.weights import load_weights, weight_layouts
+from mlx_unet.weights import _all_finite, load_weights, weight_layouts
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +174,21 @@ def test_tensor_repeated_across_shards_is_refused(tmp_path, reference):
     mx.save_safetensors(str(folder / "extra.safetensors"), {"conv_in.bias": weights["conv_in.bias"]})
     with pytest.raises(WeightsError, match=r"repeats tensors already loaded from another file \(conv_in.bias\)"):
         UNet2DConditionModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("stored", ["F16", "BF16", "F32"])
+def test_the_finite_check_finds_every_nonfinite_value(stored):
+    """Half precision is checked by its bits: every NaN and inf, of either sign, is caught, and the
+    extremes that are finite (the largest, the smallest subnormal, -0) pass."""
+    dtype = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}[stored]
+    info = mx.finfo(dtype)
+    finite = mx.array([0.0, -0.0, 1.0, info.max, info.min, 2.0 ** -133 if stored == "BF16" else 2.0 ** -24], dtype)
+
+    def stored_as(array: mx.array) -> np.ndarray:  # what the reader gives: half precision as its bits
+        return np.array(array.view(mx.uint16) if stored == "BF16" else array)
+
+    assert _all_finite(stored_as(finite), stored) and _all_finite(stored_as(finite[:0]), stored)
+    for bad in (mx.nan, mx.inf, -mx.inf, -mx.nan):
+        for at in (0, 3, 5):
+            values = mx.concatenate([finite[:at], mx.array([bad], dtype), finite[at:]])
+            assert not _all_finite(stored_as(values), stored), (bad, at)

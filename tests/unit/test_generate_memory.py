@@ -1,5 +1,6 @@
 """``mlx-unet generate`` frees the UNet before the last image's decode (the decode then has the
-memory to itself) and keeps it for the images before, whose denoising needs it again."""
+memory to itself) and keeps it for the images before, whose denoising needs it again; a pipeline
+loads its UNet only after the first prompt is encoded."""
 
 import mlx.core as mx
 import numpy as np
@@ -27,3 +28,25 @@ def test_only_the_last_image_releases_the_unet_and_the_images_are_unchanged(tmp_
     for name, seed in (("out.png", 3), ("out-1.png", 4), ("out-2.png", 5)):
         with Image.open(tmp_path / name) as image:
             assert np.array_equal(np.asarray(image), pipe(PROMPT, height=64, width=64, steps=2, seed=seed)[0])
+
+
+def test_the_unet_loads_after_the_prompt_is_encoded(tmp_path, monkeypatch):
+    """A first call never holds the text encoders and the UNet at once: the UNet loads when the
+    denoising needs it, after the encoders are released, and stays for the next call."""
+    from mlx_unet.pipelines import diffusion
+
+    events = []
+    load_unet, encoders = diffusion._load_unet, DiffusionPipeline._text_encoders
+    monkeypatch.setattr(diffusion, "_load_unet", lambda *a: events.append("UNet") or load_unet(*a))
+
+    def recorded_encoders(self):
+        events.append("encoders" if self._unet is None else "encoders beside the UNet")
+        return encoders(self)
+
+    monkeypatch.setattr(DiffusionPipeline, "_text_encoders", recorded_encoders)
+    pipe = load_pipeline(write_demo_pipeline(tmp_path / "demo"), dtype=mx.float32)
+    assert events == [] and pipe._unet is None
+    first = pipe(PROMPT, height=64, width=64, steps=2, seed=3)
+    assert events == ["encoders", "UNet"] and pipe._encoders is None
+    assert np.array_equal(pipe(PROMPT, height=64, width=64, steps=2, seed=3), first)
+    assert events == ["encoders", "UNet", "encoders beside the UNet"]  # (no second load)
