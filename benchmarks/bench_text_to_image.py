@@ -70,26 +70,6 @@ def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, [tuple(m.split()) for m in merges]
 
 
-def random_module(cls, *args, seed: int, **kwargs) -> torch.nn.Module:
-    """``cls(*args, **kwargs)`` allocated once (on the meta device first, so no default init runs)
-    with every parameter drawn uniformly from ``seed``: norm scales around 1 and shifts around 0, not
-    exactly 1 and 0, and weights scaled for unit-variance outputs."""
-    with torch.device("meta"):
-        model = cls(*args, **kwargs)
-    model = model.to_empty(device="cpu")
-    for name, buffer in model.named_buffers():  # to_empty leaves buffers as garbage; CLIP has one
-        if not name.endswith("position_ids"):
-            raise RuntimeError(f"unexpected buffer {name}: fill it here")
-        buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            values = rng.random(p.shape, dtype=np.float32)
-            half, centre = ((3.0 / p[0].numel()) ** 0.5, 0.0) if p.ndim >= 2 else (0.35, float(name.endswith("weight")))
-            p.copy_(torch.from_numpy(values * (2 * half) + (centre - half)))
-    return model.eval()
-
-
 def build_diffusers_pipeline(folder: Path, quick: bool, configs: tuple | None = None) -> None:
     """``configs``: (UNet, CLIP ViT-L, OpenCLIP bigG, VAE) configs in place of the presets."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -110,10 +90,10 @@ def build_diffusers_pipeline(folder: Path, quick: bool, configs: tuple | None = 
     tokenizers = [CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=77)
                   for pad in ("<|endoftext|>", "!")]  # SDXL's two tokenizers differ in padding only
     pipe = StableDiffusionXLPipeline(
-        unet=random_module(UNet2DConditionModel, **unet.to_diffusers_dict(), seed=0),
-        text_encoder=random_module(CLIPTextModel, HFTextConfig(**clip_l.to_transformers_dict()), seed=1),
-        text_encoder_2=random_module(CLIPTextModelWithProjection, HFTextConfig(**bigg.to_transformers_dict()), seed=2),
-        vae=random_module(AutoencoderKL, **vae.to_diffusers_dict(), seed=3),
+        unet=torch_reference.random_module(UNet2DConditionModel, **unet.to_diffusers_dict(), seed=0),
+        text_encoder=torch_reference.random_module(CLIPTextModel, HFTextConfig(**clip_l.to_transformers_dict()), seed=1),
+        text_encoder_2=torch_reference.random_module(CLIPTextModelWithProjection, HFTextConfig(**bigg.to_transformers_dict()), seed=2),
+        vae=torch_reference.random_module(AutoencoderKL, **vae.to_diffusers_dict(), seed=3),
         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG))
     # Random decoder weights give pixels far outside [-1, 1]; a smaller output conv keeps most of
@@ -130,7 +110,7 @@ def build_tiny_vae(folder: Path, quick: bool) -> None:
     from diffusers import AutoencoderTiny as TorchTinyVAE
 
     config = TinyVAEConfig.from_preset("tiny" if quick else "taesd").to_diffusers_dict()
-    tiny = random_module(TorchTinyVAE, **{k: v for k, v in config.items() if not k.startswith("_")}, seed=4)
+    tiny = torch_reference.random_module(TorchTinyVAE, **{k: v for k, v in config.items() if not k.startswith("_")}, seed=4)
     tiny.save_pretrained(folder)
 
 
@@ -197,7 +177,7 @@ def run_ours(folder: Path, tiny_folder: Path, latents: np.ndarray, steps: int, d
                  callback=lambda stage, step: stamps.append(time.perf_counter()))
     stages.end()
     total = time.perf_counter() - start
-    del pipe
+    pipe = None  # freed before the tiny VAE decode (its closures still name it)
     tiny = AutoencoderTiny.from_pretrained(tiny_folder, dtype=getattr(mx, dtype))
     release_memory()
     stages.begin("tiny VAE decode")

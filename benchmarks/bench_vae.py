@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import torch_reference  # benchmarks/: numpy and torch only, so diffusers is still timed before mlx_unet loads
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # The architecture fields of diffusers' config for each VAE benchmarked: SDXL's published
@@ -53,21 +55,10 @@ ARCHITECTURES["tiny"] = {**ARCHITECTURES["sdxl"], "block_out_channels": [16, 32,
 
 
 def random_vae(architecture: dict, seed: int) -> torch.nn.Module:
-    """diffusers' AutoencoderKL allocated once (on the meta device first, so no default init runs)
-    with every parameter drawn uniformly from ``seed``: norm scales around 1 and shifts around 0,
-    not exactly 1 and 0, and weights scaled for unit-variance outputs."""
+    """diffusers' AutoencoderKL with every parameter drawn from ``seed`` (``torch_reference.random_module``)."""
     from diffusers import AutoencoderKL
 
-    with torch.device("meta"):
-        model = AutoencoderKL(**architecture)
-    model = model.to_empty(device="cpu")
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            values = rng.random(p.shape, dtype=np.float32)
-            half, centre = ((3.0 / p[0].numel()) ** 0.5, 0.0) if p.ndim >= 2 else (0.35, float(name.endswith("weight")))
-            p.copy_(torch.from_numpy(values * (2 * half) + (centre - half)))
-    return model.eval()
+    return torch_reference.random_module(AutoencoderKL, **architecture, seed=seed)
 
 
 def make_input(what: str, size: int, latent_channels: int, seed: int = 0) -> np.ndarray:

@@ -20,8 +20,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 HERE = Path(__file__).resolve().parent
 
@@ -39,6 +43,28 @@ def make_unet_inputs(config: dict, batch: int, size: int, seed: int = 0) -> dict
         pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
         inputs["text_embeds"] = rng.standard_normal((batch, pooled), dtype=np.float32)
     return inputs
+
+
+def random_module(cls, *args, seed: int, **kwargs) -> torch.nn.Module:
+    """``cls(*args, **kwargs)`` allocated once (on the meta device first, so no default init runs)
+    with every parameter drawn uniformly from ``seed``: norm scales around 1 and shifts around 0, not
+    exactly 1 and 0, and weights scaled for unit-variance outputs."""
+    import torch
+
+    with torch.device("meta"):
+        model = cls(*args, **kwargs)
+    model = model.to_empty(device="cpu")
+    for name, buffer in model.named_buffers():  # to_empty leaves buffers as garbage; CLIP has one
+        if not name.endswith("position_ids"):
+            raise RuntimeError(f"unexpected buffer {name}: fill it here")
+        buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            values = rng.random(p.shape, dtype=np.float32)
+            half, centre = ((3.0 / p[0].numel()) ** 0.5, 0.0) if p.ndim >= 2 else (0.35, float(name.endswith("weight")))
+            p.copy_(torch.from_numpy(values * (2 * half) + (centre - half)))
+    return model.eval()
 
 
 def median_seconds(call, warmup: int, repeats: int) -> float:

@@ -36,7 +36,7 @@ from ..cpu import kernels_enabled, on_cpu
 from ..errors import InputError
 from ..models.vae import tile_sizes
 from .arguments import PIXELS_PER_LATENT
-from .model_sizes import largest_linear, text_encoder_bytes, unet_bytes, vae_parameters
+from .model_sizes import largest_linear, text_encoder_bytes, unet_bytes, unet_parameters, vae_parameters
 
 BUDGET_ENV = "MLX_UNET_MEMORY_BUDGET_GB"
 GIB = 2**30
@@ -142,6 +142,14 @@ def decode_tile(c: VAEConfig, pixels: tuple[int, int], batch: int, dtype: mx.Dty
     return tiles[-1]
 
 
+def widening_fits(extra: int, held: int | None = None) -> bool:
+    """Whether a run may widen its UNet's half-precision weights (``extra`` bytes more,
+    ``cpu.widen``): when that leaves half of the memory this process can still get (less
+    ``held``, default what MLX holds now) for the run's activations."""
+    held = mx.get_active_memory() if held is None else held
+    return extra <= (available_memory()[0] - held) / 2
+
+
 def decode_budget() -> int:
     """What a decode may use now by default: ``available_memory()`` less what MLX holds already."""
     return available_memory()[0] - mx.get_active_memory()
@@ -209,6 +217,12 @@ def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextCo
     stages = {"text encoders": resident + text + text_activations(encoders, images) + dequantized}
     for name, config in zip(("denoise", "refine"), unets):
         stages[name] = resident + unet_activations(config, latent, batch, dtype, chunked) + dequantized
+        # A half-precision UNet's weights widened for the run, where RunSettings would (2 bytes
+        # more per parameter: a bound, as norms and biases stay as they are).
+        widening = 2 * unet_parameters(config)
+        if chunked and dtype.size == 2 and unet_quantization is None and not low_memory and \
+                widening_fits(widening, resident):
+            stages[name] += widening
     tile = vae.sample_size if vae_tile is None else vae_tile
     decode_resident = resident - unets_held if release_unet else resident
     if tiled_vae is None:

@@ -1,12 +1,14 @@
-"""How a run calls the UNet: compiled or not, in low-memory mode or not. These are settings of
-the run, not of the model: the UNet is never changed, and the process-wide MLX buffer cache
-limit that low-memory mode lowers is restored when the run ends (by an exception too).
+"""How a run calls the UNet: compiled or not, in low-memory mode or not, with its half-precision
+weights widened for the run or not. These are settings of the run, not of the model: the UNet
+comes out of a run as it went in (widened weights are narrowed back, bit for bit), and the
+process-wide MLX buffer cache limit that low-memory mode lowers is restored when the run ends
+(by an exception too).
 """
 
 from __future__ import annotations
 
 import weakref
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
@@ -14,8 +16,10 @@ from typing import Callable, Iterator
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..cpu import on_cpu
+from ..cpu import is_accelerated, on_cpu
+from ..cpu.widen import widened, widening_bytes
 from ..models.unet import UNet2DConditionModel
+from .memory import widening_fits
 
 Forward = Callable[..., mx.array]  # called as the UNet is: (sample, timestep, context, **conditioning)
 
@@ -93,11 +97,17 @@ class RunSettings:
     evaluated block by block (so no lazy graph of the whole forward is built and held, and none
     is compiled: this overrides ``compile``) and MLX's buffer cache is limited to
     ``cache_limit_gb`` during the run. ``benchmarks/bench_unet.py --low-memory`` measures it.
+    ``widen_weights``: on the CPU kernels, hold a half-precision UNet in float32 for the run
+    (``cpu.widen``): the run computes in float32 from the half-precision weights, in about
+    float32's time per step (half precision has no fast CPU arithmetic), with float32's memory
+    for the weights during the run, and the UNet comes back as it was. None: where that fits
+    (``memory.widening_fits``), never in low-memory mode.
     """
 
     compile: bool | None = None
     low_memory: bool = False
     cache_limit_gb: float = 0.25
+    widen_weights: bool | None = None
 
     @property
     def compiles(self) -> bool:
@@ -111,6 +121,21 @@ class RunSettings:
             return partial(unet, after_block=mx.eval)
         return compiled_forward(unet) if self.compiles else unet
 
-    def applied(self) -> AbstractContextManager:
-        """The process-wide part of the settings (the cache limit), for a ``with`` block."""
-        return cache_limit(int(self.cache_limit_gb * 2**30)) if self.low_memory else nullcontext()
+    def widens(self, unet: UNet2DConditionModel) -> bool:
+        """Whether a run on ``unet`` widens its half-precision weights."""
+        if self.widen_weights is False or (self.widen_weights is None and self.low_memory):
+            return False
+        if not any(is_accelerated(module) for _, module in unet.named_modules()):
+            return False  # MLX's own layers: the code path of Metal and CUDA, where half precision pays
+        extra = widening_bytes(unet)
+        return extra > 0 and (self.widen_weights or widening_fits(extra))
+
+    def applied(self, unet: UNet2DConditionModel | None = None) -> AbstractContextManager:
+        """The settings that hold for the run, for a ``with`` block: the cache limit, and
+        ``unet``'s weights widened where ``widens`` says so."""
+        stack = ExitStack()
+        if self.low_memory:
+            stack.enter_context(cache_limit(int(self.cache_limit_gb * 2**30)))
+        if unet is not None and self.widens(unet):
+            stack.enter_context(widened(unet))
+        return stack

@@ -86,17 +86,19 @@ class Sampler:
     """A UNet and a scheduler; ``sampler(...)`` returns the final latents, ``sampler.steps(...)``
     yields a ``Step`` after each one (the last one's latents are the result).
 
-    ``compile`` and ``low_memory`` are the settings of its runs (``pipelines.run.RunSettings``):
-    the UNet through ``mx.compile``, by default on Metal and CUDA and not on the CPU; for 8-16 GB
-    machines, the UNet evaluated block by block with a small buffer cache, and classifier-free
-    guidance's two halves one after the other instead of as one batch of two. The UNet itself
-    is never changed.
+    ``compile``, ``low_memory`` and ``widen_weights`` are the settings of its runs
+    (``pipelines.run.RunSettings``): the UNet through ``mx.compile``, by default on Metal and CUDA
+    and not on the CPU; for 8-16 GB machines, the UNet evaluated block by block with a small
+    buffer cache, and classifier-free guidance's two halves one after the other instead of as
+    one batch of two; on the CPU, a half-precision UNet held in float32 for the run (by default
+    where that fits in memory). The UNet comes out of a run as it went in.
     """
 
-    def __init__(self, unet: UNet2DConditionModel, scheduler, compile: bool | None = None, low_memory: bool = False):
+    def __init__(self, unet: UNet2DConditionModel, scheduler, compile: bool | None = None, low_memory: bool = False,
+                 widen_weights: bool | None = None):
         self.unet = unet
         self.scheduler = scheduler
-        self.settings = RunSettings(compile=compile, low_memory=low_memory)
+        self.settings = RunSettings(compile=compile, low_memory=low_memory, widen_weights=widen_weights)
 
     def __call__(self, *args, **kwargs) -> mx.array:
         for step in self.steps(*args, **kwargs):  # steps() refuses a run of no step
@@ -288,13 +290,13 @@ class Sampler:
         made (``prepare_latents`` just before: it set the scheduler up). The run settings hold
         from the first step until the loop ends or is closed."""
         sched = self.scheduler
-        dtype = self.unet.dtype
         guided, scale = conditioning.guided, conditioning.guidance_scale
         x, timesteps = start.latents, start.timesteps
         total = timesteps.shape[0]
         step_keys = mx.random.split(start.key, max(total, 1))
         warned = False
-        with self.settings.applied():
+        with self.settings.applied(self.unet):
+            dtype = self.unet.dtype  # float32 where the run widens a half-precision UNet
             forward = self.settings.forward(self.unet)
             # The text's keys and values in every cross-attention layer: the same in every step.
             text_kv = self.unet.cross_attention_kv(conditioning.context)
