@@ -1,6 +1,7 @@
 """Whole commands, prompt to PNG: ``mlx-unet generate`` against stable-diffusion.cpp's ``sd`` CLI.
 
-    python benchmarks/bench_sdcpp.py --sd ~/stable-diffusion.cpp/build/bin/sd-cli --workdir ~/sdxl-random
+    python benchmarks/bench_sdcpp.py --sd ~/stable-diffusion.cpp/build/bin/sd-cli \
+        --workdir ~/sdxl-random
     python benchmarks/bench_sdcpp.py --workdir ~/sdxl-random          # ours only (no sd binary given)
     python benchmarks/bench_sdcpp.py --quick --sd ./sd-cli             # tiny components: checks the benchmark runs
 

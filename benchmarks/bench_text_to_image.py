@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
 import torch_reference  # noqa: E402  (benchmarks/, on sys.path when run as a script)
+from torch_reference import random_module  # noqa: E402
 import mlx_unet  # noqa: E402  (before mlx: the fast BLAS on Linux)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -90,10 +91,10 @@ def build_diffusers_pipeline(folder: Path, quick: bool, configs: tuple | None = 
     tokenizers = [CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=77)
                   for pad in ("<|endoftext|>", "!")]  # SDXL's two tokenizers differ in padding only
     pipe = StableDiffusionXLPipeline(
-        unet=torch_reference.random_module(UNet2DConditionModel, **unet.to_diffusers_dict(), seed=0),
-        text_encoder=torch_reference.random_module(CLIPTextModel, HFTextConfig(**clip_l.to_transformers_dict()), seed=1),
-        text_encoder_2=torch_reference.random_module(CLIPTextModelWithProjection, HFTextConfig(**bigg.to_transformers_dict()), seed=2),
-        vae=torch_reference.random_module(AutoencoderKL, **vae.to_diffusers_dict(), seed=3),
+        unet=random_module(UNet2DConditionModel, **unet.to_diffusers_dict(), seed=0),
+        text_encoder=random_module(CLIPTextModel, HFTextConfig(**clip_l.to_transformers_dict()), seed=1),
+        text_encoder_2=random_module(CLIPTextModelWithProjection, HFTextConfig(**bigg.to_transformers_dict()), seed=2),
+        vae=random_module(AutoencoderKL, **vae.to_diffusers_dict(), seed=3),
         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG))
     # Random decoder weights give pixels far outside [-1, 1]; a smaller output conv keeps most of
@@ -110,7 +111,7 @@ def build_tiny_vae(folder: Path, quick: bool) -> None:
     from diffusers import AutoencoderTiny as TorchTinyVAE
 
     config = TinyVAEConfig.from_preset("tiny" if quick else "taesd").to_diffusers_dict()
-    tiny = torch_reference.random_module(TorchTinyVAE, **{k: v for k, v in config.items() if not k.startswith("_")}, seed=4)
+    tiny = random_module(TorchTinyVAE, **{k: v for k, v in config.items() if not k.startswith("_")}, seed=4)
     tiny.save_pretrained(folder)
 
 

@@ -100,8 +100,7 @@ class NormSiLU(GroupNorm):
 
         mean = self.group_means(sum(on_streams(lambda band: pixel_sums(band.astype(F32)))), count)
         var = self.group_means(sum(on_streams(lambda band: pixel_sums(_centered_squares(band, mean)))), count)
-        scale = self.weight.astype(F32) * mx.rsqrt(var + self.eps)
-        shift = self.bias.astype(F32) - mean * scale
+        scale, shift = self.scale_shift_of(mean, var)
         return mx.concatenate(on_streams(lambda band: affine_silu(band, scale, shift)), axis=1)
 
 

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..models.resnet import Upsample2D as PlainUpsample2D
-from .conv import Conv2d, tap_blocks
+from .conv import Conv2d, joined, tap_blocks
 
 # For output parity p: the kernel rows that fall on each of the two source rows it reads
 # (row offsets 0 and 1 in the padded source image, relative to p).
@@ -43,12 +43,10 @@ class Upsample2D(PlainUpsample2D):
     def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
         if not self._fused(x, size):
             return super().__call__(x, size)
-        batch, height, width, channels = x.shape
+        batch, height, width, _ = x.shape
         conv = self.conv
-        # One extra zero row below, as in Conv2d: the last tap's run ends past the padded image.
-        padded = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).astype(mx.float32)
-        wide = width + 2
-        rows = padded.reshape(batch, -1, channels)
+        # The source image padded and flattened as the 3x3 convolution over it lays it out.
+        rows, wide, _ = conv._rows(x, height, width)
         bias = conv._bias()
         taps = {}
         for p in range(2):
@@ -61,8 +59,7 @@ class Upsample2D(PlainUpsample2D):
             # Per block of source rows: the four parities side by side, (4, rows, width, out),
             # then read out as (rows, p, width, q, out), which is the output's (2 rows, 2 width).
             slabs = [mx.stack(parts).reshape(2, 2, *parts[0].shape).transpose(2, 0, 3, 1, 4) for parts in zip(*phases)]
-            image = mx.contiguous(slabs[0]) if len(slabs) == 1 else mx.concatenate(slabs, axis=0)
-            images.append(image.reshape(2 * height, 2 * width, -1))
+            images.append(joined(slabs).reshape(2 * height, 2 * width, -1))
         out = images[0][None] if batch == 1 else mx.stack(images)
         return out.astype(x.dtype)
 

@@ -24,29 +24,26 @@ def _adopt(cls, module: nn.Module) -> nn.Module:
     return adopted
 
 
+def _evaluated_in_reused_heap(forward, x: mx.array) -> mx.array:
+    with reused_heap():
+        out = forward(x)
+        mx.eval(out)
+    return out
+
+
 class Encoder(vae.Encoder):
     """Takes the place of ``models.vae.Encoder``."""
 
-    @classmethod
-    def from_module(cls, module: vae.Encoder) -> "Encoder":
-        return _adopt(cls, module)
+    from_module = classmethod(_adopt)
 
     def __call__(self, x: mx.array) -> mx.array:
-        with reused_heap():
-            moments = super().__call__(x)
-            mx.eval(moments)
-        return moments
+        return _evaluated_in_reused_heap(super().__call__, x)
 
 
 class Decoder(vae.Decoder):
     """Takes the place of ``models.vae.Decoder``."""
 
-    @classmethod
-    def from_module(cls, module: vae.Decoder) -> "Decoder":
-        return _adopt(cls, module)
+    from_module = classmethod(_adopt)
 
     def __call__(self, z: mx.array) -> mx.array:
-        with reused_heap():
-            images = super().__call__(z)
-            mx.eval(images)
-        return images
+        return _evaluated_in_reused_heap(super().__call__, z)

@@ -52,6 +52,10 @@ class GroupNorm(nn.Module):
         count = x.shape[1] * x.shape[2]
         mean = self.group_means(pixel_sums(x.astype(mx.float32)), count)
         var = self.group_means(pixel_sums(self.centered_squares(x, mean)), count)  # biased, as torch's
+        return self.scale_shift_of(mean, var)
+
+    def scale_shift_of(self, mean: mx.array, var: mx.array) -> tuple[mx.array, mx.array]:
+        """(scale, shift) from each channel's group mean and variance, (B, 1, 1, C) float32."""
         scale = self.weight.astype(mx.float32) * mx.rsqrt(var + self.eps)
         return scale, self.bias.astype(mx.float32) - mean * scale
 

@@ -217,8 +217,8 @@ def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextCo
     stages = {"text encoders": resident + text + text_activations(encoders, images) + dequantized}
     for name, config in zip(("denoise", "refine"), unets):
         stages[name] = resident + unet_activations(config, latent, batch, dtype, chunked) + dequantized
-        # A half-precision UNet's weights widened for the run, where RunSettings would (2 bytes
-        # more per parameter: a bound, as norms and biases stay as they are).
+        # A half-precision UNet held in float32 for the run, where RunSettings.widens would: 2 bytes
+        # more per parameter.
         widening = 2 * unet_parameters(config)
         if chunked and dtype.size == 2 and unet_quantization is None and not low_memory and \
                 widening_fits(widening, resident):

@@ -14,6 +14,7 @@ from functools import partial
 from typing import Callable, Iterator
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..cpu import is_accelerated, on_cpu
@@ -101,7 +102,7 @@ class RunSettings:
     (``cpu.widen``): the run computes in float32 from the half-precision weights, in about
     float32's time per step (half precision has no fast CPU arithmetic), with float32's memory
     for the weights during the run, and the UNet comes back as it was. None: where that fits
-    (``memory.widening_fits``), never in low-memory mode.
+    (``memory.widening_fits``), never in low-memory mode or for a quantized UNet.
     """
 
     compile: bool | None = None
@@ -125,10 +126,14 @@ class RunSettings:
         """Whether a run on ``unet`` widens its half-precision weights."""
         if self.widen_weights is False or (self.widen_weights is None and self.low_memory):
             return False
-        if not any(is_accelerated(module) for _, module in unet.named_modules()):
+        modules = [module for _, module in unet.named_modules()]
+        if not any(is_accelerated(module) for module in modules):
             return False  # MLX's own layers: the code path of Metal and CUDA, where half precision pays
         extra = widening_bytes(unet)
-        return extra > 0 and (self.widen_weights or widening_fits(extra))
+        if self.widen_weights or extra == 0:
+            return extra > 0
+        # By need as memory.estimate_run counts it: never a quantized UNet, whose point is its size.
+        return not any(isinstance(module, nn.QuantizedLinear) for module in modules) and widening_fits(extra)
 
     def applied(self, unet: UNet2DConditionModel | None = None) -> AbstractContextManager:
         """The settings that hold for the run, for a ``with`` block: the cache limit, and

@@ -4,6 +4,7 @@ after the run (by an exception too), and is widened only where it fits in memory
 low-memory mode, on MLX's own layers, or where nothing is half."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
@@ -115,6 +116,12 @@ def test_widening_only_where_it_fits_and_is_asked(monkeypatch):
     assert not run.RunSettings(widen_weights=False).widens(unet)
     assert not run.RunSettings(widen_weights=True).widens(_unet(mx.float32))  # nothing is half
     assert not run.RunSettings(widen_weights=True).widens(_unet(kernels=False))  # MLX's own layers: no widening
+    quantized = _unet()
+    nn.quantize(quantized, group_size=32, bits=8,
+                class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[1] % 32 == 0)
+    assert widen.widening_bytes(quantized) > 0  # its convolutions, norms and the scales outside are half
+    assert not run.RunSettings().widens(quantized)  # as the memory estimate: never a quantized UNet by need
+    assert run.RunSettings(widen_weights=True).widens(quantized)
     monkeypatch.setenv(memory.BUDGET_ENV, str(widen.widening_bytes(unet) / 2**30))  # less than twice the extra
     assert not run.RunSettings().widens(unet) and run.RunSettings(widen_weights=True).widens(unet)
 
