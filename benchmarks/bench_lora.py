@@ -1,5 +1,5 @@
 """A rank-32 LoRA on every attention projection of SDXL: fusing it, removing it, and what it costs
-per step live; ours (mlx_unet.lora) against diffusers + PEFT, side by side in one process.
+per step live; ours (mlx_unet.lora) against diffusers + PEFT, timed in a process of its own.
 
     python benchmarks/bench_lora.py                          # SDXL base fp32, rank 32, 32x32 latent, batch 1
     python benchmarks/bench_lora.py --dtype float16 --no-torch
@@ -22,8 +22,11 @@ without LoRA, with it live and fused, medians of interleaved repeats (each repea
 fused forward, remove, attach live, live forward), and the live overhead; the LoRA's FLOPs over
 the forward's (counted from the layers, as bench_unet.py). The bit-exact removal is checked on
 every parameter after the timed repeats. diffusers runs first, float32 whatever --dtype (its
-float16 CPU forward takes minutes), and is freed before ours is built: two float32 SDXL UNets do
-not fit in 24 GB together. Both sides use --threads threads (torch's and OpenBLAS's).
+float16 CPU forward takes minutes), in a child process that loads neither MLX nor mlx_unet
+(``torch_reference.py``: in this one, our OpenBLAS would slow torch), which reports torch's sgemm
+rate beside its times and a digest of the LoRA it made, checked against ours; it ends before ours
+is built: two float32 SDXL UNets do not fit in 24 GB together. Both sides use --threads threads
+(torch's and OpenBLAS's).
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ import argparse
 import ctypes
 import gc
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -49,37 +51,15 @@ from mlx.utils import tree_flatten  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from bench_unet import counting_flops  # noqa: E402
-from torch_reference import make_unet_inputs  # noqa: E402
+import torch_reference  # noqa: E402
+from torch_reference import lora_factors, make_unet_inputs  # noqa: E402
 from mlx_unet import UNet2DConditionModel, UNetConfig, cpu  # noqa: E402
 from mlx_unet.configs.base import DTYPES  # noqa: E402
 from mlx_unet.lora import apply_lora, read_lora  # noqa: E402
 from mlx_unet.lora.layers import base_of, layer_at  # noqa: E402
 from mlx_unet.weights import load_weights, torch_to_mlx_layout  # noqa: E402
 
-ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
-
-
 # ---------------------------------------------------------------------- the LoRA
-
-
-def lora_factors(reference, rank: int, alpha: float, strength: float, seed: int = 0) -> dict[str, tuple]:
-    """Module path -> (down (rank, in), up (out, rank)), float32, for every attention projection of
-    the torch model: random, sized so that alpha / rank * up @ down has ``strength`` x the RMS of
-    the layer's weight (down ~ N(0, 1/in), up ~ N(0, c^2): the product's RMS is c sqrt(rank / in))."""
-    import torch
-
-    rng = np.random.default_rng(seed)
-    factors = {}
-    for path, module in reference.named_modules():
-        if not (ATTENTION.search(path) and isinstance(module, torch.nn.Linear)):
-            continue
-        out, inner = module.weight.shape
-        weight_rms = float(module.weight.detach().double().pow(2).mean().sqrt())
-        c = strength * weight_rms * rank / alpha * (inner / rank) ** 0.5
-        down = rng.standard_normal((rank, inner), dtype=np.float32) / np.float32(inner ** 0.5)
-        up = rng.standard_normal((out, rank), dtype=np.float32) * np.float32(c)
-        factors[path] = (down, up)
-    return factors
 
 
 def write_kohya(path: Path, factors: dict[str, tuple], alpha: float) -> None:
@@ -89,16 +69,6 @@ def write_kohya(path: Path, factors: dict[str, tuple], alpha: float) -> None:
         tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
         tensors[f"{name}.alpha"] = np.array(alpha, dtype=np.float32)
     save_file(tensors, str(path))
-
-
-def peft_state(factors: dict[str, tuple]) -> dict:
-    import torch
-
-    state = {}
-    for module, (down, up) in factors.items():
-        state[f"{module}.lora_A.weight"] = torch.from_numpy(down)
-        state[f"{module}.lora_B.weight"] = torch.from_numpy(up)
-    return state
 
 
 # ---------------------------------------------------------------------- measuring
@@ -139,53 +109,6 @@ def progress(message: str, start: float) -> None:
     except (OSError, ValueError, IndexError):
         resident = ""
     print(f"[{time.perf_counter() - start:6.0f} s;{resident} {message}]", file=sys.stderr, flush=True)
-
-
-def bench_torch(reference, factors: dict, rank: int, alpha: float, inputs: dict, repeats: int) -> dict:
-    """diffusers + PEFT: load the adapter, then per repeat: no LoRA, live, fuse, fused, unfuse."""
-    import torch
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    sample = torch.from_numpy(inputs["sample"]).permute(0, 3, 1, 2).contiguous()
-    context = torch.from_numpy(inputs["context"])
-    added = {}
-    if "time_ids" in inputs:
-        added = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(inputs["text_embeds"]),
-                                       "time_ids": torch.from_numpy(inputs["time_ids"])}}
-
-    def forward():
-        with torch.no_grad():
-            reference(sample, float(inputs["timestep"]), context, **added)
-
-    forward()  # warm-up
-    # Unfusing is not exact in PEFT, and the weights it leaves would be fixed points of this very
-    # LoRA's round trip (ours would then record nothing): the touched weights are put back after.
-    modules = dict(reference.named_modules())
-    originals = {path: modules[path].weight.detach().clone() for path in factors}
-    metadata = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(factors)}
-    r = {"attach_s": seconds(lambda: reference.load_lora_adapter(peft_state(factors), prefix=None, metadata=metadata))}
-    wrapped = [m for m in reference.modules() if isinstance(m, BaseTunerLayer)]
-    scalings = {s for m in wrapped for s in m.scaling.values()}
-    if len(wrapped) != len(factors) or scalings != {alpha / rank}:
-        raise RuntimeError(f"PEFT wrapped {len(wrapped)} of {len(factors)} layers with scalings {scalings}")
-    forward()  # warm-up, live
-    times = {k: [] for k in ("base_s", "live_s", "fuse_s", "fused_s", "remove_s")}
-    for _ in range(repeats):
-        reference.disable_lora()
-        times["base_s"].append(seconds(forward))
-        reference.enable_lora()
-        times["live_s"].append(seconds(forward))
-        times["fuse_s"].append(seconds(lambda: reference.fuse_lora(lora_scale=1.0)))
-        times["fused_s"].append(seconds(forward))
-        times["remove_s"].append(seconds(reference.unfuse_lora))
-    reference.unload_lora()
-    modules = dict(reference.named_modules())
-    with torch.no_grad():
-        for path, weight in originals.items():
-            modules[path].weight.copy_(weight)
-    r.update({k: statistics.median(v) for k, v in times.items()})
-    r["first_fuse_s"] = times["fuse_s"][0]
-    return r
 
 
 def records(model, applied) -> tuple[int, int, int]:
@@ -312,19 +235,24 @@ def main(argv=None) -> int:
     inputs = make_unet_inputs(config.to_diffusers_dict(), args.batch, args.latent)
 
     start = time.perf_counter()
-    progress(f"building diffusers' {family} UNet", start)
-    torch.manual_seed(0)
+    theirs = None
+    if not args.no_torch:
+        # First, while this process holds no UNet: two float32 SDXL UNets do not fit in 24 GB.
+        progress("diffusers + PEFT, in a process of its own", start)
+        theirs = torch_reference.run("lora", args.threads, config=config.to_diffusers_dict(), batch=args.batch,
+                                     size=args.latent, rank=args.rank, alpha=alpha, strength=args.strength,
+                                     repeats=args.repeats, seed=0, sgemm_n=64 if args.quick else 4096)
+    torch_s = time.perf_counter() - start
+    progress(f"building diffusers' {family} UNet for its weights", start)
+    torch.manual_seed(0)  # as the reference process did: the same weights
     reference = TorchUNet(**config.to_diffusers_dict()).eval()
     factors = lora_factors(reference, args.rank, alpha, args.strength)
+    if theirs is not None and theirs["factors"] != torch_reference.factors_digest(factors):
+        raise RuntimeError("the reference process made another LoRA than this one: the comparison would mean nothing")
     temp = tempfile.TemporaryDirectory(prefix="bench-lora-")
     lora_path = Path(temp.name) / "lora.safetensors"
     write_kohya(lora_path, factors, alpha)
     lora_mib = lora_path.stat().st_size / 2**20
-    theirs = None
-    if not args.no_torch:
-        progress("diffusers + PEFT", start)
-        theirs = bench_torch(reference, factors, args.rank, alpha, inputs, args.repeats)
-    torch_s = time.perf_counter() - start
 
     # Hand the weights over tensor by tensor, freeing torch's copy as we go.
     progress("handing the weights over", start)
@@ -367,9 +295,10 @@ def main(argv=None) -> int:
           f"({touched / 1e6:.0f} M weights, {touched / parameters:.0%} of {parameters / 1e6:.0f} M), "
           f"{sum(d.size + u.size for d, u in factors.values()) / 1e6:.1f} M parameters ({lora_mib:.0f} MiB file), "
           f"update RMS {args.strength:g} x weight RMS; read_lora {mine['read_s']:.2f} s")
+    reference_line = ("diffusers + PEFT timed in a process of its own (torch_reference.py), torch's sgemm there "
+                      f"{theirs['sgemm']:.0f} GFLOP/s" if theirs else "diffusers not run")
     print(f"forwards: {args.latent}x{args.latent} latent, batch {args.batch}; medians of {args.repeats} interleaved "
-          f"repeats. diffusers is timed in this process after `import mlx_unet` loaded "
-          f"{'OpenBLAS' if mlx_unet.cpu.blas.loaded else 'MLX'} (as bench_unet.py; issue 19: it may slow torch)")
+          f"repeats. {reference_line}")
     print(f"{'':<26} {'ours':>9} {'diffusers':>9} {'ratio':>6}")
 
     for label, key in (("fuse s", "fuse_s"), ("fuse s, first call", "first_fuse_s"), ("remove s", "remove_s"),
@@ -387,7 +316,7 @@ def main(argv=None) -> int:
           f"({mine['record_bytes'] / 2**20:.0f} MiB, kept while fused); remove bit-exact: "
           f"{'yes' if mine['exact'] else 'NO'} (every parameter)")
     print("(*) ours: apply_lora(fuse=False) of the file read; diffusers: load_lora_adapter of the tensors, once")
-    print(f"(diffusers side {torch_s:.0f} s; whole run {total_s:.0f} s)")
+    print(f"(diffusers' process {torch_s:.0f} s; whole run {total_s:.0f} s)")
     return 0 if mine["exact"] else 1
 
 

@@ -14,12 +14,20 @@ step (ours: the median step; sd.cpp's: its sampling time over the steps). Ours r
 a first run does), "cached" loads the cached conversion (every later run). sd.cpp runs at each
 ``--sd-type`` (its in-memory weight types). sd.cpp's build decides its speed: build it with
 ggml's llamafile kernels and for this CPU (``cmake -B build -DGGML_LLAMAFILE=ON -DGGML_NATIVE=ON``).
+
+Fresh memory: in a virtual machine whose host takes back the memory a guest frees (free page
+reporting, ballooning), the first touch of a page costs far more than on bare metal, and a
+command that starts right after another finds the pages that one freed still backed. Both
+commands touch gigabytes, so the order alone could decide the table. Each command therefore starts
+after ``--settle`` seconds of quiet (the state of a command run on its own), and the benchmark
+prints what a GiB of fresh memory costs to touch after such a pause, so the figures can be read.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import re
 import shutil
@@ -82,7 +90,8 @@ def _quick_configs() -> tuple:
 
 
 def timed(command: list[str], env: dict[str, str]) -> dict:
-    """Run ``command``; its wall seconds, peak RSS (GiB) and output (stdout and stderr together)."""
+    """Run ``command``; its wall seconds, peak RSS (GiB), memory faulted in (GiB) and output
+    (stdout and stderr together)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = process.stdout.read().decode(errors="replace")
@@ -91,7 +100,9 @@ def timed(command: list[str], env: dict[str, str]) -> dict:
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         sys.exit(f"{command[0]} failed (exit {code}):\n{output[-3000:]}")
-    return {"total": seconds, "rss": usage.ru_maxrss / 2**20, "log": output}
+    # Minor faults: pages first touched (or mapped from the page cache) without I/O.
+    return {"total": seconds, "rss": usage.ru_maxrss / 2**20, "faulted": usage.ru_minflt * mmap.PAGESIZE / 2**30,
+            "log": output}
 
 
 def ours(model: Path, out: Path, size: int, steps: int, dtype: str, threads: int, cache: Path) -> dict:
@@ -118,6 +129,16 @@ def sdcpp(binary: Path, model: Path, out: Path, size: int, steps: int, weight_ty
                      "step": float(sampled.group(1)) / steps if sampled else None}
 
 
+def fresh_memory_seconds_per_gib(gib: float = 0.5) -> float:
+    """Seconds per GiB to first touch memory the process never had (one write per 4 KiB page)."""
+    size = int(gib * 2**30)
+    with mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as pages:
+        start = time.perf_counter()
+        for offset in range(0, size, mmap.PAGESIZE):
+            pages[offset] = 1
+        return (time.perf_counter() - start) / gib
+
+
 def _cell(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -134,9 +155,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of both (default: all cores)")
     p.add_argument("--workdir", type=Path, required=True,
                    help="where the random pipeline and its single file are kept (needs about 20 GB)")
+    p.add_argument("--settle", type=float,
+                   help="seconds of quiet before each command (default: 45; 0 with --quick), see Fresh memory below")
     p.add_argument("--quick", action="store_true", help="tiny components: a smoke run")
     args = p.parse_args(argv)
     size = args.size or (64 if args.quick else 256)
+    settle = args.settle if args.settle is not None else (0 if args.quick else 45)
     if args.sd is not None and not (args.sd.is_file() and os.access(args.sd, os.X_OK)):
         p.error(f"--sd {args.sd} is not an executable file")
     workdir = args.workdir.expanduser()
@@ -145,24 +169,30 @@ def main(argv=None) -> int:
     out = workdir / "bench-sdcpp"
     out.mkdir(exist_ok=True)
 
+    time.sleep(settle)
+    fresh = fresh_memory_seconds_per_gib()
     rows = []
     for dtype in args.dtype:
         cache = out / f"cache-{dtype}"
         shutil.rmtree(cache, ignore_errors=True)
         for run in ("first", "cached"):
             print(f"ours {dtype}, {run} run", flush=True)
+            time.sleep(settle)
             rows.append((f"mlx-unet {dtype}, {run}", ours(model, out / f"ours-{dtype}.png", size, args.steps, dtype,
                                                           args.threads, cache)))
         shutil.rmtree(cache)
     for weight_type in args.sd_type if args.sd else []:
         print(f"sd.cpp {weight_type}", flush=True)
+        time.sleep(settle)
         rows.append((f"sd.cpp {weight_type}", sdcpp(args.sd, model, out / f"sd-{weight_type}.png", size, args.steps,
                                                     weight_type, args.threads)))
 
-    print(f"\n{model.name}: {size}x{size} px, {args.steps} Euler steps, CFG {CFG}, {args.threads} threads")
-    print(f"{'command':<28} {'total s':>8} {'load s':>7} {'step s':>7} {'peak RSS GiB':>13}")
+    print(f"\n{model.name}: {size}x{size} px, {args.steps} Euler steps, CFG {CFG}, {args.threads} threads; "
+          f"each command after {settle:g} s of quiet, when fresh memory cost {fresh:.2f} s/GiB to touch")
+    print(f"{'command':<28} {'total s':>8} {'load s':>7} {'step s':>7} {'peak RSS GiB':>13} {'faulted GiB':>12}")
     for name, r in rows:
-        print(f"{name:<28} {r['total']:>8.1f} {_cell(r['load']):>7} {_cell(r['step'], 2):>7} {r['rss']:>13.2f}")
+        print(f"{name:<28} {r['total']:>8.1f} {_cell(r['load']):>7} {_cell(r['step'], 2):>7} {r['rss']:>13.2f} "
+              f"{r['faulted']:>12.2f}")
     if not args.sd:
         print("(no --sd given: sd.cpp not run)")
     return 0

@@ -14,7 +14,9 @@ numpy, torch and diffusers, also when the parent imports it for :func:`make_unet
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -118,6 +120,96 @@ def unet_job(config: dict, batch: int, size: int, dtype: str, warmup: int, repea
     return {"seconds": seconds, "sgemm": torch_sgemm_gflops(sgemm_n)}
 
 
+# ---------------------------------------------------------------------- a LoRA through PEFT
+
+ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+
+
+def lora_factors(reference, rank: int, alpha: float, strength: float, seed: int = 0) -> dict[str, tuple]:
+    """Module path -> (down (rank, in), up (out, rank)), float32, for every attention projection of
+    the torch model: random, sized so that alpha / rank * up @ down has ``strength`` x the RMS of
+    the layer's weight (down ~ N(0, 1/in), up ~ N(0, c^2): the product's RMS is c sqrt(rank / in))."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    factors = {}
+    for path, module in reference.named_modules():
+        if not (ATTENTION.search(path) and isinstance(module, torch.nn.Linear)):
+            continue
+        out, inner = module.weight.shape
+        weight_rms = float(module.weight.detach().double().pow(2).mean().sqrt())
+        c = strength * weight_rms * rank / alpha * (inner / rank) ** 0.5
+        down = rng.standard_normal((rank, inner), dtype=np.float32) / np.float32(inner ** 0.5)
+        up = rng.standard_normal((out, rank), dtype=np.float32) * np.float32(c)
+        factors[path] = (down, up)
+    return factors
+
+
+def factors_digest(factors: dict[str, tuple]) -> str:
+    """A digest of the factors' values, to check that both processes made the same LoRA."""
+    digest = hashlib.sha256()
+    for path in sorted(factors):
+        digest.update(path.encode())
+        for array in factors[path]:
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _seconds(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def lora_job(config: dict, batch: int, size: int, rank: int, alpha: float, strength: float, repeats: int,
+             seed: int, sgemm_n: int) -> dict:
+    """diffusers' UNet (float32, built as ``unet_job`` builds it) with :func:`lora_factors`
+    through PEFT: attach (``load_lora_adapter``, checked to have wrapped every layer at alpha /
+    rank), then per repeat: no LoRA, live, fuse, fused, unfuse; medians, the first fuse apart."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    torch.manual_seed(seed)
+    reference = UNet2DConditionModel(**config).eval()
+    factors = lora_factors(reference, rank, alpha, strength)
+    inputs = make_unet_inputs(config, batch, size)
+    sample = torch.from_numpy(inputs["sample"]).permute(0, 3, 1, 2).contiguous()
+    context = torch.from_numpy(inputs["context"])
+    added = {}
+    if "time_ids" in inputs:
+        added = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(inputs["text_embeds"]),
+                                       "time_ids": torch.from_numpy(inputs["time_ids"])}}
+
+    def forward():
+        with torch.no_grad():
+            reference(sample, float(inputs["timestep"]), context, **added)
+
+    forward()  # warm-up
+    state = {}
+    for path, (down, up) in factors.items():
+        state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"] = torch.from_numpy(down), torch.from_numpy(up)
+    metadata = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(factors)}
+    r = {"attach_s": _seconds(lambda: reference.load_lora_adapter(state, prefix=None, metadata=metadata))}
+    wrapped = [m for m in reference.modules() if isinstance(m, BaseTunerLayer)]
+    scalings = {s for m in wrapped for s in m.scaling.values()}
+    if len(wrapped) != len(factors) or scalings != {alpha / rank}:
+        raise RuntimeError(f"PEFT wrapped {len(wrapped)} of {len(factors)} layers with scalings {scalings}")
+    forward()  # warm-up, live
+    times = {k: [] for k in ("base_s", "live_s", "fuse_s", "fused_s", "remove_s")}
+    for _ in range(repeats):
+        reference.disable_lora()
+        times["base_s"].append(_seconds(forward))
+        reference.enable_lora()
+        times["live_s"].append(_seconds(forward))
+        times["fuse_s"].append(_seconds(lambda: reference.fuse_lora(lora_scale=1.0)))
+        times["fused_s"].append(_seconds(forward))
+        times["remove_s"].append(_seconds(reference.unfuse_lora))
+    r.update({k: statistics.median(v) for k, v in times.items()})
+    r["first_fuse_s"] = times["fuse_s"][0]
+    return r | {"factors": factors_digest(factors), "sgemm": torch_sgemm_gflops(sgemm_n)}
+
+
 # ---------------------------------------------------------------------- the whole pipeline
 
 
@@ -211,7 +303,7 @@ def pipeline_job(folder: str, latents: str, steps: int, guidance: float, prompt:
     return result
 
 
-JOBS = {"unet": unet_job, "pipeline": pipeline_job}
+JOBS = {"unet": unet_job, "lora": lora_job, "pipeline": pipeline_job}
 
 
 def run(job: str, threads: int, **arguments) -> dict:

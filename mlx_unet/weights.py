@@ -93,12 +93,14 @@ def _model_name(model: nn.Module) -> str:
         type(model).__name__, type(model).__name__)
 
 
-def load_weights(model: nn.Module, weights: dict[str, mx.array | StoredTensor], dtype: mx.Dtype | None = None) -> None:
+def load_weights(model: nn.Module, weights: dict[str, mx.array | StoredTensor], dtype: mx.Dtype | None = None,
+                 held_in: mx.Dtype | None = None) -> None:
     """Move ``weights`` (MLX layout, diffusers names; arrays, or tensors of a file that
     ``read_weights_folder`` listed) into ``model`` after checking every key and shape.
     ``weights`` is emptied: each tensor is taken out, evaluated and put into the model before
     the next, so that the caller's copy (a file being read, say) and the model's never coexist
-    for more than one tensor."""
+    for more than one tensor. Floating-point values are rounded to ``dtype`` and kept in
+    ``held_in`` where given (a half-precision model held in float32 for a run: ``cpu.widen``)."""
     check_weights(model, weights)
     layouts = weight_layouts(model)
     orders = {name: kernel.memory_order for name, kernel in layouts.items()}
@@ -109,9 +111,12 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array | StoredTensor], 
         if isinstance(value, StoredTensor):
             values, finite = value.read(orders.get(name), buffers)
             value = value.to_mlx(values, orders.get(name), dtype)
+            if held_in is not None and mx.issubdtype(value.dtype, mx.floating):
+                value = value.astype(held_in)  # (a transposed view stays one: the cast keeps its strides)
         else:
-            if dtype is not None and mx.issubdtype(value.dtype, mx.floating):  # not a quantized layer's bits
-                value = value.astype(dtype)
+            for cast in (dtype, held_in):
+                if cast is not None and mx.issubdtype(value.dtype, mx.floating):  # not a quantized layer's bits
+                    value = value.astype(cast)
             # Parameters are row-major (a strided one, an mx.array of a transposed numpy view say,
             # would be copied by every product that reads it), except the weights that the CPU
             # kernels lay out for their products (cpu/linear.py, cpu/conv.py).
@@ -248,13 +253,17 @@ def read_weights_folder(model: nn.Module, folder: Path, lazy: bool = False) -> d
 
 
 def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None = None,
-                        quantize: Quantization | None = None, cpu_kernels: bool | None = False) -> None:
+                        quantize: Quantization | None = None, cpu_kernels: bool | None = False,
+                        held_in: mx.Dtype | None = None) -> None:
     """Load every ``*.safetensors`` file in ``folder`` into ``model``: into quantized layers where
     the folder is quantized (its config's ``mlx_unet`` section), or quantizing the policy's layers
     as they load where ``quantize`` asks (never a dense copy of the model either way). The CPU
     kernels (``cpu_kernels``, as ``cpu.prepare`` takes it) go in before the weights, so that each
-    weight is laid out for them as it loads, in the same pass."""
+    weight is laid out for them as it loads, in the same pass. ``held_in``: as ``load_weights``
+    takes it (a dense folder)."""
     stored = read_quantization(folder, _model_name(model))
+    if held_in is not None and (stored is not None or quantize is not None):
+        raise WeightsError("held_in is for dense weights: a quantized model keeps its quantized layers as they are.")
     # Quantizing as it loads computes over each weight in MLX: lazy arrays, read as evaluated.
     weights = read_weights_folder(model, folder, lazy=stored is None and quantize is not None)
     if stored is not None:
@@ -265,15 +274,15 @@ def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None =
     elif quantize is not None:
         weights = quantize_as_loaded(model, weights, quantize, dtype)
     cpu.prepare(model, cpu_kernels, loaded=False)
-    load_weights(model, weights, dtype)
+    load_weights(model, weights, dtype, held_in)
     if dtype is not None:
         mx.clear_cache()  # the file-dtype copies just freed would otherwise stay in MLX's cache
 
 
 def load_pretrained(model: nn.Module, folder: Path, dtype: mx.Dtype | None, cpu_kernels: bool | None,
-                    quantize: Quantization | None = None) -> nn.Module:
+                    quantize: Quantization | None = None, held_in: mx.Dtype | None = None) -> nn.Module:
     """``model`` (just built from its config) with ``folder``'s weights and, where
     ``cpu.kernels_enabled(cpu_kernels)``, the CPU kernels: config -> build -> quantize -> kernels
     -> load."""
-    load_weights_folder(model, folder, dtype, quantize, cpu_kernels)
+    load_weights_folder(model, folder, dtype, quantize, cpu_kernels, held_in)
     return model

@@ -1,15 +1,19 @@
-"""Reuse freed memory for large activations on Linux, where glibc's malloc serves MLX's buffers.
+"""Reuse freed memory for large buffers on Linux, where glibc's malloc serves MLX's and numpy's.
 
 MLX's CPU allocator keeps no cache: each buffer is malloc'ed when an operation runs and freed when
 its last reader is done. glibc serves requests above its mmap threshold (which adapts, up to
 32 MiB) with a fresh mapping and unmaps it on free, so a buffer that large is faulted in page
 by page, and zero-filled by the kernel, as it is first written. The VAE's activations at 512 px
 and more are 100 MiB to 1 GiB each, so without reuse a decode spent a large share of its time in
-page faults (system time), more than some of its convolutions.
+page faults (system time), more than some of its convolutions. A whole run frees gigabytes that
+its next stage needs again: the text encoders' weights before the UNet loads, the UNet's before
+the decode. In a virtual machine whose host takes back the memory a guest frees, touching fresh
+memory again can cost seconds per GB (README: "Fresh memory").
 
 ``reused_heap()`` raises malloc's mmap and trim thresholds for the duration of a block: large
-buffers then come from the heap and go back to it when freed, and the next layer's buffers reuse
-them. On leaving the outermost block the thresholds go back to the values glibc's own adaptation
+buffers then come from the heap and go back to it when freed, and later buffers reuse them.
+The VAE's forward runs in one, and so does a pipeline call, from the prompt to the image. On
+leaving the outermost block the thresholds go back to the values glibc's own adaptation
 settles at, and ``malloc_trim`` returns the freed memory to the system, so the process holds no
 more afterwards than it did before. ``MLX_UNET_NO_HEAP_REUSE=1`` turns it off.
 """

@@ -56,9 +56,10 @@ def _cast(module: nn.Module, name: str, dtype: mx.Dtype) -> None:
 
 
 @contextmanager
-def widened(model: nn.Module) -> Iterator[int]:
+def widened(model: nn.Module, narrow_back: bool = True) -> Iterator[int]:
     """``model``'s half-precision parameters in float32 inside the block, back in their own
-    dtypes after it (by an exception too); yields how many were widened."""
+    dtypes after it (by an exception too); yields how many were widened. ``narrow_back=False``
+    leaves them in float32, for a caller that drops the model straight after the block."""
     parameters = half_parameters(model)
     dtypes = [module[name].dtype for module, name in parameters]
     done = []
@@ -68,5 +69,5 @@ def widened(model: nn.Module) -> Iterator[int]:
             done.append((module, name))
         yield len(parameters)
     finally:
-        for (module, name), dtype in zip(done, dtypes):
+        for (module, name), dtype in zip(done if narrow_back else [], dtypes):
             _cast(module, name, dtype)

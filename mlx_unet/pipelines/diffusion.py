@@ -17,14 +17,14 @@ later call needs it.
 from __future__ import annotations
 
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from ..cpu import on_cpu
+from ..cpu import kernels_enabled, on_cpu
+from ..cpu.heap import reused_heap
 from ..configs.quantization import Quantization, as_quantization, text_encoder_quantization
 from ..errors import InputError, PipelineError
 from ..models.clip import CLIPTextModel
@@ -37,32 +37,12 @@ from .arguments import IMG2IMG_STRENGTH, INPAINT_STRENGTH, RunArguments, check_f
 from . import inpaint, loras, previews
 from .folder import TEXT_PARTS, PipelineFolder
 from .loras import PipelineLoRA
+from .memory import widens_by_need
+from .model_sizes import unet_bytes, unet_parameters
 from .pixels import batched, checked_image, decode, encode, to_pixels
 from .preflight import check_prompts, check_run
-from .prompts import PromptTokens, batch_tokens, check_max_tokens, gather, tokenize_prompt, unique
+from .prompts import PromptEmbeddings, PromptTokens, check_max_tokens, encode_sides, per_prompt
 from .sampler import Sampler, Step
-
-
-@dataclass
-class PromptEmbeddings:
-    """What the UNet is conditioned on: (B, 77 * chunks, width) token states (a long prompt is
-    encoded in chunks of 77; the negative prompt has as many), (B, pooled) for SDXL (None for
-    SD 1.x / 2.x), and the negative pair (None: zeros, SDXL's ``force_zeros_for_empty_prompt``)."""
-
-    context: mx.array
-    pooled: mx.array | None
-    negative_context: mx.array | None
-    negative_pooled: mx.array | None
-
-
-def _per_prompt(value: str | Sequence[str], name: str, count: int) -> list[str]:
-    """``value`` for each of ``count`` prompts: one string (or a list of one) serves them all."""
-    values = check_prompts(value, name)
-    if len(values) == 1:
-        return values * count
-    if len(values) != count:
-        raise PipelineError(f"{name} has {len(values)} entries for {count} prompts; give one, or one per prompt.")
-    return values
 
 
 class DiffusionPipeline:
@@ -122,6 +102,19 @@ class DiffusionPipeline:
             for lora in self.loras:
                 lora.apply_to_unet(self._unet)
         return self._unet
+
+    def _unet_for_one_run(self, low_memory: bool) -> UNet2DConditionModel:
+        """The UNet for a run that frees it at its end: a half-precision one that the run would
+        hold in float32 (``memory.widens_by_need``) is loaded in float32, its values rounded to
+        half precision (those the widening would give), without a half-precision copy first. Not
+        with LoRAs, which are fused into the weights in their own precision."""
+        if self._unet is None and self.dtype.size == 2 and not self.loras and "unet" not in self.parts.quantized:
+            config = self.parts.unet
+            held = mx.get_active_memory() + unet_bytes(config, self.dtype.size)
+            if widens_by_need(unet_parameters(config), accelerated=kernels_enabled(None),
+                              quantized=self.quantize is not None, low_memory=low_memory, held=held):
+                self._unet = _load_unet(self.parts, self.dtype, None, held_in=mx.float32)
+        return self.unet
 
     def release_unet(self) -> None:
         """Free the UNet's weights until the next call that needs them."""
@@ -240,26 +233,11 @@ class DiffusionPipeline:
         # stand in for it (as in diffusers, a lone negative_prompt_2 does not change that).
         zero_negative = negative_prompt is None and self.parts.force_zeros_for_empty_prompt
         if guided and not zero_negative:
-            negatives = _per_prompt("" if negative_prompt is None else negative_prompt, "negative_prompt", len(prompts))
+            negatives = per_prompt("" if negative_prompt is None else negative_prompt, "negative_prompt", len(prompts))
             negatives_2 = negatives if negative_prompt_2 is None else \
-                _per_prompt(negative_prompt_2, "negative_prompt_2", len(prompts))
+                per_prompt(negative_prompt_2, "negative_prompt_2", len(prompts))
             sides.append((negatives, negatives_2, None))
-        # Each side's distinct (prompt, prompt_2) pairs, tokenized for each encoder; then every
-        # one padded with empty chunks to the longest, so that prompt and negative prompt, and
-        # the two encoders' states, line up token for token.
-        tokenized = []
-        for texts, texts_2, _ in sides:
-            pairs, index = unique(list(zip(texts, texts_2)))
-            per_encoder = [None if tokenizer is None else
-                           [tokenize_prompt(tokenizer, pair[i], prompt_weighting, max_tokens) for pair in pairs]
-                           for i, tokenizer in enumerate(self.tokenizers)]
-            tokenized.append((index, per_encoder))
-        chunks = max(len(t.ids) for _, per_encoder in tokenized for texts in per_encoder if texts for t in texts)
-        encoded = []
-        for (_, _, skip), (index, per_encoder) in zip(sides, tokenized):
-            tokens = [None if texts is None else batch_tokens(texts, chunks, tokenizer)
-                      for texts, tokenizer in zip(per_encoder, self.tokenizers)]
-            encoded += [gather(a, index) for a in self._encode(tokens, skip)]
+        encoded = encode_sides(sides, self.tokenizers, self._encode, prompt_weighting, max_tokens)
         embeddings = PromptEmbeddings(*encoded, *[None] * (4 - len(encoded)))
         mx.eval([a for a in vars(embeddings).values() if a is not None])
         if not self.keep_text_encoders:
@@ -314,8 +292,9 @@ class DiffusionPipeline:
         or floats in [0, 1]; white (1) is repainted, black kept.
         ``refiner``: an SDXL refiner pipeline that takes over at ``refiner_start`` of the
         schedule (diffusers' ensemble of experts: ``denoising_end`` / ``denoising_start``).
-        ``release_unet``: free the UNet (and a refiner's) before the VAE decodes, so that the decode
-        does not add to its weights (for the last image of a run: a later call loads it again).
+        ``release_unet``: free the UNet at the end of its denoising (by an exception too), and a
+        refiner's at the end of its own, so that the refiner's and the decode do not add to its
+        weights (for the last image of a run: a later call loads it again).
         ``callback(stage, step)`` is called after every step; stage is "base" or "refiner".
         ``preview_every``: N makes each step a ``previews.PreviewStep`` whose ``preview`` is the tiny
         VAE's uint8 (B, H, W, 3) image of its latents every N steps of a stage and at its last.
@@ -366,47 +345,50 @@ class DiffusionPipeline:
         prompt_args = dict(negative_prompt=negative_prompt, prompt_2=prompt_2,
                            negative_prompt_2=negative_prompt_2, clip_skip=clip_skip, guided=guided,
                            prompt_weighting=prompt_weighting, max_tokens=max_tokens)
-        if prompt_embeds is None:
-            prompt_embeds = self.encode_prompt(prompt, **prompt_args)
-        embeddings = self._repeat(prompt_embeds, num_images_per_prompt)
-        refiner_embeddings = None
-        if refiner is not None:  # encoded now, so that no encoder is loaded while a UNet runs
-            refiner_embeddings = self._repeat(refiner.encode_prompt(prompt, **prompt_args), num_images_per_prompt)
+        # The whole run in one reused heap: the memory the text encoders free is where the UNet
+        # loads, and the UNet's where the decode works, instead of fresh pages each time.
+        with reused_heap():
+            if prompt_embeds is None:
+                prompt_embeds = self.encode_prompt(prompt, **prompt_args)
+            embeddings = prompt_embeds.repeated(num_images_per_prompt)
+            refiner_embeddings = None
+            if refiner is not None:  # encoded now, so that no encoder is loaded while a UNet runs
+                refiner_embeddings = refiner.encode_prompt(prompt, **prompt_args).repeated(num_images_per_prompt)
 
-        sample = dict(num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=guidance_rescale,
-                      height=height, width=width, seed=seed)
-        if mask_image is not None:
-            sample.update(inpainting=inpaint.prepare(self.vae, self.parts.unet, image, mask_image,
-                                                     embeddings.context.shape[0], strength, seed), strength=strength)
-        elif image is not None:
-            sample.update(image_latents=self.encode_image(image, embeddings.context.shape[0], seed), strength=strength)
-        x = self._denoise("base", self, embeddings, callback, low_memory, (scheduler, sigmas), latents=latents,
-                          denoising_end=refiner_start if refiner is not None else None, **sample)
-        if refiner is not None:
-            x = self._denoise("refiner", refiner, refiner_embeddings, callback, low_memory, (scheduler, sigmas),
-                              image_latents=x, denoising_start=refiner_start, **sample)
-        if output == "latent":
-            return x
-        if release_unet:
-            mx.eval(x)
-            for pipe in (self, refiner):
-                if pipe is not None:
-                    pipe.release_unet()
-        if vae == "tiny":
-            return decode(self.tiny_vae, x, as_uint8=output == "uint8")
-        return (refiner or self).decode(x, as_uint8=output == "uint8")
-
-    @staticmethod
-    def _repeat(e: PromptEmbeddings, n: int) -> PromptEmbeddings:
-        if n == 1:
-            return e
-        # diffusers' order: each prompt's images next to each other.
-        rep = (lambda a: None if a is None else mx.repeat(a, n, axis=0))
-        return PromptEmbeddings(rep(e.context), rep(e.pooled), rep(e.negative_context), rep(e.negative_pooled))
+            sample = dict(num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=guidance_rescale,
+                          height=height, width=width, seed=seed)
+            if mask_image is not None:
+                batch = embeddings.context.shape[0]
+                sample.update(inpainting=inpaint.prepare(self.vae, self.parts.unet, image, mask_image, batch, strength,
+                                                         seed), strength=strength)
+            elif image is not None:
+                sample.update(image_latents=self.encode_image(image, embeddings.context.shape[0], seed),
+                              strength=strength)
+            run = (low_memory, (scheduler, sigmas), release_unet)
+            try:
+                x = self._denoise("base", self, embeddings, callback, *run, latents=latents,
+                                  denoising_end=refiner_start if refiner is not None else None, **sample)
+                if refiner is not None:
+                    x = self._denoise("refiner", refiner, refiner_embeddings, callback, *run, image_latents=x,
+                                      denoising_start=refiner_start, **sample)
+            finally:  # by an exception too: a released UNet is not narrowed back after a widened run
+                for pipe in (self, refiner) if release_unet else ():
+                    if pipe is not None and pipe._unet is not None:
+                        pipe.release_unet()
+            if output == "latent":
+                return x
+            if vae == "tiny":
+                return decode(self.tiny_vae, x, as_uint8=output == "uint8")
+            return (refiner or self).decode(x, as_uint8=output == "uint8")
 
     @staticmethod
-    def _denoise(stage, pipe: "DiffusionPipeline", e: PromptEmbeddings, callback, low_memory, sampling, **kwargs):
-        sampler = Sampler(pipe.unet, pipe.scheduler(*sampling), low_memory=low_memory)
+    def _denoise(stage, pipe: "DiffusionPipeline", e: PromptEmbeddings, callback, low_memory, sampling, released,
+                 **kwargs):
+        """One stage's denoising; ``released``: the stage's UNet is freed at its end (before a
+        refiner's loads, say), and so need not be narrowed back from float32 first, nor read in
+        half precision to be widened."""
+        unet = pipe._unet_for_one_run(low_memory) if released else pipe.unet
+        sampler = Sampler(unet, pipe.scheduler(*sampling), low_memory=low_memory, narrow_back=not released)
         x = None
         steps = sampler.steps(e.context, e.pooled, negative_prompt_embeds=e.negative_context,
                               negative_pooled_prompt_embeds=e.negative_pooled, **kwargs)
@@ -416,6 +398,9 @@ class DiffusionPipeline:
                 x = step.latents
                 if callback is not None:
                     callback(stage, step)
+        if released:
+            mx.eval(x)
+            pipe.release_unet()
         return x
 
     def encode_image(self, image: np.ndarray | mx.array, batch: int, seed: int | None = None) -> mx.array:
@@ -431,8 +416,9 @@ class DiffusionPipeline:
         return decode(self.vae, latents, as_uint8)
 
 
-def _load_unet(parts: PipelineFolder, dtype: mx.Dtype, quantize: Quantization | None) -> UNet2DConditionModel:
-    return UNet2DConditionModel.from_pretrained(parts.part("unet"), dtype=dtype, quantize=quantize)
+def _load_unet(parts: PipelineFolder, dtype: mx.Dtype, quantize: Quantization | None,
+               held_in: mx.Dtype | None = None) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(parts.part("unet"), dtype=dtype, quantize=quantize, held_in=held_in)
 
 
 load_pipeline = DiffusionPipeline.from_pretrained

@@ -150,6 +150,17 @@ def widening_fits(extra: int, held: int | None = None) -> bool:
     return extra <= (available_memory()[0] - held) / 2
 
 
+def widens_by_need(half_parameters: int, *, accelerated: bool, quantized: bool, low_memory: bool,
+                   held: int | None = None) -> bool:
+    """The rule by which a run holds a UNet with ``half_parameters`` half-precision parameters in
+    float32 (``RunSettings.widen_weights=None``), stated once for the run, the memory estimate
+    and a pipeline that loads its UNet in float32 for one run: on the CPU kernels
+    (``accelerated``), never in low-memory mode or for a quantized UNet (whose point is its size),
+    and where the 2 bytes more per parameter fit (``widening_fits``)."""
+    return (half_parameters > 0 and accelerated and not quantized and not low_memory
+            and widening_fits(2 * half_parameters, held))
+
+
 def decode_budget() -> int:
     """What a decode may use now by default: ``available_memory()`` less what MLX holds already."""
     return available_memory()[0] - mx.get_active_memory()
@@ -200,7 +211,8 @@ def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextCo
     ``tiled_vae``: the VAE's ``use_tiling`` (True: tiles of ``vae_tile`` pixels, default the VAE's
     sample_size; None: tiles by need, as ``AutoencoderKL.decode`` chooses them with
     ``vae_memory_budget``, its ``memory_budget``, and ``vae_tile`` and ``vae_overlap`` as its largest
-    tile; False: whole). ``release_unet``: the UNets are freed before the decode."""
+    tile; False: whole). ``release_unet``: each UNet is freed at the end of its stage (the base
+    one before the refiner's runs, the refiner's before the decode)."""
     chunked = kernels_enabled(cpu_kernels)
     unets = [unet] + ([refiner] if refiner is not None else [])
     # Each pipeline (base, refiner) holds its UNet and VAE for as long as it lives.
@@ -216,13 +228,14 @@ def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextCo
     dequantized = DEQUANTIZED_COPIES * F32 * largest_linear(unet) if chunked and quantized else 0
     stages = {"text encoders": resident + text + text_activations(encoders, images) + dequantized}
     for name, config in zip(("denoise", "refine"), unets):
-        stages[name] = resident + unet_activations(config, latent, batch, dtype, chunked) + dequantized
+        held = resident - (unet_bytes(unet, dtype.size, unet_quantization) if name == "refine" and release_unet else 0)
+        stages[name] = held + unet_activations(config, latent, batch, dtype, chunked) + dequantized
         # A half-precision UNet held in float32 for the run, where RunSettings.widens would: 2 bytes
         # more per parameter.
-        widening = 2 * unet_parameters(config)
-        if chunked and dtype.size == 2 and unet_quantization is None and not low_memory and \
-                widening_fits(widening, resident):
-            stages[name] += widening
+        half = unet_parameters(config) if dtype.size == 2 else 0
+        if widens_by_need(half, accelerated=chunked, quantized=unet_quantization is not None, low_memory=low_memory,
+                          held=held):
+            stages[name] += 2 * half
     tile = vae.sample_size if vae_tile is None else vae_tile
     decode_resident = resident - unets_held if release_unet else resident
     if tiled_vae is None:

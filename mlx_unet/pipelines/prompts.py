@@ -19,6 +19,9 @@ cross-attention takes any number of them). Where a chunk fills up, the tokens af
 comma move to the next chunk when that comma is among its last 20 tokens, so a phrase is not cut
 in two. Each token's states are multiplied by its weight, then the chunk is scaled back to its
 unweighted mean (A1111's rule).
+
+A pipeline's prompts (``encode_sides``): the prompt's side and the negative prompt's, each
+distinct prompt encoded once, padded to the same number of chunks, into ``PromptEmbeddings``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, PipelineError
+from .preflight import check_prompts
 
 BREAK = ("BREAK", None)  # the fragment ``parse_prompt`` gives for a BREAK
 EMPHASIS = 1.1  # the factor of one pair of brackets
@@ -226,3 +230,60 @@ def gather(array: mx.array | None, index: list[int]) -> mx.array | None:
     if array is None or index == list(range(array.shape[0])):
         return array
     return array[mx.array(index)]
+
+
+# ---------------------------------------------------------------------- a pipeline's prompts
+
+
+@dataclass
+class PromptEmbeddings:
+    """What the UNet is conditioned on: (B, 77 * chunks, width) token states (a long prompt is
+    encoded in chunks of 77; the negative prompt has as many), (B, pooled) for SDXL (None for
+    SD 1.x / 2.x), and the negative pair (None: zeros, SDXL's ``force_zeros_for_empty_prompt``)."""
+
+    context: mx.array
+    pooled: mx.array | None
+    negative_context: mx.array | None
+    negative_pooled: mx.array | None
+
+    def repeated(self, n: int) -> "PromptEmbeddings":
+        """Each prompt's embeddings ``n`` times, next to each other (diffusers' order of images)."""
+        if n == 1:
+            return self
+        rep = (lambda a: None if a is None else mx.repeat(a, n, axis=0))
+        return PromptEmbeddings(rep(self.context), rep(self.pooled), rep(self.negative_context),
+                                rep(self.negative_pooled))
+
+
+def per_prompt(value: str | Sequence[str], name: str, count: int) -> list[str]:
+    """``value`` for each of ``count`` prompts: one string (or a list of one) serves them all."""
+    values = check_prompts(value, name)
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise PipelineError(f"{name} has {len(values)} entries for {count} prompts; give one, or one per prompt.")
+    return values
+
+
+def encode_sides(sides: Sequence[tuple[list[str], list[str], int | None]], tokenizers: Sequence, encode,
+                 weighting: bool, max_tokens: int | None) -> list[mx.array | None]:
+    """Each side's (prompts, prompts_2, clip_skip), the prompt's and the negative prompt's, through
+    ``encode`` (a pipeline's ``_encode``: each encoder's tokens, or None where it has none ->
+    (states, pooled)): [states, pooled] per side. Each side's distinct (prompt, prompt_2) pairs are
+    tokenized for each encoder and encoded once; then every one is padded with empty chunks to the
+    longest, so that prompt and negative prompt, and the two encoders' states, line up token for
+    token."""
+    tokenized = []
+    for texts, texts_2, _ in sides:
+        pairs, index = unique(list(zip(texts, texts_2)))
+        per_encoder = [None if tokenizer is None else
+                       [tokenize_prompt(tokenizer, pair[i], weighting, max_tokens) for pair in pairs]
+                       for i, tokenizer in enumerate(tokenizers)]
+        tokenized.append((index, per_encoder))
+    chunks = max(len(t.ids) for _, per_encoder in tokenized for texts in per_encoder if texts for t in texts)
+    encoded = []
+    for (_, _, skip), (index, per_encoder) in zip(sides, tokenized):
+        tokens = [None if texts is None else batch_tokens(texts, chunks, tokenizer)
+                  for texts, tokenizer in zip(per_encoder, tokenizers)]
+        encoded += [gather(a, index) for a in encode(tokens, skip)]
+    return encoded

@@ -1,6 +1,7 @@
 """How a run calls the UNet: compiled or not, in low-memory mode or not, with its half-precision
 weights widened for the run or not. These are settings of the run, not of the model: the UNet
-comes out of a run as it went in (widened weights are narrowed back, bit for bit), and the
+comes out of a run as it went in (widened weights are narrowed back, bit for bit, unless the
+caller is about to drop it), and the
 process-wide MLX buffer cache limit that low-memory mode lowers is restored when the run ends
 (by an exception too).
 """
@@ -20,7 +21,7 @@ from mlx.utils import tree_flatten
 from ..cpu import is_accelerated, on_cpu
 from ..cpu.widen import widened, widening_bytes
 from ..models.unet import UNet2DConditionModel
-from .memory import widening_fits
+from .memory import widens_by_need
 
 Forward = Callable[..., mx.array]  # called as the UNet is: (sample, timestep, context, **conditioning)
 
@@ -35,8 +36,8 @@ class CompiledForward:
     the weights it reads by position, and a different tree of the same shapes would be read
     wrongly. Elementwise chains (norms, SiLU,
     residual adds) become one kernel each. On Metal and CUDA that saves memory traffic and
-    launches. On the CPU MLX builds each fused kernel with g++: the first SDXL call takes about
-    45 s more (kernels are cached on disk for later runs) and later calls are no faster, so runs
+    launches. On the CPU MLX builds each fused kernel with g++ on the first call (kept on disk
+    for later processes, README: "Compiled kernels") and later calls are no faster, so runs
     compile by default only off the CPU. ``benchmarks/bench_unet.py --compile`` measures both.
     """
 
@@ -101,14 +102,17 @@ class RunSettings:
     ``widen_weights``: on the CPU kernels, hold a half-precision UNet in float32 for the run
     (``cpu.widen``): the run computes in float32 from the half-precision weights, in about
     float32's time per step (half precision has no fast CPU arithmetic), with float32's memory
-    for the weights during the run, and the UNet comes back as it was. None: where that fits
-    (``memory.widening_fits``), never in low-memory mode or for a quantized UNet.
+    for the weights during the run, and the UNet comes back as it was. None: by need
+    (``memory.widens_by_need``: where that fits, never in low-memory mode or for a quantized UNet).
+    ``narrow_back=False``: a widened UNet stays in float32 after the run, for a caller that
+    drops it straight after (a pipeline's ``release_unet``): narrowing it would be wasted work.
     """
 
     compile: bool | None = None
     low_memory: bool = False
     cache_limit_gb: float = 0.25
     widen_weights: bool | None = None
+    narrow_back: bool = True
 
     @property
     def compiles(self) -> bool:
@@ -124,16 +128,17 @@ class RunSettings:
 
     def widens(self, unet: UNet2DConditionModel) -> bool:
         """Whether a run on ``unet`` widens its half-precision weights."""
-        if self.widen_weights is False or (self.widen_weights is None and self.low_memory):
+        if self.widen_weights is False:
             return False
         modules = [module for _, module in unet.named_modules()]
-        if not any(is_accelerated(module) for module in modules):
+        accelerated = any(is_accelerated(module) for module in modules)
+        if not accelerated:
             return False  # MLX's own layers: the code path of Metal and CUDA, where half precision pays
-        extra = widening_bytes(unet)
-        if self.widen_weights or extra == 0:
-            return extra > 0
-        # By need as memory.estimate_run counts it: never a quantized UNet, whose point is its size.
-        return not any(isinstance(module, nn.QuantizedLinear) for module in modules) and widening_fits(extra)
+        half = widening_bytes(unet) // 2
+        if self.widen_weights:
+            return half > 0
+        quantized = any(isinstance(module, nn.QuantizedLinear) for module in modules)
+        return widens_by_need(half, accelerated=accelerated, quantized=quantized, low_memory=self.low_memory)
 
     def applied(self, unet: UNet2DConditionModel | None = None) -> AbstractContextManager:
         """The settings that hold for the run, for a ``with`` block: the cache limit, and
@@ -142,5 +147,5 @@ class RunSettings:
         if self.low_memory:
             stack.enter_context(cache_limit(int(self.cache_limit_gb * 2**30)))
         if unet is not None and self.widens(unet):
-            stack.enter_context(widened(unet))
+            stack.enter_context(widened(unet, self.narrow_back))
         return stack

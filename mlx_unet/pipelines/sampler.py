@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import mlx.core as mx
@@ -52,19 +52,42 @@ class Step:
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What every step of a run is conditioned on (``Sampler.prepare_conditioning``). Under
-    classifier-free guidance the batch is doubled, the negative half first as diffusers has it.
-    An LCM distillation takes the guidance scale as an embedding instead, and a batch of one."""
+    """What every step of a run is conditioned on (``Sampler.prepare_conditioning``), as prepared
+    (float32) until ``for_unet`` puts it in the dtype the run computes in. Under classifier-free
+    guidance the batch is doubled, the negative half first as diffusers has it. An LCM
+    distillation takes the guidance scale as an embedding instead, and a batch of one."""
 
-    context: mx.array  # (B or 2B, tokens, width), in the UNet's dtype
-    added_embedding: mx.array | None  # SDXL's (B or 2B, time_embed_dim); None for SD 1.x/2.x
+    context: mx.array  # (B or 2B, tokens, width)
+    # SDXL's pooled text embedding and time ids (B or 2B, ...), which make its added embedding;
+    # None for SD 1.x/2.x.
+    added_inputs: tuple[mx.array, mx.array] | None
     guidance_scale: float
     guidance_rescale: float = 0.0
-    # A 9-channel inpainting UNet's mask and masked-image latents (B or 2B, h, w, 5), in its
-    # dtype, concatenated after the latents at every step.
+    # A 9-channel inpainting UNet's mask and masked-image latents (B or 2B, h, w, 5), concatenated
+    # after the latents at every step.
     extra_channels: mx.array | None = None
-    # An LCM distillation's guidance-scale embedding (B, time_cond_proj_dim), in the UNet's dtype.
+    # An LCM distillation's guidance-scale embedding (B, time_cond_proj_dim).
     timestep_cond: mx.array | None = None
+    # SDXL's added embedding (B or 2B, time_embed_dim), made once by ``for_unet``.
+    added_embedding: mx.array | None = None
+
+    def for_unet(self, unet: UNet2DConditionModel) -> "Conditioning":
+        """In ``unet``'s dtype, with SDXL's added embedding made (once for every step). Called
+        where the run computes, after a half-precision UNet is held in float32 (``cpu.widen``):
+        a run so held conditions in float32 as a float32 UNet does, whether it widened the UNet
+        or loaded it in float32."""
+        dtype = unet.dtype
+        added = None
+        if self.added_inputs is not None:
+            text_embeds, time_ids = self.added_inputs
+            added = unet.added_embedding(text_embeds.astype(dtype), time_ids)
+            mx.eval(added)
+
+        def cast(a):
+            return None if a is None else a.astype(dtype)
+
+        return replace(self, context=cast(self.context), extra_channels=cast(self.extra_channels),
+                       timestep_cond=cast(self.timestep_cond), added_embedding=added)
 
     @property
     def guided(self) -> bool:
@@ -86,19 +109,21 @@ class Sampler:
     """A UNet and a scheduler; ``sampler(...)`` returns the final latents, ``sampler.steps(...)``
     yields a ``Step`` after each one (the last one's latents are the result).
 
-    ``compile``, ``low_memory`` and ``widen_weights`` are the settings of its runs
-    (``pipelines.run.RunSettings``): the UNet through ``mx.compile``, by default on Metal and CUDA
-    and not on the CPU; for 8-16 GB machines, the UNet evaluated block by block with a small
+    ``compile``, ``low_memory``, ``widen_weights`` and ``narrow_back`` are the settings of its
+    runs (``pipelines.run.RunSettings``): the UNet through ``mx.compile``, by default on Metal and
+    CUDA and not on the CPU; for 8-16 GB machines, the UNet evaluated block by block with a small
     buffer cache, and classifier-free guidance's two halves one after the other instead of as
     one batch of two; on the CPU, a half-precision UNet held in float32 for the run (by default
-    where that fits in memory). The UNet comes out of a run as it went in.
+    where that fits in memory). The UNet comes out of a run as it went in, unless
+    ``narrow_back=False`` leaves it widened for a caller that drops it after the run.
     """
 
     def __init__(self, unet: UNet2DConditionModel, scheduler, compile: bool | None = None, low_memory: bool = False,
-                 widen_weights: bool | None = None):
+                 widen_weights: bool | None = None, narrow_back: bool = True):
         self.unet = unet
         self.scheduler = scheduler
-        self.settings = RunSettings(compile=compile, low_memory=low_memory, widen_weights=widen_weights)
+        self.settings = RunSettings(compile=compile, low_memory=low_memory, widen_weights=widen_weights,
+                                    narrow_back=narrow_back)
 
     def __call__(self, *args, **kwargs) -> mx.array:
         for step in self.steps(*args, **kwargs):  # steps() refuses a run of no step
@@ -203,8 +228,7 @@ class Sampler:
         """The context and (SDXL) added embedding of a run, for ``size`` = (height, width) pixels;
         the arguments are those of :meth:`steps` (``img2img``: an image or inpainting run, whose
         SDXL time ids are img2img's, as in diffusers' inpainting pipeline)."""
-        unet = self.unet
-        config, dtype = unet.config, unet.dtype
+        config = self.unet.config
         batch = prompt_embeds.shape[0]
         guided = classifier_free(guidance_scale, config)
         added = None
@@ -225,9 +249,7 @@ class Sampler:
                 )
                 text_embeds = mx.concatenate([negative_pooled, text_embeds])
                 time_ids = mx.concatenate([mx.broadcast_to(negative_time_ids, time_ids.shape), time_ids])
-            # The same for every step: computed once here, not in each UNet call.
-            added = unet.added_embedding(text_embeds.astype(dtype), time_ids)
-            mx.eval(added)
+            added = (text_embeds, time_ids)
         context = prompt_embeds
         if guided:
             negative = mx.zeros_like(prompt_embeds) if negative_prompt_embeds is None else negative_prompt_embeds
@@ -235,9 +257,8 @@ class Sampler:
         extra = None if inpainting is None else inpainting.extra_channels(guided)
         timestep_cond = None
         if config.time_cond_proj_dim is not None:
-            timestep_cond = guidance_scale_embedding(guidance_scale, config.time_cond_proj_dim, batch).astype(dtype)
-        return Conditioning(context.astype(dtype), added, guidance_scale, guidance_rescale,
-                            None if extra is None else extra.astype(dtype), timestep_cond)
+            timestep_cond = guidance_scale_embedding(guidance_scale, config.time_cond_proj_dim, batch)
+        return Conditioning(context, added, guidance_scale, guidance_rescale, extra, timestep_cond)
 
     def prepare_latents(
         self,
@@ -297,6 +318,7 @@ class Sampler:
         warned = False
         with self.settings.applied(self.unet):
             dtype = self.unet.dtype  # float32 where the run widens a half-precision UNet
+            conditioning = conditioning.for_unet(self.unet)
             forward = self.settings.forward(self.unet)
             # The text's keys and values in every cross-attention layer: the same in every step.
             text_kv = self.unet.cross_attention_kv(conditioning.context)

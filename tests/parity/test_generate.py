@@ -17,6 +17,7 @@ from pipeline_files import SIZE, converted_pipelines
 from reference import relative_error
 
 from mlx_unet import SDXLPipeline, UNet2DConditionModel, cli
+from mlx_unet.pipelines.diffusion import DiffusionPipeline
 from mlx_unet.pipelines.images import write_png
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,10 +122,19 @@ def test_negative_prompt_and_scheduler_change_the_image(files, default_image, tm
     assert _differ(multistep, default_image)  # (euler_a is close to euler at 2 steps)
 
 
-def test_dtypes_and_vae_tiling_are_used(files, default_image, tmp_path):
+def test_dtypes_and_vae_tiling_are_used(files, default_image, tmp_path, monkeypatch):
+    from mlx_unet.pipelines import diffusion
+
+    # (On the CPU a float16 run may be held in float32 and so give float32's image: the dtype is
+    # checked where the UNet loads.)
+    loads, load_unet = [], diffusion._load_unet
+    monkeypatch.setattr(diffusion, "_load_unet", lambda parts, dtype, *a, **k: loads.append(dtype)
+                        or load_unet(parts, dtype, *a, **k))
     full = _generate(files, tmp_path / "full.png", "--dtype", "float32")
+    _generate(files, tmp_path / "default.png")
+    assert loads == [mx.float32, mx.float16]
+    monkeypatch.undo()
     assert np.array_equal(full, _pipeline(files, dtype=mx.float32)(PROMPT, **API_RUN)[0])
-    assert 0 < np.abs(full.astype(np.int16) - default_image).max()
 
     pipe = _pipeline(files)
     latents = pipe(PROMPT, **API_RUN, output="latent")
@@ -167,8 +177,21 @@ def test_low_memory_runs_guidance_halves_block_by_block(files, default_image, tm
     assert np.abs(image.astype(np.int16) - default_image).max() <= 2
 
 
-def test_refiner_finishes_the_schedule(files, default_image, tmp_path, capsys):
+def test_refiner_finishes_the_schedule(files, default_image, tmp_path, capsys, monkeypatch):
+    """A one-shot run frees the base UNet before the refiner's loads, and the refiner's before the
+    decode: never two UNets at once."""
+    from mlx_unet.pipelines import diffusion
+
+    events = []
+    load_unet, release = diffusion._load_unet, DiffusionPipeline.release_unet
+    monkeypatch.setattr(diffusion, "_load_unet", lambda parts, *a, **k: events.append(("load", parts.family))
+                        or load_unet(parts, *a, **k))
+    monkeypatch.setattr(DiffusionPipeline, "release_unet", lambda self: events.append(("release", self.parts.family))
+                        or release(self))
     image = _generate(files, tmp_path / "r.png", "--refiner", str(files["mlx_refiner"]), "--refiner-start", "0.5")
+    monkeypatch.undo()
+    base, refiner = (SDXLPipeline.from_pretrained(files[k]).parts.family for k in ("mlx", "mlx_refiner"))
+    assert events == [("load", base), ("release", base), ("load", refiner), ("release", refiner)]
     assert "refiner" in capsys.readouterr().err
     refiner = SDXLPipeline.from_pretrained(files["mlx_refiner"])
     assert np.array_equal(image, _pipeline(files)(PROMPT, **API_RUN, refiner=refiner, refiner_start=0.5)[0])

@@ -1,9 +1,11 @@
 """``mlx-unet generate`` frees the UNet before the last image's decode (the decode then has the
 memory to itself) and keeps it for the images before, whose denoising needs it again; a pipeline
-loads its UNet only after the first prompt is encoded."""
+loads its UNet only after the first prompt is encoded, runs a call in one reused heap, and does
+not narrow back a UNet it is about to free."""
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from PIL import Image
 
 from mlx_unet import cli, load_pipeline
@@ -37,7 +39,7 @@ def test_the_unet_loads_after_the_prompt_is_encoded(tmp_path, monkeypatch):
 
     events = []
     load_unet, encoders = diffusion._load_unet, DiffusionPipeline._text_encoders
-    monkeypatch.setattr(diffusion, "_load_unet", lambda *a: events.append("UNet") or load_unet(*a))
+    monkeypatch.setattr(diffusion, "_load_unet", lambda *a, **k: events.append("UNet") or load_unet(*a, **k))
 
     def recorded_encoders(self):
         events.append("encoders" if self._unet is None else "encoders beside the UNet")
@@ -50,3 +52,76 @@ def test_the_unet_loads_after_the_prompt_is_encoded(tmp_path, monkeypatch):
     assert events == ["encoders", "UNet"] and pipe._encoders is None
     assert np.array_equal(pipe(PROMPT, height=64, width=64, steps=2, seed=3), first)
     assert events == ["encoders", "UNet", "encoders beside the UNet"]  # (no second load)
+
+
+def test_a_call_runs_in_one_reused_heap_from_the_prompt_to_the_image(tmp_path, monkeypatch):
+    """The memory the text encoders free is reused by the UNet's load, and the UNet's by the decode
+    (``cpu.heap``): all three happen inside one outermost ``reused_heap`` block, which gives the
+    freed memory back when the call ends."""
+    from mlx_unet.cpu import heap
+    from mlx_unet.pipelines import diffusion
+
+    class Libc:
+        def mallopt(self, parameter, value):
+            events.append(("mallopt", parameter, value))
+
+        def malloc_trim(self, pad):
+            events.append(("malloc_trim", pad))
+
+    events = []
+    monkeypatch.setattr(heap, "_libc", Libc())
+    monkeypatch.delenv(heap.DISABLE_ENV, raising=False)
+
+    def recorded(name, function):
+        return lambda *a, **k: events.append((name, heap._depth)) or function(*a, **k)
+
+    monkeypatch.setattr(diffusion, "_load_unet", recorded("UNet", diffusion._load_unet))
+    monkeypatch.setattr(DiffusionPipeline, "_text_encoders", recorded("encoders", DiffusionPipeline._text_encoders))
+    monkeypatch.setattr(DiffusionPipeline, "decode", recorded("decode", DiffusionPipeline.decode))
+    pipe = load_pipeline(write_demo_pipeline(tmp_path / "demo"), dtype=mx.float32)
+    image = pipe(PROMPT, height=64, width=64, steps=2, seed=3, release_unet=True)
+    raised = [("mallopt", heap._M_MMAP_THRESHOLD, heap._REUSE), ("mallopt", heap._M_TRIM_THRESHOLD, heap._REUSE)]
+    given_back = [("mallopt", heap._M_MMAP_THRESHOLD, heap._MMAP_AFTER),
+                  ("mallopt", heap._M_TRIM_THRESHOLD, heap._TRIM_AFTER), ("malloc_trim", 0)]
+    assert events == [*raised, ("encoders", 1), ("UNet", 1), ("decode", 1), *given_back]
+    monkeypatch.undo()
+    assert np.array_equal(image, load_pipeline(tmp_path / "demo", dtype=mx.float32)(
+        PROMPT, height=64, width=64, steps=2, seed=3))
+
+
+def test_a_unet_freed_after_the_run_is_neither_read_in_half_precision_nor_narrowed_back(tmp_path, monkeypatch):
+    """A half-precision UNet held in float32 for a run (``cpu.widen``) is narrowed back after it,
+    unless the run frees it (``release_unet``, by an exception too); one that the run loads is then
+    read straight into float32. The image is the same every way."""
+    from mlx_unet.cpu import widen
+    from mlx_unet.pipelines import diffusion
+
+    casts, loads = [], []
+    cast, load_unet = widen._cast, diffusion._load_unet
+    monkeypatch.setattr(widen, "_cast", lambda module, name, dtype: casts.append(dtype) or cast(module, name, dtype))
+    monkeypatch.setattr(diffusion, "_load_unet", lambda parts, dtype, q, held_in=None:
+                        loads.append((dtype, held_in)) or load_unet(parts, dtype, q, held_in))
+    folder = write_demo_pipeline(tmp_path / "demo")
+    run = dict(height=64, width=64, steps=2, seed=3)
+
+    pipe = load_pipeline(folder, dtype=mx.float16)
+    kept = pipe(PROMPT, **run)  # widened for the run and narrowed back after it
+    assert loads == [(mx.float16, None)] and set(casts) == {mx.float32, mx.float16} and pipe._unet.dtype == mx.float16
+    casts.clear()
+    assert np.array_equal(pipe(PROMPT, **run, release_unet=True), kept)  # widened, not narrowed back
+    assert set(casts) == {mx.float32} and pipe._unet is None
+
+    casts.clear(), loads.clear()
+    one_shot = load_pipeline(folder, dtype=mx.float16)
+    assert np.array_equal(one_shot(PROMPT, **run, release_unet=True), kept)
+    assert loads == [(mx.float16, mx.float32)] and casts == [] and one_shot._unet is None
+
+    class Stop(Exception):
+        pass
+
+    def stop(stage, step):
+        raise Stop
+
+    with pytest.raises(Stop):
+        one_shot(PROMPT, **run, release_unet=True, callback=stop)
+    assert one_shot._unet is None  # not left loaded in float32

@@ -80,7 +80,7 @@ def test_weights_come_back_after_an_exception():
 def test_a_run_widens_where_it_fits_and_computes_in_float32(monkeypatch):
     unet = _unet()
     counts = []
-    monkeypatch.setattr(run, "widened", lambda model: _recorded(model, counts))
+    monkeypatch.setattr(run, "widened", lambda model, narrow_back: _recorded(model, narrow_back, counts))
     by_need = _run(unet, None)
     assert counts == [len(widen.half_parameters(unet))]  # a tiny UNet fits
     half = _run(unet, False)
@@ -94,8 +94,8 @@ def test_a_run_widens_where_it_fits_and_computes_in_float32(monkeypatch):
     assert widened_error <= 1e-3 and widened_error < half_error / 4
 
 
-def _recorded(model, counts):
-    context = widen.widened(model)
+def _recorded(model, narrow_back, counts):
+    context = widen.widened(model, narrow_back)
 
     class Recording:
         def __enter__(self):
@@ -140,3 +140,30 @@ def test_the_memory_estimate_counts_the_widening(monkeypatch):
     assert denoise(64) - denoise(12) == 2 * unet_parameters(unet)
     for unchanged in (dict(low_memory=True), dict(dtype=mx.float32), dict(cpu_kernels=False)):
         assert denoise(64, **unchanged) == denoise(12, **unchanged), unchanged
+
+
+def test_left_in_float32_where_the_caller_drops_the_model_after():
+    unet = _unet()
+    with widen.widened(unet, narrow_back=False) as count:
+        assert count > 0
+    assert unet.dtype == mx.float32 and not widen.half_parameters(unet)
+
+
+def test_loaded_held_in_float32_is_the_half_precision_model_widened(tmp_path):
+    """``from_pretrained(dtype=float16, held_in=float32)``: each weight rounded to float16 and held
+    in float32, laid out for the CPU kernels as a widened UNet's are; refused for quantized loads."""
+    from mlx_unet.demo import write_demo_pipeline
+    from mlx_unet.errors import WeightsError
+
+    folder = write_demo_pipeline(tmp_path / "demo") / "unet"
+    half = UNet2DConditionModel.from_pretrained(folder, dtype=mx.float16)
+    held = UNet2DConditionModel.from_pretrained(folder, dtype=mx.float16, held_in=mx.float32)
+    assert held.dtype == mx.float32 and not widen.half_parameters(held)
+    with widen.widened(half):
+        expected = dict(tree_flatten(half.parameters()))
+        for name, value in tree_flatten(held.parameters()):
+            assert value.dtype == expected[name].dtype and np.array_equal(np.array(value), np.array(expected[name]))
+        layouts = {n: np.array(v, copy=False).strides for n, v in tree_flatten(half.parameters())}
+    assert {n: np.array(v, copy=False).strides for n, v in tree_flatten(held.parameters())} == layouts
+    with pytest.raises(WeightsError, match="held_in is for dense weights"):
+        UNet2DConditionModel.from_pretrained(folder, dtype=mx.float16, held_in=mx.float32, quantize=8)
