@@ -1,9 +1,8 @@
 """How a run calls the UNet: compiled or not, in low-memory mode or not, with its half-precision
 weights widened for the run or not. These are settings of the run, not of the model: the UNet
 comes out of a run as it went in (widened weights are narrowed back, bit for bit, unless the
-caller is about to drop it), and the
-process-wide MLX buffer cache limit that low-memory mode lowers is restored when the run ends
-(by an exception too).
+caller is about to drop it), and the process-wide MLX buffer cache limit that low-memory mode
+lowers is restored when the run ends (by an exception too).
 """
 
 from __future__ import annotations
