@@ -94,10 +94,10 @@ def torch_sgemm_gflops(n: int) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def unet_job(config: dict, batch: int, size: int, dtype: str, warmup: int, repeats: int, seed: int,
-             sgemm_n: int) -> dict:
-    """Median seconds of diffusers' UNet forward (built with ``torch.manual_seed(seed)``, as the
-    parent builds the weights it hands to ours) on :func:`make_unet_inputs`."""
+def seeded_unet_forward(config: dict, batch: int, size: int, dtype: str, seed: int):
+    """diffusers' UNet built with ``torch.manual_seed(seed)`` (as the parents build the weights
+    they hand to ours) in ``dtype``, and a no-grad call of it on :func:`make_unet_inputs`:
+    (model, forward)."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -116,6 +116,13 @@ def unet_job(config: dict, batch: int, size: int, dtype: str, warmup: int, repea
         with torch.no_grad():
             model(sample, float(inputs["timestep"]), context, **added)
 
+    return model, forward
+
+
+def unet_job(config: dict, batch: int, size: int, dtype: str, warmup: int, repeats: int, seed: int,
+             sgemm_n: int) -> dict:
+    """Median seconds of diffusers' UNet forward (:func:`seeded_unet_forward`)."""
+    _, forward = seeded_unet_forward(config, batch, size, dtype, seed)
     seconds = median_seconds(forward, warmup, repeats)
     return {"seconds": seconds, "sgemm": torch_sgemm_gflops(sgemm_n)}
 
@@ -163,28 +170,14 @@ def _seconds(call) -> float:
 
 def lora_job(config: dict, batch: int, size: int, rank: int, alpha: float, strength: float, repeats: int,
              seed: int, sgemm_n: int) -> dict:
-    """diffusers' UNet (float32, built as ``unet_job`` builds it) with :func:`lora_factors`
-    through PEFT: attach (``load_lora_adapter``, checked to have wrapped every layer at alpha /
-    rank), then per repeat: no LoRA, live, fuse, fused, unfuse; medians, the first fuse apart."""
+    """diffusers' UNet (float32, :func:`seeded_unet_forward`) with :func:`lora_factors` through
+    PEFT: attach (``load_lora_adapter``, checked to have wrapped every layer at alpha / rank),
+    then per repeat: no LoRA, live, fuse, fused, unfuse; medians, the first fuse apart."""
     import torch
-    from diffusers import UNet2DConditionModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    torch.manual_seed(seed)
-    reference = UNet2DConditionModel(**config).eval()
+    reference, forward = seeded_unet_forward(config, batch, size, "float32", seed)
     factors = lora_factors(reference, rank, alpha, strength)
-    inputs = make_unet_inputs(config, batch, size)
-    sample = torch.from_numpy(inputs["sample"]).permute(0, 3, 1, 2).contiguous()
-    context = torch.from_numpy(inputs["context"])
-    added = {}
-    if "time_ids" in inputs:
-        added = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(inputs["text_embeds"]),
-                                       "time_ids": torch.from_numpy(inputs["time_ids"])}}
-
-    def forward():
-        with torch.no_grad():
-            reference(sample, float(inputs["timestep"]), context, **added)
-
     forward()  # warm-up
     state = {}
     for path, (down, up) in factors.items():

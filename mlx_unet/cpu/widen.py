@@ -69,5 +69,6 @@ def widened(model: nn.Module, narrow_back: bool = True) -> Iterator[int]:
             done.append((module, name))
         yield len(parameters)
     finally:
-        for (module, name), dtype in zip(done if narrow_back else [], dtypes):
-            _cast(module, name, dtype)
+        if narrow_back:
+            for (module, name), dtype in zip(done, dtypes):
+                _cast(module, name, dtype)
