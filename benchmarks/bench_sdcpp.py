@@ -161,6 +161,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     size = args.size or (64 if args.quick else 256)
     settle = args.settle if args.settle is not None else (0 if args.quick else 45)
+    if not 0 <= settle < float("inf"):
+        p.error(f"--settle {args.settle} is not a number of seconds (0 or more)")
     if args.sd is not None and not (args.sd.is_file() and os.access(args.sd, os.X_OK)):
         p.error(f"--sd {args.sd} is not an executable file")
     workdir = args.workdir.expanduser()

@@ -53,3 +53,11 @@ def test_sd_must_be_an_executable(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sdcpp.py"), "--workdir", str(tmp_path),
                            "--sd", str(tmp_path / "missing")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "is not an executable file" in proc.stderr
+
+
+@pytest.mark.parametrize("settle", ["-1", "nan", "inf"])
+def test_settle_must_be_seconds(tmp_path, settle):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sdcpp.py"), "--workdir", str(tmp_path),
+                           "--settle", settle], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "is not a number of seconds" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing built or written
