@@ -9,14 +9,11 @@ On the CPU a small row count that is not a multiple of 16 is padded with zero ro
 runs its slow edge kernels on the remainder, and SDXL's 77 text tokens (the cross-attention
 keys and values, M=77 K=2048 N=1280) took about 25% longer than 80 rows do.
 
-On the CPU the weight is also *stored* transposed: still the (out, in) matrix of diffusers'
-checkpoints, with the same name and shape, but laid out in memory as its (in, out) transpose.
-OpenBLAS re-packs the weight on every call, and with few rows (64 tokens at SDXL's 8x8 level, 77
-text tokens) that packing, which streams the whole weight from memory, is a large share of the
-product. Packing this layout is quicker: the SDXL forward runs about 9% faster at a 32x32
-latent and 6% at 64x64 (medians of interleaved forwards: 4.85 -> 4.40 s, 17.39 -> 16.37 s), with
-bit-identical results. ``load_weights`` lays loaded weights out so (through ``laid_out``);
-files keep diffusers' layout.
+The weight stays diffusers' row-major (out, in) matrix, which BLAS reads transposed. An
+earlier version stored it as its (in, out) transpose, which OpenBLAS's SSE3 kernels packed
+quicker; its AVX-512 kernels (``blas.core_type``) pack the row-major weight quicker, which
+matters most for the few-row products of a small latent (64 tokens at SDXL's 8x8 level).
+``benchmarks/bench_linear_layout.py`` times the two layouts in one forward, interleaved.
 """
 
 import mlx.core as mx
@@ -44,21 +41,13 @@ class Linear(nn.Linear):
         # which would move MLX's global random state (a seeded run's noise would then depend on
         # whether the kernels were swapped in).
         nn.Module.__init__(self)
-        self.weight = self.laid_out(weight)
+        self.weight = weight
         if bias is not None:
             self.bias = bias
 
     @classmethod
     def from_module(cls, module: nn.Linear) -> "Linear":
         return cls(module.weight, module.get("bias"))
-
-    # The weight's axes in the order they lie in memory: (in, out).
-    memory_order = (1, 0)
-
-    @staticmethod
-    def laid_out(weight: mx.array) -> mx.array:
-        """``weight`` (out, in), unchanged in value and shape, laid out in memory as its transpose."""
-        return mx.contiguous(weight.T).T
 
     def __call__(self, x: mx.array) -> mx.array:
         pad = _padded_rows(x)

@@ -53,26 +53,24 @@ def row_major_strides(shape, item):
 @pytest.mark.parametrize("stored,dtype", [(mx.float32, None), (mx.float32, mx.float16), (mx.bfloat16, None),
                                           (mx.float16, mx.float32)])
 def test_weights_are_laid_out_for_the_cpu(tmp_path, reference, stored, dtype):
-    """On the CPU, Linear and Conv2d weights keep diffusers' names, shapes and values but lie in
-    memory as their modules compute with them: a Linear weight (out, in) as its transpose
-    (linear.py), a convolution kernel (out, kh, kw, in) as (kh, kw, in, out) (conv.py). Every
-    other parameter is row-major. Files of every stored dtype load so, cast or not. Loading
-    empties the dict it is given, tensor by tensor."""
+    """On the CPU, convolution weights keep diffusers' names, shapes and values but lie in memory
+    as their module computes with them: a kernel (out, kh, kw, in) as (kh, kw, in, out) (conv.py).
+    Every other parameter, a Linear's weight included (linear.py), is row-major. Files of every
+    stored dtype load so, cast or not. Loading empties the dict it is given, tensor by tensor."""
     config, model = reference
     weights = {k: v.astype(stored) for k, v in mlx_weights(model.state_dict()).items()}
     expected = {k: np.array(v.astype(dtype or v.dtype).astype(mx.float32)) for k, v in weights.items()}
     ours = UNet2DConditionModel.from_pretrained(write_folder(tmp_path / "u", config, weights), dtype=dtype)
     layouts = weight_layouts(ours)
-    assert any(".ff.net.0.proj.weight" in k for k in layouts) and "conv_in.weight" in layouts
+    assert "conv_in.weight" in layouts and "down_blocks.0.resnets.0.conv1.weight" in layouts
+    assert not any(".ff.net.0.proj.weight" in k for k in layouts)
     assert "down_blocks.0.resnets.0.norm1.weight" not in layouts
     laid_out = 0
     for name, value in tree_flatten(ours.parameters()):
         assert value.dtype == (dtype or stored), name
         assert np.array_equal(np.array(value.astype(mx.float32)), expected[name]), name
         item, strides = value.itemsize, memoryview(value).strides
-        if name in layouts and value.ndim == 2:
-            assert strides == (item, item * value.shape[0]), name
-        elif name in layouts:
+        if name in layouts:
             out, kh, kw, inp = value.shape
             assert strides == (item, item * kw * inp * out, item * inp * out, item * out), name
         else:
@@ -85,8 +83,8 @@ def test_weights_are_laid_out_for_the_cpu(tmp_path, reference, stored, dtype):
     assert weights == {}
     item = stored.size
     assert memoryview(fresh.conv_in.weight).strides[0] == item
-    assert memoryview(fresh.time_embedding.linear_1.weight).strides == \
-        (item, item * fresh.time_embedding.linear_1.weight.shape[0])
+    linear = fresh.time_embedding.linear_1.weight
+    assert memoryview(linear).strides == row_major_strides(linear.shape, item)
 
 
 def test_plain_code_path_keeps_mlx_layers_and_row_major_weights(tmp_path, reference, monkeypatch):

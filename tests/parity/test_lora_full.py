@@ -23,7 +23,6 @@ from safetensors.numpy import save_file
 
 from mlx_unet import UNet2DConditionModel, UNetConfig, cpu
 from mlx_unet.cpu.conv import Conv2d as CPUConv2d
-from mlx_unet.cpu.linear import Linear as CPULinear
 from mlx_unet.lora import apply_lora, read_lora
 from mlx_unet.lora.layers import adaptable_layers, base_of, layer_at, torch_shape
 
@@ -35,14 +34,13 @@ GOAL_SECONDS, GOAL_PEAK_GIB = 5.0, 0.5
 
 def random_unet(config: UNetConfig, seed: int) -> UNet2DConditionModel:
     """The UNet with the CPU kernels and numpy-drawn float32 weights, each allocated once in the
-    memory order the CPU kernels keep it in (``memory_order``; row-major otherwise), put in before
-    the kernels are (the swap evaluates the weights it lays out, which are then laid out already)."""
+    memory order the CPU kernels keep it in (a convolution's ``memory_order``; row-major otherwise),
+    put in before the kernels are (the swap evaluates the weights it lays out, which are then laid
+    out already)."""
     model = UNet2DConditionModel(config)  # (its initialisation is never evaluated)
     orders = {}  # (a wrong guess here would only cost the swap a copy)
     for path, layer in adaptable_layers(model):
-        if type(layer) is nn.Linear:
-            orders[f"{path}.weight"] = CPULinear.memory_order
-        elif type(layer) is nn.Conv2d and CPUConv2d.supports(layer):
+        if type(layer) is nn.Conv2d and CPUConv2d.supports(layer):
             orders[f"{path}.weight"] = CPUConv2d.memory_order
     rng = np.random.default_rng(seed)
     shapes = {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
