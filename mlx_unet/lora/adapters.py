@@ -135,11 +135,6 @@ class LowRank(Adapter):
             return (up @ down).reshape(shape)
         return mx.einsum("op,pqhw,qi->oihw", up, _f32(self.mid), down).reshape(shape)
 
-    def transposed_update(self) -> mx.array:
-        """The update of a Linear layer transposed, (in, out): down.T @ up.T, for weights kept so."""
-        out, r = self.up.shape[0], self.rank
-        return _f32(self.down).reshape(r, -1).T @ _f32(self.up).reshape(out, r).T
-
     def branch(self, shape: tuple[int, ...], geometry: ConvGeometry | None, dtype: mx.Dtype) -> nn.Module:
         out, r = self.up.shape[0], self.rank
         up, down = self.up.astype(dtype), self.down.astype(dtype)

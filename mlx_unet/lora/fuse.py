@@ -34,7 +34,7 @@ class Lost:
 
 def _memory_order(layer: nn.Module) -> tuple[int, ...]:
     """The order the weight's axes lie in memory: the CPU kernels keep theirs laid out for their
-    products (``memory_order``: (in, out) for a Linear), MLX's layers row-major."""
+    products (``memory_order``: (kh, kw, in, out) for a convolution), other layers row-major."""
     return getattr(type(layer), "memory_order", tuple(range(layer.weight.ndim)))
 
 
@@ -46,13 +46,9 @@ def _delta(layer: nn.Module, adapter: Adapter, scale: float, order: tuple[int, .
     """``scale`` x the adapter's update of ``layer``'s weight, float32, with its axes in the
     weight's memory order and contiguous: all the arithmetic runs on the weight as it lies in
     memory (contiguous passes; the fused weight then needs no re-layout). A low-rank update takes
-    the scale in its small down matrix, and for a transposed Linear weight is computed as
-    (s down).T @ up.T, which lies as the weight does: no pass of its own over weight-sized data.
-    Fusing and unfusing compute it alike, to the bit."""
+    the scale in its small down matrix. Fusing and unfusing compute it alike, to the bit."""
     if isinstance(adapter, LowRank):
         adapter = replace(adapter, down=adapter.down.astype(mx.float32) * scale, scale=1.0)
-        if order == (1, 0):
-            return adapter.transposed_update()
         delta = adapter.update(torch_shape(layer))
     else:
         delta = adapter.update(torch_shape(layer)) * scale
