@@ -26,7 +26,8 @@ import mlx_unet  # noqa: E402,F401  (before mlx: the fast BLAS on Linux)
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402
 
-from bench_unet import counting_flops  # noqa: E402  (benchmarks/, on sys.path when run as a script)
+import torch_reference  # noqa: E402  (benchmarks/, on sys.path when run as a script)
+from bench_unet import counting_flops  # noqa: E402
 from mlx_unet import PRESETS, UNet2DConditionModel, UNetConfig, cpu  # noqa: E402
 from mlx_unet.cpu.linear import Linear  # noqa: E402
 
@@ -45,15 +46,11 @@ def random_unet(config: UNetConfig) -> UNet2DConditionModel:
 
 
 def inputs(config: UNetConfig, latent: int, batch: int) -> tuple[tuple, dict]:
-    keys = iter(mx.random.split(mx.random.key(1), 3))
-    sample = mx.random.normal((batch, latent, latent, config.in_channels), key=next(keys))
-    context = mx.random.normal((batch, 77, config.cross_attention_dim), key=next(keys))
-    added = {}
-    if config.addition_embed_type == "text_time":
-        added = {"text_embeds": mx.random.normal((batch, config.projection_class_embeddings_input_dim
-                                                  - 6 * config.addition_time_embed_dim), key=next(keys)),
-                 "time_ids": mx.array([[8.0 * latent, 8.0 * latent, 0, 0, 8.0 * latent, 8.0 * latent]] * batch)}
-    return (sample, mx.array([500.0] * batch), context), added
+    """(sample, timestep, context) and SDXL's added inputs: ``bench_unet.py``'s, as MLX arrays."""
+    arrays = {name: mx.array(value) for name, value in
+              torch_reference.make_unet_inputs(config.to_diffusers_dict(), batch, latent).items()}
+    added = {name: arrays[name] for name in ("text_embeds", "time_ids") if name in arrays}
+    return (arrays["sample"], arrays["timestep"], arrays["context"]), added
 
 
 def step_gflop(unet: UNet2DConditionModel, config: UNetConfig, latent: int, batch: int) -> float:

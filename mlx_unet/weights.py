@@ -119,7 +119,7 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array | StoredTensor], 
                     value = value.astype(cast)
             # Parameters are row-major (a strided one, an mx.array of a transposed numpy view say,
             # would be copied by every product that reads it), except the weights that the CPU
-            # kernels lay out for their products (cpu/linear.py, cpu/conv.py).
+            # kernels lay out for their products (cpu/conv.py).
             value = layouts[name].laid_out(value) if name in layouts else mx.contiguous(value)
             check = mx.all(mx.isfinite(value))
             mx.eval(check)  # with the value: the check costs no second read of the weights

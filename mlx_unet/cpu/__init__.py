@@ -1,5 +1,5 @@
 """The CPU fast path, a layer over the plain MLX models: OpenBLAS, per-tap convolution (and the
-upsampler fused with it), transposed and padded Linear products, arithmetic-only activations,
+upsampler fused with it), padded Linear products, arithmetic-only activations,
 GroupNorm fused with SiLU, chunked attention, and reuse of freed memory (``heap``: a VAE forward,
 a pipeline call).
 
