@@ -28,6 +28,10 @@ Below 32x32 output pixels the per-tap products get too short to run well; such c
 gather the patches themselves (a concatenation of k*k shifted views, what MLX does) and multiply
 once. That order of summation is MLX's, bit for bit.
 
+Stride-1 3x3 convolutions over enough pixels and channels (the UNet's 32x32 and larger levels,
+the VAE's every level) take Winograd's F(4x4, 3x3) instead, 4x fewer multiply-adds
+(``winograd.py``).
+
 The weight keeps the (out, kh, kw, in) shape and name of a converted checkpoint but
 lies in memory as (kh, kw, in, out): each tap's (in, out) matrix, and the whole
 (kh*kw*in, out) patch matrix, are then row-major views that BLAS reads without a copy.
@@ -36,6 +40,8 @@ Half precision is computed in float32 and rounded once, as ``linear.Linear`` doe
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from . import winograd
 
 
 # Output pixels per image from which the per-tap products beat gathering the patches.
@@ -121,6 +127,8 @@ class Conv2d(nn.Conv2d):
         if k == 1 and stride == 1 and pad == 0:  # one product over all pixels
             rows = x.reshape(-1, in_channels).astype(mx.float32)
             y = product(self._bias(), rows, self._tap(0, 0)).reshape(x.shape[0], out_h, out_w, -1)
+        elif k == 3 and stride == 1 and winograd.applies(x.shape[0], out_h, out_w, in_channels, out_channels):
+            y = winograd.convolve(x, self.weight, self._bias(), pad)
         elif out_h * out_w < _TAPS_FROM_PIXELS or in_channels * k * k <= _FEW:
             y = self._by_patches(x, out_h, out_w)
         elif out_channels * k * k <= _FEW:

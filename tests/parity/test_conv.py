@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlx_unet.cpu import conv
+from mlx_unet.cpu import conv, winograd
 from mlx_unet.cpu.conv import Conv2d
 from mlx_unet.cpu.upsample import Upsample2D
 from mlx_unet.models.resnet import Upsample2D as PlainUpsample2D
@@ -50,6 +50,12 @@ CASES = {
     "3x3 to an image's 3 channels": (2, 40, 36, 16, 3, 3, 1, 1, "_by_outputs"),
     "3x3 stride 2 to 4 channels": (1, 67, 64, 16, 4, 3, 2, 1, "_by_outputs"),
     "3x3 from an image's 3 channels": (1, 40, 36, 3, 16, 3, 1, 1, "_by_patches"),
+    "3x3 Winograd": (2, 32, 32, 128, 136, 3, 1, 1, "winograd"),
+    "3x3 Winograd, partial tiles": (1, 50, 46, 128, 128, 3, 1, 1, "winograd"),
+    "3x3 Winograd unpadded": (1, 54, 50, 136, 128, 3, 1, 0, "winograd"),
+    "3x3 too few tiles for Winograd": (1, 36, 32, 128, 128, 3, 1, 1, "_by_taps"),
+    "3x3 too few channels for Winograd": (2, 32, 32, 120, 128, 3, 1, 1, "_by_taps"),
+    "3x3 stride 2, many channels": (2, 66, 64, 128, 128, 3, 2, 1, "_by_taps"),
 }
 
 
@@ -62,6 +68,8 @@ def test_float32_matches_torch_on_each_path(case, monkeypatch):
     for name in ("_by_taps", "_by_patches", "_by_outputs"):
         method = getattr(Conv2d, name)
         monkeypatch.setattr(Conv2d, name, lambda self, *a, _m=method, _n=name: taken.append(_n) or _m(self, *a))
+    convolve = winograd.convolve
+    monkeypatch.setattr(winograd, "convolve", lambda *a: taken.append("winograd") or convolve(*a))
     y = ours(mx.array(x))
     assert taken == ([] if path is None else [path])
     expected = reference(x)
@@ -79,9 +87,39 @@ def test_per_tap_products_in_blocks_of_rows_join_up(case, monkeypatch):
     assert _relative_error(np.array(ours(mx.array(x))), reference(x)) <= 1e-5
 
 
+def test_winograd_bands_of_tile_rows_join_up(monkeypatch):
+    """Bands of 3 tile rows (the last one of 1, its tiles partly past the output): each band's
+    tiles see only its rows."""
+    batch, height, width, cin, cout, kernel, stride, padding, _ = CASES["3x3 Winograd, partial tiles"]
+    ours, reference = _pair(cin, cout, kernel, stride, padding, seed=12)
+    monkeypatch.setattr(winograd, "_BAND_VALUES", 3 * 12 * 128)  # 3 rows of 12 tiles of 128 channels
+    x = np.random.default_rng(13).normal(0.0, 1.0, (batch, height, width, cin)).astype(np.float32)
+    assert _relative_error(np.array(ours(mx.array(x))), reference(x)) <= 1e-5
+
+
+def test_winograd_holds_back_a_large_kernel_transform(monkeypatch):
+    """Over ``MAX_KERNEL_VALUES`` (36 per channel pair) the per-tap products run instead."""
+    batch, height, width, cin, cout, *_ = CASES["3x3 Winograd"]
+    assert winograd.applies(batch, height, width, cin, cout)
+    monkeypatch.setattr(winograd, "MAX_KERNEL_VALUES", 36 * cin * cout - 1)
+    assert not winograd.applies(batch, height, width, cin, cout)
+
+
+def test_winograd_matrices_compute_a_convolution_exactly():
+    """The transforms, in exact fractions, give a 1D correlation of a 6-tap signal with a 3-tap
+    kernel (4 outputs) for every unit input: any error in ``_toom_cook`` shows as a nonzero."""
+    input_t, kernel_t, output_t = winograd._toom_cook(winograd._POINTS)
+    for k in range(6):
+        for j in range(3):
+            signal = np.array([int(i == k) for i in range(6)], dtype=object)
+            taps = np.array([int(i == j) for i in range(3)], dtype=object)
+            result = output_t.dot(kernel_t.dot(taps) * input_t.dot(signal))
+            assert list(result) == [int(k - i == j) for i in range(4)]
+
+
 @pytest.mark.parametrize("dtype,bound", [(mx.float16, 2e-3), (mx.bfloat16, 1e-2)])
 @pytest.mark.parametrize("case", ["3x3 large, per-tap", "3x3 small", "1x1", "3x3 stride 2", "3x3 stride 2 per-tap",
-                                  "3x3 to an image's 3 channels"])
+                                  "3x3 to an image's 3 channels", "3x3 Winograd"])
 def test_half_precision_is_computed_in_float32_and_rounded_once(case, dtype, bound):
     batch, height, width, cin, cout, kernel, stride, padding, _ = CASES[case]
     ours, reference = _pair(cin, cout, kernel, stride, padding, seed=2)
@@ -109,7 +147,9 @@ def test_cpu_weight_layout_and_threshold():
     assert np.array_equal(np.array(layer.weight), np.array(plain.weight))
     assert layer.weight.shape == (4, 3, 3, 6)
     assert memoryview(layer.weight).strides == (4, 4 * 3 * 6 * 4, 4 * 6 * 4, 4 * 4)
-    assert conv._TAPS_FROM_PIXELS == 32 * 32 and conv._FEW == 64  # the case table above straddles both
+    # The case table above straddles each of these.
+    assert conv._TAPS_FROM_PIXELS == 32 * 32 and conv._FEW == 64
+    assert winograd.MIN_TILES == 128 and winograd.MIN_CHANNELS == 128
 
 
 # ---------------------------------------------------------------------- the fused upsampler
