@@ -39,7 +39,7 @@ from mlx_unet.convert import convert
 from mlx_unet.models.embeddings import guidance_scale_embedding
 from mlx_unet.models.unet import UNet2DConditionModel
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("torch_math_correctly_rounded")]
 SEED = 21
 LCM_WIDTH = 16  # time_cond_proj_dim of the tiny LCM UNets (256 in the published ones)
 

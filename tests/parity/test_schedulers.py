@@ -44,7 +44,7 @@ STEP_COUNTS = (1, 4, 25, 37, 50)
 FIRST_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim")
 
 # diffusers' np.array(torch_tensor) calls trip a numpy 2 deprecation notice; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("torch_math_correctly_rounded")]
 
 
 def pair(sampler, **changes):

@@ -23,7 +23,7 @@ from mlx_unet.schedulers.dpm_singlestep import DPMSolverSinglestepScheduler
 from mlx_unet.schedulers.dpm_solver import DPMSolverMultistepScheduler
 
 # diffusers' np.array(torch_tensor) calls trip a numpy 2 deprecation notice; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("torch_math_correctly_rounded")]
 
 MULTI, SINGLE = DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 TORCH_CLASS = {MULTI: TorchMultistep, SINGLE: TorchSinglestep}

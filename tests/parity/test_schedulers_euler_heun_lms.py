@@ -29,7 +29,7 @@ from mlx_unet.schedulers.heun import HeunDiscreteScheduler
 from mlx_unet.schedulers.lms import LMSDiscreteScheduler, lms_coefficients
 
 # diffusers' np.array(torch_tensor) calls trip a numpy 2 deprecation notice; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("torch_math_correctly_rounded")]
 
 TORCH_CLASS = {
     EulerDiscreteScheduler: TorchEuler,

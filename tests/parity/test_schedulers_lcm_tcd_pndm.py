@@ -25,7 +25,7 @@ from mlx_unet.schedulers.pndm import PNDMScheduler
 from mlx_unet.schedulers.tcd import TCDScheduler
 
 # diffusers' np.array(torch_tensor) calls trip a numpy 2 deprecation notice; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("torch_math_correctly_rounded")]
 
 # SDXL (scheduler_runs) is what TCD-SDXL-LoRA users load TCD from.
 # latent-consistency/lcm-lora-sdxl and latent-consistency/lcm-sdxl

@@ -18,7 +18,7 @@ from mlx_unet.schedulers.deis import DEISMultistepScheduler
 from mlx_unet.schedulers.unipc import UniPCMultistepScheduler
 
 # diffusers' np.array(torch_tensor) calls trip a numpy 2 deprecation notice; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("torch_math_correctly_rounded")]
 
 TORCH_CLASS = {UniPCMultistepScheduler: TorchUniPC, DEISMultistepScheduler: TorchDEIS}
 STEP_COUNTS = (4, 7, 20)  # 20 > 15: past DEIS's lower_order_final threshold
