@@ -1,0 +1,152 @@
+"""The CPU convolution's Winograd F(4x4, 3x3) products against its per-tap products, on
+SDXL's convolution shapes alone, in the VAE and in the UNet.
+
+    python benchmarks/bench_winograd.py                           # layers, VAE at 512 px, UNet at 64x64 batch 2
+    python benchmarks/bench_winograd.py --what vae --size 512 1024
+    python benchmarks/bench_winograd.py --what unet --latent 32 64 --batch 2
+    python benchmarks/bench_winograd.py --quick                   # small shapes, tiny models: checks the benchmark runs
+
+One process, one model (random float32 weights drawn in MLX: the arithmetic, not the values, is
+measured), the CPU kernels on; Winograd's products are switched off by raising
+``winograd.MIN_TILES`` out of reach and back, in turns (``--rounds``), each turn timing
+``--repeats`` calls after a warm-up one. Reported per case: the median seconds of each way, their
+ratio, GFLOP/s counted as the direct convolution's multiply-adds (so that the two ways compare;
+for a model, all its products), MLX's peak memory of a call with Winograd above what the process
+held before it (the weights), and the largest difference between the two ways' outputs relative
+to the output's largest magnitude.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+
+import mlx_unet  # noqa: E402,F401  (before mlx: the fast BLAS on Linux)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_map  # noqa: E402
+
+from bench_linear_layout import inputs, random_unet  # noqa: E402  (benchmarks/, on sys.path as a script)
+from bench_unet import counting_flops  # noqa: E402
+from mlx_unet import UNetConfig, cpu  # noqa: E402
+from mlx_unet.configs.vae import VAEConfig  # noqa: E402
+from mlx_unet.cpu import winograd  # noqa: E402
+from mlx_unet.cpu.conv import Conv2d  # noqa: E402
+from mlx_unet.models.vae import AutoencoderKL  # noqa: E402
+
+# SDXL's 3x3 convolutions: (batch, size, in, out). UNet levels at a 64x64 latent in a guided
+# batch of two; the VAE decoder's levels at 512 px (its largest, 512x512x128, runs at 1024 px).
+LAYERS = [(2, 64, 320, 320), (2, 64, 640, 320), (2, 32, 640, 640), (2, 32, 1280, 640),
+          (1, 64, 512, 512), (1, 128, 512, 512), (1, 256, 512, 256), (1, 256, 256, 256), (1, 512, 256, 128),
+          (1, 512, 128, 128)]
+QUICK_LAYERS = [(2, 32, 128, 128)]
+WAYS = ("per-tap", "Winograd")
+
+
+def a_b(call, rounds: int, repeats: int) -> dict:
+    """Time ``call`` each way in turns: medians, output difference, and the peak memory of a
+    call with Winograd's products above what was held before it (the models' weights)."""
+    seconds, outputs = {way: [] for way in WAYS}, {}
+    winograd_from = winograd.MIN_TILES
+    peak = 0.0
+    try:
+        for _ in range(rounds):
+            for way in WAYS:
+                winograd.MIN_TILES = winograd_from if way == "Winograd" else sys.maxsize
+                held = mx.get_active_memory()
+                mx.reset_peak_memory()
+                outputs[way] = call()
+                mx.eval(outputs[way])
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    mx.eval(call())
+                    seconds[way].append(time.perf_counter() - start)
+                if way == "Winograd":
+                    peak = max(peak, (mx.get_peak_memory() - held) / 2**30)
+    finally:
+        winograd.MIN_TILES = winograd_from
+    medians = {way: statistics.median(times) for way, times in seconds.items()}
+    scale = mx.abs(outputs["per-tap"]).max().item()
+    diff = mx.abs(outputs["Winograd"] - outputs["per-tap"]).max().item()
+    return {"medians": medians, "peak": peak, "diff": diff / scale}
+
+
+def layer_case(batch: int, size: int, in_channels: int, out_channels: int):
+    conv = Conv2d.from_module(nn.Conv2d(in_channels, out_channels, 3, padding=1))
+    x = mx.random.normal((batch, size, size, in_channels))
+    mx.eval(x, conv.parameters())
+    gflop = 2 * batch * size * size * 9 * in_channels * out_channels / 1e9
+    return f"conv {batch}x{size}x{size} {in_channels}->{out_channels}", lambda: conv(x), gflop
+
+
+def vae_cases(preset: str, sizes: list[int]):
+    mx.random.seed(0)
+    vae = AutoencoderKL(VAEConfig.from_preset(preset))
+    vae.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.02, vae.parameters()))
+    for size in sizes:
+        latents = mx.random.normal((1, size // 8, size // 8, 4))
+        images = mx.random.uniform(-1, 1, (1, size, size, 3))
+        with counting_flops() as decode_flops:
+            vae.decode(latents)
+        with counting_flops() as encode_flops:
+            vae.encode(images)
+        yield f"VAE decode {size} px", (vae, lambda v=vae, z=latents: v.decode(z)), decode_flops[0] / 1e9
+        yield f"VAE encode {size} px", (vae, lambda v=vae, x=images: v.encode(x).mean), encode_flops[0] / 1e9
+
+
+def unet_cases(preset: str, latents: list[int], batch: int):
+    config = UNetConfig.from_preset(preset)
+    unet = random_unet(config)
+    for latent in latents:
+        (sample, timestep, context), added = inputs(config, latent, batch)
+        text_kv = unet.cross_attention_kv(context)
+        with counting_flops() as flops:
+            unet(sample, timestep, None, cross_attention_kv=text_kv, **added)
+        yield (f"UNet {latent}x{latent} batch {batch}",
+               (unet, lambda u=unet, s=sample, t=timestep, kv=text_kv, a=added: u(s, t, None, cross_attention_kv=kv, **a)),
+               flops[0] / 1e9)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--what", nargs="+", choices=["layers", "vae", "unet"], default=["layers", "vae", "unet"])
+    p.add_argument("--size", type=int, nargs="+", default=[512], help="VAE image sizes in pixels (default: 512)")
+    p.add_argument("--latent", type=int, nargs="+", default=[64], help="UNet latent sizes (default: 64)")
+    p.add_argument("--batch", type=int, default=2, help="UNet batch (default: 2, a guided step)")
+    p.add_argument("--rounds", type=int, default=2, help="turns of each way (default: 2)")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per turn (default: 2)")
+    p.add_argument("--quick", action="store_true", help="small shapes and tiny models: a smoke run")
+    args = p.parse_args(argv)
+    layers, vae_preset, unet_preset = LAYERS, "sdxl", "sdxl-base"
+    if args.quick:
+        layers, vae_preset, unet_preset = QUICK_LAYERS, "tiny", "tiny"
+        args.size, args.latent, args.rounds, args.repeats = [64], [8], 1, 1
+    mx.random.seed(0)
+    print("float32, CPU kernels; GFLOP/s as direct convolutions")
+    print(f"{'case':<32} {'per-tap s':>10} {'Winograd s':>11} {'ratio':>6} {'per-tap GFLOP/s':>16} "
+          f"{'Winograd GFLOP/s':>17} {'peak GiB':>9} {'rel diff':>9}")
+    cases = []
+    if "layers" in args.what:
+        cases += [layer_case(*shape) for shape in layers]
+    for what, make in (("vae", lambda: vae_cases(vae_preset, args.size)),
+                       ("unet", lambda: unet_cases(unet_preset, args.latent, args.batch))):
+        if what in args.what:
+            made = list(make())  # every size counted on the plain model's layers, then the kernels
+            cases += [(name, call, gflop) for name, (_, call), gflop in made]
+            cpu.accelerate(made[0][1][0])
+    for name, call, gflop in cases:
+        r = a_b(call, args.rounds, args.repeats)
+        taps, fast = r["medians"]["per-tap"], r["medians"]["Winograd"]
+        print(f"{name:<32} {taps:>10.3f} {fast:>11.3f} {fast / taps:>6.3f} {gflop / taps:>16.1f} "
+              f"{gflop / fast:>17.1f} {r['peak']:>9.2f} {r['diff']:>9.1e}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
