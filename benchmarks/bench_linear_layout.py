@@ -15,10 +15,9 @@ the largest difference between the two layouts' outputs (the products sum in ano
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
@@ -28,6 +27,7 @@ from mlx.utils import tree_map  # noqa: E402
 
 import torch_reference  # noqa: E402  (benchmarks/, on sys.path when run as a script)
 from bench_unet import counting_flops  # noqa: E402
+from in_turns import in_turns  # noqa: E402
 from mlx_unet import PRESETS, UNet2DConditionModel, UNetConfig, cpu  # noqa: E402
 from mlx_unet.cpu.linear import Linear  # noqa: E402
 
@@ -72,22 +72,15 @@ def bench_latent(accelerated: UNet2DConditionModel, config: UNetConfig, latent: 
     def forward() -> mx.array:
         return accelerated(sample, timestep, None, cross_attention_kv=text_kv, **added)
 
-    seconds = {name: [] for name in LAYOUTS}
-    outputs, peaks = {}, {}
-    for _ in range(rounds):
-        for name, lay_out in LAYOUTS.items():
+    def lay_out(name: str) -> Callable[[], None]:
+        def set_up() -> None:
             for layer in linears:
-                layer.weight = lay_out(layer.weight)
+                layer.weight = LAYOUTS[name](layer.weight)
             mx.eval([layer.weight for layer in linears])
-            mx.reset_peak_memory()
-            outputs[name] = forward()
-            mx.eval(outputs[name])
-            for _ in range(repeats):
-                start = time.perf_counter()
-                mx.eval(forward())
-                seconds[name].append(time.perf_counter() - start)
-            peaks[name] = mx.get_peak_memory() / 2**30
-    medians = {name: statistics.median(times) for name, times in seconds.items()}
+        return set_up
+
+    r = in_turns({name: lay_out(name) for name in LAYOUTS}, forward, rounds, repeats)
+    medians, outputs, peaks = r["medians"], r["outputs"], r["peaks"]
     first, second = LAYOUTS
     return {"latent": latent, "medians": medians, "ratio": medians[first] / medians[second],
             "gflops": {name: gflop / median for name, median in medians.items()}, "peaks": peaks,

@@ -19,9 +19,7 @@ to the output's largest magnitude.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
@@ -33,6 +31,7 @@ from mlx.utils import tree_map  # noqa: E402
 
 from bench_linear_layout import inputs, random_unet  # noqa: E402  (benchmarks/, on sys.path as a script)
 from bench_unet import counting_flops  # noqa: E402
+from in_turns import in_turns  # noqa: E402
 from mlx_unet import UNetConfig, cpu  # noqa: E402
 from mlx_unet.configs.vae import VAEConfig  # noqa: E402
 from mlx_unet.cpu import winograd  # noqa: E402
@@ -45,35 +44,22 @@ LAYERS = [(2, 64, 320, 320), (2, 64, 640, 320), (2, 32, 640, 640), (2, 32, 1280,
           (1, 64, 512, 512), (1, 128, 512, 512), (1, 256, 512, 256), (1, 256, 256, 256), (1, 512, 256, 128),
           (1, 512, 128, 128)]
 QUICK_LAYERS = [(2, 32, 128, 128)]
-WAYS = ("per-tap", "Winograd")
 
 
 def a_b(call, rounds: int, repeats: int) -> dict:
-    """Time ``call`` each way in turns: medians, output difference, and the peak memory of a
-    call with Winograd's products above what was held before it (the models' weights)."""
-    seconds, outputs = {way: [] for way in WAYS}, {}
+    """``call`` each way in turns (Winograd's products held off by ``MIN_TILES`` out of reach):
+    medians, the peak memory of a call with Winograd above what was held before it (the models'
+    weights), and the output difference relative to the output's largest magnitude."""
     winograd_from = winograd.MIN_TILES
-    peak = 0.0
+    ways = {"per-tap": lambda: setattr(winograd, "MIN_TILES", sys.maxsize),
+            "Winograd": lambda: setattr(winograd, "MIN_TILES", winograd_from)}
     try:
-        for _ in range(rounds):
-            for way in WAYS:
-                winograd.MIN_TILES = winograd_from if way == "Winograd" else sys.maxsize
-                held = mx.get_active_memory()
-                mx.reset_peak_memory()
-                outputs[way] = call()
-                mx.eval(outputs[way])
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    mx.eval(call())
-                    seconds[way].append(time.perf_counter() - start)
-                if way == "Winograd":
-                    peak = max(peak, (mx.get_peak_memory() - held) / 2**30)
+        r = in_turns(ways, call, rounds, repeats)
     finally:
         winograd.MIN_TILES = winograd_from
-    medians = {way: statistics.median(times) for way, times in seconds.items()}
-    scale = mx.abs(outputs["per-tap"]).max().item()
-    diff = mx.abs(outputs["Winograd"] - outputs["per-tap"]).max().item()
-    return {"medians": medians, "peak": peak, "diff": diff / scale}
+    taps, fast = r["outputs"]["per-tap"], r["outputs"]["Winograd"]
+    diff = mx.abs(fast - taps).max().item() / mx.abs(taps).max().item()
+    return {"medians": r["medians"], "peak": r["added"]["Winograd"], "diff": diff}
 
 
 def layer_case(batch: int, size: int, in_channels: int, out_channels: int):
