@@ -40,15 +40,17 @@ _BLOCK, _TILE = 4, 6
 # two) and more the products saved outweigh the kernel's transform; a 32x32 image alone (64
 # tiles) or a 16x16 pair ran slower than the per-tap products.
 MIN_TILES = 128
-# A 512x512 image of 128 channels (the VAE's last level) still gains; far fewer channels leave
-# the transforms and copies dominating.
+# With 128 channels the VAE as a whole gains (its decode takes 0.59x the per-tap time in
+# ``benchmarks/bench_winograd.py``), though a 512x512 image of 128 channels alone comes out about
+# even (0.92-1.08x between runs): with fewer channels the transforms and copies dominate.
 MIN_CHANNELS = 128
 # The kernel's transform is a temporary of 36 values per channel pair; above this many (128 MiB
 # in float32: a 1280 x 1280 convolution's, or the 2560-channel inputs of SDXL's up blocks at a
 # 128x128 latent) it would add more to the run's peak than the activations around it.
 MAX_KERNEL_VALUES = 1 << 25
-# A band's tiles hold about this many values per tile-row column and channel (0.5 MiB a
-# position): the products' operands then stay within the 32 MiB cache.
+# A band of tile rows holds at most this many values per tile position (tiles x channels, 0.5
+# MiB in float32), so that its 36 positions' tiles (18 MiB) and their products stay near the 32
+# MiB cache; of 2**14 to 2**19 this ran best on SDXL's shapes.
 _BAND_VALUES = 1 << 17
 
 
