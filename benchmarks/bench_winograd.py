@@ -71,9 +71,11 @@ def layer_case(batch: int, size: int, in_channels: int, out_channels: int):
 
 
 def vae_cases(preset: str, sizes: list[int]):
+    """(the plain VAE, its cases): each size's decode and encode, GFLOP counted on its layers."""
     mx.random.seed(0)
     vae = AutoencoderKL(VAEConfig.from_preset(preset))
     vae.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.02, vae.parameters()))
+    cases = []
     for size in sizes:
         latents = mx.random.normal((1, size // 8, size // 8, 4))
         images = mx.random.uniform(-1, 1, (1, size, size, 3))
@@ -81,21 +83,25 @@ def vae_cases(preset: str, sizes: list[int]):
             vae.decode(latents)
         with counting_flops() as encode_flops:
             vae.encode(images)
-        yield f"VAE decode {size} px", (vae, lambda v=vae, z=latents: v.decode(z)), decode_flops[0] / 1e9
-        yield f"VAE encode {size} px", (vae, lambda v=vae, x=images: v.encode(x).mean), encode_flops[0] / 1e9
+        cases += [(f"VAE decode {size} px", lambda z=latents: vae.decode(z), decode_flops[0] / 1e9),
+                  (f"VAE encode {size} px", lambda x=images: vae.encode(x).mean, encode_flops[0] / 1e9)]
+    return vae, cases
 
 
 def unet_cases(preset: str, latents: list[int], batch: int):
+    """(the plain UNet, its cases): a forward per latent size, GFLOP counted on its layers."""
     config = UNetConfig.from_preset(preset)
     unet = random_unet(config)
+    cases = []
     for latent in latents:
         (sample, timestep, context), added = inputs(config, latent, batch)
         text_kv = unet.cross_attention_kv(context)
         with counting_flops() as flops:
             unet(sample, timestep, None, cross_attention_kv=text_kv, **added)
-        yield (f"UNet {latent}x{latent} batch {batch}",
-               (unet, lambda u=unet, s=sample, t=timestep, kv=text_kv, a=added: u(s, t, None, cross_attention_kv=kv, **a)),
-               flops[0] / 1e9)
+        cases.append((f"UNet {latent}x{latent} batch {batch}",
+                      lambda s=sample, t=timestep, kv=text_kv, a=added: unet(s, t, None, cross_attention_kv=kv, **a),
+                      flops[0] / 1e9))
+    return unet, cases
 
 
 def main(argv=None) -> int:
@@ -123,9 +129,9 @@ def main(argv=None) -> int:
     for what, make in (("vae", lambda: vae_cases(vae_preset, args.size)),
                        ("unet", lambda: unet_cases(unet_preset, args.latent, args.batch))):
         if what in args.what:
-            made = list(make())  # every size counted on the plain model's layers, then the kernels
-            cases += [(name, call, gflop) for name, (_, call), gflop in made]
-            cpu.accelerate(made[0][1][0])
+            model, made = make()
+            cpu.accelerate(model)  # after counting: the counts read the plain model's layers
+            cases += made
     for name, call, gflop in cases:
         r = a_b(call, args.rounds, args.repeats)
         taps, fast = r["medians"]["per-tap"], r["medians"]["Winograd"]

@@ -1,7 +1,7 @@
-"""The CPU fast path, a layer over the plain MLX models: OpenBLAS, per-tap convolution (and the
-upsampler fused with it), padded Linear products, arithmetic-only activations,
-GroupNorm fused with SiLU, chunked attention, and reuse of freed memory (``heap``: a VAE forward,
-a pipeline call).
+"""The CPU fast path, a layer over the plain MLX models: OpenBLAS, per-tap and Winograd
+convolution (and the upsampler fused with the per-tap one), padded Linear products,
+arithmetic-only activations, GroupNorm fused with SiLU, chunked attention, and reuse of freed
+memory (``heap``: a VAE forward, a pipeline call).
 
 ``accelerate(model)`` swaps the kernels in. ``prepare(model)``, which ``from_pretrained`` calls,
 does so by default on the CPU (``kernels_enabled``); ``MLX_UNET_CPU_KERNELS=0`` or

@@ -28,9 +28,9 @@ Below 32x32 output pixels the per-tap products get too short to run well; such c
 gather the patches themselves (a concatenation of k*k shifted views, what MLX does) and multiply
 once. That order of summation is MLX's, bit for bit.
 
-Stride-1 3x3 convolutions over enough pixels and channels (the UNet's 32x32 and larger levels,
-the VAE's every level) take Winograd's F(4x4, 3x3) instead, 4x fewer multiply-adds
-(``winograd.py``).
+Stride-1 3x3 convolutions over enough pixels and channels (``winograd.applies``: at 512 px the
+UNet's 64x64 level and, in a guided batch of two, its 32x32 one; every level of the VAE) take
+Winograd's F(4x4, 3x3) instead, 4x fewer multiply-adds (``winograd.py``).
 
 The weight keeps the (out, kh, kw, in) shape and name of a converted checkpoint but
 lies in memory as (kh, kw, in, out): each tap's (in, out) matrix, and the whole

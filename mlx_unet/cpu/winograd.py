@@ -19,8 +19,8 @@ the 4x4 blocks back in place are copies.
 The kernel's transform (4x the kernel) is made in every call rather than kept beside the weight,
 which would hold 4x the convolution weights for the run; it pays off only over enough tiles
 (``MIN_TILES``), and a large one is not made at all (``MAX_KERNEL_VALUES``). With few channels
-the transforms outweigh the products they save (``MIN_CHANNELS``). Tiles go through in bands of tile rows (``_BAND_VALUES``) so that a band's
-tiles and products stay in the caches.
+the transforms outweigh the products they save (``MIN_CHANNELS``). Tiles go through in bands of
+tile rows (``_BAND_VALUES``) so that a band's tiles and products stay in the caches.
 
 Rounding: the transforms' entries (up to 8, down to 1/24) cost accuracy, and the points are
 chosen for it (``_POINTS``): a float32 result differs from the exact convolution by about 5e-6 of
@@ -86,10 +86,10 @@ def _toom_cook(points: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @cache
-def _kron(which: int) -> mx.array:
-    """kron(M, M) in float32 for M = B^T (0), G (1) or A^T (2), each entry rounded once."""
-    m = _toom_cook(_POINTS)[which]
-    return mx.array(np.kron(m, m).astype(np.float64).astype(np.float32))
+def _transforms() -> tuple[mx.array, mx.array, mx.array]:
+    """kron(M, M) in float32 for M = B^T (tiles), G (kernel), A^T (products), each entry rounded
+    once from its exact fraction."""
+    return tuple(mx.array(np.kron(m, m).astype(np.float64).astype(np.float32)) for m in _toom_cook(_POINTS))
 
 
 def applies(batch: int, out_h: int, out_w: int, in_channels: int, out_channels: int) -> bool:
@@ -103,7 +103,7 @@ def convolve(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int)
     """The stride-1 3x3 convolution of ``x`` (batch, height, width, in), float32.
 
     ``weight``: (out, 3, 3, in) laid out in memory as (3, 3, in, out), ``conv.Conv2d``'s layout,
-    so its nine (in, out) tap matrices are the rows of a (9, in * out) view."""
+    so its nine (in, out) tap matrices are the rows of a (9, in * out) view; ``bias``: float32."""
     batch, height, width, in_channels = x.shape
     out_channels = weight.shape[0]
     out_h, out_w = height + 2 * padding - 2, width + 2 * padding - 2
@@ -111,8 +111,9 @@ def convolve(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int)
     # Padded on the bottom and right to whole tiles; the extra outputs are cut off at the end.
     padded = mx.pad(x, [(0, 0), (padding, _BLOCK * rows + 2 - height - padding),
                         (padding, _BLOCK * cols + 2 - width - padding), (0, 0)]).astype(mx.float32)
+    tile_transform, kernel_transform, product_transform = _transforms()
     taps = weight.transpose(1, 2, 3, 0).reshape(9, -1).astype(mx.float32)
-    kernel = (_kron(1) @ taps).reshape(_TILE * _TILE, in_channels, out_channels)
+    kernel = (kernel_transform @ taps).reshape(_TILE * _TILE, in_channels, out_channels)
     band = max(1, min(rows, _BAND_VALUES // (cols * max(in_channels, out_channels))))
     parts = []
     for top in range(0, rows, band):
@@ -121,13 +122,13 @@ def convolve(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int)
         # (36 tile positions, tiles * in): position (i, j) of every tile in the band.
         tiles = mx.stack([window[:, i:i + _BLOCK * n:_BLOCK, j:j + _BLOCK * cols:_BLOCK]
                           for i in range(_TILE) for j in range(_TILE)]).reshape(_TILE * _TILE, -1)
-        values = (_kron(0) @ tiles).reshape(_TILE * _TILE, -1, in_channels)
+        values = (tile_transform @ tiles).reshape(_TILE * _TILE, -1, in_channels)
         products = (values @ kernel).reshape(_TILE * _TILE, -1)
-        blocks = (_kron(2) @ products).reshape(_BLOCK, _BLOCK, batch, n, cols, out_channels)
+        blocks = (product_transform @ products).reshape(_BLOCK, _BLOCK, batch, n, cols, out_channels)
         # (block row, block column, image, tile row, tile column) -> the image's rows and columns;
         # the bias is added in the same pass that copies the blocks into place.
         placed = blocks.transpose(2, 3, 0, 4, 1, 5)
-        placed = mx.contiguous(placed) if bias is None else placed + bias.astype(mx.float32)
+        placed = mx.contiguous(placed) if bias is None else placed + bias
         parts.append(placed.reshape(batch, _BLOCK * n, _BLOCK * cols, out_channels))
     out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
     return out if (out_h, out_w) == out.shape[1:3] else out[:, :out_h, :out_w]

@@ -36,7 +36,6 @@ def _release_memory_after_each_test():
         release_memory()
 
 
-
 @pytest.fixture
 def torch_math_correctly_rounded(monkeypatch):
     """diffusers' schedulers take float32 roots, logarithms and exponentials with torch, whose
