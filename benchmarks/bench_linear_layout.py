@@ -27,7 +27,7 @@ from mlx.utils import tree_map  # noqa: E402
 
 import torch_reference  # noqa: E402  (benchmarks/, on sys.path when run as a script)
 from bench_unet import counting_flops  # noqa: E402
-from in_turns import in_turns  # noqa: E402
+from in_turns import count, in_turns  # noqa: E402
 from mlx_unet import PRESETS, UNet2DConditionModel, UNetConfig, cpu  # noqa: E402
 from mlx_unet.cpu.linear import Linear  # noqa: E402
 
@@ -94,8 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--family", default="sdxl-base", choices=list(PRESETS), help="architecture (default: sdxl-base)")
     p.add_argument("--latent", type=int, nargs="+", default=[32, 64], help="latent sizes (default: 32 64)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=3, help="turns of each layout (default: 3)")
-    p.add_argument("--repeats", type=int, default=2, help="timed forwards per turn (default: 2)")
+    p.add_argument("--rounds", type=count, default=3, help="turns of each layout (default: 3)")
+    p.add_argument("--repeats", type=count, default=2, help="timed forwards per turn (default: 2)")
     p.add_argument("--quick", action="store_true", help="tiny model, one small case: a smoke run")
     args = p.parse_args(argv)
     if args.quick:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import mmap
+import multiprocessing
 import os
 import re
 import shutil
@@ -35,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
@@ -46,11 +48,24 @@ SEED = 0
 
 
 def single_file(workdir: Path, quick: bool) -> Path:
-    """The random SDXL pipeline as one float16 safetensors file in Stability's layout (built once)."""
-    kind = "small-sdxl" if quick else "sdxl-base"
-    path = workdir / f"{kind}-single-file-float16.safetensors"
-    if path.is_file():
-        return path
+    """The random SDXL pipeline as one float16 safetensors file in Stability's layout (built once,
+    in a process of its own: see ``in_own_process``)."""
+    path = workdir / f"{'small-sdxl' if quick else 'sdxl-base'}-single-file-float16.safetensors"
+    if not path.is_file():
+        in_own_process(_write_single_file, path, quick)
+    return path
+
+
+def in_own_process(function, *args):
+    """``function(*args)`` in a fresh Python process. A command's peak RSS as ``wait4`` reports it
+    starts at this process's own peak (Linux copies the high-water mark through fork and exec), so
+    whatever takes memory here (building the pipeline, 13 GiB; the fresh-memory probe) runs apart."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def _write_single_file(path: Path, quick: bool) -> None:
+    workdir, kind = path.parent, "small-sdxl" if quick else "sdxl-base"
     import bench_text_to_image  # noqa: E402  (torch and diffusers: only when the file is missing)
     import torch
     from original_layout import sdxl_single_file
@@ -74,7 +89,6 @@ def single_file(workdir: Path, quick: bool) -> Path:
     print(f"writing {path}", flush=True)
     save_file(tensors, str(path.with_suffix(".partial")))
     path.with_suffix(".partial").rename(path)
-    return path
 
 
 def _quick_configs() -> tuple:
@@ -172,7 +186,7 @@ def main(argv=None) -> int:
     out.mkdir(exist_ok=True)
 
     time.sleep(settle)
-    fresh = fresh_memory_seconds_per_gib()
+    fresh = in_own_process(fresh_memory_seconds_per_gib)
     rows = []
     for dtype in args.dtype:
         cache = out / f"cache-{dtype}"

@@ -31,7 +31,7 @@ from mlx.utils import tree_map  # noqa: E402
 
 from bench_linear_layout import inputs, random_unet  # noqa: E402  (benchmarks/, on sys.path as a script)
 from bench_unet import counting_flops  # noqa: E402
-from in_turns import in_turns  # noqa: E402
+from in_turns import count, in_turns  # noqa: E402
 from mlx_unet import UNetConfig, cpu  # noqa: E402
 from mlx_unet.configs.vae import VAEConfig  # noqa: E402
 from mlx_unet.cpu import winograd  # noqa: E402
@@ -111,8 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, nargs="+", default=[512], help="VAE image sizes in pixels (default: 512)")
     p.add_argument("--latent", type=int, nargs="+", default=[64], help="UNet latent sizes (default: 64)")
     p.add_argument("--batch", type=int, default=2, help="UNet batch (default: 2, a guided step)")
-    p.add_argument("--rounds", type=int, default=2, help="turns of each way (default: 2)")
-    p.add_argument("--repeats", type=int, default=2, help="timed calls per turn (default: 2)")
+    p.add_argument("--rounds", type=count, default=2, help="turns of each way (default: 2)")
+    p.add_argument("--repeats", type=count, default=2, help="timed calls per turn (default: 2)")
     p.add_argument("--quick", action="store_true", help="small shapes and tiny models: a smoke run")
     args = p.parse_args(argv)
     layers, vae_preset, unet_preset = LAYERS, "sdxl", "sdxl-base"

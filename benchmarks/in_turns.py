@@ -3,11 +3,20 @@ drifts (this VM's does, by tens of percent within an hour) moves every way alike
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
 
 import mlx.core as mx
+
+
+def count(text: str) -> int:
+    """argparse's type for --rounds and --repeats: a whole number from 1 (no turns would time
+    nothing, and the median of nothing fails)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of 1 or more")
+    return int(text)
 
 
 def in_turns(ways: dict[str, Callable[[], None]], call: Callable[[], mx.array], rounds: int, repeats: int) -> dict:

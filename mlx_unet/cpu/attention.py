@@ -6,7 +6,9 @@ MLX's slow ``exp``. Instead:
 - scores are computed in chunks of query rows of about 2 MB, in float32 (MLX has no fast
   half-precision matmul on the CPU), so the softmax passes over them run from cache; measured on
   SDXL's shapes (2 cores, 1 MB L2 each) about 2x faster than 4 MB chunks, and faster than 0.5 MB
-  ones, where the matmuls get too small;
+  ones, where the matmuls get too small. A chunk has at least ``_MIN_ROWS`` query rows, though:
+  over 16384 keys (the VAE's mid-block attention at 1024 px, SD 1.x's first level there) 2 MB
+  is 32 rows, and each chunk's products then read all the keys and values for a few rows;
 - log2(e) is folded into the queries, so the softmax is base 2 (``activations.softmax_weights``);
 - a column of ones appended to v makes the second matmul return each row's weight sum too, and
   the (tokens x head_dim) output is divided by it: no pass over the weights to sum or normalise.
@@ -19,6 +21,21 @@ from .activations import LOG2_E, softmax_weights
 
 # Scores per chunk: 2 MB in float32.
 _CHUNK_SCORES = 1 << 19
+# Query rows per chunk at least. Over 16384 keys, 128-row chunks (8 MB) took 0.83-0.85x the time
+# of 32-row ones with one 512-wide head (the VAE's) and with 8 heads of 40 (SD 1.x), 0.97x with 4
+# of 128; at 4096 keys 512-row chunks ran 1.2-1.4x slower than 128-row ones (the softmax passes
+# then leave the caches).
+_MIN_ROWS = 128
+# ...within at most 8 MB of scores: a chunk's are working memory, and MLX runs several at once.
+_MAX_CHUNK_SCORES = 1 << 21
+
+
+def chunk_rows(tokens: int, kv_tokens: int) -> int:
+    """Query rows per chunk of scores (of one head)."""
+    rows = _CHUNK_SCORES // kv_tokens
+    if rows < _MIN_ROWS:
+        rows = min(_MIN_ROWS, _MAX_CHUNK_SCORES // kv_tokens)
+    return max(1, min(tokens, rows))
 
 
 def chunked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
@@ -30,7 +47,7 @@ def chunked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx
     k_t = k.astype(f32).reshape(batch * heads, kv_tokens, head_dim).swapaxes(1, 2)
     v = v.astype(f32).reshape(batch * heads, kv_tokens, v_dim)
     v_ones = mx.concatenate([v, mx.ones((batch * heads, kv_tokens, 1), f32)], axis=2)
-    rows = max(1, min(tokens, _CHUNK_SCORES // kv_tokens))
+    rows = chunk_rows(tokens, kv_tokens)
     group = max(1, _CHUNK_SCORES // (rows * kv_tokens)) if rows == tokens else 1
     per_head = []
     for h in range(0, batch * heads, group):

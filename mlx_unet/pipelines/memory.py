@@ -33,6 +33,7 @@ from ..configs.quantization import Quantization
 from ..configs.unet import UNetConfig
 from ..configs.vae import VAEConfig
 from ..cpu import kernels_enabled, on_cpu
+from ..cpu.attention import chunk_rows
 from ..errors import InputError
 from ..models.vae import tile_sizes
 from .arguments import PIXELS_PER_LATENT
@@ -53,10 +54,12 @@ RESNET_WORK = {True: 11.0, False: 36.0}  # GroupNorm's float32 copies, SiLU, con
 VAE_DECODE_WORK = {True: 7.0, False: RESNET_WORK[False]}
 UNET_FEED_FORWARD_WORK = 3.0  # of the feed-forward's 8x-wide GEGLU activation
 TEXT_WORK = 8.0  # of a text encoder layer's MLP activation
-# The CPU kernels' chunked attention, whatever its size: MLX runs several chunks of the lazy
-# graph at once, each with its float32 temporaries (measured 65-91 MiB at 1024-4096 tokens,
-# 2-8 heads, against 2 MiB of scores per chunk).
+# The CPU kernels' chunked attention with chunks of 2 MiB of scores: MLX runs several chunks of
+# the lazy graph at once, each with its float32 temporaries (measured 65-91 MiB at 1024-4096
+# tokens, 2-8 heads). Over 16384 tokens a chunk holds 128 query rows (8 MiB, ``cpu.attention``),
+# and the peak grew in step (306-386 MiB, from 116-154): counted in proportion to the chunk.
 CHUNKED_ATTENTION = 128 * 2**20
+CHUNKED_ATTENTION_SCORES = 1 << 19  # the chunk that CHUNKED_ATTENTION was measured with
 # What every stage holds besides weights and layer activations (latents, prompt embeddings,
 # timesteps, the scheduler's tables, allocator rounding): the tiny pipeline's runs measured up to
 # 1.3 MiB above the estimate without it.
@@ -83,7 +86,9 @@ def _attention(batch: int, heads: int, tokens: int, nbytes: int, chunked: bool) 
     the whole (batch, heads, tokens, tokens) matrix, which MLX's CPU backend materialises in the
     inputs' dtype (measured). Metal's fused kernels need not, but not for every head width (the
     VAE's single 512-wide head): counted on the plain path everywhere, an upper bound there."""
-    return CHUNKED_ATTENTION if chunked else batch * heads * tokens * tokens * nbytes
+    if chunked:
+        return CHUNKED_ATTENTION * max(1, chunk_rows(tokens, tokens) * tokens // CHUNKED_ATTENTION_SCORES)
+    return batch * heads * tokens * tokens * nbytes
 
 
 def unet_activations(c: UNetConfig, latent: tuple[int, int], batch: int, dtype: mx.Dtype, chunked: bool) -> int:

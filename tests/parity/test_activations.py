@@ -95,6 +95,22 @@ def test_cpu_attention_matches_torch(shape, chunk, monkeypatch):
     assert np.abs(ours - expected).max() <= 2e-6 * np.abs(expected).max()
 
 
+def test_cpu_attention_chunks_hold_at_least_min_rows(monkeypatch):
+    """Long key sequences get chunks of ``_MIN_ROWS`` query rows beyond the 2 MB of scores, up to
+    ``_MAX_CHUNK_SCORES`` (scaled down here: 26-row chunks that do not divide 300 tokens)."""
+    assert attention.chunk_rows(16384, 16384) == 128 and attention.chunk_rows(4096, 4096) == 128
+    assert attention.chunk_rows(1024, 1024) == 512 and attention.chunk_rows(2**20, 2**20) == 2
+    monkeypatch.setattr(attention, "_CHUNK_SCORES", 1 << 10)
+    monkeypatch.setattr(attention, "_MIN_ROWS", 32)
+    monkeypatch.setattr(attention, "_MAX_CHUNK_SCORES", 1 << 11)
+    assert attention.chunk_rows(300, 77) == 26
+    rng = np.random.default_rng(5)
+    q, k, v = (mx.array(rng.normal(0, 1, (1, 3, m, 64)).astype(np.float32)) for m in (300, 77, 77))
+    ours = np.array(attention.chunked_attention(q, k, v, 0.125))
+    expected = _torch_attention(q, k, v)
+    assert np.abs(ours - expected).max() <= 2e-6 * np.abs(expected).max()
+
+
 def test_cpu_attention_is_stable_for_large_and_peaked_logits():
     rng = np.random.default_rng(3)
     q = mx.array(rng.normal(0, 40, (1, 2, 64, 32)).astype(np.float32))  # logits in the thousands

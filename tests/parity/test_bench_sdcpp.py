@@ -47,6 +47,9 @@ def test_benchmark_quick_run_reports_both_commands(tmp_path):
     for name, values in list(rows.items())[:2]:  # (the stand-in takes no time or memory)
         assert all(float(v) > 0 for v in values), name
     assert rows["sd.cpp f16"][1:3] == ["1.2", "9.00"]  # its load and sampling time over 4 steps
+    # The stand-in's own peak (a small Python), not the benchmark's after it built the pipeline
+    # with torch: a child's peak RSS starts at its parent's.
+    assert float(rows["sd.cpp f16"][3]) < 0.1
 
 
 def test_sd_must_be_an_executable(tmp_path):

@@ -24,3 +24,12 @@ def test_benchmark_quick_run_times_both_ways():
     # differ by float32 rounding only, and not at all where Winograd does not apply.
     assert 0 < float(rows["conv 2x32x32 128->128"][6]) < 1e-5
     assert float(rows["UNet 8x8 batch 2"][6]) == 0
+
+
+def test_turns_and_repeats_must_be_counts():
+    for bench in ("bench_winograd.py", "bench_linear_layout.py"):
+        for option, value in (("--rounds", "0"), ("--repeats", "-1")):
+            proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / bench), option, value],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=60)
+            assert proc.returncode == 2 and f"{value} is not a whole number of 1 or more" in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr
