@@ -15,7 +15,9 @@ of our forward counted from the model's own layers and the input shapes, the GFL
 that as a share of MLX's sgemm GFLOP/s (measured between our timed forwards, median against
 median), diffusers' GFLOP/s over its whole forward's FLOPs, torch's sgemm, and MLX's peak memory.
 ``--compile`` runs our forward through mx.compile and reports the first call (trace and kernel
-build) apart; ``--low-memory`` measures the low-memory mode of a run (pipelines/run.py).
+build) apart; ``--low-memory`` measures the low-memory mode of a run (pipelines/run.py);
+``--widen`` holds a half-precision UNet in float32 for the run instead of widening each weight as
+it is used (``cpu.widen``).
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def median_seconds(run, warmup: int, repeats: int, between=None) -> tuple[float,
 
 
 def bench_case(config: UNetConfig, size: int, batch: int, dtype: str, warmup: int, repeats: int,
-               threads: int | None, compile: bool = False, low_memory: bool = False, sgemm_n: int = 4096) -> dict:
+               threads: int | None, compile: bool = False, low_memory: bool = False, widen: bool = False,
+               sgemm_n: int = 4096) -> dict:
     """``threads``: diffusers' thread count (in its own process), or None not to time it."""
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
@@ -163,9 +166,9 @@ def bench_case(config: UNetConfig, size: int, batch: int, dtype: str, warmup: in
     mx.eval(text_kv)
     step_inputs = dict(cross_attention_kv=text_kv, **added)
 
-    settings = RunSettings(compile=compile, low_memory=low_memory)
+    settings = RunSettings(compile=compile, low_memory=low_memory, widen_weights=widen)
     forward = settings.forward(ours)
-    with settings.applied():
+    with settings.applied(ours):
         mx.clear_cache()
         mx.reset_peak_memory()
         start = time.perf_counter()
@@ -203,6 +206,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-torch", action="store_true", help="time only our forward")
     p.add_argument("--compile", action="store_true", help="our forward through mx.compile; the first call is reported apart")
     p.add_argument("--low-memory", action="store_true", help="our forward in a run's low-memory mode")
+    p.add_argument("--widen", action="store_true",
+                   help="a half-precision UNet held in float32 for the run (RunSettings.widen_weights), not "
+                        "widened layer by layer as it runs")
     p.add_argument("--quick", action="store_true", help="tiny model, one small case: a smoke run")
     args = p.parse_args(argv)
     if args.quick:
@@ -213,7 +219,8 @@ def main(argv=None) -> int:
         ctypes.CDLL(mlx_unet.cpu.blas.loaded).openblas_set_num_threads(args.threads)
     config = UNetConfig.from_preset(args.family)
     blas = mlx_unet.cpu.blas.loaded or "MLX's bundled BLAS"
-    mode = ", ".join(m for m, on in (("compiled", args.compile), ("low-memory", args.low_memory)) if on)
+    mode = ", ".join(m for m, on in (("compiled", args.compile), ("low-memory", args.low_memory),
+                                     ("half precision widened for the run", args.widen)) if on)
     print(f"{args.family}, batch {args.batch}{'; ' + mode if mode else ''}; {args.threads} threads; MLX {mx.__version__} "
           f"({mx.default_device()}, {blas}); diffusers in its own process")
     sgemm_n = 512 if args.quick else 4096
@@ -226,7 +233,7 @@ def main(argv=None) -> int:
     for dtype in args.dtype:
         for size in args.latent:
             r = bench_case(config, size, args.batch, dtype, args.warmup, args.repeats,
-                           None if args.no_torch else args.threads, args.compile, args.low_memory, sgemm_n)
+                           None if args.no_torch else args.threads, args.compile, args.low_memory, args.widen, sgemm_n)
             gc.collect()  # the case's model, before the next one is built
             mx.clear_cache()
             rate = r["gflop"] / r["ours_s"]

@@ -93,14 +93,12 @@ def _model_name(model: nn.Module) -> str:
         type(model).__name__, type(model).__name__)
 
 
-def load_weights(model: nn.Module, weights: dict[str, mx.array | StoredTensor], dtype: mx.Dtype | None = None,
-                 held_in: mx.Dtype | None = None) -> None:
+def load_weights(model: nn.Module, weights: dict[str, mx.array | StoredTensor], dtype: mx.Dtype | None = None) -> None:
     """Move ``weights`` (MLX layout, diffusers names; arrays, or tensors of a file that
     ``read_weights_folder`` listed) into ``model`` after checking every key and shape.
     ``weights`` is emptied: each tensor is taken out, evaluated and put into the model before
     the next, so that the caller's copy (a file being read, say) and the model's never coexist
-    for more than one tensor. Floating-point values are rounded to ``dtype`` and kept in
-    ``held_in`` where given (a half-precision model held in float32 for a run: ``cpu.widen``)."""
+    for more than one tensor. Floating-point values are cast to ``dtype`` where given."""
     check_weights(model, weights)
     layouts = weight_layouts(model)
     orders = {name: kernel.memory_order for name, kernel in layouts.items()}
@@ -111,12 +109,9 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array | StoredTensor], 
         if isinstance(value, StoredTensor):
             values, finite = value.read(orders.get(name), buffers)
             value = value.to_mlx(values, orders.get(name), dtype)
-            if held_in is not None and mx.issubdtype(value.dtype, mx.floating):
-                value = value.astype(held_in)  # (a transposed view stays one: the cast keeps its strides)
         else:
-            for cast in (dtype, held_in):
-                if cast is not None and mx.issubdtype(value.dtype, mx.floating):  # not a quantized layer's bits
-                    value = value.astype(cast)
+            if dtype is not None and mx.issubdtype(value.dtype, mx.floating):  # not a quantized layer's bits
+                value = value.astype(dtype)
             # Parameters are row-major (a strided one, an mx.array of a transposed numpy view say,
             # would be copied by every product that reads it), except the weights that the CPU
             # kernels lay out for their products (cpu/conv.py).
@@ -161,12 +156,24 @@ def _transpose_into(matrix: np.ndarray, out: np.ndarray) -> np.ndarray:
 # Half-precision values by their bits: without the sign, inf and NaN are the largest (an exponent
 # of all ones), so one maximum tells. numpy's isfinite on float16 took 2.5x as long.
 _HALF_NONFINITE = {"F16": 0x7C00, "BF16": 0x7F80}
+# Checked in parts of this many values through one small buffer: a temporary the size of each
+# tensor is fresh memory, which cost more than the check (5 s of SDXL's 2.6 G float16 weights).
+_CHECK_VALUES = 1 << 18
 
 
 def _all_finite(values: np.ndarray, stored_dtype: str) -> bool:
+    flat = values.reshape(-1)
     if stored_dtype in _HALF_NONFINITE:
-        return values.size == 0 or int((values.view(np.uint16) & 0x7FFF).max()) < _HALF_NONFINITE[stored_dtype]
-    return values.dtype.kind != "f" or bool(np.isfinite(values).all())
+        flat, limit = flat.view(np.uint16), _HALF_NONFINITE[stored_dtype]
+        scratch = np.empty(min(flat.size, _CHECK_VALUES), np.uint16)
+        check = lambda part, out: int(np.bitwise_and(part, 0x7FFF, out=out).max()) < limit  # noqa: E731
+    elif values.dtype.kind == "f":
+        scratch = np.empty(min(flat.size, _CHECK_VALUES), bool)
+        check = lambda part, out: bool(np.isfinite(part, out=out).all())  # noqa: E731
+    else:
+        return True
+    return all(check(flat[start:start + _CHECK_VALUES], scratch[:min(_CHECK_VALUES, flat.size - start)])
+               for start in range(0, flat.size, _CHECK_VALUES))
 
 
 class ReadBuffers:
@@ -253,17 +260,14 @@ def read_weights_folder(model: nn.Module, folder: Path, lazy: bool = False) -> d
 
 
 def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None = None,
-                        quantize: Quantization | None = None, cpu_kernels: bool | None = False,
-                        held_in: mx.Dtype | None = None) -> None:
+                        quantize: Quantization | None = None, cpu_kernels: bool | None = False) -> None:
     """Load every ``*.safetensors`` file in ``folder`` into ``model``: into quantized layers where
     the folder is quantized (its config's ``mlx_unet`` section), or quantizing the policy's layers
     as they load where ``quantize`` asks (never a dense copy of the model either way). The CPU
     kernels (``cpu_kernels``, as ``cpu.prepare`` takes it) go in before the weights, so that each
-    weight is laid out for them as it loads, in the same pass. ``held_in``: as ``load_weights``
-    takes it (a dense folder)."""
+    weight is laid out for them as it loads, in the same pass; with them a half-precision model
+    holds all but their weights in float32 after loading (``cpu.hold_outside_kernels``)."""
     stored = read_quantization(folder, _model_name(model))
-    if held_in is not None and (stored is not None or quantize is not None):
-        raise WeightsError("held_in is for dense weights: a quantized model keeps its quantized layers as they are.")
     # Quantizing as it loads computes over each weight in MLX: lazy arrays, read as evaluated.
     weights = read_weights_folder(model, folder, lazy=stored is None and quantize is not None)
     if stored is not None:
@@ -274,15 +278,17 @@ def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None =
     elif quantize is not None:
         weights = quantize_as_loaded(model, weights, quantize, dtype)
     cpu.prepare(model, cpu_kernels, loaded=False)
-    load_weights(model, weights, dtype, held_in)
+    load_weights(model, weights, dtype)
+    if cpu.kernels_enabled(cpu_kernels):
+        cpu.hold_outside_kernels(model)
     if dtype is not None:
         mx.clear_cache()  # the file-dtype copies just freed would otherwise stay in MLX's cache
 
 
 def load_pretrained(model: nn.Module, folder: Path, dtype: mx.Dtype | None, cpu_kernels: bool | None,
-                    quantize: Quantization | None = None, held_in: mx.Dtype | None = None) -> nn.Module:
+                    quantize: Quantization | None = None) -> nn.Module:
     """``model`` (just built from its config) with ``folder``'s weights and, where
     ``cpu.kernels_enabled(cpu_kernels)``, the CPU kernels: config -> build -> quantize -> kernels
-    -> load."""
-    load_weights_folder(model, folder, dtype, quantize, cpu_kernels, held_in)
+    -> load -> (half precision on the kernels) all but their weights held in float32."""
+    load_weights_folder(model, folder, dtype, quantize, cpu_kernels)
     return model

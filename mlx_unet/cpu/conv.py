@@ -35,13 +35,15 @@ Winograd's F(4x4, 3x3) instead, 4x fewer multiply-adds (``winograd.py``).
 The weight keeps the (out, kh, kw, in) shape and name of a converted checkpoint but
 lies in memory as (kh, kw, in, out): each tap's (in, out) matrix, and the whole
 (kh*kw*in, out) patch matrix, are then row-major views that BLAS reads without a copy.
-Half precision is computed in float32 and rounded once, as ``linear.Linear`` does.
+Half precision is computed in float32 and rounded once, as ``linear.Linear`` does, the weight
+widened once per call (``taps``).
 """
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import winograd
+from .half import float32
 
 
 # Output pixels per image from which the per-tap products beat gathering the patches.
@@ -126,9 +128,9 @@ class Conv2d(nn.Conv2d):
         out_w = (x.shape[2] + 2 * pad - k) // stride + 1
         if k == 1 and stride == 1 and pad == 0:  # one product over all pixels
             rows = x.reshape(-1, in_channels).astype(mx.float32)
-            y = product(self._bias(), rows, self._tap(0, 0)).reshape(x.shape[0], out_h, out_w, -1)
+            y = product(self._bias(), rows, self.taps()[0, 0]).reshape(x.shape[0], out_h, out_w, -1)
         elif k == 3 and stride == 1 and winograd.applies(x.shape[0], out_h, out_w, in_channels, out_channels):
-            y = winograd.convolve(x, self.weight, self._bias(), pad)
+            y = winograd.convolve(x, self.taps(), self._bias(), pad)
         elif out_h * out_w < _TAPS_FROM_PIXELS or in_channels * k * k <= _FEW:
             y = self._by_patches(x, out_h, out_w)
         elif out_channels * k * k <= _FEW:
@@ -137,12 +139,13 @@ class Conv2d(nn.Conv2d):
             y = self._by_taps(x, out_h, out_w)
         return y.astype(dtype)
 
-    def _tap(self, a: int, b: int) -> mx.array:
-        """The (in, out) float32 matrix of kernel tap (a, b): a view of the laid-out weight."""
-        return self.weight[:, a, b, :].T.astype(mx.float32)
+    def taps(self) -> mx.array:
+        """The weight as (kh, kw, in, out) float32, row-major: the laid-out weight itself, or its
+        half-precision values widened. ``taps()[a, b]`` is tap (a, b)'s (in, out) matrix."""
+        return float32(self.weight.transpose(1, 2, 3, 0))
 
     def _bias(self) -> mx.array | None:
-        return self.bias.astype(mx.float32) if "bias" in self else None
+        return float32(self.bias) if "bias" in self else None
 
     def _rows(self, x: mx.array, out_h: int, out_w: int) -> tuple[mx.array, int, list[int]]:
         """(the padded sub-images flattened to (batch, pixels, channels) float32 rows, their width,
@@ -165,8 +168,9 @@ class Conv2d(nn.Conv2d):
 
     def _by_taps(self, x: mx.array, out_h: int, out_w: int) -> mx.array:
         rows, sub_w, offsets = self._rows(x, out_h, out_w)
-        k = self.weight.shape[1]
-        taps = list(zip(offsets, (self._tap(a, b) for a in range(k) for b in range(k))))
+        matrices = self.taps()
+        k = matrices.shape[0]
+        taps = list(zip(offsets, (matrices[a, b] for a in range(k) for b in range(k))))
         bias = self._bias()
         images = [joined(tap_blocks(rows[n], taps, bias, out_h, sub_w, out_w)) for n in range(x.shape[0])]
         return images[0][None] if len(images) == 1 else mx.stack(images)
@@ -177,7 +181,7 @@ class Conv2d(nn.Conv2d):
         products would each stream the whole input for a handful of columns."""
         rows, sub_w, offsets = self._rows(x, out_h, out_w)
         out_channels, in_channels = self.weight.shape[0], self.weight.shape[3]
-        matrix = self.weight.transpose(3, 1, 2, 0).reshape(in_channels, -1).astype(mx.float32)
+        matrix = self.taps().transpose(2, 0, 1, 3).reshape(in_channels, -1)
         length, bias = out_h * sub_w, self._bias()
         images = []
         for n in range(x.shape[0]):
@@ -196,6 +200,6 @@ class Conv2d(nn.Conv2d):
         patches = mx.concatenate(
             [padded[:, a:a + span_h:stride, b:b + span_w:stride] for a in range(k) for b in range(k)], axis=-1
         ).astype(mx.float32)
-        matrix = self.weight.transpose(1, 2, 3, 0).reshape(-1, self.weight.shape[0]).astype(mx.float32)
+        matrix = self.taps().reshape(-1, self.weight.shape[0])
         out = product(self._bias(), patches.reshape(-1, patches.shape[-1]), matrix)
         return out.reshape(x.shape[0], out_h, out_w, -1)

@@ -1,9 +1,11 @@
 """The CPU's Linear: nn.Linear's parameters, computed the way MLX's CPU backend runs fastest.
 
 MLX's CPU backend has no fast float16/bfloat16 matrix multiply: about 3 GFLOP/s against about
-150 in float32 through BLAS on this 2-core machine. On the CPU a half-precision Linear therefore
-widens its input and weight to float32 for the product (the weight one layer at a time, so the
-model stays half-size in memory) and rounds the result back once, which is also more exact.
+150 in float32 through BLAS on this 2-core machine. On the CPU a half-precision weight is
+therefore widened to float32 for the product as the layer is called (``half.float32``: one
+layer's weight at a time, so the model stays half-size in memory), and a half-precision input
+too, its result rounded back once, which is also more exact (``widen``: the model computes in
+float32).
 
 On the CPU a small row count that is not a multiple of 16 is padded with zero rows: OpenBLAS
 runs its slow edge kernels on the remainder, and SDXL's 77 text tokens (the cross-attention
@@ -18,6 +20,8 @@ matters most for the few-row products of a small latent (64 tokens at SDXL's 8x8
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .half import float32
 
 
 _ROW_BLOCK = 16
@@ -54,14 +58,8 @@ class Linear(nn.Linear):
         shape = x.shape
         if pad:
             x = mx.pad(x.reshape(-1, shape[-1]), [(0, pad), (0, 0)])
-        if x.dtype == mx.float32:
-            y = super().__call__(x)
-        else:
-            weight = self.weight.astype(mx.float32)
-            if "bias" in self:
-                y = mx.addmm(self.bias.astype(mx.float32), x.astype(mx.float32), weight.T)
-            else:
-                y = x.astype(mx.float32) @ weight.T
-            y = y.astype(x.dtype)
+        weight, rows = float32(self.weight), x.astype(mx.float32)
+        y = rows @ weight.T if "bias" not in self else mx.addmm(float32(self.bias), rows, weight.T)
+        y = y.astype(x.dtype)
         # The first rows of a row-major result are a contiguous prefix: no copy.
         return y[: y.shape[0] - pad].reshape(*shape[:-1], -1) if pad else y

@@ -39,6 +39,7 @@ from .norm import GroupNorm, NormSiLU
 from .quantized import QuantizedLinear
 from .upsample import Upsample2D
 from .vae import Decoder, Encoder
+from .widen import hold_outside_kernels
 
 ENV_SWITCH = "MLX_UNET_CPU_KERNELS"
 
@@ -53,6 +54,12 @@ def kernels_enabled(requested: bool | None = None) -> bool:
     if requested is not None:
         return requested
     return on_cpu() and os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def computes_in(dtype: mx.Dtype, cpu_kernels: bool | None = None) -> mx.Dtype:
+    """The dtype a model loaded in ``dtype`` computes in and returns: float32 on the CPU kernels,
+    which compute a half-precision model in float32 (``widen``); else ``dtype``."""
+    return mx.float32 if kernels_enabled(cpu_kernels) else dtype
 
 
 def _conv(module: nn.Conv2d) -> nn.Module:
@@ -133,10 +140,12 @@ def accelerate(model: nn.Module, loaded: bool = True) -> nn.Module:
     """Put the CPU kernels into ``model`` (in place) and return it. ``loaded=False``: a model
     just built, whose weights are still its lazy initial ones: only its structure changes (no
     weight is laid out or evaluated), and ``weights.load_weights`` lays each weight out as it
-    loads it."""
+    loads it (and ``weights.load_weights_folder`` holds the model as below after it).
+    A loaded half-precision model holds every parameter but the kernels' weights in float32
+    (``widen.hold_outside_kernels``), so that it computes in float32."""
     _fuse_norm_silu(model)
     _swap_children(model, loaded)
-    return model
+    return hold_outside_kernels(model) if loaded else model
 
 
 def prepare(model: nn.Module, cpu_kernels: bool | None = None, loaded: bool = True) -> nn.Module:

@@ -47,11 +47,11 @@ class Upsample2D(PlainUpsample2D):
         conv = self.conv
         # The source image padded and flattened as the 3x3 convolution over it lays it out.
         rows, wide, _ = conv._rows(x, height, width)
-        bias = conv._bias()
+        bias, matrices = conv._bias(), conv.taps()
         taps = {}
         for p in range(2):
             for q in range(2):
-                taps[p, q] = [((p + r) * wide + q + s, _summed(conv, _MERGED[p][r], _MERGED[q][s]))
+                taps[p, q] = [((p + r) * wide + q + s, _summed(matrices, _MERGED[p][r], _MERGED[q][s]))
                               for r in range(2) for s in range(2)]
         images = []
         for n in range(batch):
@@ -64,10 +64,10 @@ class Upsample2D(PlainUpsample2D):
         return out.astype(x.dtype)
 
 
-def _summed(conv: Conv2d, rows: tuple[int, ...], columns: tuple[int, ...]) -> mx.array:
+def _summed(matrices: mx.array, rows: tuple[int, ...], columns: tuple[int, ...]) -> mx.array:
     total = None
     for a in rows:
         for b in columns:
-            tap = conv._tap(a, b)
+            tap = matrices[a, b]
             total = tap if total is None else total + tap
     return total

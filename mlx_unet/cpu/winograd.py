@@ -99,21 +99,20 @@ def applies(batch: int, out_h: int, out_w: int, in_channels: int, out_channels: 
             and _TILE * _TILE * in_channels * out_channels <= MAX_KERNEL_VALUES)
 
 
-def convolve(x: mx.array, weight: mx.array, bias: mx.array | None, padding: int) -> mx.array:
+def convolve(x: mx.array, taps: mx.array, bias: mx.array | None, padding: int) -> mx.array:
     """The stride-1 3x3 convolution of ``x`` (batch, height, width, in), float32.
 
-    ``weight``: (out, 3, 3, in) laid out in memory as (3, 3, in, out), ``conv.Conv2d``'s layout,
-    so its nine (in, out) tap matrices are the rows of a (9, in * out) view; ``bias``: float32."""
+    ``taps``: the kernel as (3, 3, in, out) float32, row-major (``conv.Conv2d.taps``), so its
+    nine (in, out) tap matrices are the rows of a (9, in * out) view; ``bias``: float32."""
     batch, height, width, in_channels = x.shape
-    out_channels = weight.shape[0]
+    out_channels = taps.shape[-1]
     out_h, out_w = height + 2 * padding - 2, width + 2 * padding - 2
     rows, cols = -(-out_h // _BLOCK), -(-out_w // _BLOCK)
     # Padded on the bottom and right to whole tiles; the extra outputs are cut off at the end.
     padded = mx.pad(x, [(0, 0), (padding, _BLOCK * rows + 2 - height - padding),
                         (padding, _BLOCK * cols + 2 - width - padding), (0, 0)]).astype(mx.float32)
     tile_transform, kernel_transform, product_transform = _transforms()
-    taps = weight.transpose(1, 2, 3, 0).reshape(9, -1).astype(mx.float32)
-    kernel = (kernel_transform @ taps).reshape(_TILE * _TILE, in_channels, out_channels)
+    kernel = (kernel_transform @ taps.reshape(9, -1)).reshape(_TILE * _TILE, in_channels, out_channels)
     band = max(1, min(rows, _BAND_VALUES // (cols * max(in_channels, out_channels))))
     parts = []
     for top in range(0, rows, band):

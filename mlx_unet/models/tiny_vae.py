@@ -114,7 +114,9 @@ class AutoencoderTiny(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        return self.decoder.layers[0].weight.dtype
+        # A bias: the CPU kernels keep a half-precision model's convolution weights half and hold
+        # the rest in float32, the dtype it then computes in (cpu/widen.py).
+        return self.decoder.layers[0].bias.dtype
 
     def encode(self, images: mx.array) -> mx.array:
         """(B, H, W, in_channels) images in [-1, 1] -> (B, H/f, W/f, latent_channels) latents, f the

@@ -283,20 +283,17 @@ class UNet2DConditionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: mx.Dtype | None = None, cpu_kernels: bool | None = None,
-                        quantize: Quantization | int | None = None,
-                        held_in: mx.Dtype | None = None) -> "UNet2DConditionModel":
+                        quantize: Quantization | int | None = None) -> "UNet2DConditionModel":
         """Load ``config.json`` and the MLX ``*.safetensors`` weights of an MLX UNet folder.
 
         ``dtype`` casts the weights (default: as stored). ``cpu_kernels``: swap in the CPU
         kernels (None: on the CPU unless ``MLX_UNET_CPU_KERNELS=0``; see ``mlx_unet.cpu``).
         ``quantize``: quantize a dense folder as it loads (a ``Quantization``, or bits: 8 or 4);
         a quantized folder (``mlx-unet convert --quantize``) loads quantized by itself.
-        ``held_in``: keep the weights, rounded to ``dtype``, in this dtype (float32 for a
-        half-precision UNet that a run holds in float32, ``cpu.widen``; dense folders only).
         """
         from ..weights import load_pretrained
 
         folder = Path(folder)
         config = UNetConfig.from_json(folder)
         model = cls(config)
-        return load_pretrained(model, folder, dtype, cpu_kernels, as_quantization(quantize), held_in)
+        return load_pretrained(model, folder, dtype, cpu_kernels, as_quantization(quantize))

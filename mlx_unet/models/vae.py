@@ -248,7 +248,9 @@ class AutoencoderKL(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        return self.encoder.conv_in.weight.dtype
+        # A norm's weight: the CPU kernels keep a half-precision model's convolution weights half
+        # and hold the rest in float32, the dtype it then computes in (cpu/widen.py).
+        return self.decoder.conv_norm_out.weight.dtype
 
     # ------------------------------------------------------------------ encode / decode
 

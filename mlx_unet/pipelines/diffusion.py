@@ -23,7 +23,6 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..cpu import kernels_enabled, on_cpu
 from ..cpu.heap import reused_heap
 from ..configs.quantization import Quantization, as_quantization, text_encoder_quantization
 from ..errors import InputError, PipelineError
@@ -37,8 +36,6 @@ from .arguments import IMG2IMG_STRENGTH, INPAINT_STRENGTH, RunArguments, check_f
 from . import inpaint, loras, previews
 from .folder import TEXT_PARTS, PipelineFolder
 from .loras import PipelineLoRA
-from .memory import widens_by_need
-from .model_sizes import unet_bytes, unet_parameters
 from .pixels import batched, checked_image, decode, encode, to_pixels
 from .preflight import check_prompts, check_run
 from .prompts import PromptEmbeddings, PromptTokens, check_max_tokens, encode_sides, per_prompt
@@ -103,19 +100,6 @@ class DiffusionPipeline:
                 lora.apply_to_unet(self._unet)
         return self._unet
 
-    def _unet_for_one_run(self, low_memory: bool) -> UNet2DConditionModel:
-        """The UNet for a run that frees it at its end: a half-precision one that the run would
-        hold in float32 (``memory.widens_by_need``) is loaded in float32, its values rounded to
-        half precision (those the widening would give), without a half-precision copy first. Not
-        with LoRAs, which are fused into the weights in their own precision."""
-        if self._unet is None and self.dtype.size == 2 and not self.loras and "unet" not in self.parts.quantized:
-            config = self.parts.unet
-            held = mx.get_active_memory() + unet_bytes(config, self.dtype.size)
-            if widens_by_need(unet_parameters(config), accelerated=kernels_enabled(None),
-                              quantized=self.quantize is not None, low_memory=low_memory, held=held):
-                self._unet = _load_unet(self.parts, self.dtype, None, held_in=mx.float32)
-        return self.unet
-
     def release_unet(self) -> None:
         """Free the UNet's weights until the next call that needs them."""
         self._unet = None
@@ -125,16 +109,13 @@ class DiffusionPipeline:
 
     def _text_encoders(self) -> list[CLIPTextModel | None]:
         if self._encoders is None:
-            # On the CPU half precision is slower (no fast half matmul: Linear widens weights at
-            # every call) and no smaller for long (the encoders are released after the prompt).
-            dtype = mx.float32 if on_cpu() else self.dtype
             self._encoders = []
             for _, name in TEXT_PARTS:
                 folder = self.parts.part(name)
                 # A part stored quantized loads as stored; the default 8-bit of a dense one does not apply.
                 quantize = None if name in self.parts.quantized else self.quantize_text_encoders
                 self._encoders.append(None if folder is None else
-                                      CLIPTextModel.from_pretrained(folder, dtype=dtype, quantize=quantize))
+                                      CLIPTextModel.from_pretrained(folder, dtype=self.dtype, quantize=quantize))
             for lora in self.loras:
                 lora.apply_to_encoders(self._encoders)
         return self._encoders
@@ -371,7 +352,7 @@ class DiffusionPipeline:
                 if refiner is not None:
                     x = self._denoise("refiner", refiner, refiner_embeddings, callback, *run, image_latents=x,
                                       denoising_start=refiner_start, **sample)
-            finally:  # by an exception too: a released UNet is not narrowed back after a widened run
+            finally:  # by an exception too
                 for pipe in (self, refiner) if release_unet else ():
                     if pipe is not None and pipe._unet is not None:
                         pipe.release_unet()
@@ -385,10 +366,8 @@ class DiffusionPipeline:
     def _denoise(stage, pipe: "DiffusionPipeline", e: PromptEmbeddings, callback, low_memory, sampling, released,
                  **kwargs):
         """One stage's denoising; ``released``: the stage's UNet is freed at its end (before a
-        refiner's loads, say), and so need not be narrowed back from float32 first, nor read in
-        half precision to be widened."""
-        unet = pipe._unet_for_one_run(low_memory) if released else pipe.unet
-        sampler = Sampler(unet, pipe.scheduler(*sampling), low_memory=low_memory, narrow_back=not released)
+        refiner's loads, say)."""
+        sampler = Sampler(pipe.unet, pipe.scheduler(*sampling), low_memory=low_memory)
         x = None
         steps = sampler.steps(e.context, e.pooled, negative_prompt_embeds=e.negative_context,
                               negative_pooled_prompt_embeds=e.negative_pooled, **kwargs)
@@ -416,9 +395,8 @@ class DiffusionPipeline:
         return decode(self.vae, latents, as_uint8)
 
 
-def _load_unet(parts: PipelineFolder, dtype: mx.Dtype, quantize: Quantization | None,
-               held_in: mx.Dtype | None = None) -> UNet2DConditionModel:
-    return UNet2DConditionModel.from_pretrained(parts.part("unet"), dtype=dtype, quantize=quantize, held_in=held_in)
+def _load_unet(parts: PipelineFolder, dtype: mx.Dtype, quantize: Quantization | None) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(parts.part("unet"), dtype=dtype, quantize=quantize)
 
 
 load_pipeline = DiffusionPipeline.from_pretrained

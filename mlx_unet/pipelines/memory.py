@@ -32,12 +32,13 @@ from ..configs.clip import CLIPTextConfig
 from ..configs.quantization import Quantization
 from ..configs.unet import UNetConfig
 from ..configs.vae import VAEConfig
-from ..cpu import kernels_enabled, on_cpu
+from ..cpu import computes_in, kernels_enabled
 from ..cpu.attention import chunk_rows
 from ..errors import InputError
 from ..models.vae import tile_sizes
 from .arguments import PIXELS_PER_LATENT
-from .model_sizes import largest_linear, text_encoder_bytes, unet_bytes, unet_parameters, vae_parameters
+from .model_sizes import (largest_linear, text_embedding_parameters, text_encoder_bytes, unet_bytes,
+                          vae_parameters)
 
 BUDGET_ENV = "MLX_UNET_MEMORY_BUDGET_GB"
 GIB = 2**30
@@ -64,12 +65,12 @@ CHUNKED_ATTENTION_SCORES = 1 << 19  # the chunk that CHUNKED_ATTENTION was measu
 # timesteps, the scheduler's tables, allocator rounding): the tiny pipeline's runs measured up to
 # 1.3 MiB above the estimate without it.
 STAGE_ALLOWANCE = 8 * 2**20
-# The CPU kernels' quantized layers dequantize their weight to float32 at each call, and MLX
-# holds several of these at once: a whole 1024 px run at 4 bits (benchmarks/bench_quantize.py
-# memory) peaked 0.36 GiB above the estimate without them, against 52 MiB for SDXL's largest
-# Linear weight in float32. Counted in the text-encoder and denoising stages, as that run
-# could not tell which of them peaked.
-DEQUANTIZED_COPIES = 8
+# The CPU kernels' quantized layers dequantize their weight to float32 at each call, and their
+# half-precision ones widen it (``cpu.half.float32``), and MLX holds several of these at once: a
+# whole 1024 px run at 4 bits (benchmarks/bench_quantize.py memory) peaked 0.36 GiB above the
+# estimate without them, against 52 MiB for SDXL's largest Linear weight in float32. Counted in
+# the text-encoder and denoising stages, as that run could not tell which of them peaked.
+FLOAT32_WEIGHT_COPIES = 8
 
 # What this process itself needs besides MLX's buffers: Python, the MLX and BLAS libraries and
 # their threads. Measured after ``import mlx_unet`` and one product on this 2-core Linux machine:
@@ -147,25 +148,6 @@ def decode_tile(c: VAEConfig, pixels: tuple[int, int], batch: int, dtype: mx.Dty
     return tiles[-1]
 
 
-def widening_fits(extra: int, held: int | None = None) -> bool:
-    """Whether a run may widen its UNet's half-precision weights (``extra`` bytes more,
-    ``cpu.widen``): when that leaves half of the memory this process can still get (less
-    ``held``, default what MLX holds now) for the run's activations."""
-    held = mx.get_active_memory() if held is None else held
-    return extra <= (available_memory()[0] - held) / 2
-
-
-def widens_by_need(half_parameters: int, *, accelerated: bool, quantized: bool, low_memory: bool,
-                   held: int | None = None) -> bool:
-    """The rule by which a run holds a UNet with ``half_parameters`` half-precision parameters in
-    float32 (``RunSettings.widen_weights=None``), stated once for the run, the memory estimate
-    and a pipeline that loads its UNet in float32 for one run: on the CPU kernels
-    (``accelerated``), never in low-memory mode or for a quantized UNet (whose point is its size),
-    and where the 2 bytes more per parameter fit (``widening_fits``)."""
-    return (half_parameters > 0 and accelerated and not quantized and not low_memory
-            and widening_fits(2 * half_parameters, held))
-
-
 def decode_budget() -> int:
     """What a decode may use now by default: ``available_memory()`` less what MLX holds already."""
     return available_memory()[0] - mx.get_active_memory()
@@ -223,24 +205,19 @@ def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextCo
     # Each pipeline (base, refiner) holds its UNet and VAE for as long as it lives.
     unets_held = sum(unet_bytes(u, dtype.size, unet_quantization) for u in unets)
     resident = unets_held + len(unets) * vae_parameters(vae) * vae_dtype.size
-    encoder_dtype = mx.float32 if on_cpu() else dtype  # as DiffusionPipeline._text_encoders
-    text = sum(text_encoder_bytes(e, encoder_dtype.size, text_quantization) for e in encoders)
+    text = sum(text_encoder_bytes(e, dtype.size, text_quantization) for e in encoders)
+    if chunked and dtype.size == 2:  # the kernels hold a half-precision encoder's embeddings in float32
+        text += sum(2 * text_embedding_parameters(e) for e in encoders)
     latent = (height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT)
     batch = 1 if low_memory else images * (2 if guided else 1)
     resident += STAGE_ALLOWANCE
-    # The CPU kernels' quantized layers widen their weights to float32 at each call.
+    # The CPU kernels widen quantized and half-precision weights to float32 at each call.
     quantized = unet_quantization is not None or text_quantization is not None
-    dequantized = DEQUANTIZED_COPIES * F32 * largest_linear(unet) if chunked and quantized else 0
-    stages = {"text encoders": resident + text + text_activations(encoders, images) + dequantized}
+    widened = FLOAT32_WEIGHT_COPIES * F32 * largest_linear(unet) if chunked and (quantized or dtype.size == 2) else 0
+    stages = {"text encoders": resident + text + text_activations(encoders, images) + widened}
     for name, config in zip(("denoise", "refine"), unets):
         held = resident - (unet_bytes(unet, dtype.size, unet_quantization) if name == "refine" and release_unet else 0)
-        stages[name] = held + unet_activations(config, latent, batch, dtype, chunked) + dequantized
-        # A half-precision UNet held in float32 for the run, where RunSettings.widens would: 2 bytes
-        # more per parameter.
-        half = unet_parameters(config) if dtype.size == 2 else 0
-        if widens_by_need(half, accelerated=chunked, quantized=unet_quantization is not None, low_memory=low_memory,
-                          held=held):
-            stages[name] += 2 * half
+        stages[name] = held + unet_activations(config, latent, batch, computes_in(dtype, chunked), chunked) + widened
     tile = vae.sample_size if vae_tile is None else vae_tile
     decode_resident = resident - unets_held if release_unet else resident
     if tiled_vae is None:

@@ -84,8 +84,13 @@ def text_encoder_parameters(c: CLIPTextConfig) -> int:
     """The parameter count of ``CLIPTextModel(c)``."""
     h = c.hidden_size
     layer = 4 * h + 4 * _linear(h, h) + _linear(h, c.intermediate_size) + _linear(c.intermediate_size, h)
-    n = (c.vocab_size + c.max_position_embeddings) * h + c.num_hidden_layers * layer + 2 * h
+    n = text_embedding_parameters(c) + c.num_hidden_layers * layer + 2 * h
     return n + (_linear(h, c.projection_dim, bias=False) if c.with_projection else 0)
+
+
+def text_embedding_parameters(c: CLIPTextConfig) -> int:
+    """The parameter count of the token and position embeddings of ``CLIPTextModel(c)``."""
+    return (c.vocab_size + c.max_position_embeddings) * c.hidden_size
 
 
 # The Linear weights, for the quantized bytes.

@@ -1,7 +1,6 @@
 """How a run calls the UNet: compiled or not, in low-memory mode or not, with its half-precision
 weights widened for the run or not. These are settings of the run, not of the model: the UNet
-comes out of a run as it went in (widened weights are narrowed back, bit for bit, unless the
-caller is about to drop it), and the process-wide MLX buffer cache limit that low-memory mode
+comes out of a run as it went in (widened weights are narrowed back, bit for bit), and the process-wide MLX buffer cache limit that low-memory mode
 lowers is restored when the run ends (by an exception too).
 """
 
@@ -14,13 +13,11 @@ from functools import partial
 from typing import Callable, Iterator
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..cpu import is_accelerated, on_cpu
 from ..cpu.widen import widened, widening_bytes
 from ..models.unet import UNet2DConditionModel
-from .memory import widens_by_need
 
 Forward = Callable[..., mx.array]  # called as the UNet is: (sample, timestep, context, **conditioning)
 
@@ -98,20 +95,18 @@ class RunSettings:
     evaluated block by block (so no lazy graph of the whole forward is built and held, and none
     is compiled: this overrides ``compile``) and MLX's buffer cache is limited to
     ``cache_limit_gb`` during the run. ``benchmarks/bench_unet.py --low-memory`` measures it.
-    ``widen_weights``: on the CPU kernels, hold a half-precision UNet in float32 for the run
-    (``cpu.widen``): the run computes in float32 from the half-precision weights, in about
-    float32's time per step (half precision has no fast CPU arithmetic), with float32's memory
-    for the weights during the run, and the UNet comes back as it was. None: by need
-    (``memory.widens_by_need``: where that fits, never in low-memory mode or for a quantized UNet).
-    ``narrow_back=False``: a widened UNet stays in float32 after the run, for a caller that
-    drops it straight after (a pipeline's ``release_unet``): narrowing it would be wasted work.
+    ``widen_weights``: on the CPU kernels, hold a half-precision UNet's weights in float32 for the
+    run (``cpu.widen``), and the UNet comes back as it was after it. The run computes the same
+    values either way (in float32, from the half-precision weights); widened, a step skips
+    widening each weight as it is used (about 1 s per SDXL forward on 2 cores, README: "Half
+    precision on the CPU") at float32's memory for the weights during the run. For runs of many
+    steps at small sizes.
     """
 
     compile: bool | None = None
     low_memory: bool = False
     cache_limit_gb: float = 0.25
-    widen_weights: bool | None = None
-    narrow_back: bool = True
+    widen_weights: bool = False
 
     @property
     def compiles(self) -> bool:
@@ -126,18 +121,11 @@ class RunSettings:
         return compiled_forward(unet) if self.compiles else unet
 
     def widens(self, unet: UNet2DConditionModel) -> bool:
-        """Whether a run on ``unet`` widens its half-precision weights."""
-        if self.widen_weights is False:
-            return False
-        modules = [module for _, module in unet.named_modules()]
-        accelerated = any(is_accelerated(module) for module in modules)
-        if not accelerated:
-            return False  # MLX's own layers: the code path of Metal and CUDA, where half precision pays
-        half = widening_bytes(unet) // 2
-        if self.widen_weights:
-            return half > 0
-        quantized = any(isinstance(module, nn.QuantizedLinear) for module in modules)
-        return widens_by_need(half, accelerated=accelerated, quantized=quantized, low_memory=self.low_memory)
+        """Whether a run on ``unet`` widens its half-precision weights: where asked, on the CPU
+        kernels (not on MLX's own layers, the code path of Metal and CUDA, where half precision
+        pays), and where something is half."""
+        return (self.widen_weights and any(is_accelerated(module) for _, module in unet.named_modules())
+                and widening_bytes(unet) > 0)
 
     def applied(self, unet: UNet2DConditionModel | None = None) -> AbstractContextManager:
         """The settings that hold for the run, for a ``with`` block: the cache limit, and
@@ -146,5 +134,5 @@ class RunSettings:
         if self.low_memory:
             stack.enter_context(cache_limit(int(self.cache_limit_gb * 2**30)))
         if unet is not None and self.widens(unet):
-            stack.enter_context(widened(unet, self.narrow_back))
+            stack.enter_context(widened(unet))
         return stack

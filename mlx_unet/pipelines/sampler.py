@@ -72,10 +72,9 @@ class Conditioning:
     added_embedding: mx.array | None = None
 
     def for_unet(self, unet: UNet2DConditionModel) -> "Conditioning":
-        """In ``unet``'s dtype, with SDXL's added embedding made (once for every step). Called
-        where the run computes, after a half-precision UNet is held in float32 (``cpu.widen``):
-        a run so held conditions in float32 as a float32 UNet does, whether it widened the UNet
-        or loaded it in float32."""
+        """In ``unet``'s dtype, with SDXL's added embedding made (once for every step). On the
+        CPU kernels a half-precision UNet's dtype is float32 (``cpu.widen``): its run conditions
+        in float32 as a float32 UNet's does."""
         dtype = unet.dtype
         added = None
         if self.added_inputs is not None:
@@ -109,21 +108,18 @@ class Sampler:
     """A UNet and a scheduler; ``sampler(...)`` returns the final latents, ``sampler.steps(...)``
     yields a ``Step`` after each one (the last one's latents are the result).
 
-    ``compile``, ``low_memory``, ``widen_weights`` and ``narrow_back`` are the settings of its
-    runs (``pipelines.run.RunSettings``): the UNet through ``mx.compile``, by default on Metal and
+    ``compile``, ``low_memory`` and ``widen_weights`` are the settings of its runs (``pipelines.run.RunSettings``): the UNet through ``mx.compile``, by default on Metal and
     CUDA and not on the CPU; for 8-16 GB machines, the UNet evaluated block by block with a small
     buffer cache, and classifier-free guidance's two halves one after the other instead of as
-    one batch of two; on the CPU, a half-precision UNet held in float32 for the run (by default
-    where that fits in memory). The UNet comes out of a run as it went in, unless
-    ``narrow_back=False`` leaves it widened for a caller that drops it after the run.
+    one batch of two; on the CPU, where asked, a half-precision UNet held in float32 for the run.
+    The UNet comes out of a run as it went in.
     """
 
     def __init__(self, unet: UNet2DConditionModel, scheduler, compile: bool | None = None, low_memory: bool = False,
-                 widen_weights: bool | None = None, narrow_back: bool = True):
+                 widen_weights: bool = False):
         self.unet = unet
         self.scheduler = scheduler
-        self.settings = RunSettings(compile=compile, low_memory=low_memory, widen_weights=widen_weights,
-                                    narrow_back=narrow_back)
+        self.settings = RunSettings(compile=compile, low_memory=low_memory, widen_weights=widen_weights)
 
     def __call__(self, *args, **kwargs) -> mx.array:
         for step in self.steps(*args, **kwargs):  # steps() refuses a run of no step
@@ -317,7 +313,7 @@ class Sampler:
         step_keys = mx.random.split(start.key, max(total, 1))
         warned = False
         with self.settings.applied(self.unet):
-            dtype = self.unet.dtype  # float32 where the run widens a half-precision UNet
+            dtype = self.unet.dtype  # float32 for a half-precision UNet on the CPU kernels
             conditioning = conditioning.for_unet(self.unet)
             forward = self.settings.forward(self.unet)
             # The text's keys and values in every cross-attention layer: the same in every step.

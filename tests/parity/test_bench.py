@@ -42,6 +42,17 @@ def test_benchmark_runs_compiled_and_in_low_memory_mode():
 
 
 @pytest.mark.slow
+def test_benchmark_runs_half_precision_widened_for_the_run_or_not():
+    for widen in ([], ["--widen"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_unet.py"), "--quick", "--no-torch",
+                               "--dtype", "float16", *widen], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        assert ("half precision widened for the run" in proc.stdout) == bool(widen)
+        row = proc.stdout.strip().splitlines()[-1].split()
+        assert row[:2] == ["16", "float16"] and float(row[2]) > 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sdxl-base", "sd15"])
 def test_flop_count_equals_torchs_flop_counter(family, monkeypatch):
     """The benchmark's count (every Linear, Conv2d and attention call of our forward, traced on

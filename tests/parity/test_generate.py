@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline_files import SIZE, converted_pipelines
 from reference import relative_error
 
-from mlx_unet import SDXLPipeline, UNet2DConditionModel, cli
+from mlx_unet import SDXLPipeline, UNet2DConditionModel, cli, cpu
 from mlx_unet.pipelines.diffusion import DiffusionPipeline
 from mlx_unet.pipelines.images import write_png
 
@@ -62,7 +62,8 @@ def _differ(a: np.ndarray, b: np.ndarray) -> bool:
 @pytest.mark.usefixtures("code_path")  # float16 on the CPU kernels and on plain MLX
 def test_the_default_run_matches_diffusers(files):
     pipe = _pipeline(files)
-    assert pipe.unet.dtype == mx.float16 and pipe.vae.dtype == mx.float32
+    assert pipe.unet.dtype == cpu.computes_in(mx.float16) and pipe.vae.dtype == mx.float32
+    assert pipe.unet.conv_in.weight.dtype == mx.float16
     latents = np.random.default_rng(0).standard_normal((2, SIZE // 8, SIZE // 8, 4), dtype=np.float32)
     ours = pipe(PROMPT, steps=3, height=SIZE, width=SIZE, num_images_per_prompt=2, latents=mx.array(latents),
                 output="float")

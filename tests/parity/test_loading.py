@@ -42,7 +42,9 @@ def test_from_pretrained_casts_dtype(tmp_path, reference):
     config, model = reference
     folder = write_folder(tmp_path / "unet", config, mlx_weights(model.state_dict()))
     ours = UNet2DConditionModel.from_pretrained(folder, dtype=mx.float16)
-    assert {v.dtype for _, v in tree_flatten(ours.parameters())} == {mx.float16}
+    assert {v.dtype for _, v in tree_flatten(ours.parameters())} == {mx.float16, cpu.computes_in(mx.float16)}
+    plain = UNet2DConditionModel.from_pretrained(folder, dtype=mx.float16, cpu_kernels=False)
+    assert {v.dtype for _, v in tree_flatten(plain.parameters())} == {mx.float16}
 
 
 def row_major_strides(shape, item):
@@ -56,7 +58,9 @@ def test_weights_are_laid_out_for_the_cpu(tmp_path, reference, stored, dtype):
     """On the CPU, convolution weights keep diffusers' names, shapes and values but lie in memory
     as their module computes with them: a kernel (out, kh, kw, in) as (kh, kw, in, out) (conv.py).
     Every other parameter, a Linear's weight included (linear.py), is row-major. Files of every
-    stored dtype load so, cast or not. Loading empties the dict it is given, tensor by tensor."""
+    stored dtype load so, cast or not; the kernels' weights in that dtype, the rest of a
+    half-precision model in float32 (cpu/widen.py). Loading empties the dict it is given, tensor
+    by tensor."""
     config, model = reference
     weights = {k: v.astype(stored) for k, v in mlx_weights(model.state_dict()).items()}
     expected = {k: np.array(v.astype(dtype or v.dtype).astype(mx.float32)) for k, v in weights.items()}
@@ -66,8 +70,9 @@ def test_weights_are_laid_out_for_the_cpu(tmp_path, reference, stored, dtype):
     assert not any(".ff.net.0.proj.weight" in k for k in layouts)
     assert "down_blocks.0.resnets.0.norm1.weight" not in layouts
     laid_out = 0
+    kernel_weights = {f"{path}.weight" for path, layer in ours.named_modules() if cpu.is_accelerated(layer)}
     for name, value in tree_flatten(ours.parameters()):
-        assert value.dtype == (dtype or stored), name
+        assert value.dtype == (dtype or stored if name in kernel_weights else mx.float32), name
         assert np.array_equal(np.array(value.astype(mx.float32)), expected[name]), name
         item, strides = value.itemsize, memoryview(value).strides
         if name in layouts:

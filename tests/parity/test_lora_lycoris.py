@@ -247,12 +247,14 @@ def test_text_encoders(world, case, part, fuse):
 
 @pytest.mark.parametrize("case", ["loha_tucker", "lokr"])
 def test_fp16(world, case):
-    """Our float16 UNet, fused, against the float64 reference; remove() restores the float16 bits."""
+    """Our float16 UNet, fused, against the float64 reference; remove() restores the float16 bits.
+    The fused layers stay float16 (on the CPU kernels the rest is held in float32)."""
     ours = mlx_from_torch(world.unet, world.config, mx.float16)
     before = _snapshot(ours)
     applied = lora.apply_lora(ours, world.paths[case], fuse=True)
     out = run_mlx(ours, world.inputs)
-    assert all(v.dtype == mx.float16 for _, v in tree_flatten(ours.parameters()))
+    assert all(v.dtype == mx.float16 for name, v in tree_flatten(ours.parameters()) if name.endswith(".weight")
+               and v.ndim > 1)
     error = relative_error(out, world.unet_reference(case))
     applied.remove()
     _assert_restored(before, ours)

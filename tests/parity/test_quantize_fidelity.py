@@ -131,7 +131,7 @@ def run(model, inputs, dtype=mx.float16) -> np.ndarray:
     (sample, t, context), added = inputs
     y = model(sample.astype(dtype), t, context.astype(dtype), text_embeds=added["text_embeds"].astype(dtype),
               time_ids=added["time_ids"])
-    assert y.dtype == dtype
+    assert y.dtype == cpu.computes_in(dtype)
     return np.array(y.astype(mx.float32)).astype(np.float64)
 
 

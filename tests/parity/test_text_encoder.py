@@ -15,7 +15,7 @@ from reference_text import mlx_text_encoder, run_torch, token_ids, torch_text_cl
 from safetensors.numpy import load_file
 from transformers import CLIPTextConfig as TorchCLIPTextConfig
 
-from mlx_unet import CLIPTextConfig, CLIPTextModel, WeightsError
+from mlx_unet import CLIPTextConfig, CLIPTextModel, WeightsError, cpu
 from mlx_unet.configs.clip import TEXT_PRESETS
 from mlx_unet.naming.clip import checkpoint_names
 from mlx_unet.weights import load_weights
@@ -71,7 +71,7 @@ def test_fp16_weights_and_activations(tiny):
     hidden_states, pooled = run_torch(reference, ids)
     ours = mlx_text_encoder(reference.state_dict(), config, mx.float16)
     outputs = ours(mx.array(ids))
-    assert all(x.dtype == mx.float16 and bool(mx.all(mx.isfinite(x))) for x in outputs)
+    assert all(x.dtype == cpu.computes_in(mx.float16) and bool(mx.all(mx.isfinite(x))) for x in outputs)
     errors = _errors(outputs, hidden_states[-2], pooled)
     print(f"\n{name} float16: hidden {errors[0]:.1e}, pooled {errors[1]:.1e}", end="")
     assert max(errors) <= FP16_BOUND
@@ -87,7 +87,7 @@ def test_bf16_is_as_close_to_float32_as_transformers_bf16(tiny):
     theirs_hidden, theirs_pooled = run_torch(copy.deepcopy(reference).to(torch.bfloat16), ids)
     theirs = _errors((mx.array(theirs_hidden[-2]), mx.array(theirs_pooled)), hidden_states[-2], pooled)
     outputs = mlx_text_encoder(reference.state_dict(), config, mx.bfloat16)(mx.array(ids))
-    assert all(x.dtype == mx.bfloat16 for x in outputs)
+    assert all(x.dtype == cpu.computes_in(mx.bfloat16) for x in outputs)
     ours = _errors(outputs, hidden_states[-2], pooled)
     print(f"\n{name} bfloat16: ours {ours}, transformers {theirs}", end="")
     assert ours[0] <= 2 * theirs[0] and ours[1] <= 2 * theirs[1]
@@ -172,7 +172,7 @@ def test_weights_round_trip_through_a_safetensors_folder(tmp_path):
     for theirs, ours in zip(model(ids), loaded(ids)):
         np.testing.assert_array_equal(np.array(theirs), np.array(ours))
     half = CLIPTextModel.from_pretrained(tmp_path, dtype=mx.float16)
-    assert half.dtype == mx.float16 and half.text_projection.weight.dtype == mx.float16
+    assert half.dtype == cpu.computes_in(mx.float16) and half.text_projection.weight.dtype == mx.float16
 
 
 @pytest.mark.parametrize("preset", ["tiny-clip-l", "tiny-clip-bigg"])

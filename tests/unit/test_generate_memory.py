@@ -89,39 +89,21 @@ def test_a_call_runs_in_one_reused_heap_from_the_prompt_to_the_image(tmp_path, m
         PROMPT, height=64, width=64, steps=2, seed=3))
 
 
-def test_a_unet_freed_after_the_run_is_neither_read_in_half_precision_nor_narrowed_back(tmp_path, monkeypatch):
-    """A half-precision UNet held in float32 for a run (``cpu.widen``) is narrowed back after it,
-    unless the run frees it (``release_unet``, by an exception too); one that the run loads is then
-    read straight into float32. The image is the same every way."""
+def test_a_half_precision_unet_is_loaded_once_in_half_precision_and_never_widened(tmp_path, monkeypatch):
+    """On the CPU kernels a half-precision pipeline's UNet loads in half precision and computes in
+    float32 (``cpu.widen``): no run widens or narrows it, released after it or not, and the
+    images are the same."""
     from mlx_unet.cpu import widen
-    from mlx_unet.pipelines import diffusion
+    from mlx_unet.pipelines import diffusion, run as run_settings
 
-    casts, loads = [], []
-    cast, load_unet = widen._cast, diffusion._load_unet
-    monkeypatch.setattr(widen, "_cast", lambda module, name, dtype: casts.append(dtype) or cast(module, name, dtype))
-    monkeypatch.setattr(diffusion, "_load_unet", lambda parts, dtype, q, held_in=None:
-                        loads.append((dtype, held_in)) or load_unet(parts, dtype, q, held_in))
-    folder = write_demo_pipeline(tmp_path / "demo")
+    loads, load_unet = [], diffusion._load_unet
+    monkeypatch.setattr(diffusion, "_load_unet", lambda parts, dtype, q: loads.append(dtype) or load_unet(parts, dtype, q))
     run = dict(height=64, width=64, steps=2, seed=3)
-
-    pipe = load_pipeline(folder, dtype=mx.float16)
-    kept = pipe(PROMPT, **run)  # widened for the run and narrowed back after it
-    assert loads == [(mx.float16, None)] and set(casts) == {mx.float32, mx.float16} and pipe._unet.dtype == mx.float16
-    casts.clear()
-    assert np.array_equal(pipe(PROMPT, **run, release_unet=True), kept)  # widened, not narrowed back
-    assert set(casts) == {mx.float32} and pipe._unet is None
-
-    casts.clear(), loads.clear()
-    one_shot = load_pipeline(folder, dtype=mx.float16)
-    assert np.array_equal(one_shot(PROMPT, **run, release_unet=True), kept)
-    assert loads == [(mx.float16, mx.float32)] and casts == [] and one_shot._unet is None
-
-    class Stop(Exception):
-        pass
-
-    def stop(stage, step):
-        raise Stop
-
-    with pytest.raises(Stop):
-        one_shot(PROMPT, **run, release_unet=True, callback=stop)
-    assert one_shot._unet is None  # not left loaded in float32
+    pipe = load_pipeline(write_demo_pipeline(tmp_path / "demo"), dtype=mx.float16)
+    kept = pipe(PROMPT, **run)
+    assert loads == [mx.float16] and pipe._unet.dtype == mx.float32 and widen.half_parameters(pipe._unet)
+    widened = []
+    monkeypatch.setattr(run_settings, "widened", lambda unet: widened.append(unet))
+    assert np.array_equal(pipe(PROMPT, **run), kept)
+    assert np.array_equal(pipe(PROMPT, **run, release_unet=True), kept)
+    assert widened == [] and loads == [mx.float16] and pipe._unet is None

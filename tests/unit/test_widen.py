@@ -1,28 +1,33 @@
-"""A half-precision UNet held in float32 for a run on the CPU kernels (``cpu.widen``,
-``RunSettings``): it computes what a float32 copy of its weights computes, comes back bit for bit
-after the run (by an exception too), and is widened only where it fits in memory, never in
-low-memory mode, on MLX's own layers, or where nothing is half."""
+"""Half precision on the CPU kernels (``cpu.widen``, ``cpu.half``): a half-precision model keeps
+the kernels' weights in half precision, holds the rest in float32 and computes what a float32
+copy of its weights computes, bit for bit; ``RunSettings(widen_weights=True)`` holds the whole
+UNet in float32 for a run, computes the same, and puts it back bit for bit (by an exception too)."""
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_unet import UNet2DConditionModel, UNetConfig, VAEConfig, cpu
+from mlx_unet import CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig, cpu
 from mlx_unet.cpu import widen
+from mlx_unet.cpu.conv import Conv2d
+from mlx_unet.cpu.half import float32
+from mlx_unet.cpu.linear import Linear
 from mlx_unet.pipelines import memory, run
-from mlx_unet.pipelines.model_sizes import unet_parameters
+from mlx_unet.pipelines.model_sizes import largest_linear, unet_parameters
 from mlx_unet.pipelines.sampler import Sampler
 from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG, make_scheduler
 
 
+def _rounded(model, dtype):
+    """``model`` with its weights rounded to float16, then cast to ``dtype``."""
+    model.update(tree_map(lambda a: a.astype(mx.float16).astype(dtype), model.parameters()))
+    return model
+
+
 def _unet(dtype=mx.float16, kernels=True) -> UNet2DConditionModel:
-    """The tiny UNet, its weights rounded to float16 (then cast to ``dtype``)."""
     mx.random.seed(0)
-    unet = UNet2DConditionModel(UNetConfig.from_preset("tiny"))
-    unet.update(tree_map(lambda a: a.astype(mx.float16).astype(dtype), unet.parameters()))
-    return cpu.prepare(unet, kernels)
+    return cpu.prepare(_rounded(UNet2DConditionModel(UNetConfig.from_preset("tiny")), dtype), kernels)
 
 
 def _bits(model) -> dict[str, np.ndarray]:
@@ -30,8 +35,7 @@ def _bits(model) -> dict[str, np.ndarray]:
 
 
 def _inputs(unet):
-    """A context and pooled embedding whose values are float16's, so that a half-precision
-    run's rounding of them changes nothing."""
+    """A context and pooled embedding whose values are float16's."""
     c = unet.config
     keys = mx.random.split(mx.random.key(1), 3)
     context = mx.random.normal((1, 7, c.cross_attention_dim), key=keys[0]).astype(mx.float16).astype(mx.float32)
@@ -39,32 +43,73 @@ def _inputs(unet):
     return context, mx.random.normal((1, pooled), key=keys[1]).astype(mx.float16).astype(mx.float32)
 
 
-def _run(unet, widen_weights):
+def _forward(unet):
+    sample = mx.random.normal((2, 8, 8, 4), key=mx.random.key(2)).astype(mx.float16).astype(mx.float32)
+    context, pooled = _inputs(unet)
+    return np.array(unet(sample, mx.array([10, 500]), mx.concatenate([context, context]),
+                         text_embeds=mx.concatenate([pooled, pooled]), time_ids=mx.array([[64, 64, 0, 0, 64, 64]] * 2)))
+
+
+def _run(unet, widen_weights=False):
     context, pooled = _inputs(unet)
     sampler = Sampler(unet, make_scheduler("euler", SDXL_SCHEDULER_CONFIG), compile=False, widen_weights=widen_weights)
     return np.array(sampler(context, pooled, num_inference_steps=2, guidance_scale=5.0, height=64, width=64, seed=3))
 
 
-def test_widened_unet_computes_as_float32_and_comes_back_bit_for_bit():
+@pytest.mark.parametrize("half", [mx.float16, mx.bfloat16])
+def test_every_half_value_widens_exactly(half):
+    """All 65536 bit patterns: zeros of both signs, subnormals, inf and NaN included."""
+    bits = np.arange(2**16, dtype=np.uint16)
+    ours = np.array(float32(mx.array(bits).view(half)))
+    expected = bits.view(np.float16).astype(np.float32) if half == mx.float16 else \
+        (bits.astype(np.uint32) << 16).view(np.float32)
+    same = (ours.view(np.uint32) == expected.view(np.uint32)) | (np.isnan(ours) & np.isnan(expected))
+    assert ours.dtype == np.float32 and same.all(), bits[~same][:5]
+    nans = 2 * (2**10 - 1) if half == mx.float16 else 2 * (2**7 - 1)  # both signs, every nonzero mantissa
+    assert np.isnan(expected).sum() == nans and (expected == 0).sum() == 2  # the patterns were there
+    rows = mx.array(bits[:1024].reshape(32, 32)).view(half)
+    assert mx.array_equal(float32(rows.T), float32(rows).T, equal_nan=True)  # a transposed view too
+
+
+def test_a_half_unet_on_the_kernels_computes_as_its_float32_copy():
     unet, copy = _unet(), _unet(mx.float32)
-    before = _bits(unet)
-    assert widen.widening_bytes(unet) == sum(2 * v.size for _, v in tree_flatten(unet.parameters()))
-    sample = mx.random.normal((2, 8, 8, 4), key=mx.random.key(2)).astype(mx.float16)
-    context, pooled = _inputs(unet)
-    args = (sample, mx.array([10, 500]), mx.concatenate([context, context]))
-    extra = dict(text_embeds=mx.concatenate([pooled, pooled]), time_ids=mx.array([[64, 64, 0, 0, 64, 64]] * 2))
-    half = np.array(unet(*args, **extra))
+    kernels = {f"{path}.weight" for path, layer in unet.named_modules() if isinstance(layer, (Linear, Conv2d))}
+    dtypes = {name: value.dtype for name, value in tree_flatten(unet.parameters())}
+    assert {name for name, dtype in dtypes.items() if dtype == mx.float16} == kernels
+    assert all(dtypes[name] == mx.float32 for name in dtypes.keys() - kernels) and unet.dtype == mx.float32
+    assert np.array_equal(_forward(unet), _forward(copy))
+    plain = _unet(kernels=False)  # MLX's own layers (Metal's code path): half precision throughout
+    assert plain.dtype == mx.float16 and not np.array_equal(_forward(plain), _forward(copy))
+
+
+def test_a_half_text_encoder_on_the_kernels_computes_as_its_float32_copy():
+    """Its embeddings (not a kernel's weights) held in float32 too, so no sum is rounded to half."""
+    config = CLIPTextConfig.from_preset("sdxl-clip-bigg", num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                        num_attention_heads=2, projection_dim=32, vocab_size=1000)
+    mx.random.seed(4)
+    half = cpu.prepare(_rounded(CLIPTextModel(config), mx.float16))
+    mx.random.seed(4)
+    copy = cpu.prepare(_rounded(CLIPTextModel(config), mx.float32))
+    assert half.dtype == mx.float32 and widen.half_parameters(half)
+    ids = mx.array(np.random.default_rng(5).integers(0, 1000, (2, 77)))
+    for ours, expected in zip(half(ids), copy(ids)):
+        assert np.array_equal(np.array(ours), np.array(expected))
+
+
+def test_a_unet_widened_for_a_run_computes_the_same_and_comes_back_bit_for_bit():
+    unet, copy = _unet(), _unet(mx.float32)
+    before, half = _bits(unet), len(widen.half_parameters(unet))
+    held = _forward(unet)
     with widen.widened(unet) as count:
-        assert count == len(before) and unet.dtype == mx.float32 and not widen.half_parameters(unet)
+        assert count == half > 0 and not widen.half_parameters(unet)
         for _, layer in unet.named_modules():  # the CPU kernels' weights keep their memory layout
             if hasattr(type(layer), "laid_out"):
                 assert mx.array_equal(layer.weight, type(layer).laid_out(layer.weight))
-        widened_output = np.array(unet(*args, **extra))
-    assert np.array_equal(widened_output, np.array(copy(*args, **extra)))
-    assert not np.array_equal(widened_output, half.astype(np.float32))  # it did compute in float32
+        assert np.array_equal(_forward(unet), held)
     after = _bits(unet)
     assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
-    assert unet.dtype == mx.float16 and np.array_equal(np.array(unet(*args, **extra)), half)
+    assert np.array_equal(_run(unet, widen_weights=True), _run(unet))
+    assert np.array_equal(_run(unet), _run(copy))  # the conditioning is made in float32 too
 
 
 def test_weights_come_back_after_an_exception():
@@ -77,58 +122,18 @@ def test_weights_come_back_after_an_exception():
     assert all(np.array_equal(after[k], before[k]) for k in before)
 
 
-def test_a_run_widens_where_it_fits_and_computes_in_float32(monkeypatch):
+def test_a_run_widens_only_where_asked():
     unet = _unet()
-    counts = []
-    monkeypatch.setattr(run, "widened", lambda model, narrow_back: _recorded(model, narrow_back, counts))
-    by_need = _run(unet, None)
-    assert counts == [len(widen.half_parameters(unet))]  # a tiny UNet fits
-    half = _run(unet, False)
-    assert counts == [counts[0]] and np.array_equal(_run(unet, True), by_need) and len(counts) == 2
-    # Against a float32 copy of the same weights: the conditioning's added embedding is made in
-    # the UNet's half precision before the run, so not bit for bit, but far closer than half.
-    reference = _run(_unet(mx.float32), False)
-    scale = np.abs(reference).max()
-    widened_error, half_error = np.abs(by_need - reference).max() / scale, np.abs(half - reference).max() / scale
-    print(f"widened {widened_error:.1e}, half precision {half_error:.1e}")
-    assert widened_error <= 1e-3 and widened_error < half_error / 4
-
-
-def _recorded(model, narrow_back, counts):
-    context = widen.widened(model, narrow_back)
-
-    class Recording:
-        def __enter__(self):
-            counts.append(context.__enter__())
-            return counts[-1]
-
-        def __exit__(self, *exc):
-            return context.__exit__(*exc)
-
-    return Recording()
-
-
-def test_widening_only_where_it_fits_and_is_asked(monkeypatch):
-    unet = _unet()
-    assert run.RunSettings().widens(unet)
-    assert not run.RunSettings(low_memory=True).widens(unet)
+    assert not run.RunSettings().widens(unet)
+    assert run.RunSettings(widen_weights=True).widens(unet)
     assert run.RunSettings(low_memory=True, widen_weights=True).widens(unet)
-    assert not run.RunSettings(widen_weights=False).widens(unet)
     assert not run.RunSettings(widen_weights=True).widens(_unet(mx.float32))  # nothing is half
     assert not run.RunSettings(widen_weights=True).widens(_unet(kernels=False))  # MLX's own layers: no widening
-    quantized = _unet()
-    nn.quantize(quantized, group_size=32, bits=8,
-                class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[1] % 32 == 0)
-    assert widen.widening_bytes(quantized) > 0  # its convolutions, norms and the scales outside are half
-    assert not run.RunSettings().widens(quantized)  # as the memory estimate: never a quantized UNet by need
-    assert run.RunSettings(widen_weights=True).widens(quantized)
-    monkeypatch.setenv(memory.BUDGET_ENV, str(widen.widening_bytes(unet) / 2**30))  # less than twice the extra
-    assert not run.RunSettings().widens(unet) and run.RunSettings(widen_weights=True).widens(unet)
 
 
-def test_the_memory_estimate_counts_the_widening(monkeypatch):
-    """SDXL's 2.6 G parameters widen by 4.8 GiB: counted at a 64 GiB budget, not at 12 GiB
-    (about 5 GiB held, so the widening would not leave half of the rest free)."""
+def test_the_memory_estimate_counts_half_weights_and_their_float32_copies(monkeypatch):
+    """SDXL's UNet in float16 on the kernels: 2 bytes a parameter less than float32, less the
+    transient float32 copies of its widened weights; the same whatever the budget."""
     unet, vae = UNetConfig.from_preset("sdxl-base"), VAEConfig.from_preset("sdxl")
 
     def denoise(budget_gb: int, **change) -> int:
@@ -137,33 +142,23 @@ def test_the_memory_estimate_counts_the_widening(monkeypatch):
                         tiled_vae=False, low_memory=False, cpu_kernels=True) | change
         return memory.estimate_run(unet, vae, [], **settings).stages["denoise"]
 
-    assert denoise(64) - denoise(12) == 2 * unet_parameters(unet)
-    for unchanged in (dict(low_memory=True), dict(dtype=mx.float32), dict(cpu_kernels=False)):
-        assert denoise(64, **unchanged) == denoise(12, **unchanged), unchanged
+    copies = memory.FLOAT32_WEIGHT_COPIES * 4 * largest_linear(unet)
+    assert denoise(64, dtype=mx.float32) - denoise(64) == 2 * unet_parameters(unet) - copies
+    assert denoise(64) == denoise(12)
 
 
-def test_left_in_float32_where_the_caller_drops_the_model_after():
-    unet = _unet()
-    with widen.widened(unet, narrow_back=False) as count:
-        assert count > 0
-    assert unet.dtype == mx.float32 and not widen.half_parameters(unet)
-
-
-def test_loaded_held_in_float32_is_the_half_precision_model_widened(tmp_path):
-    """``from_pretrained(dtype=float16, held_in=float32)``: each weight rounded to float16 and held
-    in float32, laid out for the CPU kernels as a widened UNet's are; refused for quantized loads."""
+def test_a_loaded_half_unet_holds_as_a_prepared_one(tmp_path):
+    """``from_pretrained(dtype=float16)`` on the kernels: the kernels' weights in half precision,
+    the rest in float32, the values those of the half-precision weights."""
     from mlx_unet.demo import write_demo_pipeline
-    from mlx_unet.errors import WeightsError
 
     folder = write_demo_pipeline(tmp_path / "demo") / "unet"
-    half = UNet2DConditionModel.from_pretrained(folder, dtype=mx.float16)
-    held = UNet2DConditionModel.from_pretrained(folder, dtype=mx.float16, held_in=mx.float32)
-    assert held.dtype == mx.float32 and not widen.half_parameters(held)
-    with widen.widened(half):
-        expected = dict(tree_flatten(half.parameters()))
-        for name, value in tree_flatten(held.parameters()):
-            assert value.dtype == expected[name].dtype and np.array_equal(np.array(value), np.array(expected[name]))
-        layouts = {n: np.array(v, copy=False).strides for n, v in tree_flatten(half.parameters())}
-    assert {n: np.array(v, copy=False).strides for n, v in tree_flatten(held.parameters())} == layouts
-    with pytest.raises(WeightsError, match="held_in is for dense weights"):
-        UNet2DConditionModel.from_pretrained(folder, dtype=mx.float16, held_in=mx.float32, quantize=8)
+    held = dict(tree_flatten(UNet2DConditionModel.from_pretrained(folder, dtype=mx.float16).parameters()))
+    plain = dict(tree_flatten(UNet2DConditionModel.from_pretrained(folder, dtype=mx.float16,
+                                                                   cpu_kernels=False).parameters()))
+    prepared = dict(tree_flatten(cpu.prepare(UNet2DConditionModel.from_pretrained(
+        folder, dtype=mx.float16, cpu_kernels=False)).parameters()))
+    assert held.keys() == plain.keys() == prepared.keys()
+    for name, value in held.items():
+        assert value.dtype == prepared[name].dtype and plain[name].dtype == mx.float16
+        assert np.array_equal(np.array(value.astype(mx.float32)), np.array(plain[name].astype(mx.float32)))
