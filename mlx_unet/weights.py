@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -164,16 +164,21 @@ _CHECK_VALUES = 1 << 18
 def _all_finite(values: np.ndarray, stored_dtype: str) -> bool:
     flat = values.reshape(-1)
     if stored_dtype in _HALF_NONFINITE:
-        flat, limit = flat.view(np.uint16), _HALF_NONFINITE[stored_dtype]
-        scratch = np.empty(min(flat.size, _CHECK_VALUES), np.uint16)
-        check = lambda part, out: int(np.bitwise_and(part, 0x7FFF, out=out).max()) < limit  # noqa: E731
-    elif values.dtype.kind == "f":
-        scratch = np.empty(min(flat.size, _CHECK_VALUES), bool)
-        check = lambda part, out: bool(np.isfinite(part, out=out).all())  # noqa: E731
-    else:
-        return True
-    return all(check(flat[start:start + _CHECK_VALUES], scratch[:min(_CHECK_VALUES, flat.size - start)])
-               for start in range(0, flat.size, _CHECK_VALUES))
+        limit = _HALF_NONFINITE[stored_dtype]
+        return all(int(np.bitwise_and(part, 0x7FFF, out=out).max()) < limit
+                   for part, out in _in_parts(flat.view(np.uint16), np.uint16))
+    if values.dtype.kind == "f":
+        return all(np.isfinite(part, out=out).all() for part, out in _in_parts(flat, bool))
+    return True
+
+
+def _in_parts(flat: np.ndarray, out_dtype) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``flat`` in parts of ``_CHECK_VALUES`` values, each with an output of its size in
+    ``out_dtype``: views of one buffer, reused from part to part."""
+    scratch = np.empty(min(flat.size, _CHECK_VALUES), out_dtype)
+    for start in range(0, flat.size, _CHECK_VALUES):
+        part = flat[start:start + _CHECK_VALUES]
+        yield part, scratch[:part.size]
 
 
 class ReadBuffers:

@@ -1,7 +1,8 @@
 """How a run calls the UNet: compiled or not, in low-memory mode or not, with its half-precision
 weights widened for the run or not. These are settings of the run, not of the model: the UNet
-comes out of a run as it went in (widened weights are narrowed back, bit for bit), and the process-wide MLX buffer cache limit that low-memory mode
-lowers is restored when the run ends (by an exception too).
+comes out of a run as it went in (widened weights are narrowed back, bit for bit), and the
+process-wide MLX buffer cache limit that low-memory mode lowers is restored when the run ends (by
+an exception too).
 """
 
 from __future__ import annotations
@@ -98,9 +99,8 @@ class RunSettings:
     ``widen_weights``: on the CPU kernels, hold a half-precision UNet's weights in float32 for the
     run (``cpu.widen``), and the UNet comes back as it was after it. The run computes the same
     values either way (in float32, from the half-precision weights); widened, a step skips
-    widening each weight as it is used (about 1 s per SDXL forward on 2 cores, README: "Half
-    precision on the CPU") at float32's memory for the weights during the run. For runs of many
-    steps at small sizes.
+    widening each weight as it is used (measured in README: "Half precision on the CPU") at
+    float32's memory for the weights during the run. For runs of many steps at small sizes.
     """
 
     compile: bool | None = None

@@ -108,7 +108,8 @@ class Sampler:
     """A UNet and a scheduler; ``sampler(...)`` returns the final latents, ``sampler.steps(...)``
     yields a ``Step`` after each one (the last one's latents are the result).
 
-    ``compile``, ``low_memory`` and ``widen_weights`` are the settings of its runs (``pipelines.run.RunSettings``): the UNet through ``mx.compile``, by default on Metal and
+    ``compile``, ``low_memory`` and ``widen_weights`` are the settings of its runs
+    (``pipelines.run.RunSettings``): the UNet through ``mx.compile``, by default on Metal and
     CUDA and not on the CPU; for 8-16 GB machines, the UNet evaluated block by block with a small
     buffer cache, and classifier-free guidance's two halves one after the other instead of as
     one batch of two; on the CPU, where asked, a half-precision UNet held in float32 for the run.
