@@ -72,7 +72,7 @@ def test_weights_are_laid_out_for_the_cpu(tmp_path, reference, stored, dtype):
     laid_out = 0
     kernel_weights = {f"{path}.weight" for path, layer in ours.named_modules() if cpu.is_accelerated(layer)}
     for name, value in tree_flatten(ours.parameters()):
-        assert value.dtype == (dtype or stored if name in kernel_weights else mx.float32), name
+        assert value.dtype == ((dtype or stored) if name in kernel_weights else mx.float32), name
         assert np.array_equal(np.array(value.astype(mx.float32)), expected[name]), name
         item, strides = value.itemsize, memoryview(value).strides
         if name in layouts:
