@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import json
 import re
 import unicodedata
@@ -42,6 +43,12 @@ END_OF_TEXT = "<|endoftext|>"
 BUNDLED_MERGES = "bpe_simple_vocab_16e6.txt.gz"
 BUNDLED_DATA = Path(__file__).parent / "data"  # where it lies in a source tree (for messages)
 _VOCAB_SIZE = 49408
+# What ``from_folder`` reads; the first two are the tokenizer itself, the last two are optional.
+FOLDER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+# Folders parsed lately, by their files' digest: a pipeline loaded again, or a copy of its folder,
+# reuses the parse (in pure Python, tens of milliseconds a tokenizer; SDXL loads two).
+_RECENTLY_PARSED: dict[bytes, "CLIPTokenizer"] = {}
+_RECENT_LIMIT = 4
 
 # Unicode's White_Space property, which the `\s` of the tokenizers library's patterns matches.
 # Python's str.isspace() is wider: it also counts U+001C..U+001F, which CLIP keeps as symbols.
@@ -149,10 +156,24 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "CLIPTokenizer":
-        """Read a pipeline's ``tokenizer/`` or ``tokenizer_2/`` folder."""
+        """Read a pipeline's ``tokenizer/`` or ``tokenizer_2/`` folder. A folder whose files are
+        byte for byte those of one read lately gives that tokenizer again (it holds no state
+        but a cache of words already split)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ConfigError(f"{folder} is not a folder; pass a pipeline's tokenizer/ or tokenizer_2/ folder.")
+        digest = _files_digest(folder)
+        if digest in _RECENTLY_PARSED:
+            return _RECENTLY_PARSED[digest]
+        tokenizer = cls._parse_folder(folder)
+        if digest is not None:
+            _RECENTLY_PARSED[digest] = tokenizer
+            if len(_RECENTLY_PARSED) > _RECENT_LIMIT:
+                del _RECENTLY_PARSED[next(iter(_RECENTLY_PARSED))]  # the oldest
+        return tokenizer
+
+    @classmethod
+    def _parse_folder(cls, folder: Path) -> "CLIPTokenizer":
         vocab = _read_json(folder / "vocab.json")
         if not all(isinstance(t, str) and type(i) is int for t, i in vocab.items()):
             raise ConfigError(f"{folder / 'vocab.json'} must map each token to an integer id; download it again.")
@@ -302,6 +323,23 @@ def _token_bytes(token: str) -> bytes:
     if all(c in _CHAR_BYTES for c in token):
         return bytes(_CHAR_BYTES[c] for c in token)
     return token.encode("utf-8")
+
+
+def _files_digest(folder: Path) -> bytes | None:
+    """A digest of the names and bytes of ``folder``'s FOLDER_FILES (a missing one counts as
+    missing); None where one cannot be read, for the parse to say why."""
+    digest = hashlib.sha256()
+    for name in FOLDER_FILES:
+        try:
+            data = (folder / name).read_bytes()
+        except FileNotFoundError:
+            digest.update(f"{name}: missing\n".encode())
+            continue
+        except OSError:
+            return None
+        digest.update(f"{name}: {len(data)}\n".encode())
+        digest.update(data)
+    return digest.digest()
 
 
 def _check_present(path: Path) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import ConversionError
+from ..tokenizer import FOLDER_FILES
 from .layout import MODEL_INDEX, MODELS, SCHEDULER_CONFIG, TOKENIZERS, UNET, WEIGHTS, ModelKind, Options, listed, \
     read_json, unet_folder, weight_candidates, weight_files
-from .tokenizer_files import TOKENIZER_FILES
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What people pass as files (weights, configs): a name ending so is a mistyped local path, never
@@ -115,7 +115,7 @@ def fetch_unet(repo_id: str, options: Options, files: set[str] | None = None) ->
 def _small_files(names: Iterable[str]) -> list[str]:
     """A pipeline's configs and tokenizer files: what planning reads before any weights."""
     return [MODEL_INDEX, SCHEDULER_CONFIG, *(f"{n}/config.json" for n in names),
-            *(f"{t}/{f}" for t in TOKENIZERS.values() for f in TOKENIZER_FILES)]
+            *(f"{t}/{f}" for t in TOKENIZERS.values() for f in FOLDER_FILES)]
 
 
 def fetch_pipeline(repo_id: str, options: Options, files: set[str]) -> Path:
@@ -145,7 +145,7 @@ def fetch_tokenizers(spec: str) -> Path:
         raise ConversionError(f"{missing_path(spec, '--tokenizers')}; pass a diffusers pipeline folder or a Hub repo id.")
     if not is_repo_id(spec):
         raise ConversionError(f"--tokenizers {spec} is neither a folder nor a Hub repo id (owner/name).")
-    names = [f"{t}/{f}" for t in TOKENIZERS.values() for f in TOKENIZER_FILES]
+    names = [f"{t}/{f}" for t in TOKENIZERS.values() for f in FOLDER_FILES]
     if is_offline():
         return snapshot(spec, None, names, offline=True)
     files = repo_files(spec, None)

@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import ConfigError, ConversionError
-from ..tokenizer import CLIPTokenizer, bundled_tokenizer_files
+from ..tokenizer import FOLDER_FILES, CLIPTokenizer, bundled_tokenizer_files
 from .layout import TOKENIZERS, read_json
 
-# What CLIPTokenizer.from_folder reads; the first two are the tokenizer itself.
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 # An added token's entry in tokenizer_config.json's added_tokens_decoder, as transformers 4.34+ writes it.
 _ADDED_TOKEN_FIELDS = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
@@ -31,7 +29,7 @@ def tokenizer_files(folder: Path) -> dict[str, bytes]:
     """
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         _check_tokenizer(folder, f"the tokenizer in {folder}")
-        return {f: (folder / f).read_bytes() for f in TOKENIZER_FILES if (folder / f).is_file()}
+        return {f: (folder / f).read_bytes() for f in FOLDER_FILES if (folder / f).is_file()}
     if not (folder / "tokenizer.json").is_file():
         raise ConversionError(
             f"{folder} holds no tokenizer (vocab.json and merges.txt, or tokenizer.json); download it again, or "

@@ -41,7 +41,7 @@ def test_refused_pickle_gets_our_sentence_and_never_runs(malicious, tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.parametrize("damage", ["truncated", pytest.param("garbage", marks=pytest.mark.slow)])
 def test_damaged_pickle_gets_one_sentence(tmp_path, damage):
     path = tmp_path / "src" / "model.pt"
     path.parent.mkdir()

@@ -1,5 +1,6 @@
 """The parity tier: torch's threads, and memory handed back after the full-size tests."""
 
+import ctypes
 import gc
 import os
 
@@ -8,7 +9,30 @@ import pytest
 import torch
 from reference import release_memory
 
-torch.set_num_threads(os.cpu_count() or 1)
+import mlx_unet
+
+# This worker's share of the cores (tests/conftest.py), for torch as for OpenBLAS.
+WORKER_THREADS = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)
+torch.set_num_threads(WORKER_THREADS)
+
+
+def _set_threads(count: int) -> None:
+    torch.set_num_threads(count)
+    if mlx_unet.cpu.blas.loaded:
+        ctypes.CDLL(mlx_unet.cpu.blas.loaded).openblas_set_num_threads(count)
+
+
+@pytest.fixture(autouse=True)
+def _all_cores_for_full_size(request):
+    """The full-size tests run one at a time (``xdist_group("full_size")``) and for minutes, much
+    of it after the other worker has run out of tests: they take every core."""
+    marker = request.node.get_closest_marker("xdist_group")
+    full_size = marker is not None and marker.args[:1] == ("full_size",)
+    if full_size:
+        _set_threads(os.cpu_count() or 1)
+    yield
+    if full_size:
+        _set_threads(WORKER_THREADS)
 
 # torch, diffusers and transformers create millions of long-lived objects at import; frozen, they
 # are no longer scanned by every gc.collect() (0.25 s each otherwise, after every test).

@@ -85,6 +85,7 @@ def test_sampler_errors_lists_every_sampler_within_its_bound():
     assert all(float(row[-1]) <= 1e-4 for row in rows)
 
 
+@pytest.mark.slow  # the benchmarks' harness, as their smoke runs above
 def test_reference_process_loads_neither_mlx_nor_our_blas():
     """diffusers is timed in a process where torch's BLAS calls reach torch's own library: one that
     never imported MLX or mlx_unet, whose OpenBLAS, loaded globally, would take them over."""

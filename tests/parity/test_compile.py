@@ -6,6 +6,7 @@ import weakref
 import mlx.core as mx
 import numpy as np
 import pytest
+from axes import CODE_PATHS, each_value_once
 from reference import make_inputs, mlx_from_torch, relative_error, run_mlx, run_torch, tiny_config, torch_unet
 
 from mlx_unet import Sampler, UNet2DConditionModel, make_scheduler
@@ -62,7 +63,8 @@ def test_compiled_forward_matches_diffusers_and_traces_once_per_shape_and_dtype(
     assert len(traces) == 4 and np.isfinite(half).all()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("code_path,dtype", each_value_once(list(CODE_PATHS), ["float32", "float16"]),
+                         indirect=["code_path"])
 def test_compiled_and_plain_forwards_match_diffusers(code_path, dtype):
     config = tiny_config("sdxl-base")
     reference = torch_unet(config, seed=42)

@@ -8,6 +8,7 @@ import shutil
 import huggingface_hub
 import mlx.core as mx
 import pytest
+from axes import these_fast
 from sd_pipeline_files import assert_models_compute_the_same, assert_tokenizes_the_same, diffusers_pipeline, models_of
 from test_convert import _hub_cache
 from test_convert_pipeline import assert_converted, listing
@@ -33,7 +34,8 @@ def folder_pipelines(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("family", FOLDER_FAMILIES)
+# The fast tier shares the families out between these two tests.
+@pytest.mark.parametrize("family", these_fast(FOLDER_FAMILIES, {"sd15", "sdxl-inpaint"}))
 def test_diffusers_folder_converts_whole(tmp_path, folder_pipelines, family):
     pipe, source = folder_pipelines(family)
     result = convert(source, tmp_path / "mlx", progress=False)  # float16, the VAE too (force_upcast is off)
@@ -55,7 +57,7 @@ def test_diffusers_folder_converts_whole(tmp_path, folder_pipelines, family):
     assert_tokenizes_the_same(out, pipe)
 
 
-@pytest.mark.parametrize("family", FOLDER_FAMILIES)
+@pytest.mark.parametrize("family", these_fast(FOLDER_FAMILIES, {"sd15-inpaint", "sd2"}))
 def test_diffusers_folder_models_compute_as_diffusers(tmp_path, folder_pipelines, family):
     pipe, source = folder_pipelines(family)
     convert(source, tmp_path / "mlx", dtype="float32", progress=False)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import pytest
 import torch
+from axes import these_fast
 from original_layout import SINGLE_FILE_FAMILIES, sd_single_file, sdxl_single_file, to_original_layout
 from reference import torch_unet
 from reference_text import torch_text_encoder
@@ -54,7 +55,8 @@ def single_files(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("family", FILE_FAMILIES)
+# The fast tier shares the families out between these two tests.
+@pytest.mark.parametrize("family", these_fast(FILE_FAMILIES, {"sd15", "sd2-inpaint"}))
 def test_single_file_converts_whole(tmp_path, single_files, family):
     path, models, configs = single_files(family)
     published = PUBLISHED[FAMILY_KEYS[family]]
@@ -98,7 +100,7 @@ def _keys(path) -> list[str]:
     return list(SafetensorsReader(path).tensors)
 
 
-@pytest.mark.parametrize("family", FILE_FAMILIES)
+@pytest.mark.parametrize("family", these_fast(FILE_FAMILIES, {"sd15-inpaint", "sd2"}))
 def test_single_file_as_diffusers_loads_it(tmp_path, single_files, family):
     """diffusers' from_single_file, given a folder of the same configs, reads the file to the
     tensors we wrote, and those are the source models' (so it did not keep its own init)."""

@@ -64,7 +64,7 @@ def test_kohya_image_on_both_code_paths(world, lora, code_path, fuse):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "live"])
+@pytest.mark.parametrize("fuse", [pytest.param(True, marks=pytest.mark.slow), False], ids=["fused", "live"])
 def test_a_unet_released_before_the_decode_comes_back_with_its_loras(world, fuse):
     """release_unet frees the UNet before the decode (a one-shot run's last image); the next call
     loads it again and applies the pipeline's LoRAs to it again: the same image, bit for bit."""
@@ -221,7 +221,8 @@ def test_pipeline_scales_per_part_and_set_scale(world, lora, fuse):
             assert text_error(world, part, encoder, reference) <= FP32_BOUND
 
 
-@pytest.mark.parametrize("fuses", [(True, True), (False, False), (True, False)],
+@pytest.mark.parametrize("fuses", [pytest.param((True, True), marks=pytest.mark.slow),
+                                   pytest.param((False, False), marks=pytest.mark.slow), (True, False)],
                          ids=["fused+fused", "live+live", "fused+live"])
 def test_two_loras(world, lora, fuses):
     reference = world.reference(TWO)

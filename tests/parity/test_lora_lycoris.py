@@ -14,6 +14,7 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
+from axes import CODE_PATHS, each_value_once
 from lycoris_files import (
     CASES,
     NO_ALPHA,
@@ -202,7 +203,7 @@ def test_unet(world, case, fuse):
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "live"])
-@pytest.mark.parametrize("case", BOTH_PATHS)
+@pytest.mark.parametrize("case,code_path", each_value_once(BOTH_PATHS, list(CODE_PATHS)), indirect=["code_path"])
 def test_unet_code_paths(world, case, fuse, code_path):
     _check_unet(world, case, fuse, code_path)
 

@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from axes import CODE_PATHS, each_value_once
 from reference import (
     TIME_IDS,
     TINY_FAMILIES,
@@ -28,6 +29,9 @@ FP16_BOUND = 1e-2
 # What depends on the code path runs on both (``code_path``: the CPU kernels, and the plain MLX
 # a Mac runs); timestep forms and the per-tap convolution's size cases run on the default one.
 both_paths = pytest.mark.usefixtures("code_path")
+# Half precision: every family and both paths in the fast tier, their whole product in the slow.
+half_precision_cases = pytest.mark.parametrize(
+    "reference_family,code_path", each_value_once(list(TINY_FAMILIES), list(CODE_PATHS)), indirect=True)
 
 
 @pytest.fixture(scope="module", params=list(TINY_FAMILIES))
@@ -85,8 +89,8 @@ def test_integer_timestep_array_equals_float(family):
     np.testing.assert_array_equal(as_float, as_int)
 
 
-@both_paths
-def test_fp16_weights_and_activations(reference_family):
+@half_precision_cases
+def test_fp16_weights_and_activations(reference_family, code_path):
     name, config, reference = reference_family
     ours16 = mlx_from_torch(reference, config, dtype=mx.float16)
     inputs = _inputs(name, config, seed=5, timesteps=[40.0, 960.0])
@@ -95,8 +99,8 @@ def test_fp16_weights_and_activations(reference_family):
     assert relative_error(out, run_torch(reference, inputs)) <= FP16_BOUND
 
 
-@both_paths
-def test_bf16_is_as_close_to_float32_as_diffusers_bf16(reference_family):
+@half_precision_cases
+def test_bf16_is_as_close_to_float32_as_diffusers_bf16(reference_family, code_path):
     """bfloat16 keeps 8 bits: the bound is what diffusers itself loses in bfloat16 (its own
     bf16 forward against its float32 one, computed here), with a factor 2 of slack."""
     name, config, reference = reference_family

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from axes import CODE_PATHS
 from mlx.utils import tree_flatten
 from quantize_weights import psnr as psnr_of
 from quantize_weights import trained_like
@@ -44,7 +45,6 @@ BITS, GROUPS = (8, 4), (32, 64, 128)
 # with twice the others' error and 32 > 64 at 8 bits dominates them), 2 of 21 geometric means of 4
 # and none of 19 geometric means of 6 (smallest neighbour ratio 1.03). Hence the geometric mean.
 DRAWS = 6
-CODE_PATHS = {"cpu-kernels": "1", "mlx": "0"}
 
 # Measured: the geometric mean over draws 0-5 of ||y_q - y|| / ||y|| (float64 from the float16
 # outputs; the inputs of `unet_inputs`), the policy as it stands (at 8 bits proj_in/out and the
@@ -92,20 +92,22 @@ def assert_quantized(model, dense_twin, q: Quantization | None) -> None:
     assert all(isinstance(m, cpu.quantized.QuantizedLinear) == cpu.kernels_enabled() for m in layers)
 
 
+def unet_draw(seed: int) -> dict[str, mx.array]:
+    """A float16 UNet of trained-like weights as plain-MLX parameters: each test builds its models
+    from them under its own code path."""
+    mx.random.seed(0)  # biases and norms: the same in every draw
+    model = UNet2DConditionModel(UNET)
+    model.set_dtype(mx.float16)
+    trained_like(model, seed)
+    params = dict(tree_flatten(model.parameters()))
+    mx.eval(params)
+    return params
+
+
 @pytest.fixture(scope="module")
 def unet_draws() -> list[dict[str, mx.array]]:
-    """DRAWS float16 UNets of trained-like weights (seeds 0, 1, ...), as plain-MLX parameters:
-    each test builds its models from them under its own code path."""
-    draws = []
-    for seed in range(DRAWS):
-        mx.random.seed(0)  # biases and norms: the same in every draw
-        model = UNet2DConditionModel(UNET)
-        model.set_dtype(mx.float16)
-        trained_like(model, seed)
-        params = dict(tree_flatten(model.parameters()))
-        mx.eval(params)
-        draws.append(params)
-    return draws
+    """DRAWS draws, seeds 0, 1, ..."""
+    return [unet_draw(seed) for seed in range(DRAWS)]
 
 
 @pytest.fixture(scope="module")
@@ -182,24 +184,26 @@ Q4G64 = Quantization.make(4, 64)
 
 
 @pytest.fixture(scope="module")
-def one_setting(unet_draws, unet_inputs) -> dict[tuple[str, str, bool], np.ndarray]:
+def one_setting(unet_inputs) -> dict[tuple[str, str, bool], np.ndarray]:
     """Draw 0's outputs for the first input at 4 bits in groups of 64 and dense, in float16 and
     float32, on both code paths: (path, "float16" | "float32", quantized) -> output. (One input:
-    the plain path's float16 quantized run is most of the fast tier's time.)"""
+    the plain path's float16 quantized run is most of the time, 6 s of 8; so these two tests are
+    slow, and the fast tier checks quantized loading on both paths in tests/unit/test_quantize.py.)"""
     (sample, t, context), added = unet_inputs
     first = ((sample[:1], t[:1], context[:1]), {k: v[:1] for k, v in added.items()})
-    out = {}
+    out, params = {}, unet_draw(0)
     for path, switch in CODE_PATHS.items():
         with pytest.MonkeyPatch.context() as env:
             env.setenv(cpu.ENV_SWITCH, switch)
             for name, dtype in (("float16", mx.float16), ("float32", mx.float32)):
                 for q in (None, Q4G64):
-                    model = build(unet_draws[0], q, dtype)
+                    model = build(params, q, dtype)
                     assert_quantized(model, UNet2DConditionModel(UNET), q)
                     out[path, name, q is not None] = run(model, first, dtype)
     return out
 
 
+@pytest.mark.slow
 def test_both_code_paths_at_4_bits(one_setting):
     """The CPU kernels dequantize to float32 for BLAS; plain MLX multiplies in quantized_matmul
     (whose float16 products on the CPU carry about 10x float16's output rounding)."""
@@ -214,6 +218,7 @@ def test_both_code_paths_at_4_bits(one_setting):
     assert paths_apart < PATHS_APART
 
 
+@pytest.mark.slow
 def test_float32_shows_the_error_is_quantization_not_precision(one_setting):
     o = one_setting
     for path in CODE_PATHS:
@@ -250,6 +255,7 @@ def pipeline_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow  # a measurement of quality; the fast tier makes quantized images in test_convert_quantized.py
 def test_whole_image_psnr(pipeline_folder):
     dense = SDXLPipeline.from_pretrained(pipeline_folder, dtype=mx.float16)
     reference = np.array(dense("a lighthouse at dusk", **RUN))

@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from axes import CODE_PATHS, each_value_once
 from diffusers import StableDiffusionImg2ImgPipeline
 from image_runs import PROMPT, compare_images, nchw, noise_latents, same_img2img_draws
 from pipeline_files import SIZE
@@ -30,9 +31,9 @@ def sd2(tmp_path_factory):
 
 
 @torch.no_grad()
-@pytest.mark.usefixtures("code_path")  # the whole run on the CPU kernels and on plain MLX
-@pytest.mark.parametrize("negative", [None, "blurry, low quality"])
-def test_sd1_text_to_image_matches_diffusers(sd1, negative):
+@pytest.mark.parametrize("code_path,negative", each_value_once(list(CODE_PATHS), [None, "blurry, low quality"]),
+                         indirect=["code_path"])  # the whole run on the CPU kernels and on plain MLX
+def test_sd1_text_to_image_matches_diffusers(sd1, code_path, negative):
     latents = noise_latents(2)
     theirs = sd1["pipe"](PROMPT, negative_prompt=negative, num_inference_steps=4, guidance_scale=7.5, height=SIZE,
                          width=SIZE, num_images_per_prompt=2, latents=nchw(latents), output_type="np").images
@@ -78,9 +79,8 @@ def test_sd2_v_prediction_matches_diffusers(sd2):
 
 
 @torch.no_grad()
-@pytest.mark.usefixtures("code_path")
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_half_precision_runs_stay_near_diffusers_float32(sd1, sd2, tmp_path, family):
+@pytest.mark.parametrize("code_path,family", each_value_once(list(CODE_PATHS), ["sd1", "sd2"]), indirect=["code_path"])
+def test_half_precision_runs_stay_near_diffusers_float32(sd1, sd2, tmp_path, code_path, family):
     """The run users get by default: converted to float16 (UNet and text encoder; the VAE as
     its config says), per image against diffusers in float32."""
     models = {"sd1": sd1, "sd2": sd2}[family]

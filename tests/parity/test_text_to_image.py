@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from axes import CODE_PATHS, each_value_once
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from image_runs import PROMPT, compare_images, nchw, noise_latents, same_img2img_draws
 from original_layout import SINGLE_FILE_FAMILIES, sdxl_single_file
@@ -29,9 +30,9 @@ def models(tmp_path_factory):
 
 
 @torch.no_grad()
-@pytest.mark.usefixtures("code_path")  # the whole run on the CPU kernels and on plain MLX
-@pytest.mark.parametrize("negative", [None, "blurry, low quality"])
-def test_text_to_image_matches_diffusers(models, negative):
+@pytest.mark.parametrize("code_path,negative", each_value_once(list(CODE_PATHS), [None, "blurry, low quality"]),
+                         indirect=["code_path"])  # the whole run on the CPU kernels and on plain MLX
+def test_text_to_image_matches_diffusers(models, code_path, negative):
     latents = noise_latents(2)
     theirs = models["base"](PROMPT, negative_prompt=negative, num_inference_steps=4, guidance_scale=5.0,
                             height=SIZE, width=SIZE, num_images_per_prompt=2, latents=nchw(latents),

@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from axes import CODE_PATHS, each_value_once
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from mlx.utils import tree_flatten
 from reference import relative_error
@@ -99,11 +100,14 @@ def _diffusers_tiles(reference, tile, overlap, factor):
     reference.tile_overlap_factor = overlap
 
 
-@pytest.mark.usefixtures("code_path")
-@pytest.mark.parametrize("tile,overlap,shape", [(32, 0.25, (1, 7, 10)), (64, 0.5, (2, 11, 9))])
-def test_tiled_decode_matches_diffusers(tile, overlap, shape):
+TILINGS = [(32, 0.25, (1, 7, 10)), (64, 0.5, (2, 11, 9))]  # tile, overlap, latent shape
+
+
+@pytest.mark.parametrize("code_path,tiling", each_value_once(list(CODE_PATHS), TILINGS), indirect=["code_path"])
+def test_tiled_decode_matches_diffusers(code_path, tiling):
     """Small tiles so that there are several in both directions, and edge tiles as narrow as
     (32 px) or narrower than (64 px) the blend; diffusers tiles with the same sizes."""
+    tile, overlap, shape = tiling
     config = VAEConfig.from_preset("tiny")
     reference = torch_vae(config, seed=6)
     ours = mlx_vae_from_torch(reference, config)

@@ -58,3 +58,23 @@ def test_a_pad_token_outside_the_vocabulary_is_refused():
         CLIPTokenizer.bundled("<pad>")
     with pytest.raises(ConfigError, match="is not in CLIP's vocabulary"):
         bundled_tokenizer_files("<pad>")
+
+
+def test_a_folder_read_again_or_copied_reuses_its_parse_until_a_file_changes(tmp_path):
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    for folder in (first, copy):
+        folder.mkdir()
+        for name, content in bundled_tokenizer_files("!").items():
+            (folder / name).write_bytes(content)
+    tokenizer = CLIPTokenizer.from_folder(first)
+    assert CLIPTokenizer.from_folder(first) is tokenizer and CLIPTokenizer.from_folder(copy) is tokenizer
+    config = (copy / "tokenizer_config.json").read_text()
+    (copy / "tokenizer_config.json").write_text(config.replace('"model_max_length": 77', '"model_max_length": 20'))
+    changed = CLIPTokenizer.from_folder(copy)
+    assert changed is not tokenizer and changed.max_length == 20 and tokenizer.max_length == 77
+    (copy / "tokenizer_config.json").write_text(config.replace('"model_max_length": 77', '"model_max_length": 1'))
+    with pytest.raises(ConfigError, match="needs model_max_length, an integer of at least 2"):
+        CLIPTokenizer.from_folder(copy)  # a bad file is refused, whatever was read before
+    (copy / "added_tokens.json").write_text("{}")  # an optional file appearing is a change too
+    (copy / "tokenizer_config.json").write_text(config)
+    assert CLIPTokenizer.from_folder(copy) is not tokenizer

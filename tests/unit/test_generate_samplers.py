@@ -108,8 +108,9 @@ def test_an_ordinary_model_keeps_the_ordinary_defaults(demo, tmp_path, capsys):
 
 @pytest.mark.parametrize("args,api", [
     (["--scheduler", "DPM++ 2M Karras"], dict(scheduler="dpmpp_2m", sigmas="karras")),
-    (["--scheduler", "euler", "--sigmas", "ays"], dict(scheduler="euler", sigmas="ays")),
-    (["--scheduler", "uni_pc"], dict(scheduler="unipc")),
+    pytest.param(["--scheduler", "euler", "--sigmas", "ays"], dict(scheduler="euler", sigmas="ays"),
+                 marks=pytest.mark.slow),  # the fast tier: an A1111 name, a sampler and a schedule by option
+    pytest.param(["--scheduler", "uni_pc"], dict(scheduler="unipc"), marks=pytest.mark.slow),
     (["--scheduler", "dpmpp_3m_sde", "--sigmas", "exponential"], dict(scheduler="dpmpp_3m_sde", sigmas="exponential")),
 ])
 def test_samplers_by_any_name_and_sigma_schedules_make_what_the_api_makes(demo, tmp_path, args, api):

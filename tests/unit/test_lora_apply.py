@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from axes import CODE_PATHS, each_value_once
 from lora_factors import kohya_file, low_rank_factors, parameters, reference_weights, same_bits
 from safetensors.numpy import save_file
 
@@ -74,9 +75,9 @@ def lora_file(tmp_path):
     return path, kohya_file(path, unet, rank=3, alpha=1.5, seed=4)
 
 
-@pytest.mark.usefixtures("code_path")
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "live"])
-def test_update_matches_the_definition(lora_file, fuse):
+@pytest.mark.parametrize("code_path,fuse", each_value_once(list(CODE_PATHS), [True, False], ids=(
+    list(CODE_PATHS), ["fused", "live"])), indirect=["code_path"])
+def test_update_matches_the_definition(lora_file, code_path, fuse):
     path, tensors = lora_file
     unet = _unet()
     inputs = _inputs(unet)
@@ -98,9 +99,9 @@ def test_update_matches_the_definition(lora_file, fuse):
     assert not any(isinstance(layer, LoRALayer) for _, layer in adaptable_layers(unet))
 
 
-@pytest.mark.usefixtures("code_path")
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "live"])
-def test_half_precision_against_the_float32_definition(lora_file, fuse):
+@pytest.mark.parametrize("code_path,fuse", each_value_once(list(CODE_PATHS), [False, True], ids=(
+    list(CODE_PATHS), ["live", "fused"])), indirect=["code_path"])  # the other diagonal
+def test_half_precision_against_the_float32_definition(lora_file, code_path, fuse):
     path, tensors = lora_file
     unet = _unet()
     inputs = _inputs(unet)
