@@ -5,11 +5,7 @@ into a quantized UNet); a good run quantizes as it loads, says so and writes its
 from __future__ import annotations
 
 import pytest
-from bad_input_helpers import PROMPT, RUN, assert_user_error, run_cli
-
-
-def _generate(tiny_pipeline, out, *args):
-    return run_cli("generate", PROMPT, "--model", str(tiny_pipeline), "-o", str(out), *RUN, *args)
+from bad_input_helpers import PROMPT, RUN, assert_user_error, run_cli, run_in_process
 
 
 @pytest.mark.parametrize("args, words", [
@@ -23,8 +19,8 @@ def _generate(tiny_pipeline, out, *args):
 def test_bad_quantization_settings_are_refused_before_loading(tiny_pipeline, tmp_path, args, words):
     (tmp_path / "style.safetensors").write_bytes(b"")  # never read: the refusal comes first
     out = tmp_path / "out.png"
-    proc = run_cli("generate", PROMPT, "--model", str(tiny_pipeline), "-o", str(out), *RUN,
-                   *[str(tmp_path / a) if a.endswith(".safetensors") else a for a in args])
+    proc = run_in_process("generate", PROMPT, "--model", str(tiny_pipeline), "-o", str(out), *RUN,
+                          *[str(tmp_path / a) if a.endswith(".safetensors") else a for a in args])
     assert_user_error(proc, *words)
     assert not out.exists()
 

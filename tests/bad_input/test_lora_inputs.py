@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from bad_input_helpers import PROMPT, RUN, assert_user_error, run_cli, tree_digest
+from bad_input_helpers import PROMPT, RUN, assert_user_error, run_cli, run_in_process, tree_digest
 from safetensors.numpy import save_file
 
 from mlx_unet import UNet2DConditionModel
@@ -93,7 +93,8 @@ def test_bad_loras_are_one_sentence_before_any_image(tiny_pipeline, unet, tmp_pa
     before = tree_digest(path.parent)
     out = tmp_path / "out" / "image.png"
     out.parent.mkdir()
-    assert_user_error(_generate(tiny_pipeline, out, "--lora", spec), *words)
+    proc = run_in_process("generate", PROMPT, "--model", str(tiny_pipeline), "-o", str(out), *RUN, "--lora", spec)
+    assert_user_error(proc, *words)
     assert list(out.parent.iterdir()) == [] and tree_digest(path.parent) == before
 
 

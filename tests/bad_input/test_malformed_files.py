@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from bad_input_helpers import assert_user_error, run_cli, tree_digest
+from bad_input_helpers import assert_user_error, run_cli, run_in_process, tree_digest
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
@@ -77,7 +77,7 @@ def test_reader_refuses_what_the_reference_refuses(bad_file):
 def test_convert_prints_one_line_and_writes_nothing(bad_file, tmp_path):
     path, message = bad_file
     before = tree_digest(path)
-    assert_user_error(run_cli("convert", str(path), str(tmp_path / "out")), str(path), message)
+    assert_user_error(run_in_process("convert", str(path), str(tmp_path / "out")), str(path), message)
     assert tree_digest(path) == before
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 

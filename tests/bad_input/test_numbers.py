@@ -11,7 +11,7 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
-from bad_input_helpers import PROMPT, RUN, SIZE, assert_user_error, run_cli, tree_digest
+from bad_input_helpers import PROMPT, RUN, SIZE, assert_user_error, run_cli, run_in_process, tree_digest
 from mlx.utils import tree_flatten
 
 from mlx_unet import InputError, Sampler, SDXLPipeline, UNet2DConditionModel, UNetConfig, make_scheduler
@@ -52,8 +52,8 @@ def test_bad_numbers_are_refused_before_loading(tiny_pipeline, tmp_path, option,
     before = tree_digest(tiny_pipeline)
     refiner = ["--refiner", str(tiny_pipeline)] if option == "--refiner-start" else []
     began = time.perf_counter()
-    proc = run_cli("generate", PROMPT, "--model", str(tiny_pipeline), "-o", str(tmp_path / "out.png"), *RUN,
-                   *refiner, option, value)
+    proc = run_in_process("generate", PROMPT, "--model", str(tiny_pipeline), "-o", str(tmp_path / "out.png"), *RUN,
+                          *refiner, option, value)
     assert_user_error(proc, message)
     assert time.perf_counter() - began < 20  # refused at start-up, not after a run
     assert list(tmp_path.iterdir()) == [] and tree_digest(tiny_pipeline) == before

@@ -9,7 +9,7 @@ import shutil
 import time
 
 import pytest
-from bad_input_helpers import PROMPT, RUN, assert_user_error, run_cli, tree_digest
+from bad_input_helpers import PROMPT, RUN, assert_user_error, run_cli, run_in_process, tree_digest
 
 from mlx_unet import PipelineError, SDXLPipeline
 from mlx_unet.pipelines.folder import PipelineFolder
@@ -77,7 +77,7 @@ def test_broken_folders_are_refused_before_loading(tiny_pipeline, tmp_path, case
     expected = _break(folder, case)
     before = tree_digest(folder)
     began = time.perf_counter()
-    assert_user_error(run_cli("generate", PROMPT, "--model", str(folder), "-o", str(tmp_path / "out.png"), *RUN),
+    assert_user_error(run_in_process("generate", PROMPT, "--model", str(folder), "-o", str(tmp_path / "out.png"), *RUN),
                       expected)
     assert time.perf_counter() - began < 20
     assert not (tmp_path / "out.png").exists() and tree_digest(folder) == before
