@@ -227,8 +227,7 @@ def main(argv=None) -> int:
 
     diffusers.utils.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    if mlx_unet.cpu.blas.loaded:  # MLX's matmuls run in OpenBLAS's threads
-        ctypes.CDLL(mlx_unet.cpu.blas.loaded).openblas_set_num_threads(args.threads)
+    mlx_unet.cpu.blas.set_threads(args.threads)  # MLX's matmuls run in OpenBLAS's threads
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
     config = UNetConfig.from_preset(family)
     alpha = args.rank / 2

@@ -217,8 +217,7 @@ def main(argv=None) -> int:
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
-    if mlx_unet.cpu.blas.loaded:  # MLX's matmuls run in OpenBLAS's threads
-        ctypes.CDLL(mlx_unet.cpu.blas.loaded).openblas_set_num_threads(args.threads)
+    mlx_unet.cpu.blas.set_threads(args.threads)  # MLX's matmuls run in OpenBLAS's threads
 
     temp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench-t2i-")
     workdir = (args.workdir or Path(temp.name)).expanduser()

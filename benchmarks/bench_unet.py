@@ -23,7 +23,6 @@ it is used (``cpu.widen``).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import statistics
@@ -215,8 +214,7 @@ def main(argv=None) -> int:
         args.family, args.latent, args.warmup, args.repeats = "tiny", [16], 1, 1
 
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
-    if mlx_unet.cpu.blas.loaded:  # MLX's matmuls run in OpenBLAS's threads: as many as torch's
-        ctypes.CDLL(mlx_unet.cpu.blas.loaded).openblas_set_num_threads(args.threads)
+    mlx_unet.cpu.blas.set_threads(args.threads)  # MLX's matmuls run in OpenBLAS's threads: as many as torch's
     config = UNetConfig.from_preset(args.family)
     blas = mlx_unet.cpu.blas.loaded or "MLX's bundled BLAS"
     mode = ", ".join(m for m, on in (("compiled", args.compile), ("low-memory", args.low_memory),

@@ -73,3 +73,10 @@ def preload() -> str | None:
             loaded = path
             break
     return loaded
+
+
+def set_threads(count: int) -> None:
+    """Run the loaded OpenBLAS (so MLX's matmuls) on ``count`` threads; nothing where none was
+    loaded (MLX's bundled BLAS has no threads to set)."""
+    if loaded:
+        ctypes.CDLL(loaded).openblas_set_num_threads(count)

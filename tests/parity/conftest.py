@@ -1,6 +1,5 @@
 """The parity tier: torch's threads, and memory handed back after the full-size tests."""
 
-import ctypes
 import gc
 import os
 
@@ -18,8 +17,7 @@ torch.set_num_threads(WORKER_THREADS)
 
 def _set_threads(count: int) -> None:
     torch.set_num_threads(count)
-    if mlx_unet.cpu.blas.loaded:
-        ctypes.CDLL(mlx_unet.cpu.blas.loaded).openblas_set_num_threads(count)
+    mlx_unet.cpu.blas.set_threads(count)
 
 
 @pytest.fixture(autouse=True)

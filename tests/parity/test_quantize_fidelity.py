@@ -92,22 +92,20 @@ def assert_quantized(model, dense_twin, q: Quantization | None) -> None:
     assert all(isinstance(m, cpu.quantized.QuantizedLinear) == cpu.kernels_enabled() for m in layers)
 
 
-def unet_draw(seed: int) -> dict[str, mx.array]:
-    """A float16 UNet of trained-like weights as plain-MLX parameters: each test builds its models
-    from them under its own code path."""
-    mx.random.seed(0)  # biases and norms: the same in every draw
-    model = UNet2DConditionModel(UNET)
-    model.set_dtype(mx.float16)
-    trained_like(model, seed)
-    params = dict(tree_flatten(model.parameters()))
-    mx.eval(params)
-    return params
-
-
 @pytest.fixture(scope="module")
 def unet_draws() -> list[dict[str, mx.array]]:
-    """DRAWS draws, seeds 0, 1, ..."""
-    return [unet_draw(seed) for seed in range(DRAWS)]
+    """DRAWS float16 UNets of trained-like weights (seeds 0, 1, ...), as plain-MLX parameters:
+    each test builds its models from them under its own code path."""
+    draws = []
+    for seed in range(DRAWS):
+        mx.random.seed(0)  # biases and norms: the same in every draw
+        model = UNet2DConditionModel(UNET)
+        model.set_dtype(mx.float16)
+        trained_like(model, seed)
+        params = dict(tree_flatten(model.parameters()))
+        mx.eval(params)
+        draws.append(params)
+    return draws
 
 
 @pytest.fixture(scope="module")
@@ -184,20 +182,20 @@ Q4G64 = Quantization.make(4, 64)
 
 
 @pytest.fixture(scope="module")
-def one_setting(unet_inputs) -> dict[tuple[str, str, bool], np.ndarray]:
+def one_setting(unet_draws, unet_inputs) -> dict[tuple[str, str, bool], np.ndarray]:
     """Draw 0's outputs for the first input at 4 bits in groups of 64 and dense, in float16 and
     float32, on both code paths: (path, "float16" | "float32", quantized) -> output. (One input:
     the plain path's float16 quantized run is most of the time, 6 s of 8; so these two tests are
     slow, and the fast tier checks quantized loading on both paths in tests/unit/test_quantize.py.)"""
     (sample, t, context), added = unet_inputs
     first = ((sample[:1], t[:1], context[:1]), {k: v[:1] for k, v in added.items()})
-    out, params = {}, unet_draw(0)
+    out = {}
     for path, switch in CODE_PATHS.items():
         with pytest.MonkeyPatch.context() as env:
             env.setenv(cpu.ENV_SWITCH, switch)
             for name, dtype in (("float16", mx.float16), ("float32", mx.float32)):
                 for q in (None, Q4G64):
-                    model = build(params, q, dtype)
+                    model = build(unet_draws[0], q, dtype)
                     assert_quantized(model, UNet2DConditionModel(UNET), q)
                     out[path, name, q is not None] = run(model, first, dtype)
     return out
