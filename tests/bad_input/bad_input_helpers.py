@@ -5,13 +5,10 @@ test tiers run together.)"""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
+from in_process import run_main
 from safetensors.numpy import save_file
 
 from mlx_unet import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig, cli
@@ -129,20 +127,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpro
 
 
 def run_in_process(*args: str) -> subprocess.CompletedProcess:
-    """``mlx_unet.cli.main(ARGS)`` in this process, its exit code and output as ``run_cli`` gives
-    them (an exception that escapes is a traceback on stderr and code 1, as the interpreter makes
-    it). For the long lists of refusals of one kind, each of which also runs in a process of its
-    own: a process start costs about as much as a refusal."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            code = cli.main(list(args))
-        except SystemExit as e:  # argparse's refusals
-            code = e.code if isinstance(e.code, int) else 1
-        except BaseException:  # noqa: BLE001  (what a user would see)
-            traceback.print_exc()
-            code = 1
-    return subprocess.CompletedProcess(["mlx-unet", *args], code, stdout.getvalue(), stderr.getvalue())
+    """``mlx_unet.cli.main(ARGS)`` in this process, its exit code and output as ``run_cli`` gives them."""
+    return run_main(cli.main, *args)
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> str:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bad_input_helpers import PROMPT, ROOT, RUN, SIZE, assert_user_error, run_cli, tree_digest, write_diffusers_unet
+from bad_input_helpers import PROMPT, ROOT, RUN, SIZE, assert_user_error, run_cli, run_in_process, tree_digest, \
+    write_diffusers_unet
 from PIL import Image
 
 from mlx_unet import InputError, UNetConfig, cli
@@ -43,7 +44,10 @@ def test_unwritable_outputs_are_refused_before_loading(tiny_pipeline, tmp_path, 
         (tmp_path / "file").write_text("not a folder")
     before = tree_digest(tmp_path)
     began = time.perf_counter()
-    assert_user_error(_generate(tiny_pipeline, out, "-n", "3"), str(out.parent), expected)
+    # One case as a process, the rest in this one (``run_in_process``).
+    run = run_cli if case == "folder" else run_in_process
+    assert_user_error(run("generate", PROMPT, "--model", str(tiny_pipeline), "-o", str(out), *RUN, "-n", "3"),
+                      str(out.parent), expected)
     assert time.perf_counter() - began < 20
     assert tree_digest(tmp_path) == before  # nothing written, nothing removed
 

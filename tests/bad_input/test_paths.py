@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import time
 
+import huggingface_hub
 import pytest
-from bad_input_helpers import assert_user_error, run_cli
+from bad_input_helpers import assert_user_error, run_cli, run_in_process
 
 from mlx_unet.convert.hub import is_repo_id, looks_local
 
@@ -32,10 +33,20 @@ def _cases(tmp_path):
 
 @pytest.mark.parametrize("case", ["weights suffix", "checkpoint suffix", "relative", "absolute", "dangling link",
                                   "link loop"])
-def test_mistyped_paths_are_reported_missing_at_once(tmp_path, case):
+def test_mistyped_paths_are_reported_missing_at_once(tmp_path, monkeypatch, case):
+    """One case as a process whose Hub would time out; the rest in this process, where a Hub
+    lookup fails the test."""
+    def looked_up(*args, **kwargs):
+        raise AssertionError(f"looked up on the Hub: {args}")
+
+    for name in ("snapshot_download", "list_repo_files", "hf_hub_download"):
+        monkeypatch.setattr(huggingface_hub, name, looked_up)
     source, expected = _cases(tmp_path)[case]
     began = time.perf_counter()
-    proc = run_cli("convert", source, str(tmp_path / "out"), env={**os.environ, **NO_NETWORK})
+    if case == "weights suffix":
+        proc = run_cli("convert", source, str(tmp_path / "out"), env={**os.environ, **NO_NETWORK})
+    else:
+        proc = run_in_process("convert", source, str(tmp_path / "out"))
     assert_user_error(proc, expected)
     assert "Hub" not in proc.stderr
     assert time.perf_counter() - began < 15  # no network timeout

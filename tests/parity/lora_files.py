@@ -98,10 +98,12 @@ def count(spec: Spec) -> dict[str, int]:
 def module(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """``name`` in ``model``; text-encoder names may carry ``text_model.``, which transformers 5's
     bare CLIPTextModel no longer has."""
-    modules = dict(model.named_modules())
-    if name not in modules and name.startswith(TEXT_MODEL):
-        name = name[len(TEXT_MODEL):]
-    return modules[name]
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        if not name.startswith(TEXT_MODEL):
+            raise
+        return model.get_submodule(name[len(TEXT_MODEL):])
 
 
 def targets(model: torch.nn.Module, part: str, kinds) -> list[str]:

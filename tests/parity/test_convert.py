@@ -10,11 +10,13 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 import torch
+from in_process import run_main
 from original_layout import SINGLE_FILE_FAMILIES, to_original_layout
 from reference import TIME_IDS, TINY_FAMILIES, make_inputs, relative_error, run_mlx, run_torch, tiny_config, torch_unet
 from safetensors.torch import save_file
 
 from mlx_unet import UNet2DConditionModel
+from mlx_unet.cli.convert import main as convert_main
 from mlx_unet.convert import convert
 from mlx_unet.errors import ConversionError
 from mlx_unet.naming.ldm_unet import ema_name
@@ -30,6 +32,12 @@ def run_cli(*args, env=None):
         [sys.executable, str(ROOT / "convert.py"), *map(str, args)],
         capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT,
     )
+
+
+def run_in_process(*args):
+    """convert.py's ``main`` in this process (``in_process.run_main``): for the refusals, each kind
+    of which also runs as a process."""
+    return run_main(convert_main, *map(str, args), name="convert.py")
 
 
 def assert_matches(out_dir, reference, config, family="", seed=0):
@@ -217,7 +225,8 @@ def test_single_file_with_inferred_config(tmp_path, name):
     config = SINGLE_FILE_FAMILIES[name]
     reference = torch_unet(config, seed=36)
     path = write_single_file(tmp_path / "model.safetensors", reference, config)
-    proc = run_cli(path, tmp_path / "mlx", "--dtype", "float32", "--unet-only")
+    run = run_cli if name == "sdxl-base" else run_in_process
+    proc = run(path, tmp_path / "mlx", "--dtype", "float32", "--unet-only")
     assert proc.returncode == 0, proc.stderr
     assert "left alone: VAE (1 tensors), text encoders (1 tensors), other (1 tensors)" in proc.stderr
     inferred = UNet2DConditionModel.from_pretrained(tmp_path / "mlx").config
@@ -323,7 +332,7 @@ def _bad_files(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
 @pytest.mark.parametrize("case", ["text", "truncated", "header", "vae", "clip", "unknown"])
 def test_bad_files_exit_2_with_one_clear_line(tmp_path, sd15_file, case):
     path, message = _bad_files(tmp_path, sd15_file)[f"{case}.safetensors"]
-    proc = run_cli(path, tmp_path / "out")
+    proc = (run_cli if case == "text" else run_in_process)(path, tmp_path / "out")
     assert proc.returncode == 2
     assert message in proc.stderr and proc.stderr.startswith("error: ")
     assert "Traceback" not in proc.stderr
@@ -335,7 +344,7 @@ def test_unknown_cross_attention_width_asks_for_a_config(tmp_path):
     reference = torch_unet(config, seed=44)
     path = tmp_path / "odd.safetensors"
     save_file(to_original_layout(reference.state_dict(), config), str(path))
-    proc = run_cli(path, tmp_path / "out")
+    proc = run_in_process(path, tmp_path / "out")
     assert proc.returncode == 2 and "cross-attention width 24 matches no SD family" in proc.stderr
     assert "--config" in proc.stderr
 
@@ -369,7 +378,7 @@ def test_missing_unexpected_and_misshaped_tensors(tmp_path, damage, message):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps(config.to_diffusers_dict()))
     save_file(state, str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
-    proc = run_cli(tmp_path / "unet", tmp_path / "out")
+    proc = (run_cli if damage == "drop" else run_in_process)(tmp_path / "unet", tmp_path / "out")
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
 
@@ -393,12 +402,12 @@ def test_other_bad_sources(tmp_path):
         (tmp_path / "empty", "is not a diffusers model: expected unet/config.json"),
         (tmp_path / "nothing-here", "nothing-here does not exist; check the path"),
     ]:
-        proc = run_cli(source, tmp_path / "out")
+        proc = run_in_process(source, tmp_path / "out")
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     vae = tmp_path / "vae"
     vae.mkdir()
     (vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "in_channels": 3}))
-    proc = run_cli(vae, tmp_path / "out")
+    proc = run_in_process(vae, tmp_path / "out")
     assert proc.returncode == 2 and "describes a AutoencoderKL, not a UNet2DConditionModel" in proc.stderr
     assert run_cli("--help").returncode == 0
 
@@ -410,7 +419,7 @@ def test_existing_output_needs_force_and_is_replaced_whole(tmp_path, sd15_file):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = run_cli(sd15_file, out, "--unet-only")
+    proc = run_in_process(sd15_file, out, "--unet-only")
     assert proc.returncode == 2 and "exists and is not empty; pass --force" in proc.stderr
     assert (out / "keep.txt").read_text() == "mine"
     proc = run_cli(sd15_file, out, "--force", "--unet-only")

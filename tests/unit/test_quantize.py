@@ -129,7 +129,8 @@ def test_a_dense_folder_quantized_as_it_loads(dense_folder):
     assert all(isinstance(m, cpu.quantized.QuantizedLinear) == cpu.kernels_enabled() for m in layers)
     # The same parameters as quantizing the loaded dense model.
     by_hand = UNet2DConditionModel.from_pretrained(dense_folder, cpu_kernels=False)
-    nn.quantize(by_hand, 64, 4, class_predicate=lambda p, m: p in quantizable_paths(by_hand, Q4))
+    paths = quantizable_paths(by_hand, Q4)
+    nn.quantize(by_hand, 64, 4, class_predicate=lambda p, m: p in paths)
     ours = dict(tree_flatten(UNet2DConditionModel.from_pretrained(dense_folder, quantize=Q4,
                                                                   cpu_kernels=False).parameters()))
     theirs = dict(tree_flatten(by_hand.parameters()))
@@ -142,8 +143,8 @@ def test_a_quantized_folder_loads_quantized_and_is_not_quantized_again(dense_fol
     config[SECTION] = section(Q4.to_dict())
     folder = _save(tmp_path / "q4", model, config)
     loaded = UNet2DConditionModel.from_pretrained(folder, cpu_kernels=False)
-    ours = dict(tree_flatten(loaded.parameters()))
-    assert all(mx.array_equal(v, dict(tree_flatten(model.parameters()))[k]).item() for k, v in ours.items())
+    ours, saved = dict(tree_flatten(loaded.parameters())), dict(tree_flatten(model.parameters()))
+    assert ours.keys() == saved.keys() and all(mx.array_equal(v, saved[k]).item() for k, v in ours.items())
     with pytest.raises(WeightsError, match=r"is quantized already \(4-bit affine, groups of 64\), so it cannot be "
                                            r"quantized to 8-bit affine, groups of 64"):
         UNet2DConditionModel.from_pretrained(folder, quantize=8)
