@@ -16,7 +16,7 @@ from typing import Iterator, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from . import cpu
 from .configs.quantization import Quantization, read_quantization
@@ -122,12 +122,22 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array | StoredTensor], 
         mx.eval(value)
         if not finite:
             nonfinite.append(name)
-        model.update(tree_unflatten([(name, value)]))
+        _set_parameter(model, name, value)
     if nonfinite:
         shown = ", ".join(nonfinite[:5]) + (f", ... ({len(nonfinite) - 5} more)" if len(nonfinite) > 5 else "")
         warnings.warn(NonFiniteWarning(
             f"the {_model_name(model)}'s weights hold NaN or inf values in {len(nonfinite)} tensors ({shown}); it will "
             "make black images: convert the model again from an intact download."), stacklevel=2)
+
+
+def _set_parameter(model: nn.Module, name: str, value: mx.array) -> None:
+    """``model``'s parameter ``name`` (a checked one) set to ``value``: 2 us, where building a
+    one-entry tree for ``model.update`` took 27-34 us a tensor (the test suite loads 150 K)."""
+    *path, leaf = name.split(".")
+    node = model
+    for part in path:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    node[leaf] = value
 
 
 def weight_layouts(model: nn.Module) -> dict[str, nn.Module]:
