@@ -80,3 +80,8 @@ def set_threads(count: int) -> None:
     loaded (MLX's bundled BLAS has no threads to set)."""
     if loaded:
         ctypes.CDLL(loaded).openblas_set_num_threads(count)
+
+
+def threads() -> int | None:
+    """The loaded OpenBLAS's thread count; None where none was loaded."""
+    return ctypes.CDLL(loaded).openblas_get_num_threads() if loaded else None

@@ -16,6 +16,7 @@ import mlx.core as mx
 from ..models.norm import GroupNorm as PlainGroupNorm
 from ..models.norm import pixel_sums
 from .activations import _EXP2, _ROUNDER, LOG2_E, _estrin
+from .streams import second_stream
 
 F32 = mx.float32
 
@@ -88,7 +89,7 @@ class NormSiLU(GroupNorm):
         bands = _bands(x)
         if len(bands) == 1:
             return affine_silu(x, *self.scale_shift(x))
-        streams = (mx.default_stream(mx.cpu), _second_stream())
+        streams = (mx.default_stream(mx.cpu), second_stream())
         count = x.shape[1] * x.shape[2]
 
         def on_streams(compute) -> list[mx.array]:
@@ -107,15 +108,8 @@ class NormSiLU(GroupNorm):
 # Elements per band of rows (NormSiLU): 8 MiB in float32. Below two bands' worth an activation is
 # computed whole, on one stream.
 _BAND = 1 << 21
-_second = []
 
 
 def _bands(x: mx.array) -> list[mx.array]:
     rows = max(1, _BAND // (x.size // x.shape[1]))
     return [x] if rows >= x.shape[1] else [x[:, top:top + rows] for top in range(0, x.shape[1], rows)]
-
-
-def _second_stream() -> mx.Stream:
-    if not _second:
-        _second.append(mx.new_stream(mx.cpu))
-    return _second[0]

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlx_unet.cpu import activations, attention
+from mlx_unet.cpu import activations, attention, blas
 from mlx_unet.cpu.linear import Linear
 
 HALF = [mx.float16, mx.bfloat16]
@@ -109,6 +109,30 @@ def test_cpu_attention_chunks_hold_at_least_min_rows(monkeypatch):
     ours = np.array(attention.chunked_attention(q, k, v, 0.125))
     expected = _torch_attention(q, k, v)
     assert np.abs(ours - expected).max() <= 2e-6 * np.abs(expected).max()
+
+
+def test_cpu_attention_over_many_keys_runs_in_two_pipelines(monkeypatch):
+    """From ``PIPELINES_FROM_KEYS`` keys (scaled down here) the chunks take turns on two streams,
+    with half of BLAS's threads each while they run: the values of one pipeline, bit for bit, and
+    BLAS's threads given back. Under ``mx.compile``, which cannot evaluate, one pipeline."""
+    monkeypatch.setattr(attention, "_CHUNK_SCORES", 1 << 12)  # 13-row chunks: many of them
+    rng = np.random.default_rng(6)
+    q, k, v = (mx.array(rng.normal(0, 1, (2, 3, m, 32)).astype(np.float32)) for m in (300, 320, 320))
+    one = np.array(attention.chunked_attention(q, k, v, 32**-0.5))
+    threads = blas.threads()
+    set_to = []
+    monkeypatch.setattr(blas, "set_threads", lambda count, set_threads=blas.set_threads: (set_to.append(count),
+                                                                                        set_threads(count)))
+    monkeypatch.setattr(attention, "PIPELINES_FROM_KEYS", 320)
+    two = np.array(attention.chunked_attention(q, k, v, 32**-0.5))
+    assert np.array_equal(two, one)
+    # Without OpenBLAS (MLX_UNET_NO_OPENBLAS=1) there are no threads to share: one pipeline.
+    assert set_to == ([] if threads is None else [max(1, threads // 2), threads]) and blas.threads() == threads
+    compiled = mx.compile(lambda q, k, v: attention.chunked_attention(q, k, v, 32**-0.5))
+    expected = _torch_attention(q, k, v)
+    assert np.abs(np.array(compiled(q, k, v)) - expected).max() <= 2e-6 * np.abs(expected).max()
+    assert np.abs(one - expected).max() <= 2e-6 * np.abs(expected).max()
+    assert len(set_to) == (0 if threads is None else 2)  # the traced call did not share the threads
 
 
 def test_cpu_attention_is_stable_for_large_and_peaked_logits():
