@@ -140,7 +140,7 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = args.model
             if folder is None:
-                sys.path.insert(0, str(ROOT / "tests" / "bad_input"))
+                sys.path[:0] = [str(ROOT / "tests" / "bad_input"), str(ROOT / "tests")]
                 from bad_input_helpers import write_pipeline
 
                 folder = write_pipeline(Path(tmp) / "tiny")

@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a source checkout
-sys.path[1:1] = [str(ROOT / "tests" / "parity"), str(ROOT / "tests" / "bad_input")]
+sys.path[1:1] = [str(ROOT / "tests" / "parity"), str(ROOT / "tests" / "bad_input"), str(ROOT / "tests")]
 
 import mlx_unet  # noqa: F401, I001  (before mlx: picks the fast BLAS on Linux)
 import mlx.core as mx
