@@ -26,8 +26,9 @@ from mlx_unet import InputError, UNetConfig, cli
 from mlx_unet.pipelines.images import check_writable, output_paths, write_png
 
 
-def _generate(pipeline: Path, out: Path, *flags: str, **kwargs) -> subprocess.CompletedProcess:
-    return run_cli("generate", PROMPT, "--model", str(pipeline), "-o", str(out), *RUN, *flags, **kwargs)
+def _generate(pipeline: Path, out: Path, *flags: str, run=run_cli, **kwargs) -> subprocess.CompletedProcess:
+    """``generate`` into ``out`` (``run``: in a process, or ``run_in_process``)."""
+    return run("generate", PROMPT, "--model", str(pipeline), "-o", str(out), *RUN, *flags, **kwargs)
 
 
 @pytest.mark.parametrize("case", ["folder", "missing folder", "not png", "parent is a file"])
@@ -44,10 +45,9 @@ def test_unwritable_outputs_are_refused_before_loading(tiny_pipeline, tmp_path, 
         (tmp_path / "file").write_text("not a folder")
     before = tree_digest(tmp_path)
     began = time.perf_counter()
-    # One case as a process, the rest in this one (``run_in_process``).
+    # One case as a process, the rest in this one.
     run = run_cli if case == "folder" else run_in_process
-    assert_user_error(run("generate", PROMPT, "--model", str(tiny_pipeline), "-o", str(out), *RUN, "-n", "3"),
-                      str(out.parent), expected)
+    assert_user_error(_generate(tiny_pipeline, out, "-n", "3", run=run), str(out.parent), expected)
     assert time.perf_counter() - began < 20
     assert tree_digest(tmp_path) == before  # nothing written, nothing removed
 
