@@ -27,6 +27,7 @@ import numpy as np
 from .. import demo
 from ..cache import converted_pipeline, locate
 from ..convert import convert
+from ..cpu.heap import reused_heap
 from ..configs.base import DTYPES
 from ..errors import InputError, MlxUnetWarning
 from ..lora import read_lora
@@ -176,6 +177,10 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
             tiny = stack.enter_context(previews.converted(tiny_source, progress=not a.quiet, log=log))
         specs = [lora_spec(spec) for spec in a.lora]
         adapters = [(read_lora(source, allow_pickle=a.allow_pickle), checked_scale(scale)) for source, scale in specs]
+        # Loading and every image in one reused heap (``cpu.heap``), as a pipeline call runs: the
+        # prompts are encoded before the first call, and the memory the text encoders free is
+        # then where the UNet loads, not fresh pages.
+        stack.enter_context(reused_heap())
         pipe = load_pipeline(base, dtype=dtype, vae_dtype=vae_dtype, **quantized)
         refiner = None if refiner_parts is None else \
             load_pipeline(refiner_parts, dtype=dtype, vae_dtype=vae_dtype, **quantized)

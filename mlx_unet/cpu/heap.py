@@ -10,8 +10,9 @@ its next stage needs again: the text encoders' weights before the UNet loads, th
 the decode. In a virtual machine whose host takes back the memory a guest frees, touching fresh
 memory again can cost seconds per GB (README: "Fresh memory").
 
-``reused_heap()`` raises malloc's mmap and trim thresholds for the duration of a block: large
-buffers then come from the heap and go back to it when freed, and later buffers reuse them.
+``reused_heap()`` raises malloc's mmap threshold and stops its trimming for the duration of a
+block: large buffers then come from the heap and go back to it when freed, and later buffers
+reuse them.
 The VAE's forward runs in one, and so does a pipeline call, from the prompt to the image. On
 leaving the outermost block the thresholds go back to the values glibc's own adaptation
 settles at, and ``malloc_trim`` returns the freed memory to the system, so the process holds no
@@ -34,8 +35,12 @@ DISABLE_ENV = "MLX_UNET_NO_HEAP_REUSE"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 # Within a block: every request below 2 GiB (mallopt takes an int) from the heap, and no freed
-# top of it handed back.
-_REUSE = 2**31 - 1
+# top of it handed back. That needs the trim threshold at -1, which mallopt(3) documents as "no
+# trimming at all": any int threshold is below 2 GiB, and a larger freed top went back to the
+# system in mid-block (a 1024 px encode freed over 2 GiB after each of its first downsampling's
+# buffers and faulted it all in again on the next call: 1.98 s against 1.04 s for that layer).
+_MMAP_IN_BLOCK = 2**31 - 1
+_TRIM_IN_BLOCK = -1
 # Afterwards: where glibc's dynamic thresholds end once a buffer of 32 MiB or more was freed
 # (DEFAULT_MMAP_THRESHOLD_MAX, and the trim threshold twice the mmap threshold).
 _MMAP_AFTER = 32 << 20
@@ -81,7 +86,7 @@ def reused_heap():
     with _lock:
         _depth += 1
         if _depth == 1:
-            _set(_REUSE, _REUSE)
+            _set(_MMAP_IN_BLOCK, _TRIM_IN_BLOCK)
     try:
         yield
     finally:

@@ -1,6 +1,10 @@
 """``cpu.heap.reused_heap``: malloc's thresholds raised inside the outermost block only, restored
 and the freed memory trimmed after it, nothing at all where it is off."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import pytest
 
@@ -34,7 +38,8 @@ def test_thresholds_are_raised_in_the_outermost_block_and_restored_after(libc):
         with heap.reused_heap():  # a tile's decode inside a decode, say
             pass
         assert libc.calls == raised
-    assert raised == [("mallopt", heap._M_MMAP_THRESHOLD, heap._REUSE), ("mallopt", heap._M_TRIM_THRESHOLD, heap._REUSE)]
+    assert raised == [("mallopt", heap._M_MMAP_THRESHOLD, heap._MMAP_IN_BLOCK),
+                      ("mallopt", heap._M_TRIM_THRESHOLD, heap._TRIM_IN_BLOCK)]
     assert libc.calls[2:] == [("mallopt", heap._M_MMAP_THRESHOLD, heap._MMAP_AFTER),
                               ("mallopt", heap._M_TRIM_THRESHOLD, heap._TRIM_AFTER), ("malloc_trim", 0)]
 
@@ -62,3 +67,46 @@ def test_results_are_unchanged_on_this_machine():
         got = mx.cumsum(x)
         mx.eval(got)
     assert mx.array_equal(got, expected).item()
+
+
+# In a fresh process (whose heap holds no large free chunks), with glibc's own malloc: two
+# untouched 1.1 GB buffers freed at the top of the heap, under the thresholds given as ints
+# (the trim threshold at most 2 GiB) and inside ``reused_heap``. The heap's size from
+# mallinfo2 (glibc 2.33 and later) tells whether the freed top went back to the system.
+_FREED_TOP = """
+import ctypes, importlib.util, sys
+spec = importlib.util.spec_from_file_location("heap", sys.argv[1])
+heap = importlib.util.module_from_spec(spec); spec.loader.exec_module(heap)
+libc = heap._libc
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def heap_after_freeing_the_top():
+    buffers = [libc.malloc(1_100_000_000) for _ in range(2)]
+    for buffer in buffers:
+        libc.free(buffer)
+    return libc.mallinfo2().arena
+heap._set(2**31 - 1, 2**31 - 1)
+under_int_thresholds = heap_after_freeing_the_top()
+heap._set(heap._MMAP_AFTER, heap._TRIM_AFTER)
+with heap.reused_heap():
+    in_block = heap_after_freeing_the_top()
+print(under_int_thresholds, in_block)
+"""
+
+
+@pytest.mark.cpu_only
+def test_a_freed_top_over_2_gib_stays_with_the_process_inside_the_block():
+    """The trim threshold is set to -1 (no trimming): any int threshold let glibc give a freed top
+    of more than 2 GiB back in mid-block, to be faulted in again by the next large buffer."""
+    if not heap.available():
+        pytest.skip("glibc's malloc is not in use here")
+    path = Path(heap.__file__)
+    out = subprocess.run([sys.executable, "-c", _FREED_TOP, str(path)], capture_output=True, text=True, check=True)
+    under_int_thresholds, in_block = map(int, out.stdout.split())
+    assert under_int_thresholds < 1_000_000_000  # the case the -1 is for: trimmed
+    assert in_block >= 2_200_000_000  # kept for the next buffers

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from mlx_unet import cli, load_pipeline
+from mlx_unet.cpu import heap
 from mlx_unet.demo import write_demo_pipeline
 from mlx_unet.pipelines.diffusion import DiffusionPipeline
 
@@ -54,12 +55,16 @@ def test_the_unet_loads_after_the_prompt_is_encoded(tmp_path, monkeypatch):
     assert events == ["encoders", "UNet", "encoders beside the UNet"]  # (no second load)
 
 
-def test_a_call_runs_in_one_reused_heap_from_the_prompt_to_the_image(tmp_path, monkeypatch):
-    """The memory the text encoders free is reused by the UNet's load, and the UNet's by the decode
-    (``cpu.heap``): all three happen inside one outermost ``reused_heap`` block, which gives the
-    freed memory back when the call ends."""
-    from mlx_unet.cpu import heap
-    from mlx_unet.pipelines import diffusion
+RAISED = [("mallopt", heap._M_MMAP_THRESHOLD, heap._MMAP_IN_BLOCK),
+          ("mallopt", heap._M_TRIM_THRESHOLD, heap._TRIM_IN_BLOCK)]
+GIVEN_BACK = [("mallopt", heap._M_MMAP_THRESHOLD, heap._MMAP_AFTER),
+              ("mallopt", heap._M_TRIM_THRESHOLD, heap._TRIM_AFTER), ("malloc_trim", 0)]
+
+
+def _recorded_heap(monkeypatch) -> list:
+    """The calls ``cpu.heap`` makes to malloc, recorded in the list returned (which the test adds
+    its own events to), in place of glibc's."""
+    events = []
 
     class Libc:
         def mallopt(self, parameter, value):
@@ -68,9 +73,18 @@ def test_a_call_runs_in_one_reused_heap_from_the_prompt_to_the_image(tmp_path, m
         def malloc_trim(self, pad):
             events.append(("malloc_trim", pad))
 
-    events = []
     monkeypatch.setattr(heap, "_libc", Libc())
     monkeypatch.delenv(heap.DISABLE_ENV, raising=False)
+    return events
+
+
+def test_a_call_runs_in_one_reused_heap_from_the_prompt_to_the_image(tmp_path, monkeypatch):
+    """The memory the text encoders free is reused by the UNet's load, and the UNet's by the decode
+    (``cpu.heap``): all three happen inside one outermost ``reused_heap`` block, which gives the
+    freed memory back when the call ends."""
+    from mlx_unet.pipelines import diffusion
+
+    events = _recorded_heap(monkeypatch)
 
     def recorded(name, function):
         return lambda *a, **k: events.append((name, heap._depth)) or function(*a, **k)
@@ -80,13 +94,27 @@ def test_a_call_runs_in_one_reused_heap_from_the_prompt_to_the_image(tmp_path, m
     monkeypatch.setattr(DiffusionPipeline, "decode", recorded("decode", DiffusionPipeline.decode))
     pipe = load_pipeline(write_demo_pipeline(tmp_path / "demo"), dtype=mx.float32)
     image = pipe(PROMPT, height=64, width=64, steps=2, seed=3, release_unet=True)
-    raised = [("mallopt", heap._M_MMAP_THRESHOLD, heap._REUSE), ("mallopt", heap._M_TRIM_THRESHOLD, heap._REUSE)]
-    given_back = [("mallopt", heap._M_MMAP_THRESHOLD, heap._MMAP_AFTER),
-                  ("mallopt", heap._M_TRIM_THRESHOLD, heap._TRIM_AFTER), ("malloc_trim", 0)]
-    assert events == [*raised, ("encoders", 1), ("UNet", 1), ("decode", 1), *given_back]
+    assert events == [*RAISED, ("encoders", 1), ("UNet", 1), ("decode", 1), *GIVEN_BACK]
     monkeypatch.undo()
     assert np.array_equal(image, load_pipeline(tmp_path / "demo", dtype=mx.float32)(
         PROMPT, height=64, width=64, steps=2, seed=3))
+
+
+def test_the_command_encodes_its_prompts_and_loads_the_unet_in_one_reused_heap(tmp_path, monkeypatch):
+    """``generate`` encodes every prompt before its first pipeline call: the memory the text
+    encoders free is reused by the UNet's load only if both happen inside one outermost block."""
+    from mlx_unet.pipelines import diffusion
+
+    events = _recorded_heap(monkeypatch)
+
+    def recorded(name, function):
+        return lambda *a, **k: events.append((name, heap._depth > 0)) or function(*a, **k)
+
+    monkeypatch.setattr(diffusion, "_load_unet", recorded("UNet", diffusion._load_unet))
+    monkeypatch.setattr(DiffusionPipeline, "_text_encoders", recorded("encoders", DiffusionPipeline._text_encoders))
+    assert cli.main(["generate", PROMPT, "--demo", "--height", "64", "--width", "64", "--steps", "2", "--seed", "3",
+                     "--dtype", "float32", "--quiet", "-o", str(tmp_path / "out.png")]) == 0
+    assert events == [*RAISED, ("encoders", True), ("UNet", True), *GIVEN_BACK]
 
 
 def test_a_half_precision_unet_is_loaded_once_in_half_precision_and_never_widened(tmp_path, monkeypatch):
