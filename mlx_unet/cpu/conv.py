@@ -20,9 +20,13 @@ them instead of streaming the whole output through memory once per tap; the bloc
 joined, which is also the copy that drops the wide rows' extra pixels.
 
 A convolution of stride s is the same over the s x s sub-images of every s-th pixel, which one
-copy lays out side by side: tap (a, b) reads sub-image (a mod s, b mod s) at offset
-(a div s, b div s), again a contiguous run of rows. So the encoder's downsampling convolutions
-are per-tap products too, with no 9x patch buffer (1.2 GB at 1024 px).
+copy lays out side by side, each padded on its own: tap (a, b) reads input pixel
+(s i + a - pad, s j + b - pad), which is sub-image ((a - pad) mod s, (b - pad) mod s) at offset
+((a - pad) div s, (b - pad) div s) from (i, j), again a contiguous run of rows. So the
+encoder's downsampling convolutions are per-tap products too, with no 9x patch buffer (1.2 GB
+at 1024 px), and their input is copied once, where padding the image and then taking its
+sub-images apart copied it twice, and diffusers' downsampler pads it once more before that
+(``pad_bottom_right`` makes those zeros in the same copy; ``downsample.Downsample2D``).
 
 Below 32x32 output pixels the per-tap products get too short to run well; such convolutions
 gather the patches themselves (a concatenation of k*k shifted views, what MLX does) and multiply
@@ -120,24 +124,40 @@ class Conv2d(nn.Conv2d):
         """``weight`` (out, kh, kw, in), unchanged in value and shape, laid out as (kh, kw, in, out)."""
         return mx.contiguous(weight.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, pad_bottom_right: int = 0) -> mx.array:
+        """``pad_bottom_right``: zero rows and columns added below and right of ``x`` first (as
+        diffusers' downsampler does), by the per-tap products in the copy that lays out their rows."""
         dtype = x.dtype
-        out_channels, k, _, in_channels = self.weight.shape
         stride, pad = self.stride[0], self.padding[0]
-        out_h = (x.shape[1] + 2 * pad - k) // stride + 1
-        out_w = (x.shape[2] + 2 * pad - k) // stride + 1
-        if k == 1 and stride == 1 and pad == 0:  # one product over all pixels
-            rows = x.reshape(-1, in_channels).astype(mx.float32)
+        out_h = (x.shape[1] + 2 * pad + pad_bottom_right - self.weight.shape[1]) // stride + 1
+        out_w = (x.shape[2] + 2 * pad + pad_bottom_right - self.weight.shape[1]) // stride + 1
+        path = self._path(x.shape[0], out_h, out_w)
+        if pad_bottom_right and path not in ("outputs", "taps"):
+            x = mx.pad(x, [(0, 0), (0, pad_bottom_right), (0, pad_bottom_right), (0, 0)])
+        if path == "one product":
+            rows = x.reshape(-1, x.shape[-1]).astype(mx.float32)
             y = product(self._bias(), rows, self.taps()[0, 0]).reshape(x.shape[0], out_h, out_w, -1)
-        elif k == 3 and stride == 1 and winograd.applies(x.shape[0], out_h, out_w, in_channels, out_channels):
+        elif path == "winograd":
             y = winograd.convolve(x, self.taps(), self._bias(), pad)
-        elif out_h * out_w < _TAPS_FROM_PIXELS or in_channels * k * k <= _FEW:
+        elif path == "patches":
             y = self._by_patches(x, out_h, out_w)
-        elif out_channels * k * k <= _FEW:
+        elif path == "outputs":
             y = self._by_outputs(x, out_h, out_w)
         else:
             y = self._by_taps(x, out_h, out_w)
         return y.astype(dtype)
+
+    def _path(self, batch: int, out_h: int, out_w: int) -> str:
+        """How this convolution is computed for ``batch`` images of ``out_h`` x ``out_w`` outputs."""
+        out_channels, k, _, in_channels = self.weight.shape
+        stride, pad = self.stride[0], self.padding[0]
+        if k == 1 and stride == 1 and pad == 0:  # one product over all pixels
+            return "one product"
+        if k == 3 and stride == 1 and winograd.applies(batch, out_h, out_w, in_channels, out_channels):
+            return "winograd"
+        if out_h * out_w < _TAPS_FROM_PIXELS or in_channels * k * k <= _FEW:
+            return "patches"
+        return "outputs" if out_channels * k * k <= _FEW else "taps"
 
     def taps(self) -> mx.array:
         """The weight as (kh, kw, in, out) float32, row-major: the laid-out weight itself, or its
@@ -149,20 +169,28 @@ class Conv2d(nn.Conv2d):
 
     def _rows(self, x: mx.array, out_h: int, out_w: int) -> tuple[mx.array, int, list[int]]:
         """(the padded sub-images flattened to (batch, pixels, channels) float32 rows, their width,
-        each tap's row offset in them, taps in (a, b) order)."""
+        each tap's row offset in them, taps in (a, b) order). Rows and columns beyond the padding
+        that the output's size needs (``pad_bottom_right``) are zeros of the same copy."""
         batch, height, width, channels = x.shape
         k, stride, pad = self.weight.shape[1], self.stride[0], self.padding[0]
+        if height % stride or width % stride:  # whole sub-images: padded once more, a rare copy
+            x = mx.pad(x, [(0, 0), (0, -height % stride), (0, -width % stride), (0, 0)])
+            height, width = x.shape[1:3]
+        # Sub-image (u, v) holds pixels (s i + u, s j + v), after `top` zero rows and columns: the
+        # most that a tap reaches above or left of the image, (pad / s) rounded up.
+        top = -(-pad // stride)
+        shift = [(a - pad) // stride + top for a in range(k)]  # a tap's offset in its sub-image
         # Each sub-image is as wide as the output plus the taps' reach, and one row taller than
         # that: the last tap's run of rows ends past it.
-        reach = (k - 1) // stride
-        sub_h, sub_w = out_h + reach + 1, out_w + reach
-        padded = mx.pad(x, [(0, 0), (pad, stride * sub_h - height - pad), (pad, stride * sub_w - width - pad), (0, 0)])
+        sub_h, sub_w = out_h + shift[-1] + 1, out_w + shift[-1]
+        phases = x[:, None, None] if stride == 1 else x.reshape(
+            batch, height // stride, stride, width // stride, stride, channels).transpose(0, 2, 4, 1, 3, 5)
+        phases = phases[:, :, :, :sub_h - top, :sub_w - top]  # what no tap reads, if any, is left out
+        padded = mx.pad(phases, [(0, 0), (0, 0), (0, 0), (top, sub_h - top - phases.shape[3]),
+                                 (top, sub_w - top - phases.shape[4]), (0, 0)])
         padded = padded.astype(mx.float32)  # once, not per image: for half precision a copy
-        if stride > 1:
-            # (batch, sub-image row, sub-image column, s, s) -> the s x s sub-images one after another.
-            padded = padded.reshape(batch, sub_h, stride, sub_w, stride, channels).transpose(0, 2, 4, 1, 3, 5)
         size = sub_h * sub_w
-        offsets = [((a % stride) * stride + b % stride) * size + (a // stride) * sub_w + b // stride
+        offsets = [(((a - pad) % stride) * stride + (b - pad) % stride) * size + shift[a] * sub_w + shift[b]
                    for a in range(k) for b in range(k)]
         return padded.reshape(batch, -1, channels), sub_w, offsets
 

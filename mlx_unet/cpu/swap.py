@@ -10,8 +10,8 @@ Names, shapes and values of every parameter stay as they are, so weights load an
 Only the exact classes in ``_SWAPS`` are replaced. Anything else is walked into: a wrapper
 around a layer (a LoRA layer holding its base ``nn.Linear``, say) keeps its own code and gets the
 CPU kernel for the layer inside it; a layer of another class (a grouped convolution, say) is left
-as MLX computes it. A few containers (``_CONTAINERS``: the upsampler, the VAE's encoder and
-decoder) are walked into and then replaced by CPU versions holding the same children. And where a
+as MLX computes it. A few containers (``_CONTAINERS``: the up- and downsamplers, the VAE's encoder
+and decoder) are walked into and then replaced by CPU versions holding the same children. And where a
 module's SiLU only ever reads a GroupNorm's output (``_NORM_SILU``), the pair is fused: the norm
 becomes a ``norm.NormSiLU`` and the SiLU an ``nn.Identity``, so the model's forward is unchanged.
 """
@@ -28,12 +28,14 @@ from ..models import vae
 from ..models.attention import GatedGELU, ScaledDotProductAttention
 from ..models.clip import QuickGELU
 from ..models.norm import GroupNorm as PlainGroupNorm
+from ..models.resnet import Downsample2D as PlainDownsample2D
 from ..models.resnet import ResnetBlock2D
 from ..models.resnet import Upsample2D as PlainUpsample2D
 from ..models.unet import UNet2DConditionModel
 from . import activations
 from .attention import ChunkedAttention
 from .conv import Conv2d
+from .downsample import Downsample2D
 from .linear import Linear
 from .norm import GroupNorm, NormSiLU
 from .quantized import QuantizedLinear
@@ -81,6 +83,7 @@ _SWAPS: dict[type, Callable[[nn.Module], nn.Module]] = {
 # Containers replaced by a CPU version holding the same children, once those are swapped.
 _CONTAINERS: dict[type, Callable[[nn.Module], nn.Module]] = {
     PlainUpsample2D: Upsample2D.from_module,
+    PlainDownsample2D: Downsample2D.from_module,
     vae.Encoder: Encoder.from_module,
     vae.Decoder: Decoder.from_module,
 }

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from mlx_unet.cpu import conv, winograd
 from mlx_unet.cpu.conv import Conv2d
+from mlx_unet.cpu.downsample import Downsample2D
 from mlx_unet.cpu.upsample import Upsample2D
+from mlx_unet.models.resnet import Downsample2D as PlainDownsample2D
 from mlx_unet.models.resnet import Upsample2D as PlainUpsample2D
 
 
@@ -136,6 +138,51 @@ def test_half_precision_is_computed_in_float32_and_rounded_once(case, dtype, bou
         torch.from_numpy(np.array(x_half.astype(mx.float32))).permute(0, 3, 1, 2), torch.from_numpy(weight),
         torch.from_numpy(bias), stride=stride, padding=padding).permute(0, 2, 3, 1).numpy()
     assert _relative_error(np.array(y.astype(mx.float32)), expected) <= bound
+
+
+BOTTOM_RIGHT_CASES = {
+    # name: (batch, height, width, in, out, padding, expected path), 3x3 kernels of stride 2
+    "even sides, per-tap": (1, 64, 66, 8, 9, 0, "_by_taps"),
+    "odd sides, per-tap": (2, 65, 67, 8, 9, 0, "_by_taps"),
+    "padded too, per-tap": (1, 66, 64, 8, 12, 1, "_by_taps"),
+    "to 4 channels": (1, 64, 64, 16, 4, 0, "_by_outputs"),
+    "small": (1, 18, 17, 8, 8, 0, "_by_patches"),
+}
+
+
+@pytest.mark.parametrize("case", list(BOTTOM_RIGHT_CASES))
+def test_bottom_right_padding_matches_torch_on_each_path(case, monkeypatch):
+    """``pad_bottom_right``: one zero row and column below and right of the image before the
+    convolution, as diffusers' downsampler pads (made in the rows' copy on the per-tap paths)."""
+    batch, height, width, cin, cout, padding, path = BOTTOM_RIGHT_CASES[case]
+    ours, reference = _pair(cin, cout, 3, 2, padding, seed=13)
+    x = np.random.default_rng(14).normal(0.0, 1.0, (batch, height, width, cin)).astype(np.float32)
+    taken = []
+    for name in ("_by_taps", "_by_patches", "_by_outputs"):
+        method = getattr(Conv2d, name)
+        monkeypatch.setattr(Conv2d, name, lambda self, *a, _m=method, _n=name: taken.append(_n) or _m(self, *a))
+    y = np.array(ours(mx.array(x), pad_bottom_right=1))
+    assert taken == [path]
+    expected = reference(np.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
+    assert y.shape == expected.shape
+    assert _relative_error(y, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("padding,size", [(0, 64), (0, 65), (1, 64)])
+def test_downsampler_matches_the_plain_one(padding, size):
+    """The CPU's Downsample2D (its padding made by the convolution) against the model file's
+    (an explicit pad, then MLX's convolution), the VAE's unpadded kind and the UNet's padded one."""
+    plain = PlainDownsample2D(8, padding=padding)
+    rng = np.random.default_rng(15)
+    plain.conv.weight = mx.array(rng.uniform(-1, 1, (8, 3, 3, 8)).astype(np.float32) / np.sqrt(72))
+    plain.conv.bias = mx.array(rng.uniform(-0.5, 0.5, 8).astype(np.float32))
+    fused = Downsample2D.from_module(PlainDownsample2D(8, padding=padding))
+    fused.conv = Conv2d.from_module(plain.conv)
+    assert fused.pad_bottom_right == (padding == 0)
+    x = mx.array(rng.normal(0.0, 1.0, (1, size, size, 8)).astype(np.float32))
+    expected = np.array(plain(x))
+    assert expected.shape == (1, size // 2, size // 2, 8)
+    assert _relative_error(np.array(fused(x)), expected) <= 1e-5
 
 
 @pytest.mark.cpu_only
