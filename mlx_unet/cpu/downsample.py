@@ -7,22 +7,16 @@ their rows (``conv.Conv2d._rows``). Here the convolution makes those zeros in it
 """
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from ..models.resnet import Downsample2D as PlainDownsample2D
+from .containers import adopted
 from .conv import Conv2d
 
 
 class Downsample2D(PlainDownsample2D):
     """Takes the place of ``models.resnet.Downsample2D``, holding the same (CPU) convolution."""
 
-    @classmethod
-    def from_module(cls, module: PlainDownsample2D) -> "Downsample2D":
-        downsample = cls.__new__(cls)
-        nn.Module.__init__(downsample)  # not Downsample2D's: it would build a convolution only to drop it
-        downsample.conv = module.conv
-        downsample.pad_bottom_right = module.pad_bottom_right
-        return downsample
+    from_module = classmethod(adopted)
 
     def __call__(self, x: mx.array) -> mx.array:
         if not isinstance(self.conv, Conv2d):

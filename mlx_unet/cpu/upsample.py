@@ -15,9 +15,9 @@ products by float32 rounding only.
 """
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from ..models.resnet import Upsample2D as PlainUpsample2D
+from .containers import adopted
 from .conv import Conv2d, joined, tap_blocks
 
 # For output parity p: the kernel rows that fall on each of the two source rows it reads
@@ -28,12 +28,7 @@ _MERGED = (((0,), (1, 2)), ((0, 1), (2,)))
 class Upsample2D(PlainUpsample2D):
     """Takes the place of ``models.resnet.Upsample2D``, holding the same (CPU) convolution."""
 
-    @classmethod
-    def from_module(cls, module: PlainUpsample2D) -> "Upsample2D":
-        upsample = cls.__new__(cls)
-        nn.Module.__init__(upsample)  # not Upsample2D's: it would build a convolution only to drop it
-        upsample.conv = module.conv
-        return upsample
+    from_module = classmethod(adopted)
 
     def _fused(self, x: mx.array, size) -> bool:
         conv = self.conv

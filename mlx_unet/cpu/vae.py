@@ -9,19 +9,10 @@ a decode does next anyway.
 """
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from ..models import vae
+from .containers import adopted
 from .heap import reused_heap
-
-
-def _adopt(cls, module: nn.Module) -> nn.Module:
-    """An instance of ``cls`` (a subclass of ``module``'s class) holding ``module``'s children."""
-    adopted = cls.__new__(cls)
-    nn.Module.__init__(adopted)
-    for name, child in module.items():
-        adopted[name] = child
-    return adopted
 
 
 def _evaluated_in_reused_heap(forward, x: mx.array) -> mx.array:
@@ -34,7 +25,7 @@ def _evaluated_in_reused_heap(forward, x: mx.array) -> mx.array:
 class Encoder(vae.Encoder):
     """Takes the place of ``models.vae.Encoder``."""
 
-    from_module = classmethod(_adopt)
+    from_module = classmethod(adopted)
 
     def __call__(self, x: mx.array) -> mx.array:
         return _evaluated_in_reused_heap(super().__call__, x)
@@ -43,7 +34,7 @@ class Encoder(vae.Encoder):
 class Decoder(vae.Decoder):
     """Takes the place of ``models.vae.Decoder``."""
 
-    from_module = classmethod(_adopt)
+    from_module = classmethod(adopted)
 
     def __call__(self, z: mx.array) -> mx.array:
         return _evaluated_in_reused_heap(super().__call__, z)
