@@ -51,6 +51,11 @@ class TensorInfo:
     begin: int  # absolute byte offsets in the file
     end: int
 
+    @property
+    def mlx_dtype(self) -> mx.Dtype:
+        """The dtype the tensor has in MLX as read (F64 becomes float32)."""
+        return _DTYPES[self.dtype][1]
+
 
 def _short(value) -> str:
     # A hostile header can hold megabytes in one entry; the message shows its start.

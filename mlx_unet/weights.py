@@ -8,6 +8,7 @@ of the file.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import cpu
+from .cpu import heap
 from .configs.quantization import Quantization, read_quantization
 from .errors import NonFiniteWarning, WeightsError
 from .quantize import prepare_structure, quantize_as_loaded, quantized_paths
@@ -250,6 +252,14 @@ class StoredTensor:
             values = _transpose_into(matrix, out).reshape([values.shape[a] for a in memory_order])
         return values, finite
 
+    def loaded_nbytes(self, dtype: mx.Dtype | None) -> int:
+        """The bytes of the MLX array ``to_mlx`` makes for ``dtype``."""
+        info = self.reader.tensors[self.name]
+        loaded = info.mlx_dtype
+        if dtype is not None and mx.issubdtype(loaded, mx.floating):
+            loaded = dtype
+        return math.prod(info.shape) * loaded.size
+
     def to_mlx(self, values: np.ndarray, memory_order: tuple[int, ...] | None, dtype: mx.Dtype | None) -> mx.array:
         """What ``read`` gave, copied into MLX, cast to ``dtype`` (if floating point), in the
         tensor's shape (laid out in ``memory_order`` in memory)."""
@@ -301,7 +311,8 @@ def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None =
     holds all but their weights in float32 after loading (``cpu.hold_outside_kernels``)."""
     stored = read_quantization(folder, _model_name(model))
     # Quantizing as it loads computes over each weight in MLX: lazy arrays, read as evaluated.
-    weights = read_weights_folder(model, folder, lazy=stored is None and quantize is not None)
+    lazy = stored is None and quantize is not None
+    weights = read_weights_folder(model, folder, lazy=lazy)
     if stored is not None:
         if quantize is not None and quantize != stored:
             raise WeightsError(f"{folder} is quantized already ({stored.describe()}), so it cannot be quantized to "
@@ -310,7 +321,13 @@ def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None =
     elif quantize is not None:
         weights = quantize_as_loaded(model, weights, quantize, dtype)
     cpu.prepare(model, cpu_kernels, loaded=False)
-    load_weights(model, weights, dtype)
+    # A block of the reused heap of its own where no pipeline call holds one: the memory the weights
+    # are about to take is faulted in on every core at once, and stays in the heap for their copies
+    # (on the GPU MLX's buffers are not malloc's).
+    with heap.reused_heap():
+        if not lazy and mx.default_device() == mx.cpu:
+            heap.prefault(sum(value.loaded_nbytes(dtype) for value in weights.values()))
+        load_weights(model, weights, dtype)
     if cpu.kernels_enabled(cpu_kernels):
         cpu.hold_outside_kernels(model)
     if dtype is not None:

@@ -17,17 +17,24 @@ The VAE's forward runs in one, and so does a pipeline call, from the prompt to t
 leaving the outermost block the thresholds go back to the values glibc's own adaptation
 settles at, and ``malloc_trim`` returns the freed memory to the system, so the process holds no
 more afterwards than it did before. ``MLX_UNET_NO_HEAP_REUSE=1`` turns it off.
+
+Inside a block, ``prefault(nbytes)`` takes the memory that is about to be needed and touches it
+on every core at once before handing it back to the heap: loading a model's weights does, whose
+copies would otherwise fault their pages in one at a time on one thread.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import os
 import platform
 import sys
 import threading
 from contextlib import contextmanager
+
+import numpy as np
 
 DISABLE_ENV = "MLX_UNET_NO_HEAP_REUSE"
 
@@ -45,6 +52,9 @@ _TRIM_IN_BLOCK = -1
 # (DEFAULT_MMAP_THRESHOLD_MAX, and the trim threshold twice the mmap threshold).
 _MMAP_AFTER = 32 << 20
 _TRIM_AFTER = 64 << 20
+# ``prefault`` takes the heap in parts of this size: under the mmap threshold, so from the heap.
+_PREFAULT_PART = 1 << 30
+_PAGE = mmap.PAGESIZE
 
 
 def _glibc():
@@ -58,6 +68,8 @@ def _glibc():
         return None
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
     return libc
 
 
@@ -95,3 +107,45 @@ def reused_heap():
             if _depth == 0:
                 _set(_MMAP_AFTER, _TRIM_AFTER)
                 _libc.malloc_trim(0)
+
+
+def prefault(nbytes: int) -> None:
+    """Inside a block: fault in ``nbytes`` of heap memory on every core at once and free it back to
+    the heap, where the allocations that follow (a model's weights, loading) find it touched
+    already. Outside a block, or where the reuse is off, nothing: the memory would go back to the
+    system.
+
+    A page's first touch is a page fault, which in a virtual machine costs more than copying the
+    page's data (README: "Fresh memory"). One thread copying weights in takes its faults one after
+    another; several threads fault theirs in at once. Memory the heap holds already is only
+    written."""
+    if _depth == 0 or not available() or nbytes <= 0:
+        return
+    parts = []
+    try:
+        while nbytes > 0:
+            size = min(nbytes, _PREFAULT_PART)
+            address = _libc.malloc(size)
+            if not address:
+                break  # what is not there now is faulted in by the allocations themselves
+            parts.append(np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(address)))
+            nbytes -= size
+        # A byte of each page, each thread writing a contiguous share of every part (threads
+        # faulting in the same page table would wait on its lock); numpy lets go of the GIL to write.
+        pages = [part[::_PAGE] for part in parts]
+        count = len(os.sched_getaffinity(0))
+        shares = [[p[len(p) * t // count:len(p) * (t + 1) // count] for p in pages] for t in range(count)]
+        workers = [threading.Thread(target=_touch, args=(share,)) for share in shares[1:]]
+        for worker in workers:
+            worker.start()
+        _touch(shares[0])
+        for worker in workers:
+            worker.join()
+    finally:
+        for part in parts:
+            _libc.free(part.ctypes.data)
+
+
+def _touch(pages: list[np.ndarray]) -> None:
+    for page_starts in pages:
+        page_starts[:] = 0

@@ -1,13 +1,17 @@
-"""``cpu.heap.reused_heap``: malloc's thresholds raised inside the outermost block only, restored
-and the freed memory trimmed after it, nothing at all where it is off."""
+"""``cpu.heap``: malloc's thresholds raised inside the outermost ``reused_heap`` block only,
+restored and the freed memory trimmed after it, nothing at all where it is off; ``prefault``
+inside a block, and what loading weights asks of it."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 
+from mlx_unet import UNet2DConditionModel, UNetConfig
 from mlx_unet.cpu import heap
 
 
@@ -18,6 +22,9 @@ class FakeLibc:
     def mallopt(self, parameter, value):
         self.calls.append(("mallopt", parameter, value))
         return 1
+
+    def malloc(self, size):  # ``heap.prefault``'s: none to give, so it does nothing
+        return 0
 
     def malloc_trim(self, pad):
         self.calls.append(("malloc_trim", pad))
@@ -110,3 +117,59 @@ def test_a_freed_top_over_2_gib_stays_with_the_process_inside_the_block():
     under_int_thresholds, in_block = map(int, out.stdout.split())
     assert under_int_thresholds < 1_000_000_000  # the case the -1 is for: trimmed
     assert in_block >= 2_200_000_000  # kept for the next buffers
+
+
+# In a fresh process: the page faults of writing a 64 MiB malloc'ed buffer, in a block of its own
+# and in one that prefaulted that much first (the first block's memory went back to the system
+# when it ended), and ``prefault`` outside a block.
+_PREFAULTED = """
+import ctypes, importlib.util, mmap, resource, sys
+import numpy as np
+spec = importlib.util.spec_from_file_location("heap", sys.argv[1])
+heap = importlib.util.module_from_spec(spec); spec.loader.exec_module(heap)
+libc, size = heap._libc, 64 << 20
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def faulted_by_a_buffer():
+    address = libc.malloc(size)
+    before = faults()
+    np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(address))[::mmap.PAGESIZE] = 1
+    after = faults()
+    libc.free(address)
+    return after - before
+with heap.reused_heap():
+    alone = faulted_by_a_buffer()
+with heap.reused_heap():
+    heap.prefault(size)
+    prefaulted = faulted_by_a_buffer()
+before = faults()
+heap.prefault(size)
+print(alone, prefaulted, faults() - before, size // mmap.PAGESIZE)
+"""
+
+
+@pytest.mark.cpu_only
+def test_prefaulted_memory_is_where_the_next_buffers_come_from():
+    if not heap.available():
+        pytest.skip("glibc's malloc is not in use here")
+    out = subprocess.run([sys.executable, "-c", _PREFAULTED, str(Path(heap.__file__))], capture_output=True, text=True,
+                         check=True)
+    alone, prefaulted, outside_a_block, pages = map(int, out.stdout.split())
+    assert alone >= pages * 0.9  # a fault per page
+    assert prefaulted < pages * 0.05
+    assert outside_a_block < 100  # nothing touched
+
+
+def test_loading_prefaults_the_bytes_the_weights_take_on_the_cpu(tmp_path, monkeypatch):
+    """float32 weights loaded as float16 take half their file's bytes; on the GPU MLX's buffers
+    are not malloc's, so nothing is prefaulted there."""
+    asked = []
+    monkeypatch.setattr(heap, "prefault", asked.append)
+    config = UNetConfig.from_preset("tiny")
+    model = UNet2DConditionModel(config)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path, dtype=mx.float16, cpu_kernels=False)
+    taken = sum(v.nbytes for _, v in tree_flatten(loaded.parameters()))
+    assert taken < (tmp_path / "model.safetensors").stat().st_size / 1.9
+    assert asked == ([taken] if mx.default_device() == mx.cpu else [])
