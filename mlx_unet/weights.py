@@ -120,7 +120,7 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array | StoredTensor], 
             # would be copied by every product that reads it), except the weights that the CPU
             # kernels lay out for their products (cpu/conv.py).
             value = layouts[name].laid_out(value) if name in layouts else mx.contiguous(value)
-            check = mx.all(mx.isfinite(value))
+            check = all_finite(value)
             mx.eval(check)  # with the value: the check costs no second read of the weights
             finite = check.item()
         mx.eval(value)
@@ -182,12 +182,26 @@ def _transpose_tiles(matrix: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-# Half-precision values by their bits: without the sign, inf and NaN are the largest (an exponent
-# of all ones), so one maximum tells. numpy's isfinite on float16 took 2.5x as long.
+# A float's bits without the sign: inf and NaN are the largest (an exponent of all ones), so one
+# maximum tells whether an array holds any. numpy's isfinite on float16 took 2.5x as long; MLX's
+# took 4 ns a float32 value and 7 ns a float16 one on the CPU (it widens half precision in
+# software), the maximum of the bits 0.2 ns.
 _HALF_NONFINITE = {"F16": 0x7C00, "BF16": 0x7F80}
+_NONFINITE_BITS = {mx.float16: (mx.uint16, 0x7FFF, 0x7C00), mx.bfloat16: (mx.uint16, 0x7FFF, 0x7F80),
+                   mx.float32: (mx.uint32, 0x7FFFFFFF, 0x7F800000)}
 # Checked in parts of this many values through one small buffer: a temporary the size of each
 # tensor is fresh memory, which cost more than the check (5 s of SDXL's 2.6 G float16 weights).
 _CHECK_VALUES = 1 << 18
+
+
+def all_finite(array: mx.array) -> mx.array:
+    """Whether ``array`` holds no NaN or inf, as a lazy boolean scalar (true for integers)."""
+    if array.size == 0 or not mx.issubdtype(array.dtype, mx.floating):
+        return mx.array(True)
+    if array.dtype not in _NONFINITE_BITS:
+        return mx.all(mx.isfinite(array))
+    bits, magnitude, limit = _NONFINITE_BITS[array.dtype]
+    return mx.max(array.view(bits) & magnitude) < limit
 
 
 def _all_finite(values: np.ndarray, stored_dtype: str) -> bool:

@@ -22,7 +22,7 @@ from ..configs.quantization import Quantization
 from ..configs.unet import UNetConfig
 from ..errors import ConversionError, MlxUnetWarning, NonFiniteWarning, WeightsError
 from ..safetensors_io import TensorSpec, write_safetensors
-from ..weights import check_shapes, model_shapes, torch_to_mlx_layout, torch_to_mlx_shape
+from ..weights import all_finite, check_shapes, model_shapes, torch_to_mlx_layout, torch_to_mlx_shape
 from .layout import MODEL_INDEX, SCHEDULER_CONFIG, Options
 from .plan import PipelinePlan, Plan, check_widths
 from .quantized import ModelQuantization, choose_quantization, model_quantization, quantized_specs, summary
@@ -144,7 +144,7 @@ def _specs(plan: Plan, expected: dict[str, tuple[int, ...]], nonfinite: list[str
         def read() -> mx.array:
             take = plan.names[name]
             array = torch_to_mlx_layout(take.apply(plan.source.read(take.key))).astype(target)
-            if not bool(mx.all(mx.isfinite(array))):
+            if not all_finite(array).item():
                 nonfinite.append(label + name)
             return array
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..weights import all_finite
 
 
 @dataclass(frozen=True)
@@ -317,4 +318,4 @@ def check_fits(adapter: Adapter, shape: tuple[int, ...], name: str) -> str | Non
 
 
 def nonfinite(adapter: Adapter) -> bool:
-    return not all(mx.all(mx.isfinite(f)).item() for f in adapter.factors())
+    return not all(all_finite(f).item() for f in adapter.factors())

@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from reference import make_inputs, mlx_weights, relative_error, run_mlx, run_torch, tiny_config, torch_unet
 
 from mlx_unet import ConfigError, UNet2DConditionModel, WeightsError, cpu
-from mlx_unet.weights import _all_finite, load_weights, weight_layouts
+from mlx_unet.weights import _all_finite, all_finite, load_weights, weight_layouts
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_tensor_repeated_across_shards_is_refused(tmp_path, reference):
 
 @pytest.mark.parametrize("stored", ["F16", "BF16", "F32"])
 def test_the_finite_check_finds_every_nonfinite_value(stored):
-    """Half precision is checked by its bits: every NaN and inf, of either sign, is caught, and the
+    """Floats are checked by their bits: every NaN and inf, of either sign, is caught, and the
     extremes that are finite (the largest, the smallest subnormal, -0) pass."""
     dtype = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}[stored]
     info = mx.finfo(dtype)
@@ -191,7 +191,11 @@ def test_the_finite_check_finds_every_nonfinite_value(stored):
         return np.array(array.view(mx.uint16) if stored == "BF16" else array)
 
     assert _all_finite(stored_as(finite), stored) and _all_finite(stored_as(finite[:0]), stored)
+    # all_finite checks MLX arrays the same way (a converted tensor, say): strided views too.
+    assert all_finite(finite).item() and all_finite(finite[:0]).item()
+    assert all_finite(mx.broadcast_to(finite, (3, 6)).T).item()
     for bad in (mx.nan, mx.inf, -mx.inf, -mx.nan):
         for at in (0, 3, 5):
             values = mx.concatenate([finite[:at], mx.array([bad], dtype), finite[at:]])
             assert not _all_finite(stored_as(values), stored), (bad, at)
+            assert not all_finite(values).item() and not all_finite(mx.tile(values, (2, 1)).T).item(), (bad, at)
