@@ -14,7 +14,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Container, Iterator, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 
 from . import cpu
 from .cpu import heap
+from .cpu.half import HALF, float32
 from .configs.quantization import Quantization, read_quantization
 from .errors import NonFiniteWarning, WeightsError
 from .quantize import prepare_structure, quantize_as_loaded, quantized_paths
@@ -97,12 +98,15 @@ def _model_name(model: nn.Module) -> str:
         type(model).__name__, type(model).__name__)
 
 
-def load_weights(model: nn.Module, weights: dict[str, mx.array | StoredTensor], dtype: mx.Dtype | None = None) -> None:
+def load_weights(model: nn.Module, weights: dict[str, mx.array | StoredTensor], dtype: mx.Dtype | None = None,
+                 float32_if_half: Container[str] = ()) -> None:
     """Move ``weights`` (MLX layout, diffusers names; arrays, or tensors of a file that
     ``read_weights_folder`` listed) into ``model`` after checking every key and shape.
     ``weights`` is emptied: each tensor is taken out, evaluated and put into the model before
     the next, so that the caller's copy (a file being read, say) and the model's never coexist
-    for more than one tensor. Floating-point values are cast to ``dtype`` where given."""
+    for more than one tensor. Floating-point values are cast to ``dtype`` where given, and the
+    parameters named in ``float32_if_half`` to float32 where they would be in half precision (the
+    CPU kernels' model holds them so: ``cpu.held_in_float32``)."""
     check_weights(model, weights)
     layouts = weight_layouts(model)
     orders = {name: kernel.memory_order for name, kernel in layouts.items()}
@@ -112,10 +116,9 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array | StoredTensor], 
         value = weights.pop(name)
         if isinstance(value, StoredTensor):
             values, finite = value.read(orders.get(name), buffers)
-            value = value.to_mlx(values, orders.get(name), dtype)
+            value = value.to_mlx(values, orders.get(name), dtype, name in float32_if_half)
         else:
-            if dtype is not None and mx.issubdtype(value.dtype, mx.floating):  # not a quantized layer's bits
-                value = value.astype(dtype)
+            value = cast_loaded(value, dtype, name in float32_if_half)
             # Parameters are row-major (a strided one, an mx.array of a transposed numpy view say,
             # would be copied by every product that reads it), except the weights that the CPU
             # kernels lay out for their products (cpu/conv.py).
@@ -132,6 +135,24 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array | StoredTensor], 
         warnings.warn(NonFiniteWarning(
             f"the {_model_name(model)}'s weights hold NaN or inf values in {len(nonfinite)} tensors ({shown}); it will "
             "make black images: convert the model again from an intact download."), stacklevel=2)
+
+
+def cast_loaded(array: mx.array, dtype: mx.Dtype | None, float32_if_half: bool) -> mx.array:
+    """A parameter read as ``array``, cast to ``dtype`` where given (floats only: not a quantized
+    layer's bits), then to float32 where ``float32_if_half`` and it is in half precision: the
+    half-precision values, held exactly in float32."""
+    if not mx.issubdtype(array.dtype, mx.floating):
+        return array
+    if dtype is not None and dtype != array.dtype:
+        array = float32(array) if dtype == mx.float32 else array.astype(dtype)
+    return float32(array) if float32_if_half and array.dtype in HALF else array
+
+
+def loaded_dtype(read: mx.Dtype, dtype: mx.Dtype | None, float32_if_half: bool) -> mx.Dtype:
+    """The dtype ``cast_loaded`` gives a parameter read as ``read``."""
+    if not mx.issubdtype(read, mx.floating):
+        return read
+    return mx.float32 if float32_if_half and (dtype or read) in HALF else dtype or read
 
 
 def _set_parameter(model: nn.Module, name: str, value: mx.array) -> None:
@@ -266,23 +287,24 @@ class StoredTensor:
             values = _transpose_into(matrix, out).reshape([values.shape[a] for a in memory_order])
         return values, finite
 
-    def loaded_nbytes(self, dtype: mx.Dtype | None) -> int:
-        """The bytes of the MLX array ``to_mlx`` makes for ``dtype``."""
-        info = self.reader.tensors[self.name]
-        loaded = info.mlx_dtype
-        if dtype is not None and mx.issubdtype(loaded, mx.floating):
-            loaded = dtype
-        return math.prod(info.shape) * loaded.size
+    @property
+    def mlx_dtype(self) -> mx.Dtype:
+        """The dtype ``to_mlx`` gives it uncast."""
+        return self.reader.tensors[self.name].mlx_dtype
 
-    def to_mlx(self, values: np.ndarray, memory_order: tuple[int, ...] | None, dtype: mx.Dtype | None) -> mx.array:
-        """What ``read`` gave, copied into MLX, cast to ``dtype`` (if floating point), in the
-        tensor's shape (laid out in ``memory_order`` in memory)."""
-        stored = self.reader.tensors[self.name].dtype
+    def loaded_nbytes(self, dtype: mx.Dtype | None, float32_if_half: bool) -> int:
+        """The bytes of the MLX array ``to_mlx`` makes for these arguments."""
+        return math.prod(self.shape) * loaded_dtype(self.mlx_dtype, dtype, float32_if_half).size
+
+    def to_mlx(self, values: np.ndarray, memory_order: tuple[int, ...] | None, dtype: mx.Dtype | None,
+               float32_if_half: bool) -> mx.array:
+        """What ``read`` gave, copied into MLX and cast (``cast_loaded``), in the tensor's shape
+        (laid out in ``memory_order`` in memory)."""
         array = mx.array(values)
-        if stored == "BF16":
+        if self.reader.tensors[self.name].dtype == "BF16":
             array = array.view(mx.bfloat16)
-        if mx.issubdtype(array.dtype, mx.floating) and (dtype is not None or stored == "F64"):
-            array = array.astype(dtype or mx.float32)  # (F64: MLX has no float64 on every device)
+        # float64 as float32 where no dtype is asked for: MLX has no float64 on every device.
+        array = cast_loaded(array, dtype or self.mlx_dtype, float32_if_half)
         return array if memory_order is None else array.transpose(np.argsort(memory_order).tolist())
 
 
@@ -322,7 +344,7 @@ def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None =
     as they load where ``quantize`` asks (never a dense copy of the model either way). The CPU
     kernels (``cpu_kernels``, as ``cpu.prepare`` takes it) go in before the weights, so that each
     weight is laid out for them as it loads, in the same pass; with them a half-precision model
-    holds all but their weights in float32 after loading (``cpu.hold_outside_kernels``)."""
+    loads all but their weights in float32 (``cpu.held_in_float32``)."""
     stored = read_quantization(folder, _model_name(model))
     # Quantizing as it loads computes over each weight in MLX: lazy arrays, read as evaluated.
     lazy = stored is None and quantize is not None
@@ -335,15 +357,14 @@ def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None =
     elif quantize is not None:
         weights = quantize_as_loaded(model, weights, quantize, dtype)
     cpu.prepare(model, cpu_kernels, loaded=False)
+    float32_if_half = cpu.held_in_float32(model) if cpu.kernels_enabled(cpu_kernels) else set()
     # A block of the reused heap of its own where no pipeline call holds one: the memory the weights
     # are about to take is faulted in on every core at once, and stays in the heap for their copies
     # (on the GPU MLX's buffers are not malloc's).
     with heap.reused_heap():
         if not lazy and mx.default_device() == mx.cpu:
-            heap.prefault(sum(value.loaded_nbytes(dtype) for value in weights.values()))
-        load_weights(model, weights, dtype)
-    if cpu.kernels_enabled(cpu_kernels):
-        cpu.hold_outside_kernels(model)
+            heap.prefault(sum(value.loaded_nbytes(dtype, name in float32_if_half) for name, value in weights.items()))
+        load_weights(model, weights, dtype, float32_if_half)
     if dtype is not None:
         mx.clear_cache()  # the file-dtype copies just freed would otherwise stay in MLX's cache
 

@@ -15,7 +15,7 @@ from . import blas
 blas.preload()
 
 from .swap import ENV_SWITCH, accelerate, computes_in, is_accelerated, kernels_enabled, on_cpu, prepare  # noqa: E402
-from .widen import hold_outside_kernels  # noqa: E402
+from .widen import held_in_float32  # noqa: E402
 
-__all__ = ["ENV_SWITCH", "accelerate", "blas", "computes_in", "hold_outside_kernels", "is_accelerated",
+__all__ = ["ENV_SWITCH", "accelerate", "blas", "computes_in", "held_in_float32", "is_accelerated",
            "kernels_enabled", "on_cpu", "prepare"]

@@ -8,7 +8,8 @@ values, which is also more exact than half precision:
 - The kernels' weight matrices (``Linear``, ``Conv2d``: nearly all of a model's parameters) stay
   in half precision and are widened to float32 one layer at a time as they are used
   (``half.float32``); everything else (norms, biases, embeddings: 0.1% of SDXL's UNet, 12% of
-  its text encoders) is held in float32 (``hold_outside_kernels``), so activations are float32
+  its text encoders) is held in float32 (``hold_outside_kernels``; a model loaded with the
+  kernels in loads those in float32 at once, ``held_in_float32``), so activations are float32
   from the start and the model's dtype reads float32. The model takes half of float32's memory.
 - ``widened(model)`` casts the kernels' half weights to float32 too, in place, for a ``with``
   block (a sampling run) and narrows them back after it, which is exact: the model comes back
@@ -49,14 +50,29 @@ def _cast(module: nn.Module, name: str, dtype: mx.Dtype) -> None:
     mx.eval(value)  # one parameter at a time: both copies coexist for one parameter only
 
 
+def _outside_kernels(module: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` of ``module`` is held in float32 in a half-precision model:
+    all but the CPU kernels' weight matrices, which they widen as they use them."""
+    return not (name == "weight" and isinstance(module, (Linear, Conv2d)))
+
+
 def hold_outside_kernels(model: nn.Module) -> nn.Module:
     """``model`` (in place) with every half-precision parameter held in float32 but the CPU
-    kernels' weight matrices, which they widen as they use them, and quantized layers: a
-    half-precision model then computes in float32, at about half of float32's memory."""
+    kernels' weight matrices and quantized layers: a half-precision model then computes in
+    float32, at about half of float32's memory."""
     for module, name in half_parameters(model):
-        if not (name == "weight" and isinstance(module, (Linear, Conv2d))):
+        if _outside_kernels(module, name):
             _cast(module, name, mx.float32)
     return model
+
+
+def held_in_float32(model: nn.Module) -> set[str]:
+    """The parameters (dotted names) that ``hold_outside_kernels`` holds in float32 where they
+    are in half precision: so that a model with the kernels in can load them in float32 at once
+    (``weights.load_weights``), and not in half precision to be cast after."""
+    return {f"{path}.{name}" if path else name for path, module in model.named_modules()
+            if not isinstance(module, nn.QuantizedLinear)
+            for name, value in module.items() if isinstance(value, mx.array) and _outside_kernels(module, name)}
 
 
 @contextmanager
