@@ -122,6 +122,22 @@ def test_variant_choice(tmp_path):
         convert(tmp_path / "unet", tmp_path / "d", variant="bf16", progress=False)
 
 
+def test_tensors_are_converted_inside_a_reused_heap(tmp_path, monkeypatch):
+    """Each tensor's buffers are freed before the next one's are made: inside ``cpu.heap``'s
+    reused heap the next tensor's come from them, where large ones were fresh memory every time."""
+    from mlx_unet.convert import writer
+    from mlx_unet.cpu import heap
+
+    depths, write = [], writer.write_safetensors
+    monkeypatch.setattr(writer, "write_safetensors", lambda *a, **k: depths.append(heap._depth) or write(*a, **k))
+    config = tiny_config("sd15")
+    reference = torch_unet(config, seed=34)
+    reference.save_pretrained(tmp_path / "unet")
+    convert(tmp_path / "unet", tmp_path / "mlx", dtype="float32", progress=False)
+    assert depths == [1 if heap.available() else 0] and heap._depth == 0
+    assert_matches(tmp_path / "mlx", reference, config)
+
+
 # ---------------------------------------------------------------------- the Hub
 
 
