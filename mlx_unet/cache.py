@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -46,8 +46,9 @@ from .convert.layout import MODEL_INDEX, Options
 from .convert.plan import PipelinePlan
 from .convert.quantized import QuantizationChoice, choose_quantization
 from .convert.resolve import plan_source
+from .convert.sources import SafetensorsSource
 from .convert.writer import check_output_options
-from .errors import ConversionError
+from .errors import ConversionError, MlxUnetError
 from .pipelines.model_sizes import text_encoder_bytes, unet_bytes
 from .version import package_version
 
@@ -191,6 +192,38 @@ def _settings(dtype: str, vae_dtype: str | None, prediction_type: str | None, qu
     return _Settings(dtype, vae_dtype, prediction_type, choice, allow_pickle)
 
 
+# Source tensors all of one of these dtypes hold values that the dtype named keeps exactly.
+_HALF_SOURCES = {frozenset({"F16"}): "float16", frozenset({"BF16"}): "bfloat16"}
+_FLOATS = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+def _converted_dtype(found: Source, settings: _Settings) -> str:
+    """The dtype in which a run's conversion of ``found`` is written: the run's, but an
+    unquantized float32 run from a local safetensors source whose tensors (those the conversion
+    reads) are all in one half precision gets that precision. The values are the same, loading
+    widens them exactly (``weights.cast_loaded``), and the entry serves the half-precision runs
+    too, at half of float32's disk and writing time. Quantized weights would differ: their scales
+    are computed in the conversion's dtype."""
+    q = settings.quantization
+    if settings.dtype != "float32" or found.kind not in ("file", "folder") or q.unet or q.text_encoders:
+        return settings.dtype
+    try:
+        plan = plan_source(found.text, _options(settings, None), False, None)
+    except MlxUnetError:
+        return settings.dtype  # the conversion says what is wrong with the source
+    stored = set()
+    for model in getattr(plan, "models", {}).values():
+        if not isinstance(model.source, SafetensorsSource):
+            return settings.dtype
+        stored |= {model.source.readers[take.key].tensors[take.key].dtype for take in model.names.values()}
+    return _HALF_SOURCES.get(frozenset(stored & _FLOATS), settings.dtype)
+
+
+def _options(settings: _Settings, revision: str | None) -> Options:
+    return Options(settings.dtype, settings.vae_dtype, revision=revision, allow_pickle=settings.allow_pickle,
+                   prediction_type=settings.prediction_type)
+
+
 def _entry_name(source: Source, settings: _Settings, key: str) -> str:
     """``<source name>-<dtype>[-q<bits>]-<key>``: readable in a listing, unique by the key."""
     base = source.text.replace("/", "--") if source.kind == "hub" else source.path.resolve().name
@@ -218,9 +251,7 @@ def _written_bytes(plan: PipelinePlan, quantization: QuantizationChoice) -> int:
 def _checked_plan(source: Source, settings: _Settings, revision: str | None, where: Path, fix: str) -> None:
     """Refuse, before anything is written, a source that is not a whole pipeline, and a file
     system without room for the converted one (``fix``: where else to write it)."""
-    options = Options(settings.dtype, settings.vae_dtype, revision=revision, allow_pickle=settings.allow_pickle,
-                      prediction_type=settings.prediction_type)
-    plan = plan_source(source.text, options, False, None)
+    plan = plan_source(source.text, _options(settings, revision), False, None)
     if not isinstance(plan, PipelinePlan):
         raise ConversionError(f"{source.text} holds only a UNet (no text encoders or VAE), which cannot make an "
                               "image alone; pass the whole pipeline (a diffusers folder with model_index.json, a "
@@ -370,13 +401,16 @@ def converted_pipeline(source: str | Path, *, use_cache: bool = True, dtype: str
     ``use_cache``: converted into the cache the first time and reused after (kept when the block
     ends); without, converted into a temporary folder (under ``$TMPDIR``) that is removed when the
     block ends, however it ends. The options are ``mlx_unet.convert.convert``'s, and each
-    combination is its own cache entry. ``progress``: the conversion's progress and this module's
+    combination is its own cache entry, but that an unquantized float32 conversion of a single file
+    of half-precision floats is written in that precision (``_converted_dtype``): load it with
+    ``dtype=float32``. ``progress``: the conversion's progress and this module's
     messages (which conversion was reused or made) on stderr; ``log``: where the messages go instead.
     Raises an ``MlxUnetError`` (one sentence) before anything is written for a source that is none of
     these or not a whole pipeline, a cache folder that cannot be written, or too little free space.
     """
     settings = _settings(dtype, vae_dtype, prediction_type, quantize, quantize_text_encoders, allow_pickle)
     found = locate(source)
+    settings = replace(settings, dtype=_converted_dtype(found, settings))
     if found.kind == "converted":
         yield found.path
         return

@@ -12,7 +12,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import huggingface_hub
+import mlx.core as mx
 import pytest
+import torch
 from original_layout import SINGLE_FILE_FAMILIES, sd_single_file
 from reference import torch_unet
 from reference_text import torch_text_encoder
@@ -22,7 +24,9 @@ from test_convert import _hub_cache
 from test_convert_pipeline import SMALL_TEXT, expected_listing, listing, tiny_parts, write_pipeline
 
 import mlx_unet.cache
-from mlx_unet import CLIPTextConfig, VAEConfig
+from mlx.utils import tree_flatten
+
+from mlx_unet import CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, VAEConfig
 from mlx_unet.cache import RECORD, SPACE_ALLOWANCE, cached_pipeline, converted_pipeline
 from mlx_unet.configs.base import FORMAT_KEY
 from mlx_unet.configs.quantization import Quantization
@@ -196,6 +200,30 @@ def test_a_single_file_keyed_by_its_resolved_path_size_and_time(tmp_path, cache,
     path.write_bytes(path.read_bytes())  # the same bytes written again, a second later: a file that may have changed
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # (whatever the file system's time resolution)
     assert cached_pipeline(path, dtype="float32", progress=False) != folder and len(conversions) == 2
+
+
+def test_a_float32_run_of_a_half_precision_single_file_shares_the_float16_entry(tmp_path, cache, conversions):
+    """Every value the models read is a float16: a float32 run's conversion is written in float16 (half
+    the disk), shared with float16 runs, and loaded in float32 it holds what a float32 conversion
+    does. Quantized, the conversion keeps float32: its scales are computed in that dtype."""
+    config = SINGLE_FILE_FAMILIES["sd15"]
+    unet, vae = torch_unet(config, seed=96), torch_vae(VAEConfig.from_preset("sdxl", **SMALL_VAE), seed=97)
+    clip = torch_text_encoder(CLIPTextConfig.from_preset("sdxl-clip-l", **SMALL_TEXT), seed=98)
+    path = tmp_path / "half.safetensors"
+    tensors = sd_single_file(unet.state_dict(), config, clip.state_dict(), vae.state_dict(), open_clip=False)
+    # A float32 tensor that no model reads does not count (Stability's SDXL files hold OpenCLIP's logit_scale).
+    save_file({name: value.half().contiguous() for name, value in tensors.items()} | {"logit_scale": torch.ones(())},
+              str(path))
+    folder = cached_pipeline(path, dtype="float32", progress=False)
+    assert folder.name.startswith("half-float16-")
+    assert cached_pipeline(path, dtype="float16", progress=False) == folder and len(conversions) == 1
+    convert(path, tmp_path / "float32", dtype="float32", progress=False)
+    for part, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)):
+        ours = dict(tree_flatten(cls.from_pretrained(folder / part, dtype=mx.float32).parameters()))
+        full = dict(tree_flatten(cls.from_pretrained(tmp_path / "float32" / part).parameters()))
+        assert ours.keys() == full.keys()
+        assert all(ours[k].dtype == mx.float32 and mx.array_equal(ours[k], full[k]).item() for k in full), part
+    assert cached_pipeline(path, dtype="float32", quantize=8, progress=False).name.startswith("half-float32-q8-")
 
 
 # ---------------------------------------------------------------------- the Hub
