@@ -401,9 +401,9 @@ def converted_pipeline(source: str | Path, *, use_cache: bool = True, dtype: str
     ``use_cache``: converted into the cache the first time and reused after (kept when the block
     ends); without, converted into a temporary folder (under ``$TMPDIR``) that is removed when the
     block ends, however it ends. The options are ``mlx_unet.convert.convert``'s, and each
-    combination is its own cache entry, but that an unquantized float32 conversion of a single file
-    of half-precision floats is written in that precision (``_converted_dtype``): load it with
-    ``dtype=float32``. ``progress``: the conversion's progress and this module's
+    combination is its own cache entry, but that an unquantized float32 conversion of a local
+    source whose weights are all in one half precision is written in that precision
+    (``_converted_dtype``): load it with ``dtype=float32``. ``progress``: the conversion's progress and this module's
     messages (which conversion was reused or made) on stderr; ``log``: where the messages go instead.
     Raises an ``MlxUnetError`` (one sentence) before anything is written for a source that is none of
     these or not a whole pipeline, a cache folder that cannot be written, or too little free space.
