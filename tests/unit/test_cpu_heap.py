@@ -16,6 +16,9 @@ from mlx_unet.cpu import heap
 
 
 class FakeLibc:
+    """glibc's malloc controls as ``cpu.heap`` calls them, recorded in ``calls`` (also what
+    test_generate_memory records a command's heap blocks with)."""
+
     def __init__(self):
         self.calls = []
 

@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
+from test_cpu_heap import FakeLibc
 
 from mlx_unet import cli, load_pipeline
 from mlx_unet.cpu import heap
@@ -64,21 +65,10 @@ GIVEN_BACK = [("mallopt", heap._M_MMAP_THRESHOLD, heap._MMAP_AFTER),
 def _recorded_heap(monkeypatch) -> list:
     """The calls ``cpu.heap`` makes to malloc, recorded in the list returned (which the test adds
     its own events to), in place of glibc's."""
-    events = []
-
-    class Libc:
-        def mallopt(self, parameter, value):
-            events.append(("mallopt", parameter, value))
-
-        def malloc(self, size):  # ``heap.prefault``'s: none to give, so it does nothing
-            return 0
-
-        def malloc_trim(self, pad):
-            events.append(("malloc_trim", pad))
-
-    monkeypatch.setattr(heap, "_libc", Libc())
+    fake = FakeLibc()
+    monkeypatch.setattr(heap, "_libc", fake)
     monkeypatch.delenv(heap.DISABLE_ENV, raising=False)
-    return events
+    return fake.calls
 
 
 def test_a_call_runs_in_one_reused_heap_from_the_prompt_to_the_image(tmp_path, monkeypatch):
