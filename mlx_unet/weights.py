@@ -143,9 +143,10 @@ def cast_loaded(array: mx.array, dtype: mx.Dtype | None, float32_if_half: bool) 
     half-precision values, held exactly in float32."""
     if not mx.issubdtype(array.dtype, mx.floating):
         return array
+    target = loaded_dtype(array.dtype, dtype, float32_if_half)
     if dtype is not None and dtype != array.dtype:
         array = float32(array) if dtype == mx.float32 else array.astype(dtype)
-    return float32(array) if float32_if_half and array.dtype in HALF else array
+    return array if array.dtype == target else float32(array)
 
 
 def loaded_dtype(read: mx.Dtype, dtype: mx.Dtype | None, float32_if_half: bool) -> mx.Dtype:
@@ -207,9 +208,9 @@ def _transpose_tiles(matrix: np.ndarray, out: np.ndarray) -> np.ndarray:
 # maximum tells whether an array holds any. numpy's isfinite on float16 took 2.5x as long; MLX's
 # took 4 ns a float32 value and 7 ns a float16 one on the CPU (it widens half precision in
 # software), the maximum of the bits 0.2 ns.
-_HALF_NONFINITE = {"F16": 0x7C00, "BF16": 0x7F80}
 _NONFINITE_BITS = {mx.float16: (mx.uint16, 0x7FFF, 0x7C00), mx.bfloat16: (mx.uint16, 0x7FFF, 0x7F80),
                    mx.float32: (mx.uint32, 0x7FFFFFFF, 0x7F800000)}
+_HALF_NONFINITE = {"F16": _NONFINITE_BITS[mx.float16][2], "BF16": _NONFINITE_BITS[mx.bfloat16][2]}
 # Checked in parts of this many values through one small buffer: a temporary the size of each
 # tensor is fresh memory, which cost more than the check (5 s of SDXL's 2.6 G float16 weights).
 _CHECK_VALUES = 1 << 18

@@ -34,6 +34,13 @@ class FakeLibc:
         return 1
 
 
+# What ``reused_heap`` sets on entering its outermost block, and on leaving it.
+RAISED = [("mallopt", heap._M_MMAP_THRESHOLD, heap._MMAP_IN_BLOCK),
+          ("mallopt", heap._M_TRIM_THRESHOLD, heap._TRIM_IN_BLOCK)]
+GIVEN_BACK = [("mallopt", heap._M_MMAP_THRESHOLD, heap._MMAP_AFTER),
+              ("mallopt", heap._M_TRIM_THRESHOLD, heap._TRIM_AFTER), ("malloc_trim", 0)]
+
+
 @pytest.fixture
 def libc(monkeypatch):
     fake = FakeLibc()
@@ -48,10 +55,8 @@ def test_thresholds_are_raised_in_the_outermost_block_and_restored_after(libc):
         with heap.reused_heap():  # a tile's decode inside a decode, say
             pass
         assert libc.calls == raised
-    assert raised == [("mallopt", heap._M_MMAP_THRESHOLD, heap._MMAP_IN_BLOCK),
-                      ("mallopt", heap._M_TRIM_THRESHOLD, heap._TRIM_IN_BLOCK)]
-    assert libc.calls[2:] == [("mallopt", heap._M_MMAP_THRESHOLD, heap._MMAP_AFTER),
-                              ("mallopt", heap._M_TRIM_THRESHOLD, heap._TRIM_AFTER), ("malloc_trim", 0)]
+    assert raised == RAISED
+    assert libc.calls[2:] == GIVEN_BACK
 
 
 def test_restored_when_the_block_raises(libc):

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
-from test_cpu_heap import FakeLibc
+from test_cpu_heap import GIVEN_BACK, RAISED, FakeLibc
 
 from mlx_unet import cli, load_pipeline
 from mlx_unet.cpu import heap
@@ -54,12 +54,6 @@ def test_the_unet_loads_after_the_prompt_is_encoded(tmp_path, monkeypatch):
     assert events == ["encoders", "UNet"] and pipe._encoders is None
     assert np.array_equal(pipe(PROMPT, height=64, width=64, steps=2, seed=3), first)
     assert events == ["encoders", "UNet", "encoders beside the UNet"]  # (no second load)
-
-
-RAISED = [("mallopt", heap._M_MMAP_THRESHOLD, heap._MMAP_IN_BLOCK),
-          ("mallopt", heap._M_TRIM_THRESHOLD, heap._TRIM_IN_BLOCK)]
-GIVEN_BACK = [("mallopt", heap._M_MMAP_THRESHOLD, heap._MMAP_AFTER),
-              ("mallopt", heap._M_TRIM_THRESHOLD, heap._TRIM_AFTER), ("malloc_trim", 0)]
 
 
 def _recorded_heap(monkeypatch) -> list:
