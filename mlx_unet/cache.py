@@ -209,8 +209,9 @@ def _converted_dtype(found: Source, settings: _Settings) -> str:
         return settings.dtype
     try:
         plan = plan_source(found.text, _options(settings, None), False, None)
-    except MlxUnetError:
-        return settings.dtype  # the conversion says what is wrong with the source
+    except (MlxUnetError, OSError):
+        # The run's dtype as asked: a conversion, if one is needed, says what is wrong with the source.
+        return settings.dtype
     stored = set()
     for model in getattr(plan, "models", {}).values():
         if not isinstance(model.source, SafetensorsSource):

@@ -202,7 +202,8 @@ def test_a_single_file_keyed_by_its_resolved_path_size_and_time(tmp_path, cache,
     assert cached_pipeline(path, dtype="float32", progress=False) != folder and len(conversions) == 2
 
 
-def test_a_float32_run_of_a_half_precision_single_file_shares_the_float16_entry(tmp_path, cache, conversions):
+def test_a_float32_run_of_a_half_precision_single_file_shares_the_float16_entry(tmp_path, cache, conversions,
+                                                                                monkeypatch):
     """Every value the models read is a float16: a float32 run's conversion is written in float16 (half
     the disk), shared with float16 runs, and loaded in float32 it holds what a float32 conversion
     does. Quantized, the conversion keeps float32: its scales are computed in that dtype."""
@@ -224,6 +225,15 @@ def test_a_float32_run_of_a_half_precision_single_file_shares_the_float16_entry(
         assert ours.keys() == full.keys()
         assert all(ours[k].dtype == mx.float32 and mx.array_equal(ours[k], full[k]).item() for k in full), part
     assert cached_pipeline(path, dtype="float32", quantize=8, progress=False).name.startswith("half-float32-q8-")
+
+    def unreadable(*args):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    # A source that cannot be read now keeps the run's dtype: its conversion, if one is needed, then
+    # says what is wrong with it.
+    monkeypatch.setattr(mlx_unet.cache, "plan_source", unreadable)
+    assert mlx_unet.cache._converted_dtype(mlx_unet.cache.locate(path), mlx_unet.cache._settings(
+        "float32", None, None, None, None, False)) == "float32"
 
 
 # ---------------------------------------------------------------------- the Hub
