@@ -13,6 +13,12 @@ was made from. The key is a hash of the source (a local file's resolved path, si
 local folder's files likewise; a Hub repo's id and the commit its revision resolves to) and of the
 options that change the output (dtypes, quantization, the folder format).
 
+A local source's models that converting would leave value for value as they are (safetensors
+weights in the model's dtype, or in half precision for a float32 one) are linked rather than
+copied (``mlx_unet.linked``): the entry records where each tensor lies in the source, a few
+hundred KB, and loading reads the source itself: a first run does not wait for gigabytes to be
+written, nor does the disk hold the model twice.
+
 An entry is complete once its record is in it: ``convert()`` renames a finished folder into place
 and the record is written after it, so an interrupted or killed conversion leaves no entry that a
 later call takes as done. Conversions of one entry are serialised by a lock file beside it (the
@@ -33,7 +39,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -46,9 +52,8 @@ from .convert.layout import MODEL_INDEX, Options
 from .convert.plan import PipelinePlan
 from .convert.quantized import QuantizationChoice, choose_quantization
 from .convert.resolve import plan_source
-from .convert.sources import SafetensorsSource
-from .convert.writer import check_output_options
-from .errors import ConversionError, MlxUnetError
+from .convert.writer import check_output_options, linkable
+from .errors import ConversionError
 from .pipelines.model_sizes import text_encoder_bytes, unet_bytes
 from .version import package_version
 
@@ -176,13 +181,13 @@ class _Settings:
                 "unet_quantization": q.unet.to_dict() if q.unet else None,
                 "text_encoder_quantization": q.text_encoders.to_dict() if q.text_encoders else None}
 
-    def convert(self, source: str, out_dir: Path, revision: str | None, progress: bool) -> None:
+    def convert(self, source: str, out_dir: Path, revision: str | None, progress: bool, link: bool) -> None:
         q = self.quantization
         # Dense text encoders beside a quantized UNet are asked for as such (convert's default would quantize them).
         text = q.text_encoders if q.text_encoders is not None else False if q.unet is not None else None
         convert(source, out_dir, dtype=self.dtype, vae_dtype=self.vae_dtype, revision=revision,
                 allow_pickle=self.allow_pickle, progress=progress, quantize=q.unet, quantize_text_encoders=text,
-                prediction_type=self.prediction_type)
+                prediction_type=self.prediction_type, link=link)
 
 
 def _settings(dtype: str, vae_dtype: str | None, prediction_type: str | None, quantize: Quantization | int | None,
@@ -190,34 +195,6 @@ def _settings(dtype: str, vae_dtype: str | None, prediction_type: str | None, qu
     check_output_options(dtype, vae_dtype, prediction_type)
     choice = choose_quantization(quantize, None, None, quantize_text_encoders, unet_only=False)
     return _Settings(dtype, vae_dtype, prediction_type, choice, allow_pickle)
-
-
-# Source tensors all of one of these dtypes hold values that the dtype named keeps exactly.
-_HALF_SOURCES = {frozenset({"F16"}): "float16", frozenset({"BF16"}): "bfloat16"}
-_FLOATS = frozenset({"F16", "BF16", "F32", "F64"})
-
-
-def _converted_dtype(found: Source, settings: _Settings) -> str:
-    """The dtype in which a run's conversion of ``found`` is written: the run's, but an
-    unquantized float32 run from a local safetensors source whose tensors (those the conversion
-    reads) are all in one half precision gets that precision. The values are the same, loading
-    widens them exactly (``weights.cast_loaded``), and the entry serves the half-precision runs
-    too, at half of float32's disk and writing time. Quantized weights would differ: their scales
-    are computed in the conversion's dtype."""
-    q = settings.quantization
-    if settings.dtype != "float32" or found.kind not in ("file", "folder") or q.unet or q.text_encoders:
-        return settings.dtype
-    try:
-        plan = plan_source(found.text, _options(settings, None), False, None)
-    except (MlxUnetError, OSError):
-        # The run's dtype as asked: a conversion, if one is needed, says what is wrong with the source.
-        return settings.dtype
-    stored = set()
-    for model in getattr(plan, "models", {}).values():
-        if not isinstance(model.source, SafetensorsSource):
-            return settings.dtype
-        stored |= {model.source.readers[take.key].tensors[take.key].dtype for take in model.names.values()}
-    return _HALF_SOURCES.get(frozenset(stored & _FLOATS), settings.dtype)
 
 
 def _options(settings: _Settings, revision: str | None) -> Options:
@@ -235,21 +212,31 @@ def _entry_name(source: Source, settings: _Settings, key: str) -> str:
     return f"{base}-{settings.dtype}{f'-q{unet.bits}' if unet else ''}-{key[:12]}"
 
 
-def _written_bytes(plan: PipelinePlan, quantization: QuantizationChoice) -> int:
+def _links_source(found: Source) -> bool:
+    """Whether a cache entry of ``found`` links the models it would leave unchanged: a local source
+    is passed again on every run, so its files are there (a Hub snapshot could be pruned; a
+    temporary conversion links any source, which outlives it)."""
+    return found.kind in ("file", "folder")
+
+
+def _written_bytes(plan: PipelinePlan, quantization: QuantizationChoice, link: bool) -> int:
     """The size of the converted weights: each tensor in its output dtype, the quantized models
-    as the quantization policy leaves them."""
+    as the quantization policy leaves them, the linked ones nothing."""
     total = 0
     for name, model in plan.models.items():
         size = DTYPES[model.dtype].size
         wanted = quantization.for_model(name)
         if wanted is not None and name in _QUANTIZED_BYTES:
             total += _QUANTIZED_BYTES[name](model.config, size, wanted)
+        elif link and linkable(model):
+            continue
         else:
             total += size * sum(math.prod(take.shape(model.source.shapes[take.key])) for take in model.names.values())
     return total
 
 
-def _checked_plan(source: Source, settings: _Settings, revision: str | None, where: Path, fix: str) -> None:
+def _checked_plan(source: Source, settings: _Settings, revision: str | None, where: Path, fix: str,
+                  link: bool) -> None:
     """Refuse, before anything is written, a source that is not a whole pipeline, and a file
     system without room for the converted one (``fix``: where else to write it)."""
     plan = plan_source(source.text, _options(settings, revision), False, None)
@@ -257,7 +244,7 @@ def _checked_plan(source: Source, settings: _Settings, revision: str | None, whe
         raise ConversionError(f"{source.text} holds only a UNet (no text encoders or VAE), which cannot make an "
                               "image alone; pass the whole pipeline (a diffusers folder with model_index.json, a "
                               "full single-file checkpoint, or its Hub repo id).")
-    needed = _written_bytes(plan, settings.quantization) + SPACE_ALLOWANCE
+    needed = _written_bytes(plan, settings.quantization, link) + SPACE_ALLOWANCE
     free = shutil.disk_usage(where).free
     if free < needed:
         raise ConversionError(f"converting {source.text} needs about {_size(needed)} but the file system of "
@@ -373,7 +360,8 @@ def _cached(found: Source, settings: _Settings, revision: str | None, progress: 
         return entry
     base = _writable_base(root)
     commit = identity.get("commit", revision)
-    _checked_plan(found, settings, commit, base, f"set {CACHE_ENV} to a folder on a larger disk")
+    link = _links_source(found)
+    _checked_plan(found, settings, commit, base, f"set {CACHE_ENV} to a folder on a larger disk", link)
     _make(root)
     with _locked(_lock_file(root, entry.name), lambda: say(f"waiting for another mlx-unet converting {found.text}")):
         if (_record(entry) or {}).get("key") == key:  # converted by the process this one waited for
@@ -382,7 +370,7 @@ def _cached(found: Source, settings: _Settings, revision: str | None, progress: 
         _remove_leftovers(root, entry.name)
         shutil.rmtree(entry, ignore_errors=True)  # an entry without its record is incomplete
         say(f"converting {found.text} once, into the mlx-unet cache: {entry}")
-        settings.convert(found.text, entry, commit, progress)
+        settings.convert(found.text, entry, commit, progress, link)
         _write_record(entry, {"key": key, **fields, "requested_revision": revision, "mlx_unet": package_version(),
                               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return entry
@@ -402,16 +390,15 @@ def converted_pipeline(source: str | Path, *, use_cache: bool = True, dtype: str
     ``use_cache``: converted into the cache the first time and reused after (kept when the block
     ends); without, converted into a temporary folder (under ``$TMPDIR``) that is removed when the
     block ends, however it ends. The options are ``mlx_unet.convert.convert``'s, and each
-    combination is its own cache entry, but that an unquantized float32 conversion of a local
-    source whose weights are all in one half precision is written in that precision
-    (``_converted_dtype``): load it with ``dtype=float32``. ``progress``: the conversion's progress and this module's
-    messages (which conversion was reused or made) on stderr; ``log``: where the messages go instead.
+    combination is its own cache entry. The models that converting would leave unchanged are
+    linked, not copied (``convert(link=True)``), in a temporary folder and in the entries of local
+    files and folders: they read the source, which the next run passes again. ``progress``: the
+    conversion's progress and this module's messages (which conversion was reused or made) on stderr; ``log``: where the messages go instead.
     Raises an ``MlxUnetError`` (one sentence) before anything is written for a source that is none of
     these or not a whole pipeline, a cache folder that cannot be written, or too little free space.
     """
     settings = _settings(dtype, vae_dtype, prediction_type, quantize, quantize_text_encoders, allow_pickle)
     found = locate(source)
-    settings = replace(settings, dtype=_converted_dtype(found, settings))
     if found.kind == "converted":
         yield found.path
         return
@@ -425,9 +412,9 @@ def converted_pipeline(source: str | Path, *, use_cache: bool = True, dtype: str
         return
     temporary = Path(tempfile.mkdtemp(prefix="mlx-unet-"))
     try:
-        _checked_plan(found, settings, revision, temporary, "set TMPDIR to a folder on a larger disk")
+        _checked_plan(found, settings, revision, temporary, "set TMPDIR to a folder on a larger disk", True)
         say(f"converting {found.text} into a temporary folder, removed after this run: {temporary}")
-        settings.convert(found.text, temporary / "pipeline", revision, progress)
+        settings.convert(found.text, temporary / "pipeline", revision, progress, True)
         yield temporary / "pipeline"
     finally:
         shutil.rmtree(temporary, ignore_errors=True)

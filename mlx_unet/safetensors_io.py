@@ -164,18 +164,25 @@ class SafetensorsReader:
     def keys(self):
         return self.tensors.keys()
 
-    def read_numpy(self, name: str, buffer: np.ndarray | None = None) -> np.ndarray:
+    def read_numpy(self, name: str, buffer: np.ndarray | None = None,
+                   rows: tuple[int, int] | None = None) -> np.ndarray:
         """The stored values (bfloat16 comes back as its uint16 bits), read into the start of
-        ``buffer`` (bytes, as large as the tensor) where given, else into a new array."""
+        ``buffer`` (bytes, as large as the tensor) where given, else into a new array; ``rows=(i,
+        n)``: the i-th of n equal blocks of rows alone (the first axis must divide by n)."""
         info = self.tensors[name]
         dtype = np.dtype(_DTYPES[info.dtype][0])
+        begin, end, shape = info.begin, info.end, info.shape
+        if rows is not None:
+            index, count = rows
+            block = (end - begin) // count
+            begin, end, shape = begin + index * block, begin + (index + 1) * block, (shape[0] // count, *shape[1:])
         if buffer is None:
-            out = np.empty(info.shape, dtype=dtype)
+            out = np.empty(shape, dtype=dtype)
         else:
-            out = buffer[:info.end - info.begin].view(dtype).reshape(info.shape)
+            out = buffer[:end - begin].view(dtype).reshape(shape)
         with open(self.path, "rb") as f:
-            f.seek(info.begin)
-            if f.readinto(memoryview(out.reshape(-1)).cast("B")) != info.end - info.begin:
+            f.seek(begin)
+            if f.readinto(memoryview(out.reshape(-1)).cast("B")) != end - begin:
                 raise WeightsError(f"{self.path} is truncated while reading {name!r}.")
         return out
 

@@ -12,9 +12,9 @@ import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Container, Iterator, Mapping
+from typing import Container, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,8 +24,12 @@ from mlx.utils import tree_flatten
 from . import cpu
 from .cpu import heap
 from .cpu.half import HALF, float32
+from .configs.base import DTYPES
 from .configs.quantization import Quantization, read_quantization
 from .errors import NonFiniteWarning, WeightsError
+from .finite import all_finite, stored_finite
+from .linked import has_links, read_links
+from .naming import Take
 from .quantize import prepare_structure, quantize_as_loaded, quantized_paths
 from .safetensors_io import SafetensorsReader
 
@@ -204,54 +208,24 @@ def _transpose_tiles(matrix: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-# A float's bits without the sign: inf and NaN are the largest (an exponent of all ones), so one
-# maximum tells whether an array holds any. numpy's isfinite on float16 took 2.5x as long; MLX's
-# took 4 ns a float32 value and 7 ns a float16 one on the CPU (it widens half precision in
-# software), the maximum of the bits 0.2 ns.
-_NONFINITE_BITS = {mx.float16: (mx.uint16, 0x7FFF, 0x7C00), mx.bfloat16: (mx.uint16, 0x7FFF, 0x7F80),
-                   mx.float32: (mx.uint32, 0x7FFFFFFF, 0x7F800000)}
-_HALF_NONFINITE = {"F16": _NONFINITE_BITS[mx.float16][2], "BF16": _NONFINITE_BITS[mx.bfloat16][2]}
-# Checked in parts of this many values through one small buffer: a temporary the size of each
-# tensor is fresh memory, which cost more than the check (5 s of SDXL's 2.6 G float16 weights).
-_CHECK_VALUES = 1 << 18
-
-
-def all_finite(array: mx.array) -> mx.array:
-    """Whether ``array`` holds no NaN or inf, as a lazy boolean scalar (true for integers)."""
-    if array.size == 0 or not mx.issubdtype(array.dtype, mx.floating):
-        return mx.array(True)
-    if array.dtype not in _NONFINITE_BITS:
-        return mx.all(mx.isfinite(array))
-    bits, magnitude, limit = _NONFINITE_BITS[array.dtype]
-    return mx.max(array.view(bits) & magnitude) < limit
-
-
-def _all_finite(values: np.ndarray, stored_dtype: str) -> bool:
-    flat = values.reshape(-1)
-    if stored_dtype in _HALF_NONFINITE:
-        limit = _HALF_NONFINITE[stored_dtype]
-        return all(int(np.bitwise_and(part, 0x7FFF, out=out).max()) < limit
-                   for part, out in _in_parts(flat.view(np.uint16), np.uint16))
-    if values.dtype.kind == "f":
-        return all(np.isfinite(part, out=out).all() for part, out in _in_parts(flat, bool))
-    return True
-
-
-def _in_parts(flat: np.ndarray, out_dtype) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``flat`` in parts of ``_CHECK_VALUES`` values, each with an output of its size in
-    ``out_dtype``: views of one buffer, reused from part to part."""
-    scratch = np.empty(min(flat.size, _CHECK_VALUES), out_dtype)
-    for start in range(0, flat.size, _CHECK_VALUES):
-        part = flat[start:start + _CHECK_VALUES]
-        yield part, scratch[:part.size]
+def _in_mlx_layout(values: np.ndarray, buffer: np.ndarray) -> np.ndarray:
+    """A PyTorch-layout parameter (a view, as ``Take`` cuts it) in MLX's layout, contiguous,
+    copied into ``buffer`` where it is not so already."""
+    if values.ndim == 4:
+        values = values.transpose(0, 2, 3, 1)
+    if values.flags.c_contiguous:
+        return values
+    out = buffer[:values.nbytes].view(values.dtype).reshape(values.shape)
+    np.copyto(out, values)
+    return out
 
 
 class ReadBuffers:
-    """Two byte buffers that tensors are read and transposed in, reused from one tensor to the
+    """Byte buffers that tensors are read, cut and transposed in, reused from one tensor to the
     next: fresh memory for each would cost a page fault per 4 KiB, about as much as the read."""
 
     def __init__(self):
-        self._buffers = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+        self._buffers = [np.empty(0, np.uint8) for _ in range(3)]
 
     def get(self, index: int, nbytes: int) -> np.ndarray:
         if self._buffers[index].size < nbytes:
@@ -270,17 +244,25 @@ class StoredTensor:
 
     reader: SafetensorsReader
     name: str
+    # A tensor of a source that a linked folder reads (``linked.py``): PyTorch's layout, cut by
+    # ``take``, and held in ``held_as`` where no dtype is asked for.
+    take: Take | None = None
+    held_as: mx.Dtype | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.reader.tensors[self.name].shape
+        stored = self.reader.tensors[self.name].shape
+        return stored if self.take is None else torch_to_mlx_shape(self.take.shape(stored))
 
     def read(self, memory_order: tuple[int, ...] | None, buffers: ReadBuffers) -> tuple[np.ndarray, bool]:
         """The stored values in ``buffers``, laid out in ``memory_order`` where given (a CPU
         kernel's: the first axis last), and whether they are all finite."""
         info = self.reader.tensors[self.name]
-        values = self.reader.read_numpy(self.name, buffers.get(0, info.end - info.begin))
-        finite = _all_finite(values, info.dtype)
+        rows = None if self.take is None else self.take.rows
+        values = self.reader.read_numpy(self.name, buffers.get(0, info.end - info.begin), rows)
+        finite = stored_finite(values, info.dtype)
+        if self.take is not None:
+            values = _in_mlx_layout(replace(self.take, rows=None).apply(values), buffers.get(2, values.nbytes))
         if memory_order is not None:
             assert memory_order == (*range(1, values.ndim), 0), memory_order
             matrix = values.reshape(values.shape[0], -1)
@@ -289,9 +271,13 @@ class StoredTensor:
         return values, finite
 
     @property
+    def offset(self) -> int:
+        return self.reader.tensors[self.name].begin
+
+    @property
     def mlx_dtype(self) -> mx.Dtype:
-        """The dtype ``to_mlx`` gives it uncast."""
-        return self.reader.tensors[self.name].mlx_dtype
+        """The dtype ``to_mlx`` gives it where no dtype is asked for."""
+        return self.held_as or self.reader.tensors[self.name].mlx_dtype
 
     def loaded_nbytes(self, dtype: mx.Dtype | None, float32_if_half: bool) -> int:
         """The bytes of the MLX array ``to_mlx`` makes for these arguments."""
@@ -310,9 +296,11 @@ class StoredTensor:
 
 
 def read_weights_folder(model: nn.Module, folder: Path, lazy: bool = False) -> dict[str, mx.array | StoredTensor]:
-    """Every tensor of every ``*.safetensors`` file in ``folder``, each file's header checked
-    first: as ``StoredTensor``s, or (``lazy``) as MLX arrays that read their data when evaluated
+    """Every tensor of every ``*.safetensors`` file in ``folder`` (a linked folder: each source
+    tensor its table names, ``linked.py``), each file's header checked first: as ``StoredTensor``s, or (``lazy``) as MLX arrays that read their data when evaluated
     (what a computation over every weight, quantizing them say, takes)."""
+    if has_links(folder):
+        return _read_links(folder, lazy)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise WeightsError(
@@ -336,6 +324,24 @@ def read_weights_folder(model: nn.Module, folder: Path, lazy: bool = False) -> d
             raise WeightsError(f"{file} repeats tensors already loaded from another file ({_names(duplicated)}).")
         weights.update(part)
     return weights
+
+
+def _read_links(folder: Path, lazy: bool) -> dict[str, mx.array | StoredTensor]:
+    """A linked folder's parameters, read from their sources (``read_weights_folder``'s result)."""
+    links, dtype = read_links(folder)
+    held = DTYPES[dtype]
+    if not lazy:
+        stored = {name: StoredTensor(reader, take.key, take, held) for name, (reader, take) in links.items()}
+        # Loaded in the order the source holds them: one pass through each file, as a copy is read.
+        return dict(sorted(stored.items(), key=lambda item: (str(item[1].reader.path), item[1].offset)))
+    files = {path: mx.load(str(path)) for path in {reader.path for reader, _ in links.values()}}
+    return {name: cast_loaded(torch_to_mlx_layout(take.apply(files[reader.path][take.key])), held, False)
+            for name, (reader, take) in links.items()}
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds a model's weights: safetensors files, or a table of links to them."""
+    return has_links(folder) or any(folder.glob("*.safetensors"))
 
 
 def load_weights_folder(model: nn.Module, folder: Path, dtype: mx.Dtype | None = None,

@@ -109,7 +109,7 @@ def _unet_folder(source: str, base: PipelineFolder, a: argparse.Namespace, log) 
         log(f"converting the UNet {source} for this run (mlx-unet convert --unet-only makes a folder to reuse)")
         convert(source, temporary / "unet", dtype=a.dtype, unet_only=True, allow_pickle=a.allow_pickle,
                 config=base.part("unet") if found.kind == "file" else None,
-                progress=not a.quiet)
+                progress=not a.quiet, link=True)
         yield temporary / "unet"
     finally:
         shutil.rmtree(temporary, ignore_errors=True)

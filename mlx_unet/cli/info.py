@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from .. import jsonfile
 from ..cache import locate
-from ..configs.base import FORMAT_KEY, SECTION
+from ..configs.base import DTYPES, FORMAT_KEY, SECTION
 from ..configs.families import text_encoder_family, unet_family
 from ..configs.quantization import Quantization, read_quantization
 from ..configs.unet import UNetConfig
@@ -33,6 +33,7 @@ from ..convert.published import published
 from ..convert.single_file import describe_non_unet
 from ..convert.sources import PICKLE_SUFFIXES
 from ..errors import ConversionError, InputError
+from ..linked import has_links, read_links
 from ..naming.clip import LDM_TEXT_PREFIX
 from ..naming.ldm_unet import UNET_PREFIX
 from ..naming.ldm_vae import VAE_PREFIX
@@ -103,6 +104,13 @@ def _weights(files: Sequence[Path]) -> tuple[int, list[str]]:
     return total, sorted(d for d in dtypes if d)
 
 
+def _linked_weights(folder: Path) -> tuple[int, list[str]]:
+    """A linked model's bytes and dtype as it loads (``mlx_unet.linked``), from its sources' headers."""
+    links, dtype = read_links(folder)
+    size = DTYPES[dtype].size
+    return sum(math.prod(take.shape(reader.tensors[take.key].shape)) * size for reader, take in links.values()), [dtype]
+
+
 def _what(name: str, config: Any) -> str:
     if name == "unet":
         return unet_family(config)
@@ -129,6 +137,8 @@ def _folder_part(name: str, folder: Path, converted: bool) -> Part:
     config = kind.parse_config(folder / "config.json")
     quantization = read_quantization(folder, name) if converted else None
     try:
+        if converted and has_links(folder):
+            return Part(_what(name, config), _PARAMETERS[name](config), *_linked_weights(folder), quantization)
         files = sorted(folder.glob("*.safetensors")) if converted else weight_files(folder, kind, None, False)
         size, dtypes = _weights(files) if files else (None, [])
     except ConversionError:  # a Hub snapshot holds only what was downloaded

@@ -22,12 +22,15 @@ from ..configs.quantization import Quantization
 from ..configs.unet import UNetConfig
 from ..cpu.heap import reused_heap
 from ..errors import ConversionError, MlxUnetWarning, NonFiniteWarning, WeightsError
+from ..linked import Link, holds_exactly, write_links
 from ..safetensors_io import TensorSpec, write_safetensors
-from ..weights import all_finite, cast_loaded, check_shapes, model_shapes, torch_to_mlx_layout, torch_to_mlx_shape
+from ..finite import all_finite
+from ..weights import cast_loaded, check_shapes, model_shapes, torch_to_mlx_layout, torch_to_mlx_shape
 from .layout import MODEL_INDEX, SCHEDULER_CONFIG, Options
 from .plan import PipelinePlan, Plan, check_widths
 from .quantized import ModelQuantization, choose_quantization, model_quantization, quantized_specs, summary
 from .resolve import check_out_dir_apart, plan_source
+from .sources import SafetensorsSource
 
 OUTPUT_WEIGHTS = "model.safetensors"
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet predicts: the noise, or v (SD 2.x 768)
@@ -160,6 +163,26 @@ def _specs(plan: Plan, expected: dict[str, tuple[int, ...]], nonfinite: list[str
     return specs
 
 
+def linkable(plan: Plan) -> bool:
+    """Whether ``plan``'s model, converted, would hold every value as its safetensors source
+    stores it: what ``convert(link=True)`` links instead of copying."""
+    if not isinstance(plan.source, SafetensorsSource):
+        return False
+    return holds_exactly(plan.dtype, {plan.source.readers[t.key].tensors[t.key].dtype for t in plan.names.values()})
+
+
+def _links(plan: Plan) -> dict[str, Link]:
+    return {name: Link(plan.source.readers[take.key].path, take) for name, take in plan.names.items()}
+
+
+def _write_weights(path: Path, specs: list[TensorSpec], metadata: dict[str, str], show: _Progress,
+                   shown_path: Path) -> None:
+    try:
+        write_safetensors(path, specs, metadata, on_tensor=lambda spec: show(spec.nbytes))
+    except OSError as e:  # a full disk names no file: name the one being written, as it will be called
+        raise OSError(e.errno, e.strerror or str(e), str(shown_path)) from None
+
+
 def _config_dict(plan: Plan, quantized: ModelQuantization | None) -> dict[str, Any]:
     """config.json: the model's, with the quantization in our section where it is quantized."""
     data = plan.kind.config_dict(plan.config)
@@ -206,6 +229,7 @@ def convert(
     q_mode: str = "affine",
     quantize_text_encoders: Quantization | int | str | bool | None = None,
     prediction_type: str | None = None,
+    link: bool = False,
 ) -> ConversionResult:
     """Convert an SD 1.x / 2.x or SDXL pipeline (or, with ``unet_only``, a UNet) to an MLX folder.
 
@@ -229,6 +253,11 @@ def convert(
     ``quantize_text_encoders``: None (default: 8 bits with ``quantize``, in its group size and mode
     family; dense without), 8 or 4 (likewise), a ``Quantization``, or False / "none" (dense). The
     VAE stays dense. Each quantized model's config.json records its settings (``mlx_unet`` section).
+    ``link``: each dense model that converting would leave value for value as the source holds it
+    (safetensors weights all in its dtype, or in a half precision for a float32 model:
+    ``linkable``) is written as a table of where its tensors lie in the source
+    (``mlx_unet.linked``) instead of a copy; loading it reads the source, which must then stay
+    where it is, unchanged. The cache links local sources.
     Raises an ``MlxUnetError`` for unusable input; nothing is written then.
     """
     check_output_options(dtype, vae_dtype, prediction_type)
@@ -267,6 +296,7 @@ def convert(
                                    f"layers can be quantized {wanted.describe()} (none outside the groups kept dense "
                                    f"has an input width that groups of {wanted.group_size} divide)")
     del models
+    linked = {sub for sub, plan in layout.items() if link and sub not in quantized and linkable(plan)}
     if quantization.text_asked and not any(sub in ("text_encoder", "text_encoder_2") for sub in layout):
         dense_notes.append(f"{WARNING}--quantize-text-encoders: the output has no text encoders (the source holds "
                            "only a UNet)")
@@ -277,6 +307,7 @@ def convert(
         log(f"source: {pipeline.description}")
         for sub, plan in layout.items():
             how = f", {quantized[sub].describe()}" if sub in quantized else ""
+            how += ", linked to the source" if sub in linked else ""
             log(f"  {sub}: {plan.description}, {len(plan.names)} tensors -> {plan.dtype}{how}")
     else:
         log(f"source: {planned.description}, {len(planned.names)} {planned.kind.what} tensors")
@@ -290,7 +321,7 @@ def convert(
 
     nonfinite: list[str] = []
     specs = {sub: _specs(plan, expected[sub], nonfinite, f"{sub}/" if sub else "", quantized.get(sub))
-             for sub, plan in layout.items()}
+             for sub, plan in layout.items() if sub not in linked}
     total = sum(spec.nbytes for group in specs.values() for spec in group)
     show = _Progress(total, progress)
 
@@ -303,11 +334,10 @@ def convert(
                         "dtype": plan.dtype}
             if sub in quantized:
                 metadata["quantization"] = quantized[sub].quantization.describe()
-            try:
-                write_safetensors(folder / sub / OUTPUT_WEIGHTS, specs[sub], metadata,
-                                  on_tensor=lambda spec: show(spec.nbytes))
-            except OSError as e:  # a full disk names no file: name the one being written, as it will be called
-                raise OSError(e.errno, e.strerror or str(e), str(out_dir / sub / OUTPUT_WEIGHTS)) from None
+            if sub in linked:
+                write_links(folder / sub, _links(plan), plan.dtype, plan.description)
+            else:
+                _write_weights(folder / sub / OUTPUT_WEIGHTS, specs[sub], metadata, show, out_dir / sub / OUTPUT_WEIGHTS)
             (folder / sub / "config.json").write_text(json.dumps(_config_dict(plan, quantized.get(sub)), indent=2) + "\n")
 
     # Each tensor's buffers (read, laid out, cast, written) are freed before the next: in a reused
@@ -326,6 +356,7 @@ def convert(
     dense_total = sum(math.prod(shape) * DTYPES[plan.dtype].size for sub, plan in layout.items()
                       for shape in expected[sub].values())
     how = f"; dense {dense_total / 1e9:.2f} GB; {summary(written, list(dtypes))}" if written else ""
+    how += f"; {', '.join(sorted(name[sub] for sub in linked))} linked to the source" if linked else ""
     log(f"wrote {out_dir} ({total / 1e9:.2f} GB, {', '.join(sorted(set(dtypes.values())))}{how})")
     configs = {name[sub]: plan.config for sub, plan in layout.items()}
     return ConversionResult(out_dir, configs.get("unet"), sum(len(g) for g in specs.values()), total, nonfinite, notes,

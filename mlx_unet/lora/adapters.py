@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..weights import all_finite
+from ..finite import all_finite
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from ..errors import InputError, MlxUnetError, PipelineError
 from ..jsonfile import read_json
 from ..schedulers import Scheduler, make_scheduler, read_config, shipped_sampler
 from ..schedulers.names import sampler_name
+from ..weights import has_weights
 from .arguments import check_int
 
 MODEL_INDEX = "model_index.json"
@@ -88,7 +89,7 @@ class PipelineFolder:
             stored = read_quantization(folder, "unet")
         except MlxUnetError as e:
             raise PipelineError(f"the UNet in {folder} does not fit {self.path}: {e}") from None
-        if not any(folder.glob("*.safetensors")):
+        if not has_weights(folder):
             raise PipelineError(f"{folder} holds no .safetensors weights; convert the UNet again.")
         quantized = {k: q for k, q in self.quantized.items() if k != "unet"}
         if stored is not None:
@@ -165,7 +166,7 @@ class PipelineFolder:
             raise PipelineError(f"{folder}: {e}") from None
         for name in ("unet", "vae", *(e for _, e in TEXT_PARTS)):
             weights = part(name)
-            if weights is not None and not any(weights.glob("*.safetensors")):
+            if weights is not None and not has_weights(weights):
                 raise PipelineError(f"{weights} holds no .safetensors weights; copy the converted folder whole, "
                                     "or convert it again.")
         return cls(folder, index, unet, vae, encoders, scheduler, {k: q for k, q in stored.items() if q is not None})

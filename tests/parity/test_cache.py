@@ -15,23 +15,25 @@ import huggingface_hub
 import mlx.core as mx
 import pytest
 import torch
-from original_layout import SINGLE_FILE_FAMILIES, sd_single_file
+from original_layout import SINGLE_FILE_FAMILIES, sd_single_file, sdxl_single_file
 from reference import torch_unet
 from reference_text import torch_text_encoder
 from reference_vae import torch_vae
 from safetensors.torch import save_file
 from test_convert import _hub_cache
-from test_convert_pipeline import SMALL_TEXT, expected_listing, listing, tiny_parts, write_pipeline
+from test_convert_pipeline import SMALL_TEXT, expected_listing, listing, make_parts, tiny_parts, write_pipeline
 
 import mlx_unet.cache
 from mlx.utils import tree_flatten
 
-from mlx_unet import CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, VAEConfig
+from mlx_unet import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, VAEConfig
+from mlx_unet.cli.info import describe
 from mlx_unet.cache import RECORD, SPACE_ALLOWANCE, cached_pipeline, converted_pipeline
 from mlx_unet.configs.base import FORMAT_KEY
 from mlx_unet.configs.quantization import Quantization
 from mlx_unet.convert import convert
-from mlx_unet.errors import ConversionError
+from mlx_unet.errors import ConversionError, WeightsError
+from mlx_unet.linked import LINKS
 from mlx_unet.safetensors_io import SafetensorsReader
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,9 +85,10 @@ def test_converted_once_then_reused(tmp_path, base, cache, conversions):
     folder = cached_pipeline(base.source, dtype="float32", progress=False, log=messages.append)
     assert folder.parent == cache and folder.name.startswith("pipe-float32-")
     assert len(conversions) == 1 and messages == [f"converting {base.source} once, into the mlx-unet cache: {folder}"]
-    assert listing(folder) == sorted([*expected_listing(base.parts), RECORD])
+    # A local folder's float32 models in a float32 run are linked, not copied.
+    assert listing(folder) == sorted([*expected_listing(base.parts, LINKS), RECORD])
     # What the cache holds is what convert() writes.
-    convert(base.source, tmp_path / "direct", dtype="float32", progress=False)
+    convert(base.source, tmp_path / "direct", dtype="float32", progress=False, link=True)
     converted = files(folder)
     direct = files(tmp_path / "direct")
     assert {k: v[2] for k, v in converted.items() if k != RECORD} == {k: v[2] for k, v in direct.items()}
@@ -147,7 +150,7 @@ def test_no_cache_converts_into_a_folder_removed_after(tmp_path, base, cache, co
     monkeypatch.setattr("tempfile.tempdir", str(temporary))
     with converted_pipeline(base.source, use_cache=False, dtype="float32", progress=False) as folder:
         assert folder.parent.parent == temporary
-        assert listing(folder) == expected_listing(base.parts)
+        assert listing(folder) == expected_listing(base.parts, LINKS)
         assert FORMAT_KEY in json.loads((folder / "model_index.json").read_text())
     assert list(temporary.iterdir()) == [] and not cache.exists() and len(conversions) == 1
 
@@ -202,38 +205,95 @@ def test_a_single_file_keyed_by_its_resolved_path_size_and_time(tmp_path, cache,
     assert cached_pipeline(path, dtype="float32", progress=False) != folder and len(conversions) == 2
 
 
-def test_a_float32_run_of_a_half_precision_single_file_shares_the_float16_entry(tmp_path, cache, conversions,
-                                                                                monkeypatch):
-    """Every value the models read is a float16: a float32 run's conversion is written in float16 (half
-    the disk), shared with float16 runs, and loaded in float32 it holds what a float32 conversion
-    does. Quantized, the conversion keeps float32: its scales are computed in that dtype."""
-    config = SINGLE_FILE_FAMILIES["sd15"]
-    unet, vae = torch_unet(config, seed=96), torch_vae(VAEConfig.from_preset("sdxl", **SMALL_VAE), seed=97)
-    clip = torch_text_encoder(CLIPTextConfig.from_preset("sdxl-clip-l", **SMALL_TEXT), seed=98)
-    path = tmp_path / "half.safetensors"
-    tensors = sd_single_file(unet.state_dict(), config, clip.state_dict(), vae.state_dict(), open_clip=False)
+@pytest.fixture(scope="module")
+def half_file(tmp_path_factory) -> Path:
+    """A float16 SDXL refiner single file: OpenCLIP's fused and transposed projections, the VAE's
+    1x1 attention kernels and the convolutions all need cutting or laying out as they load."""
+    bigg = CLIPTextConfig.from_preset("sdxl-clip-bigg", **SMALL_TEXT)
+    parts = make_parts(SINGLE_FILE_FAMILIES["sdxl-refiner"], None, bigg, VAEConfig.from_preset("sdxl", **SMALL_VAE), 96)
+    states = {name: model.state_dict() for name, model in parts.models.items()}
+    tensors = sdxl_single_file(states["unet"], parts.configs["unet"], states["text_encoder_2"], states["vae"])
+    path = tmp_path_factory.mktemp("half") / "refiner.safetensors"
     # A float32 tensor that no model reads does not count (Stability's SDXL files hold OpenCLIP's logit_scale).
     save_file({name: value.half().contiguous() for name, value in tensors.items()} | {"logit_scale": torch.ones(())},
               str(path))
-    folder = cached_pipeline(path, dtype="float32", progress=False)
-    assert folder.name.startswith("half-float16-")
-    assert cached_pipeline(path, dtype="float16", progress=False) == folder and len(conversions) == 1
-    convert(path, tmp_path / "float32", dtype="float32", progress=False)
-    for part, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)):
-        ours = dict(tree_flatten(cls.from_pretrained(folder / part, dtype=mx.float32).parameters()))
-        full = dict(tree_flatten(cls.from_pretrained(tmp_path / "float32" / part).parameters()))
-        assert ours.keys() == full.keys()
-        assert all(ours[k].dtype == mx.float32 and mx.array_equal(ours[k], full[k]).item() for k in full), part
-    assert cached_pipeline(path, dtype="float32", quantize=8, progress=False).name.startswith("half-float32-q8-")
+    return path
 
-    def unreadable(*args):
-        raise PermissionError(13, "Permission denied", str(path))
 
-    # A source that cannot be read now keeps the run's dtype: its conversion, if one is needed, then
-    # says what is wrong with it.
-    monkeypatch.setattr(mlx_unet.cache, "plan_source", unreadable)
-    assert mlx_unet.cache._converted_dtype(mlx_unet.cache.locate(path), mlx_unet.cache._settings(
-        "float32", None, None, None, None, False)) == "float32"
+LINKED_PARTS = (("unet", UNet2DConditionModel), ("text_encoder_2", CLIPTextModel), ("vae", AutoencoderKL))
+
+
+def _parameters(folder: Path, cls, **options) -> dict[str, mx.array]:
+    return dict(tree_flatten(cls.from_pretrained(folder, **options).parameters()))
+
+
+def _assert_same_parameters(ours: dict[str, mx.array], copied: dict[str, mx.array], what: str) -> None:
+    assert ours.keys() == copied.keys(), what
+    differ = [k for k in copied if ours[k].dtype != copied[k].dtype or not mx.array_equal(ours[k], copied[k]).item()]
+    assert not differ, (what, differ[:5])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_local_source_is_linked_where_converting_changes_no_value(tmp_path, cache, conversions, half_file, dtype):
+    """Every model of a float16 file keeps its values in a float16 or float32 run (the VAE is float32
+    in both): the entry links them, and they load, with and without the CPU kernels, exactly as
+    their copies do, in the dtype the copy holds."""
+    folder = cached_pipeline(half_file, dtype=dtype, progress=False)
+    copied = convert(half_file, tmp_path / "copy", dtype=dtype, progress=False).out_dir
+    for part, cls in LINKED_PARTS:
+        assert (folder / part / LINKS).is_file() and not list((folder / part).glob("*.safetensors")), part
+        assert (copied / part / "model.safetensors").is_file(), part
+        for kernels in (False, True):
+            _assert_same_parameters(_parameters(folder / part, cls, cpu_kernels=kernels),
+                                    _parameters(copied / part, cls, cpu_kernels=kernels), f"{part}, kernels {kernels}")
+    # info reports a linked model as its copy: its size and dtype as it loads.
+    linked_info, copied_info = describe(folder).parts, describe(copied).parts
+    assert {p: (i.bytes, i.dtypes) for p, i in linked_info.items()} == {p: (i.bytes, i.dtypes) for p, i in copied_info.items()}
+    # Quantizing as it loads reads the links as lazy arrays.
+    _assert_same_parameters(_parameters(folder / "unet", UNet2DConditionModel, quantize=8),
+                            _parameters(copied / "unet", UNet2DConditionModel, quantize=8), "unet, quantized on load")
+
+
+def test_a_linked_bfloat16_file_loads_as_its_copy(tmp_path, half_file):
+    """bfloat16 weights are read as their bits and viewed in MLX: linked, they load (in a
+    bfloat16 and a float32 model) exactly as a copy does."""
+    source = tmp_path / "bf16.safetensors"
+    reader = SafetensorsReader(half_file)
+    tensors = {k: torch.from_numpy(reader.read_numpy(k)) for k in reader.keys()}
+    save_file({k: v.to(torch.bfloat16) if v.dtype == torch.float16 else v for k, v in tensors.items()}, str(source))
+    for dtype in ("bfloat16", "float32"):
+        linked = convert(source, tmp_path / f"linked-{dtype}", dtype=dtype, vae_dtype=dtype, link=True,
+                         progress=False).out_dir
+        copied = convert(source, tmp_path / f"copied-{dtype}", dtype=dtype, vae_dtype=dtype, progress=False).out_dir
+        for part, cls in LINKED_PARTS:
+            assert (linked / part / LINKS).is_file(), (dtype, part)
+            _assert_same_parameters(_parameters(linked / part, cls), _parameters(copied / part, cls), f"{dtype} {part}")
+
+
+def test_what_converting_would_change_is_copied(cache, conversions, half_file):
+    """Rounding (float16 to bfloat16) and quantizing write copies; the float32 VAE beside them is linked."""
+    for options in ({"dtype": "bfloat16"}, {"dtype": "float32", "quantize": 8}):
+        folder = cached_pipeline(half_file, progress=False, **options)
+        for part in ("unet", "text_encoder_2"):
+            assert (folder / part / "model.safetensors").is_file() and not (folder / part / LINKS).exists(), options
+        assert (folder / "vae" / LINKS).is_file(), options
+
+
+def test_a_linked_source_changed_since_is_refused(tmp_path, half_file):
+    source = tmp_path / "refiner.safetensors"
+    shutil.copy2(half_file, source)
+    folder = convert(source, tmp_path / "linked", progress=False, link=True).out_dir
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(WeightsError, match=r"refiner.safetensors has changed since .*linked/vae was made from it .*; "
+                                           r"convert the model again from its source\.$"):
+        AutoencoderKL.from_pretrained(folder / "vae")
+    source.unlink()
+    with pytest.raises(WeightsError, match=r"refiner.safetensors, whose tensors .* reads, cannot be read "):
+        AutoencoderKL.from_pretrained(folder / "vae")
+    (folder / "vae" / LINKS).write_text('{"format": "mlx-unet linked tensors 1", "dtype": "float32"}')
+    with pytest.raises(WeightsError, match=r"linked_tensors.json is not a table mlx-unet wrote \('files'\); "):
+        AutoencoderKL.from_pretrained(folder / "vae")
 
 
 # ---------------------------------------------------------------------- the Hub
@@ -288,24 +348,27 @@ def test_hub_repo_online_resolves_the_revision_once(tmp_path, base, cache, conve
 
 # ---------------------------------------------------------------------- interruptions and races
 
-# Converts into the cache; the first model file written, it waits (for RESUME, a file, to appear)
-# so that the test signals it, or starts a second process, while the conversion is half done.
+# Converts into the cache; the first model's weights (copied or linked) written, it waits (for
+# RESUME, a file, to appear) so that the test signals it, or starts a second process, while the
+# conversion is half done.
 CHILD = """
 import os, sys, time
 from pathlib import Path
 import mlx_unet.convert.writer as writer
 from mlx_unet.cache import cached_pipeline
 
-write, resume = writer.write_safetensors, Path(os.environ["RESUME"])
-def write_then_wait(path, *args, **kwargs):
-    write(path, *args, **kwargs)
-    if not hasattr(write_then_wait, "waited"):
-        write_then_wait.waited = True
-        print("written", flush=True)
-        deadline = time.monotonic() + 60
-        while not resume.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-writer.write_safetensors = write_then_wait
+resume = Path(os.environ["RESUME"])
+def then_wait(write):
+    def write_then_wait(path, *args, **kwargs):
+        write(path, *args, **kwargs)
+        if not hasattr(then_wait, "waited"):
+            then_wait.waited = True
+            print("written", flush=True)
+            deadline = time.monotonic() + 60
+            while not resume.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+    return write_then_wait
+writer.write_safetensors, writer.write_links = then_wait(writer.write_safetensors), then_wait(writer.write_links)
 print(cached_pipeline(sys.argv[1], dtype="float32", progress=False, log=lambda m: print(m, flush=True)), flush=True)
 """
 
@@ -343,7 +406,7 @@ def test_an_interrupted_conversion_leaves_no_entry(tmp_path, base, cache, conver
         assert len(partial) == 1 and partial[0].endswith(".partial")  # a killed process cleans nothing
 
     folder = cached_pipeline(base.source, dtype="float32", progress=False)
-    assert len(conversions) == 1 and listing(folder) == sorted([*expected_listing(base.parts), RECORD])
+    assert len(conversions) == 1 and listing(folder) == sorted([*expected_listing(base.parts, LINKS), RECORD])
     assert [p.name for p in cache.iterdir() if p.is_dir()] == [folder.name]  # the killed one's partial folder is gone
 
 

@@ -177,8 +177,9 @@ def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def expected_listing(parts: Parts) -> list[str]:
-    models = [f"{n}/{f}" for n in parts.configs for f in ("config.json", "model.safetensors")]
+def expected_listing(parts: Parts, weights: str = "model.safetensors") -> list[str]:
+    """``weights``: each model's weights file (a linked conversion's: its table)."""
+    models = [f"{n}/{f}" for n in parts.configs for f in ("config.json", weights)]
     tokenizers = [f"{t}/{f}" for t in ("tokenizer", "tokenizer_2") if t != "tokenizer" or not parts.refiner
                   for f in ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")]
     return sorted([*models, *tokenizers, "model_index.json", "scheduler/scheduler_config.json"])

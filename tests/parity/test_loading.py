@@ -10,7 +10,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from reference import make_inputs, mlx_weights, relative_error, run_mlx, run_torch, tiny_config, torch_unet
 
 from mlx_unet import ConfigError, UNet2DConditionModel, WeightsError, cpu
-from mlx_unet.weights import _all_finite, all_finite, load_weights, weight_layouts
+from mlx_unet.finite import all_finite, stored_finite
+from mlx_unet.weights import load_weights, weight_layouts
 
 
 @pytest.fixture(scope="module")
@@ -190,12 +191,12 @@ def test_the_finite_check_finds_every_nonfinite_value(stored):
     def stored_as(array: mx.array) -> np.ndarray:  # what the reader gives: half precision as its bits
         return np.array(array.view(mx.uint16) if stored == "BF16" else array)
 
-    assert _all_finite(stored_as(finite), stored) and _all_finite(stored_as(finite[:0]), stored)
+    assert stored_finite(stored_as(finite), stored) and stored_finite(stored_as(finite[:0]), stored)
     # all_finite checks MLX arrays the same way (a converted tensor, say): strided views too.
     assert all_finite(finite).item() and all_finite(finite[:0]).item()
     assert all_finite(mx.broadcast_to(finite, (3, 6)).T).item()
     for bad in (mx.nan, mx.inf, -mx.inf, -mx.nan):
         for at in (0, 3, 5):
             values = mx.concatenate([finite[:at], mx.array([bad], dtype), finite[at:]])
-            assert not _all_finite(stored_as(values), stored), (bad, at)
+            assert not stored_finite(stored_as(values), stored), (bad, at)
             assert not all_finite(values).item() and not all_finite(mx.tile(values, (2, 1)).T).item(), (bad, at)
