@@ -1,15 +1,17 @@
 """Loading a converted pipeline's parts against reading their files into memory, in one process.
 
     python benchmarks/bench_load.py --model DIR                 # a folder mlx-unet convert wrote
+    python benchmarks/bench_load.py --model ~/.cache/mlx-unet/ENTRY   # a cache entry (linked parts too)
     python benchmarks/bench_load.py --model DIR --parts unet --repeats 3
     python benchmarks/bench_load.py --quick                     # the demo pipeline: checks the benchmark runs
 
-Per part (UNet, text encoders, VAE), alternately: "read" reads every weights file of the part
-into fresh memory with numpy (``np.fromfile``: what any loader must at least do, the page faults
-of fresh memory included), "load" is the part's ``from_pretrained`` (headers and shapes checked,
-every tensor read, checked for NaN and inf, laid out for the CPU kernels and copied into MLX).
-The median of --repeats each, and load over read. "cached read" is the files read into one
-reused buffer (what ``cat FILE > /dev/null`` measures: no fresh memory). Memory is given back
+Per part (UNet, text encoders, VAE), alternately: "read" reads the part's weights into fresh
+memory with numpy (what any loader must at least do, the page faults of fresh memory included):
+every weights file of a copied part, and the bytes of the source tensors a linked part names
+(``mlx_unet.linked``: its share of a single file, say); "load" is the part's ``from_pretrained``
+(headers and shapes checked, every tensor read, checked for NaN and inf, laid out for the CPU
+kernels and copied into MLX). The median of --repeats each, and load over read. "cached read" is
+the same bytes read into one reused buffer (what ``cat FILE > /dev/null`` measures: no fresh memory). Memory is given back
 between runs (MLX's cache and the C heap). On a virtual machine the first touch of fresh memory
 can cost more than the reading: both columns pay it, and it varies from run to run.
 """
@@ -34,6 +36,7 @@ import numpy as np  # noqa: E402
 
 from mlx_unet import AutoencoderKL, CLIPTextModel, UNet2DConditionModel  # noqa: E402
 from mlx_unet.demo import demo_pipeline  # noqa: E402
+from mlx_unet.linked import has_links, read_links  # noqa: E402
 
 LOADERS = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModel,
            "vae": AutoencoderKL}
@@ -47,20 +50,43 @@ def give_back() -> None:
         _LIBC.malloc_trim(0)
 
 
-def read_files(files: list[Path]) -> float:
+def weight_ranges(folder: Path) -> list[tuple[Path, int, int]]:
+    """The byte ranges a part's weights take: its files whole, or the source tensors it links."""
+    if has_links(folder):
+        links, _ = read_links(folder)
+        ranges = set()
+        for reader, take in links.values():
+            info = reader.tensors[take.key]
+            index, count = take.rows or (0, 1)
+            block = (info.end - info.begin) // count
+            ranges.add((reader.path, info.begin + index * block, info.begin + (index + 1) * block))
+        return sorted(ranges)
+    return [(file, 0, file.stat().st_size) for file in sorted(folder.glob("*.safetensors"))]
+
+
+def _read_into(ranges: list[tuple[Path, int, int]], buffer: np.ndarray, reuse: bool) -> None:
+    offset = 0
+    for path, begin, end in ranges:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(begin)
+            start = 0 if reuse else offset
+            f.readinto(memoryview(buffer)[start:start + end - begin])
+        offset += end - begin
+
+
+def read_files(ranges: list[tuple[Path, int, int]]) -> float:
     start = time.perf_counter()
-    arrays = [np.fromfile(file, dtype=np.uint8) for file in files]
+    arrays = np.empty(sum(end - begin for _, begin, end in ranges), np.uint8)  # fresh memory, as np.fromfile's
+    _read_into(ranges, arrays, reuse=False)
     seconds = time.perf_counter() - start
     del arrays
     return seconds
 
 
-def cached_read(files: list[Path]) -> float:
-    buffer = np.empty(max(file.stat().st_size for file in files), np.uint8)
+def cached_read(ranges: list[tuple[Path, int, int]]) -> float:
+    buffer = np.empty(max(end - begin for _, begin, end in ranges), np.uint8)
     start = time.perf_counter()
-    for file in files:
-        with open(file, "rb", buffering=0) as f:
-            f.readinto(memoryview(buffer)[:file.stat().st_size])
+    _read_into(ranges, buffer, reuse=True)
     return time.perf_counter() - start
 
 
@@ -85,13 +111,13 @@ def main(argv=None) -> int:
     repeats = 1 if args.quick else args.repeats
     with demo_pipeline() if args.quick else nullcontext(args.model) as model:
         print(f"{model}: MLX {mx.__version__} ({mx.default_device()}, {mlx_unet.cpu.blas.loaded or 'its own BLAS'})")
-        print(f"{'part':<16} {'GB':>6} {'read s':>7} {'GB/s':>5} {'load s':>7} {'load/read':>9} {'cached read s':>13}")
+        print(f"{'part':<24} {'GB':>6} {'read s':>7} {'GB/s':>5} {'load s':>7} {'load/read':>9} {'cached read s':>13}")
         for part in args.parts:
             folder = model / part
-            files = sorted(folder.glob("*.safetensors"))
-            if not files:
+            if not folder.is_dir():
                 continue
-            size = sum(file.stat().st_size for file in files) / 1e9
+            files = weight_ranges(folder)
+            size = sum(end - begin for _, begin, end in files) / 1e9
             cached_read(files)  # into the page cache, so that neither side reads the disk
             reads, loads = [], []
             for _ in range(repeats):
@@ -100,7 +126,8 @@ def main(argv=None) -> int:
                 loads.append(load(part, folder))
                 give_back()
             read, loaded = statistics.median(reads), statistics.median(loads)
-            print(f"{part:<16} {size:6.2f} {read:7.2f} {size / read:5.2f} {loaded:7.2f} {loaded / read:9.2f} "
+            label = f"{part} (linked)" if has_links(folder) else part
+            print(f"{label:<24} {size:6.2f} {read:7.2f} {size / read:5.2f} {loaded:7.2f} {loaded / read:9.2f} "
                   f"{cached_read(files):13.2f}", flush=True)
     return 0
 
