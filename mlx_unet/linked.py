@@ -67,7 +67,10 @@ def write_links(folder: Path, links: dict[str, Link], dtype: str, source: str) -
             entry["squeeze"] = True
         tensors[name] = entry
     table = {"format": FORMAT, "dtype": dtype, "source": source, "files": files, "tensors": tensors}
-    (folder / LINKS).write_text(json.dumps(table, indent=1) + "\n")
+    with open(folder / LINKS, "w") as f:
+        f.write(json.dumps(table, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # as a copy's weights are: on disk before the folder is renamed into place
 
 
 def read_links(folder: Path) -> tuple[dict[str, tuple[SafetensorsReader, Take]], str]:
