@@ -50,19 +50,36 @@ def _big_unet(tmp_path: Path) -> Path:
     return write_diffusers_unet(tmp_path / "big", config)
 
 
+# The mlx-unet command, its conversion held after the first tensor is written (for a minute, or
+# until a signal ends it): a signal then lands mid-write however slowly the test polls.
+HELD_CONVERSION = """
+import sys, time
+import mlx_unet.convert.writer as writer
+from mlx_unet.cli import main
+
+write = writer.write_safetensors
+def held(path, specs, metadata=None, on_tensor=None):
+    def written(spec):
+        on_tensor(spec)
+        time.sleep(60)
+    write(path, specs, metadata, on_tensor=written)
+writer.write_safetensors = held
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
                          ids=["SIGTERM", "SIGINT"])
 def test_a_conversion_killed_mid_write_leaves_nothing(tmp_path, signum):
-    source = _big_unet(tmp_path)
+    source = write_diffusers_unet(tmp_path / "unet", TINY)
     out = tmp_path / "new" / "deeper" / "out"  # its parents too are made by the conversion
     # SIGINT at its default in the child: a shell runs background jobs with it ignored (inherited),
     # and Python then installs no KeyboardInterrupt handler, as for any command started so.
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_unet", "convert", str(source), str(out), "--dtype",
+    proc = subprocess.Popen([sys.executable, "-c", HELD_CONVERSION, "convert", str(source), str(out), "--dtype",
                              "float32", "--quiet"], stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
-    # Signalled once the weights have started to be written (well before they are done): the glob
-    # of a missing folder is empty.
+    # Signalled once the weights have started to be written: the glob of a missing folder is empty.
     while not any(f.stat().st_size for f in out.parent.glob(".out.*.partial/*.safetensors")):
         assert proc.poll() is None and time.monotonic() < deadline, "the conversion ended before it was signalled"
         time.sleep(0.002)
