@@ -6,9 +6,9 @@ The cache links a local source's models where converting them would change no va
 source's tensors are all in the model's dtype, or in a half precision that it holds exactly
 (``holds_exactly``). Loading then reads the source itself and lays each tensor out as it goes
 (``weights.StoredTensor``): PyTorch's convolution layout, and OpenCLIP's fused or transposed
-projections (``naming.Take``). An SDXL entry takes a few hundred KB, where a copy took 7 GB. The
-table records each file's size and modification time, and a file
-changed since is refused, never read as the model.
+projections (``naming.Take``). An SDXL entry's tables take a few hundred KB, where a copy took
+7 GB. Each table records its files' sizes and modification times, and a file changed since is
+refused, never read as the model.
 """
 
 from __future__ import annotations

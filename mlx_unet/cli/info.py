@@ -61,6 +61,7 @@ class Part:
     bytes: int | None  # of its weights; None where they are not on this machine
     dtypes: list[str]  # the floating dtypes its weights are stored in
     quantization: Quantization | None = None
+    linked: bool = False  # read from its source where it lies (``mlx_unet.linked``), not a copy
 
 
 def lora_mode(name: str, part: Part) -> str | None:
@@ -138,7 +139,7 @@ def _folder_part(name: str, folder: Path, converted: bool) -> Part:
     quantization = read_quantization(folder, name) if converted else None
     try:
         if converted and has_links(folder):
-            return Part(_what(name, config), _PARAMETERS[name](config), *_linked_weights(folder), quantization)
+            return Part(_what(name, config), _PARAMETERS[name](config), *_linked_weights(folder), quantization, True)
         files = sorted(folder.glob("*.safetensors")) if converted else weight_files(folder, kind, None, False)
         size, dtypes = _weights(files) if files else (None, [])
     except ConversionError:  # a Hub snapshot holds only what was downloaded
@@ -282,7 +283,8 @@ def _storage(part: Part) -> str:
     if part.bytes is None:
         return "weights not here"
     quantized = f", {part.quantization.describe()}" if part.quantization else ""
-    return f"{_scaled(part.bytes, 'B')} {', '.join(part.dtypes) or 'dtype unknown'}{quantized}"
+    linked = ", linked to its source" if part.linked else ""
+    return f"{_scaled(part.bytes, 'B')} {', '.join(part.dtypes) or 'dtype unknown'}{quantized}{linked}"
 
 
 def format_info(info: ModelInfo) -> str:

@@ -27,7 +27,7 @@ import mlx_unet.cache
 from mlx.utils import tree_flatten
 
 from mlx_unet import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, VAEConfig
-from mlx_unet.cli.info import describe
+from mlx_unet.cli.info import describe, format_info
 from mlx_unet.cache import RECORD, SPACE_ALLOWANCE, cached_pipeline, converted_pipeline
 from mlx_unet.configs.base import FORMAT_KEY
 from mlx_unet.configs.quantization import Quantization
@@ -247,8 +247,12 @@ def test_a_local_source_is_linked_where_converting_changes_no_value(tmp_path, ca
             _assert_same_parameters(_parameters(folder / part, cls, cpu_kernels=kernels),
                                     _parameters(copied / part, cls, cpu_kernels=kernels), f"{part}, kernels {kernels}")
     # info reports a linked model as its copy: its size and dtype as it loads.
-    linked_info, copied_info = describe(folder).parts, describe(copied).parts
-    assert {p: (i.bytes, i.dtypes) for p, i in linked_info.items()} == {p: (i.bytes, i.dtypes) for p, i in copied_info.items()}
+    linked_info, copied_info = describe(folder), describe(copied)
+    assert {p: (i.bytes, i.dtypes) for p, i in linked_info.parts.items()} == \
+        {p: (i.bytes, i.dtypes) for p, i in copied_info.parts.items()}
+    assert all(part.linked for part in linked_info.parts.values())
+    assert not any(part.linked for part in copied_info.parts.values())
+    assert format_info(linked_info).count(", linked to its source") == 3
     # Quantizing as it loads reads the links as lazy arrays.
     _assert_same_parameters(_parameters(folder / "unet", UNet2DConditionModel, quantize=8),
                             _parameters(copied / "unet", UNet2DConditionModel, quantize=8), "unet, quantized on load")
