@@ -221,6 +221,9 @@ def half_file(tmp_path_factory) -> Path:
 
 
 LINKED_PARTS = (("unet", UNet2DConditionModel), ("text_encoder_2", CLIPTextModel), ("vae", AutoencoderKL))
+# The linked-entry tests share half_file and none of the module's other fixtures: a group of their
+# own, which --dist loadgroup can run beside the rest of the module.
+LINKED = pytest.mark.xdist_group("test_cache_linked")
 
 
 def _parameters(folder: Path, cls, **options) -> dict[str, mx.array]:
@@ -233,6 +236,7 @@ def _assert_same_parameters(ours: dict[str, mx.array], copied: dict[str, mx.arra
     assert not differ, (what, differ[:5])
 
 
+@LINKED
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_a_local_source_is_linked_where_converting_changes_no_value(tmp_path, cache, conversions, half_file, dtype):
     """Every model of a float16 file keeps its values in a float16 or float32 run (the VAE is float32
@@ -258,6 +262,8 @@ def test_a_local_source_is_linked_where_converting_changes_no_value(tmp_path, ca
                             _parameters(copied / "unet", UNet2DConditionModel, quantize=8), "unet, quantized on load")
 
 
+@LINKED
+@pytest.mark.slow  # a variant: float16 files are linked in the fast tier
 def test_a_linked_bfloat16_file_loads_as_its_copy(tmp_path, half_file):
     """bfloat16 weights are read as their bits and viewed in MLX: linked, they load (in a
     bfloat16 and a float32 model) exactly as a copy does."""
@@ -274,6 +280,7 @@ def test_a_linked_bfloat16_file_loads_as_its_copy(tmp_path, half_file):
             _assert_same_parameters(_parameters(linked / part, cls), _parameters(copied / part, cls), f"{dtype} {part}")
 
 
+@LINKED
 def test_what_converting_would_change_is_copied(cache, conversions, half_file):
     """Rounding (float16 to bfloat16) and quantizing write copies; the float32 VAE beside them is linked."""
     for options in ({"dtype": "bfloat16"}, {"dtype": "float32", "quantize": 8}):
@@ -283,6 +290,7 @@ def test_what_converting_would_change_is_copied(cache, conversions, half_file):
         assert (folder / "vae" / LINKS).is_file(), options
 
 
+@LINKED
 def test_a_linked_source_changed_since_is_refused(tmp_path, half_file):
     source = tmp_path / "refiner.safetensors"
     shutil.copy2(half_file, source)
