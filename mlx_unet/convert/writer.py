@@ -357,7 +357,8 @@ def convert(
                       for shape in expected[sub].values())
     how = f"; dense {dense_total / 1e9:.2f} GB; {summary(written, list(dtypes))}" if written else ""
     how += f"; {', '.join(sorted(name[sub] for sub in linked))} linked to the source" if linked else ""
-    log(f"wrote {out_dir} ({total / 1e9:.2f} GB, {', '.join(sorted(set(dtypes.values())))}{how})")
+    size = f"{total / 1e9:.2f} GB, " if specs else ""  # none where every model is linked
+    log(f"wrote {out_dir} ({size}{', '.join(sorted(set(dtypes.values())))}{how})")
     configs = {name[sub]: plan.config for sub, plan in layout.items()}
     return ConversionResult(out_dir, configs.get("unet"), sum(len(g) for g in specs.values()), total, nonfinite, notes,
                             configs, dtypes, {c: q.quantization for c, q in written.items()})
