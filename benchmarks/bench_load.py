@@ -54,13 +54,7 @@ def weight_ranges(folder: Path) -> list[tuple[Path, int, int]]:
     """The byte ranges a part's weights take: its files whole, or the source tensors it links."""
     if has_links(folder):
         links, _ = read_links(folder)
-        ranges = set()
-        for reader, take in links.values():
-            info = reader.tensors[take.key]
-            index, count = take.rows or (0, 1)
-            block = (info.end - info.begin) // count
-            ranges.add((reader.path, info.begin + index * block, info.begin + (index + 1) * block))
-        return sorted(ranges)
+        return sorted({(reader.path, *reader.byte_range(take.key, take.rows)) for reader, take in links.values()})
     return [(file, 0, file.stat().st_size) for file in sorted(folder.glob("*.safetensors"))]
 
 

@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from .errors import WeightsError
@@ -54,7 +55,8 @@ def write_links(folder: Path, links: dict[str, Link], dtype: str, source: str) -
     """``folder``'s table for ``links``, the model held in ``dtype`` (``source``: a description)."""
     paths = sorted({link.path.resolve() for link in links.values()})
     index = {path: i for i, path in enumerate(paths)}
-    files = [{"path": str(path), "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns} for path in paths]
+    stats = [path.stat() for path in paths]
+    files = [{"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns} for path, st in zip(paths, stats)]
     tensors = {}
     for name in sorted(links):
         link = links[name]
@@ -107,7 +109,7 @@ def _checked_file(path: Path, size: int, mtime_ns: int, folder: Path) -> Path:
     except OSError as e:
         raise WeightsError(f"{path}, whose tensors {folder} reads, cannot be read ({e.strerror or e}); put it back, "
                            f"or {_AGAIN}.") from None
-    if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns) or not os.path.isfile(path):
+    if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns) or not S_ISREG(stat.st_mode):
         raise WeightsError(f"{path} has changed since {folder} was made from it (its size or modification time "
                            f"differs), so its tensors may not be the model's; {_AGAIN}.")
     return path

@@ -171,11 +171,8 @@ class SafetensorsReader:
         n)``: the i-th of n equal blocks of rows alone (the first axis must divide by n)."""
         info = self.tensors[name]
         dtype = np.dtype(_DTYPES[info.dtype][0])
-        begin, end, shape = info.begin, info.end, info.shape
-        if rows is not None:
-            index, count = rows
-            block = (end - begin) // count
-            begin, end, shape = begin + index * block, begin + (index + 1) * block, (shape[0] // count, *shape[1:])
+        begin, end = self.byte_range(name, rows)
+        shape = info.shape if rows is None else (info.shape[0] // rows[1], *info.shape[1:])
         if buffer is None:
             out = np.empty(shape, dtype=dtype)
         else:
@@ -185,6 +182,16 @@ class SafetensorsReader:
             if f.readinto(memoryview(out.reshape(-1)).cast("B")) != end - begin:
                 raise WeightsError(f"{self.path} is truncated while reading {name!r}.")
         return out
+
+    def byte_range(self, name: str, rows: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Where tensor ``name`` lies in the file (absolute offsets, end excluded); ``rows``: its
+        i-th of n equal blocks of rows, as ``read_numpy`` takes them."""
+        info = self.tensors[name]
+        if rows is None:
+            return info.begin, info.end
+        index, count = rows
+        block = (info.end - info.begin) // count
+        return info.begin + index * block, info.begin + (index + 1) * block
 
     def read(self, name: str) -> mx.array:
         info = self.tensors[name]

@@ -36,6 +36,10 @@ from .safetensors_io import SafetensorsReader
 _RECONVERT = "convert the model again with mlx-unet convert"
 
 
+# PyTorch holds a convolution kernel as (out, in, kh, kw), MLX as (out, kh, kw, in).
+_CONV_TO_MLX = (0, 2, 3, 1)
+
+
 def torch_to_mlx_layout(array):
     """A PyTorch-layout parameter (numpy or MLX array) in MLX layout: conv kernels OIHW -> OHWI.
 
@@ -44,13 +48,13 @@ def torch_to_mlx_layout(array):
     it until ``load_weights`` lays it out."""
     if array.ndim != 4:
         return array
-    moved = array.transpose(0, 2, 3, 1)
+    moved = array.transpose(_CONV_TO_MLX)
     return np.ascontiguousarray(moved) if isinstance(moved, np.ndarray) else moved
 
 
 def torch_to_mlx_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape ``torch_to_mlx_layout`` gives a tensor of ``shape``."""
-    return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else tuple(shape)
+    return tuple(shape[a] for a in _CONV_TO_MLX) if len(shape) == 4 else tuple(shape)
 
 
 def _names(keys, limit: int = 5) -> str:
@@ -160,6 +164,13 @@ def loaded_dtype(read: mx.Dtype, dtype: mx.Dtype | None, float32_if_half: bool) 
     return mx.float32 if float32_if_half and (dtype or read) in HALF else dtype or read
 
 
+def taken_parameter(stored, take: Take, dtype: mx.Dtype) -> mx.array:
+    """The parameter ``take`` cuts from ``stored`` (a PyTorch-layout MLX array, as a source holds
+    it), in MLX's layout and ``dtype``: what a conversion writes, and what a linked folder's tensor
+    gives read lazily."""
+    return cast_loaded(torch_to_mlx_layout(take.apply(stored)), dtype, False)
+
+
 def _set_parameter(model: nn.Module, name: str, value: mx.array) -> None:
     """``model``'s parameter ``name`` (a checked one) set to ``value``: 2 us, where building a
     one-entry tree for ``model.update`` took 27-34 us a tensor (the test suite loads 150 K)."""
@@ -212,7 +223,7 @@ def _in_mlx_layout(values: np.ndarray, buffer: np.ndarray) -> np.ndarray:
     """A PyTorch-layout parameter (a view, as ``Take`` cuts it) in MLX's layout, contiguous,
     copied into ``buffer`` where it is not so already."""
     if values.ndim == 4:
-        values = values.transpose(0, 2, 3, 1)
+        values = values.transpose(_CONV_TO_MLX)
     if values.flags.c_contiguous:
         return values
     out = buffer[:values.nbytes].view(values.dtype).reshape(values.shape)
@@ -335,8 +346,7 @@ def _read_links(folder: Path, lazy: bool) -> dict[str, mx.array | StoredTensor]:
         # Loaded in the order the source holds them: one pass through each file, as a copy is read.
         return dict(sorted(stored.items(), key=lambda item: (str(item[1].reader.path), item[1].offset)))
     files = {path: mx.load(str(path)) for path in {reader.path for reader, _ in links.values()}}
-    return {name: cast_loaded(torch_to_mlx_layout(take.apply(files[reader.path][take.key])), held, False)
-            for name, (reader, take) in links.items()}
+    return {name: taken_parameter(files[reader.path][take.key], take, held) for name, (reader, take) in links.items()}
 
 
 def has_weights(folder: Path) -> bool:

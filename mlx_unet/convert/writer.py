@@ -25,7 +25,7 @@ from ..errors import ConversionError, MlxUnetWarning, NonFiniteWarning, WeightsE
 from ..linked import Link, holds_exactly, write_links
 from ..safetensors_io import TensorSpec, write_safetensors
 from ..finite import all_finite
-from ..weights import cast_loaded, check_shapes, model_shapes, torch_to_mlx_layout, torch_to_mlx_shape
+from ..weights import check_shapes, model_shapes, taken_parameter, torch_to_mlx_shape
 from .layout import MODEL_INDEX, SCHEDULER_CONFIG, Options
 from .plan import PipelinePlan, Plan, check_widths
 from .quantized import ModelQuantization, choose_quantization, model_quantization, quantized_specs, summary
@@ -147,7 +147,7 @@ def _specs(plan: Plan, expected: dict[str, tuple[int, ...]], nonfinite: list[str
     def produce(name: str) -> Callable[[], mx.array]:
         def read() -> mx.array:
             take = plan.names[name]
-            array = cast_loaded(torch_to_mlx_layout(take.apply(plan.source.read(take.key))), target, False)
+            array = taken_parameter(plan.source.read(take.key), take, target)
             if not all_finite(array).item():
                 nonfinite.append(label + name)
             return array
