@@ -117,7 +117,9 @@ def test_plain_path_counts_the_whole_attention_matrix():
 def test_refusal_names_estimate_budget_and_a_size_that_fits(tiny_pipeline, monkeypatch):
     monkeypatch.setenv(memory.BUDGET_ENV, "8")
     configs = _configs(tiny_pipeline)
-    run = RUN | {"dtype": mx.float16, "vae_dtype": mx.float16}
+    # On the CPU kernels' path, whatever MLX_UNET_CPU_KERNELS says: its chunked attention is what
+    # lets a tiled 8192 px run fit in 8 GiB.
+    run = RUN | {"dtype": mx.float16, "vae_dtype": mx.float16, "cpu_kernels": True}
     with pytest.raises(InputError) as caught:
         memory.check_run_fits(*configs, height=8192, width=8192, **run)
     message = str(caught.value)
@@ -175,15 +177,16 @@ def test_the_command_refuses_what_cannot_fit_before_loading(tiny_pipeline, tmp_p
     """The issue's repro: ``generate --height 8192 --width 8192`` on the tiny model, refused at start-up
     with exit code 2 in one line that gives the estimate, the budget and what would fit. At an 8 GiB
     budget the denoising fits and the whole decode does not (--no-tile-vae), so tiling is one way
-    out; by default the decode is tiled by need, and the run fits."""
-    env = {**os.environ, memory.BUDGET_ENV: "8"}
+    out; by default the decode is tiled by need, and the run fits. On the CPU kernels' path, whatever
+    the environment says: its chunked attention is what lets the tiled run fit."""
+    env = {**os.environ, memory.BUDGET_ENV: "8", ENV_SWITCH: "1"}
     out = tmp_path / "big.png"
     proc = run_cli("generate", PROMPT, "--model", str(tiny_pipeline), "-o", str(out), "--steps", "2",
                    "--height", "8192", "--width", "8192", "--no-tile-vae", "--quiet", env=env, timeout=60)
     line = assert_user_error(proc, "8192x8192 image needs about", f"8 GiB {memory.BUDGET_ENV}", "--tile-vae")
     assert re.search(r"at most about \d+x\d+ fits", line), line
     assert list(tmp_path.iterdir()) == []
-    configs, run = _configs(tiny_pipeline), RUN | {"tiled_vae": None, "release_unet": True}
+    configs, run = _configs(tiny_pipeline), RUN | {"tiled_vae": None, "release_unet": True, "cpu_kernels": True}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(memory.BUDGET_ENV, "8")
         assert memory.check_run_fits(*configs, height=8192, width=8192, **run).peak <= 8 * memory.GIB

@@ -109,9 +109,10 @@ def test_a_half_precision_unet_is_loaded_once_in_half_precision_and_never_widene
     """On the CPU kernels a half-precision pipeline's UNet loads in half precision and computes in
     float32 (``cpu.widen``): no run widens or narrows it, released after it or not, and the
     images are the same."""
-    from mlx_unet.cpu import widen
+    from mlx_unet.cpu import ENV_SWITCH, widen
     from mlx_unet.pipelines import diffusion, run as run_settings
 
+    monkeypatch.setenv(ENV_SWITCH, "1")  # the kernels' path, whatever the environment says
     loads, load_unet = [], diffusion._load_unet
     monkeypatch.setattr(diffusion, "_load_unet", lambda parts, dtype, q: loads.append(dtype) or load_unet(parts, dtype, q))
     run = dict(height=64, width=64, steps=2, seed=3)

@@ -87,9 +87,9 @@ def test_a_half_text_encoder_on_the_kernels_computes_as_its_float32_copy():
     config = CLIPTextConfig.from_preset("sdxl-clip-bigg", num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                                         num_attention_heads=2, projection_dim=32, vocab_size=1000)
     mx.random.seed(4)
-    half = cpu.prepare(_rounded(CLIPTextModel(config), mx.float16))
+    half = cpu.prepare(_rounded(CLIPTextModel(config), mx.float16), cpu_kernels=True)
     mx.random.seed(4)
-    copy = cpu.prepare(_rounded(CLIPTextModel(config), mx.float32))
+    copy = cpu.prepare(_rounded(CLIPTextModel(config), mx.float32), cpu_kernels=True)
     assert half.dtype == mx.float32 and widen.half_parameters(half)
     ids = mx.array(np.random.default_rng(5).integers(0, 1000, (2, 77)))
     for ours, expected in zip(half(ids), copy(ids)):
