@@ -1,8 +1,9 @@
-"""Our VAE decode and encode against diffusers' AutoencoderKL, in one process, float32.
+"""Our VAE decode and encode against diffusers' AutoencoderKL (or AutoencoderTiny), in one process, float32.
 
     python benchmarks/bench_vae.py                                   # SDXL's VAE, decode and encode, 512 and 1024 px
     python benchmarks/bench_vae.py --size 512 --what decode --repeats 5
-    python benchmarks/bench_vae.py --quick                           # tiny VAE, 64 px: checks the benchmark runs
+    python benchmarks/bench_vae.py --vae tiny                        # the tiny VAE (TAESD, TAESDXL), 512 and 1024 px
+    python benchmarks/bench_vae.py --quick                           # a small VAE, 64 px: checks the benchmark runs
 
 Both sides get the same seeded random weights (every parameter drawn, so that each one matters;
 built in diffusers, handed to ours tensor by tensor), the same inputs (latents from a normal
@@ -39,26 +40,38 @@ import torch_reference  # benchmarks/: numpy and torch only, so diffusers is sti
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The architecture fields of diffusers' config for each VAE benchmarked: SDXL's published
-# vae/config.json, and a tiny variant of it for --quick (mlx_unet's VAE presets, checked equal
-# once mlx_unet is imported: it cannot be before diffusers is timed).
+# The architecture fields of diffusers' config for each VAE benchmarked, by --vae and then by
+# preset: SDXL's published vae/config.json, TAESD's (AutoencoderTiny's defaults), and a small
+# variant of each for --quick (mlx_unet's presets of the same names, checked equal once mlx_unet is
+# imported: it cannot be before diffusers is timed).
+_SDXL = {"block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+         "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 2, "latent_channels": 4,
+         "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 ARCHITECTURES = {
-    "sdxl": {"block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-             "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 2, "latent_channels": 4,
-             "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+    "kl": {"sdxl": _SDXL, "tiny": {**_SDXL, "block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8,
+                                   "sample_size": 128, "force_upcast": False}},
+    "tiny": {"taesd": {}, "tiny": {"encoder_block_out_channels": [8] * 4, "decoder_block_out_channels": [8] * 4,
+                                   "num_encoder_blocks": [1, 2, 1, 1], "num_decoder_blocks": [1, 2, 1, 1]}},
 }
-ARCHITECTURES["tiny"] = {**ARCHITECTURES["sdxl"], "block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8,
-                         "sample_size": 128, "force_upcast": False}
+# Per --vae: diffusers' class and ours (the model, then its config), by name.
+CLASSES = {"kl": ("AutoencoderKL", "AutoencoderKL", "VAEConfig"),
+           "tiny": ("AutoencoderTiny", "AutoencoderTiny", "TinyVAEConfig")}
 
 
 # ---------------------------------------------------------------------- diffusers' side
 
 
-def random_vae(architecture: dict, seed: int) -> torch.nn.Module:
-    """diffusers' AutoencoderKL with every parameter drawn from ``seed`` (``torch_reference.random_module``)."""
-    from diffusers import AutoencoderKL
+def random_vae(vae: str, architecture: dict, seed: int) -> torch.nn.Module:
+    """diffusers' AutoencoderKL (``vae`` "kl") or AutoencoderTiny ("tiny") with every parameter
+    drawn from ``seed`` (``torch_reference.random_module``)."""
+    import diffusers
 
-    return torch_reference.random_module(AutoencoderKL, **architecture, seed=seed)
+    return torch_reference.random_module(getattr(diffusers, CLASSES[vae][0]), **architecture, seed=seed)
+
+
+def latent_mean(encoded) -> object:
+    """The latents an encode gives: AutoencoderKL's distribution's mean, AutoencoderTiny's latents."""
+    return encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
 
 
 def make_input(what: str, size: int, latent_channels: int, seed: int = 0) -> np.ndarray:
@@ -100,7 +113,7 @@ def time_diffusers(reference, cases, warmup: int, repeats: int) -> dict:
         def call():
             if what == "decode":
                 return reference.decode(x).sample.permute(0, 2, 3, 1).numpy()
-            return reference.encode(x).latent_dist.mean.permute(0, 2, 3, 1).numpy()
+            return latent_mean(reference.encode(x)).permute(0, 2, 3, 1).numpy()
 
         seconds, growth, output = measured(call, warmup, repeats)
         results[what, size] = {"seconds": seconds, "rss": growth, "output": output}
@@ -122,19 +135,22 @@ def count_gflop(ours, what: str, x) -> float:
     return flops[0] / 1e9
 
 
-def time_ours(reference, preset: str, cases, warmup: int, repeats: int, theirs: dict) -> list[dict]:
+def time_ours(reference, vae: str, preset: str, cases, warmup: int, repeats: int, theirs: dict) -> list[dict]:
     import mlx.core as mx
 
-    from mlx_unet import AutoencoderKL, VAEConfig, cpu
+    import mlx_unet
+    from mlx_unet import cpu
     from mlx_unet.weights import load_weights, torch_to_mlx_layout
 
-    config = VAEConfig.from_dict(dict(reference.config))
-    if config != VAEConfig.from_preset(preset):
-        raise SystemExit(f"ARCHITECTURES[{preset!r}] no longer matches mlx_unet's VAE preset: update it")
+    model_class, config_class = (getattr(mlx_unet, name) for name in CLASSES[vae][1:])
+    config = config_class.from_dict(dict(reference.config))
+    if config != config_class.from_preset(preset):
+        raise SystemExit(f"ARCHITECTURES[{vae!r}][{preset!r}] no longer matches mlx_unet's preset: update it")
     weights = {name: mx.array(torch_to_mlx_layout(t.numpy())) for name, t in reference.state_dict().items()}
-    ours = AutoencoderKL(config)
+    ours = model_class(config)
     load_weights(ours, weights)
-    ours.disable_tiling()  # whole, as diffusers decodes by default, whatever the machine's memory
+    if vae == "kl":
+        ours.disable_tiling()  # whole, as diffusers decodes by default, whatever the machine's memory
     inputs = {case: mx.array(make_input(*case, config.latent_channels)) for case in cases}
     gflop = {(what, size): count_gflop(ours, what, inputs[what, size]) for what, size in cases}
     ours = cpu.prepare(ours)  # the CPU kernels unless MLX_UNET_CPU_KERNELS=0
@@ -146,7 +162,8 @@ def time_ours(reference, preset: str, cases, warmup: int, repeats: int, theirs: 
             if what == "decode":
                 out = ours.decode(x)
             else:
-                out = ours.encode(x).mean
+                out = ours.encode(x)
+                out = out.mean if vae == "kl" else out
             mx.eval(out)
             return out
 
@@ -171,12 +188,14 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, nargs="+", default=[512, 1024], help="image sizes in pixels (default: 512 1024)")
     p.add_argument("--what", nargs="+", choices=["decode", "encode"], default=["decode", "encode"])
+    p.add_argument("--vae", choices=list(ARCHITECTURES), default="kl",
+                   help="kl: AutoencoderKL at SDXL's size (default); tiny: AutoencoderTiny at TAESD's")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and OpenBLAS threads (default: all cores)")
-    p.add_argument("--quick", action="store_true", help="tiny VAE at 64 px, one run each: a smoke run")
+    p.add_argument("--quick", action="store_true", help="a small VAE of its kind at 64 px, one run each: a smoke run")
     args = p.parse_args(argv)
-    preset = "sdxl"
+    preset = "sdxl" if args.vae == "kl" else "taesd"
     if args.quick:
         preset, args.size, args.warmup, args.repeats = "tiny", [64], 0, 1
     for size in args.size:
@@ -191,8 +210,9 @@ def main(argv=None) -> int:
     diffusers.utils.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     cases = [(what, size) for what in args.what for size in args.size]
-    print(f"{preset} VAE, float32, batch 1; torch {torch.__version__} and OpenBLAS on {args.threads} threads")
-    reference = random_vae(ARCHITECTURES[preset], seed=0)
+    print(f"{CLASSES[args.vae][0]} ({preset}), float32, batch 1; torch {torch.__version__} and OpenBLAS on "
+          f"{args.threads} threads")
+    reference = random_vae(args.vae, ARCHITECTURES[args.vae][preset], seed=0)
     theirs = time_diffusers(reference, cases, args.warmup, args.repeats)
 
     sys.path.insert(0, str(ROOT))  # run from a source checkout
@@ -201,12 +221,12 @@ def main(argv=None) -> int:
 
     path = "CPU kernels" if mlx_unet.cpu.kernels_enabled() else "plain MLX"
     print(f"ours: MLX {mx.__version__} ({mx.default_device()}, {path}, {mlx_unet.cpu.blas.loaded or 'bundled BLAS'})")
-    rows = time_ours(reference, preset, cases, args.warmup, args.repeats, theirs)
+    rows = time_ours(reference, args.vae, preset, cases, args.warmup, args.repeats, theirs)
     print(f"{'what':>6} {'px':>5} {'ours s':>8} {'diffusers s':>11} {'ratio':>6} {'GFLOP':>7} {'GFLOP/s':>7} "
           f"{'MLX peak MiB':>12} {'ours RSS MiB':>12} {'diffusers RSS MiB':>17} {'max |diff|':>10} {'relative':>8}")
     for r in rows:
         print(f"{r['what']:>6} {r['size']:>5} {r['ours']:8.2f} {r['diffusers']:11.2f} {r['ours'] / r['diffusers']:6.2f} "
-              f"{r['gflop']:7.1f} {r['gflop'] / r['ours']:7.1f} {r['mlx_peak'] / 2**20:12.0f} "
+              f"{r['gflop']:7.3f} {r['gflop'] / r['ours']:7.1f} {r['mlx_peak'] / 2**20:12.0f} "
               f"{r['ours_rss'] / 2**20:12.0f} {r['diffusers_rss'] / 2**20:17.0f} {r['max_diff']:10.2e} "
               f"{r['relative_diff']:8.1e}", flush=True)
     return 0

@@ -10,8 +10,8 @@ Names, shapes and values of every parameter stay as they are, so weights load an
 Only the exact classes in ``_SWAPS`` are replaced. Anything else is walked into: a wrapper
 around a layer (a LoRA layer holding its base ``nn.Linear``, say) keeps its own code and gets the
 CPU kernel for the layer inside it; a layer of another class (a grouped convolution, say) is left
-as MLX computes it. A few containers (``_CONTAINERS``: the up- and downsamplers, the VAE's encoder
-and decoder) are walked into and then replaced by CPU versions holding the same children. And where a
+as MLX computes it. A few containers (``_CONTAINERS``: the up- and downsamplers, the VAEs' encoders
+and decoders) are walked into and then replaced by CPU versions holding the same children. And where a
 module's SiLU only ever reads a GroupNorm's output (``_NORM_SILU``), the pair is fused: the norm
 becomes a ``norm.NormSiLU`` and the SiLU an ``nn.Identity``, so the model's forward is unchanged.
 """
@@ -24,7 +24,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..models import vae
+from ..models import tiny_vae, vae
 from ..models.attention import GatedGELU, ScaledDotProductAttention
 from ..models.clip import QuickGELU
 from ..models.norm import GroupNorm as PlainGroupNorm
@@ -40,7 +40,7 @@ from .linear import Linear
 from .norm import GroupNorm, NormSiLU
 from .quantized import QuantizedLinear
 from .upsample import Upsample2D
-from .vae import Decoder, Encoder
+from .vae import Decoder, DecoderTiny, Encoder, EncoderTiny
 from .widen import hold_outside_kernels
 
 ENV_SWITCH = "MLX_UNET_CPU_KERNELS"
@@ -86,6 +86,8 @@ _CONTAINERS: dict[type, Callable[[nn.Module], nn.Module]] = {
     PlainDownsample2D: Downsample2D.from_module,
     vae.Encoder: Encoder.from_module,
     vae.Decoder: Decoder.from_module,
+    tiny_vae.EncoderTiny: EncoderTiny.from_module,
+    tiny_vae.DecoderTiny: DecoderTiny.from_module,
 }
 
 # Modules whose SiLU reads nothing but the outputs of the named GroupNorms: each of those norms

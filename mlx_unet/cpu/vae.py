@@ -1,16 +1,17 @@
-"""The VAE's encoder and decoder on the CPU: each evaluated where its large buffers are reused.
+"""The VAEs' encoders and decoders on the CPU: each evaluated where its large buffers are reused.
 
-A decode at 512 px and more passes activations of 100 MiB to 1 GiB from layer to layer, which
-MLX's CPU backend takes from malloc and gives back one by one (``heap``). These take the places of
-``models.vae.Encoder`` and ``Decoder`` with the same children and forward, and evaluate their
-output inside ``heap.reused_heap()``, so that the decode (or one tile of a tiled decode) allocates
-its working memory once. Evaluating there, rather than when the caller reads the result, is what
-a decode does next anyway.
+A decode at 512 px and more passes activations of 100 MiB to 1 GiB from layer to layer (the tiny
+VAE's 64 channels at full size: 64 MiB each at 512 px), which MLX's CPU backend takes from malloc
+and gives back one by one (``heap``). These take the places of ``models.vae.Encoder`` and
+``Decoder`` and of ``models.tiny_vae.EncoderTiny`` and ``DecoderTiny`` with the same children and
+forward, and evaluate their output inside ``heap.reused_heap()``, so that the decode (or one tile
+of a tiled decode) allocates its working memory once. Evaluating there, rather than when the
+caller reads the result, is what a decode does next anyway.
 """
 
 import mlx.core as mx
 
-from ..models import vae
+from ..models import tiny_vae, vae
 from .containers import adopted
 from .heap import reused_heap
 
@@ -38,3 +39,21 @@ class Decoder(vae.Decoder):
 
     def __call__(self, z: mx.array) -> mx.array:
         return _evaluated_in_reused_heap(super().__call__, z)
+
+
+class EncoderTiny(tiny_vae.EncoderTiny):
+    """Takes the place of ``models.tiny_vae.EncoderTiny``."""
+
+    from_module = classmethod(adopted)
+
+    def __call__(self, images: mx.array) -> mx.array:
+        return _evaluated_in_reused_heap(super().__call__, images)
+
+
+class DecoderTiny(tiny_vae.DecoderTiny):
+    """Takes the place of ``models.tiny_vae.DecoderTiny``."""
+
+    from_module = classmethod(adopted)
+
+    def __call__(self, latents: mx.array) -> mx.array:
+        return _evaluated_in_reused_heap(super().__call__, latents)

@@ -1,5 +1,5 @@
-"""benchmarks/bench_vae.py runs (a smoke run on the tiny VAE; no time is checked) and its outputs
-agree with diffusers'."""
+"""benchmarks/bench_vae.py runs (a smoke run on small VAEs of both kinds, AutoencoderKL and
+AutoencoderTiny; no time is checked) and its outputs agree with diffusers'."""
 
 import subprocess
 import sys
@@ -11,14 +11,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("vae", ["kl", "tiny"])
 @pytest.mark.parametrize("kernels", ["1", "0"], ids=["cpu-kernels", "plain-mlx"])
-def test_benchmark_quick_run_reports_every_column(kernels, monkeypatch):
+def test_benchmark_quick_run_reports_every_column(kernels, vae, monkeypatch):
     monkeypatch.setenv("MLX_UNET_CPU_KERNELS", kernels)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_vae.py"), "--quick"],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_vae.py"), "--quick", "--vae", vae],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert ("CPU kernels" if kernels == "1" else "plain MLX") in proc.stdout
+    assert lines[0].startswith("AutoencoderKL (tiny)" if vae == "kl" else "AutoencoderTiny (tiny)")
     header = lines[-3].split()
     assert header[:4] == ["what", "px", "ours", "s"] and header[-2:] == ["|diff|", "relative"]
     rows = [line.split() for line in lines[-2:]]

@@ -69,6 +69,25 @@ def test_encode_fp32(tiny):
         assert error <= FP32_BOUND
 
 
+
+def test_decode_and_encode_run_in_a_reused_heap(tiny, code_path, monkeypatch):
+    """On the CPU kernels the tiny VAE's decoder and encoder evaluate inside ``cpu.heap``'s reused
+    heap, as AutoencoderKL's do: their 64-channel activations are 64 MiB each at 512 px, fresh
+    memory on every call outside it. The plain path (Metal's code) is left as it is."""
+    from mlx_unet.cpu import heap, vae
+
+    config, model, ours = tiny
+    depths, evaluate = [], vae._evaluated_in_reused_heap
+    monkeypatch.setattr(vae, "_evaluated_in_reused_heap",
+                        lambda forward, x: evaluate(lambda y: depths.append(heap._depth) or forward(y), x))
+    latents, images = _normal((1, 8, 8, 4), seed=5), _images((1, 64, 64, 3), seed=6)
+    decoded, encoded = np.array(ours.decode(mx.array(latents))), np.array(ours.encode(mx.array(images)))
+    inside = [1, 1] if heap.available() else [0, 0]
+    assert depths == (inside if code_path == "cpu-kernels" else [])
+    assert heap._depth == 0
+    assert relative_error(decoded, torch_decode(model, latents)) <= FP32_BOUND
+    assert relative_error(encoded, torch_tiny_encode(model, images)) <= FP32_BOUND
+
 @pytest.mark.usefixtures("code_path")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision(dtype):
