@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", help="diffusers weights variant to read, e.g. fp16 (default: fp16 for a "
                    "float16 output when the source has it)")
     p.add_argument("--revision", help="Hub branch, tag or commit of SOURCE (default: main)")
+    p.add_argument("--link", action="store_true",
+                   help="write each model that converting leaves value for value as the source stores it "
+                   "(safetensors weights in their own dtype, or float16 / bfloat16 ones in a float32 model) as a "
+                   "table of where its tensors lie in SOURCE, not as a copy: a folder of a few MB that reads SOURCE "
+                   "as it loads, so SOURCE must stay where it is, unchanged (a moved or changed source is refused "
+                   "when the folder loads: convert again then). What is rounded or quantized is copied")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--ema", action="store_true", help="single files: use the UNet's EMA weights when the file has them")
     p.add_argument("--allow-pickle", action="store_true",
@@ -75,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         convert(args.source, args.out_dir, dtype=args.dtype, variant=args.variant, revision=args.revision,
                 force=args.force, ema=args.ema, allow_pickle=args.allow_pickle, config=args.config,
                 progress=not args.quiet, unet_only=args.unet_only, vae_dtype=args.vae_dtype, tokenizers=args.tokenizers,
-                quantize=quantize, quantize_text_encoders=text, prediction_type=args.prediction_type)
+                quantize=quantize, quantize_text_encoders=text, prediction_type=args.prediction_type, link=args.link)
         return 0
 
     return run_command(run, lambda: "nothing was written")

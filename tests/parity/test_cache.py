@@ -22,11 +22,13 @@ from reference_vae import torch_vae
 from safetensors.torch import save_file
 from test_convert import _hub_cache
 from test_convert_pipeline import SMALL_TEXT, expected_listing, listing, make_parts, tiny_parts, write_pipeline
+from in_process import run_main
 
 import mlx_unet.cache
 from mlx.utils import tree_flatten
 
 from mlx_unet import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, VAEConfig
+from mlx_unet.cli import convert as convert_command
 from mlx_unet.cli.info import describe, format_info
 from mlx_unet.cache import RECORD, SPACE_ALLOWANCE, cached_pipeline, converted_pipeline
 from mlx_unet.configs.base import FORMAT_KEY
@@ -288,6 +290,24 @@ def test_what_converting_would_change_is_copied(cache, conversions, half_file):
         for part in ("unet", "text_encoder_2"):
             assert (folder / part / "model.safetensors").is_file() and not (folder / part / LINKS).exists(), options
         assert (folder / "vae" / LINKS).is_file(), options
+
+
+@LINKED
+def test_the_convert_command_links_with_link(tmp_path, half_file):
+    """``mlx-unet convert SOURCE OUT --link`` writes the tables where a copy would hold the source's
+    values, and copies what it rounds; without --link, everything is copied."""
+    proc = run_main(convert_command.main, str(half_file), str(tmp_path / "linked"), "--link", "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr
+    assert "text_encoder_2, unet, vae linked to the source)" in proc.stderr
+    copied = convert(half_file, tmp_path / "copy", dtype="float32", progress=False).out_dir
+    for part, cls in LINKED_PARTS:
+        assert (tmp_path / "linked" / part / LINKS).is_file(), part
+        _assert_same_parameters(_parameters(tmp_path / "linked" / part, cls), _parameters(copied / part, cls), part)
+    proc = run_main(convert_command.main, str(half_file), str(tmp_path / "rounded"), "--link", "--dtype", "bfloat16")
+    assert proc.returncode == 0 and "; vae linked to the source)" in proc.stderr, proc.stderr
+    assert (tmp_path / "rounded" / "unet" / "model.safetensors").is_file()
+    proc = run_main(convert_command.main, str(half_file), str(tmp_path / "plain"), "--quiet")
+    assert proc.returncode == 0 and not list((tmp_path / "plain").rglob(LINKS)), proc.stderr
 
 
 @LINKED
