@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     print(f"{'what':>6} {'px':>5} {'ours s':>8} {'diffusers s':>11} {'ratio':>6} {'GFLOP':>7} {'GFLOP/s':>7} "
           f"{'MLX peak MiB':>12} {'ours RSS MiB':>12} {'diffusers RSS MiB':>17} {'max |diff|':>10} {'relative':>8}")
     for r in rows:
-        print(f"{r['what']:>6} {r['size']:>5} {r['ours']:8.2f} {r['diffusers']:11.2f} {r['ours'] / r['diffusers']:6.2f} "
+        print(f"{r['what']:>6} {r['size']:>5} {r['ours']:8.3g} {r['diffusers']:11.3g} {r['ours'] / r['diffusers']:6.2f} "
               f"{r['gflop']:7.3f} {r['gflop'] / r['ours']:7.1f} {r['mlx_peak'] / 2**20:12.0f} "
               f"{r['ours_rss'] / 2**20:12.0f} {r['diffusers_rss'] / 2**20:17.0f} {r['max_diff']:10.2e} "
               f"{r['relative_diff']:8.1e}", flush=True)
