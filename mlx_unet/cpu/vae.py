@@ -14,6 +14,7 @@ import mlx.core as mx
 from ..models import tiny_vae, vae
 from .containers import adopted
 from .heap import reused_heap
+from .upsample import fuses, upsampled_and_convolved
 
 
 def _evaluated_in_reused_heap(forward, x: mx.array) -> mx.array:
@@ -51,9 +52,20 @@ class EncoderTiny(tiny_vae.EncoderTiny):
 
 
 class DecoderTiny(tiny_vae.DecoderTiny):
-    """Takes the place of ``models.tiny_vae.DecoderTiny``."""
+    """Takes the place of ``models.tiny_vae.DecoderTiny``. Each 2x upsampling and the convolution
+    listed after it run as one step (``upsample.py``): 0.44x the multiply-adds, and the upsampled
+    image is never made."""
 
     from_module = classmethod(adopted)
 
     def __call__(self, latents: mx.array) -> mx.array:
         return _evaluated_in_reused_heap(super().__call__, latents)
+
+    def run_layers(self, x: mx.array) -> mx.array:
+        layers, i = self.layers, 0
+        while i < len(layers):
+            if isinstance(layers[i], tiny_vae.Upsample) and i + 1 < len(layers) and fuses(layers[i + 1]):
+                x, i = upsampled_and_convolved(layers[i + 1], x), i + 2
+            else:
+                x, i = layers[i](x), i + 1
+        return x

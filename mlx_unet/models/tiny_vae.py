@@ -96,7 +96,12 @@ class DecoderTiny(nn.Module):
         # A soft clamp of the latents to (-3, 3), as TAESD was trained with; the image comes out
         # in [0, 1] (about) and is handed on in [-1, 1].
         x = mx.tanh(latents / 3) * 3
-        return _run(self.layers, x) * 2 - 1
+        return self.run_layers(x) * 2 - 1
+
+    def run_layers(self, x: mx.array) -> mx.array:
+        """The layers, one after another (the CPU kernels' decoder runs each upsampling together
+        with the convolution after it)."""
+        return _run(self.layers, x)
 
 
 class AutoencoderTiny(nn.Module):

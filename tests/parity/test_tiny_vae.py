@@ -88,6 +88,24 @@ def test_decode_and_encode_run_in_a_reused_heap(tiny, code_path, monkeypatch):
     assert relative_error(decoded, torch_decode(model, latents)) <= FP32_BOUND
     assert relative_error(encoded, torch_tiny_encode(model, images)) <= FP32_BOUND
 
+
+def test_each_upsampling_runs_with_the_convolution_after_it(tiny, code_path, monkeypatch):
+    """On the CPU kernels the decoder computes each 2x upsampling and the convolution listed after
+    it as four 2x2 convolutions at the source size (``cpu/upsample.py``), still as diffusers'
+    decode within float32 rounding; the plain path upsamples, then convolves."""
+    from mlx_unet.cpu import vae
+
+    config, model, ours = tiny
+    fused, run = [], vae.upsampled_and_convolved
+    monkeypatch.setattr(vae, "upsampled_and_convolved", lambda conv, x: fused.append(x.shape) or run(conv, x))
+    latents = _normal((2, 8, 12, 4), seed=7)
+    error = relative_error(np.array(ours.decode(mx.array(latents))), torch_decode(model, latents))
+    upsamplings = len(config.num_decoder_blocks) - 1
+    width = config.decoder_block_out_channels[0]
+    expected = [(2, 8 * 2**level, 12 * 2**level, width) for level in range(upsamplings)]
+    assert fused == (expected if code_path == "cpu-kernels" else [])
+    assert error <= FP32_BOUND
+
 @pytest.mark.usefixtures("code_path")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision(dtype):
