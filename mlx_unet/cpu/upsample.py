@@ -35,7 +35,7 @@ class Upsample2D(PlainUpsample2D):
     from_module = classmethod(adopted)
 
     def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
-        if size is not None and tuple(size) != (2 * x.shape[1], 2 * x.shape[2]) or not fuses(self.conv):
+        if (size is not None and tuple(size) != (2 * x.shape[1], 2 * x.shape[2])) or not fuses(self.conv):
             return super().__call__(x, size)
         return upsampled_and_convolved(self.conv, x)
 

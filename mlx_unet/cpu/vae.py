@@ -24,8 +24,9 @@ def _evaluated_in_reused_heap(forward, x: mx.array) -> mx.array:
     return out
 
 
-class Encoder(vae.Encoder):
-    """Takes the place of ``models.vae.Encoder``."""
+class _InReusedHeap:
+    """Put before a plain encoder or decoder class among a CPU version's bases: that class's
+    forward, evaluated in a reused heap."""
 
     from_module = classmethod(adopted)
 
@@ -33,33 +34,22 @@ class Encoder(vae.Encoder):
         return _evaluated_in_reused_heap(super().__call__, x)
 
 
-class Decoder(vae.Decoder):
+class Encoder(_InReusedHeap, vae.Encoder):
+    """Takes the place of ``models.vae.Encoder``."""
+
+
+class Decoder(_InReusedHeap, vae.Decoder):
     """Takes the place of ``models.vae.Decoder``."""
 
-    from_module = classmethod(adopted)
 
-    def __call__(self, z: mx.array) -> mx.array:
-        return _evaluated_in_reused_heap(super().__call__, z)
-
-
-class EncoderTiny(tiny_vae.EncoderTiny):
+class EncoderTiny(_InReusedHeap, tiny_vae.EncoderTiny):
     """Takes the place of ``models.tiny_vae.EncoderTiny``."""
 
-    from_module = classmethod(adopted)
 
-    def __call__(self, images: mx.array) -> mx.array:
-        return _evaluated_in_reused_heap(super().__call__, images)
-
-
-class DecoderTiny(tiny_vae.DecoderTiny):
+class DecoderTiny(_InReusedHeap, tiny_vae.DecoderTiny):
     """Takes the place of ``models.tiny_vae.DecoderTiny``. Each 2x upsampling and the convolution
     listed after it run as one step (``upsample.py``): 0.44x the multiply-adds, and the upsampled
     image is never made."""
-
-    from_module = classmethod(adopted)
-
-    def __call__(self, latents: mx.array) -> mx.array:
-        return _evaluated_in_reused_heap(super().__call__, latents)
 
     def run_layers(self, x: mx.array) -> mx.array:
         layers, i = self.layers, 0
