@@ -127,6 +127,21 @@ def unet_job(config: dict, batch: int, size: int, dtype: str, warmup: int, repea
     return {"seconds": seconds, "sgemm": torch_sgemm_gflops(sgemm_n)}
 
 
+def attention_job(shapes: list[list[int]], warmup: int, repeats: int, seed: int, sgemm_n: int) -> dict:
+    """Median seconds of torch's ``scaled_dot_product_attention`` (what diffusers' attention
+    calls) per (batch, heads, query tokens, key tokens, head width), float32."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    seconds = []
+    for batch, heads, tokens, keys, width in shapes:
+        q, k, v = (torch.randn(batch, heads, n, width) for n in (tokens, keys, keys))
+        with torch.no_grad():
+            seconds.append(median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), warmup, repeats))
+    return {"seconds": seconds, "sgemm": torch_sgemm_gflops(sgemm_n)}
+
+
 # ---------------------------------------------------------------------- a LoRA through PEFT
 
 ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
@@ -296,7 +311,7 @@ def pipeline_job(folder: str, latents: str, steps: int, guidance: float, prompt:
     return result
 
 
-JOBS = {"unet": unet_job, "lora": lora_job, "pipeline": pipeline_job}
+JOBS = {"unet": unet_job, "attention": attention_job, "lora": lora_job, "pipeline": pipeline_job}
 
 
 def run(job: str, threads: int, **arguments) -> dict:

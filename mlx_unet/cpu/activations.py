@@ -82,10 +82,10 @@ def _exp2_join(f: mx.array, two_n: mx.array) -> mx.array:
     return _estrin(_EXP2, f) * two_n
 
 
-def softmax_weights(scores: mx.array) -> mx.array:
-    """For float32 base-2 ``scores``: 2**(scores - row max), left unnormalised (attention
-    divides its output by the row sums instead)."""
-    f, bits = _softmax_split(scores, scores.max(axis=-1, keepdims=True))
+def softmax_weights(scores: mx.array, axis: int = -1) -> mx.array:
+    """For float32 base-2 ``scores``: 2**(scores - their maximum along ``axis``), left
+    unnormalised (attention divides its output by the sums instead)."""
+    f, bits = _softmax_split(scores, scores.max(axis=axis, keepdims=True))
     return _exp2_join(f, bits.view(mx.float32))
 
 

@@ -9,13 +9,19 @@ MLX's slow ``exp``. Instead:
   ones, where the matmuls get too small. A chunk has at least ``_MIN_ROWS`` query rows, though:
   over 16384 keys (the VAE's mid-block attention at 1024 px, SD 1.x's first level there) 2 MB
   is 32 rows, and each chunk's products then read all the keys and values for a few rows;
+- a chunk's scores are computed transposed, keys by queries (k q^T), so the softmax's maximum is
+  taken down columns and the passes that subtract it broadcast it along contiguous rows: MLX's
+  CPU reduction over a row and its compiled kernels with a per-row broadcast run element by
+  element, where the column forms vectorise (measured in README, "CPU attention");
 - log2(e) is folded into the queries, so the softmax is base 2 (``activations.softmax_weights``);
-- a column of ones appended to v makes the second matmul return each row's weight sum too, and
-  the (tokens x head_dim) output is divided by it: no pass over the weights to sum or normalise;
-- over many keys the chunks go through in two pipelines (``streams``): MLX runs a chunk's softmax
-  passes on one thread, and there they take about as long as its two products, which BLAS runs
-  on both cores. Each pipeline gets a stream and half of BLAS's threads, so one's softmax runs
-  while the other's products do. The attention is then evaluated where it is called.
+- a row of ones appended to v^T makes the second matmul return each query's weight sum too, and
+  the output is divided by it: no pass over the weights to sum or normalise;
+- the chunks take turns on two CPU streams (``streams``) wherever there are two or more: MLX
+  runs a chunk's softmax passes on one thread, and there they take about as long as its two
+  products, which BLAS runs on both cores. Each pipeline gets a stream and half of BLAS's
+  threads, so one's softmax runs while the other's products do. The chunks' outputs are joined
+  once, at the end, so that neither stream waits on the other before then. The attention is then
+  evaluated where it is called.
 """
 
 import mlx.core as mx
@@ -33,11 +39,9 @@ _CHUNK_SCORES = 1 << 19
 _MIN_ROWS = 128
 # ...within at most 8 MB of scores: a chunk's are working memory, and MLX runs several at once.
 _MAX_CHUNK_SCORES = 1 << 21
-# Keys from which the chunks go through in two pipelines. Measured on 2 cores, the attention
-# alone: 4096 keys, 20 heads of 64 (SDXL's 64x64 level, a guided 1024 px step) 0.63-0.76x the time
-# of one pipeline; one head of 512 (the VAE's mid-block) 0.82x at 4096 and 16384 keys; 1024 keys
-# and 20 heads of 64 (SDXL's 32x32 level) 1.15x, where each chunk's products are too short.
-PIPELINES_FROM_KEYS = 4096
+# Chunks from which they go through in two pipelines: one chunk has nothing to share, and
+# evaluating where called would only cost (measured at 64 tokens).
+PIPELINES_FROM_CHUNKS = 2
 
 
 def chunk_rows(tokens: int, kv_tokens: int) -> int:
@@ -48,31 +52,43 @@ def chunk_rows(tokens: int, kv_tokens: int) -> int:
     return max(1, min(tokens, rows))
 
 
+def _chunking(heads: int, tokens: int, kv_tokens: int) -> tuple[int, int]:
+    """(query rows, heads) per chunk: whole heads in groups where a head's scores are less than
+    a chunk's."""
+    rows = chunk_rows(tokens, kv_tokens)
+    return rows, max(1, _CHUNK_SCORES // (rows * kv_tokens)) if rows == tokens else 1
+
+
+def chunk_count(heads: int, tokens: int, kv_tokens: int) -> int:
+    """How many chunks an attention of ``heads`` (batch x heads) goes through."""
+    rows, group = _chunking(heads, tokens, kv_tokens)
+    return -(-heads // group) * -(-tokens // rows)
+
+
 def chunked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(q k^T * scale) v for (batch, heads, tokens, head_dim) inputs, in q's dtype."""
     batch, heads, tokens, head_dim = q.shape
     kv_tokens, v_dim = k.shape[2], v.shape[3]
     dtype, f32 = q.dtype, mx.float32
-    q = (q.astype(f32) * (scale * LOG2_E)).reshape(batch * heads, tokens, head_dim)
-    k_t = k.astype(f32).reshape(batch * heads, kv_tokens, head_dim).swapaxes(1, 2)
+    q_t = (q.astype(f32) * (scale * LOG2_E)).reshape(batch * heads, tokens, head_dim).swapaxes(1, 2)
+    k = k.astype(f32).reshape(batch * heads, kv_tokens, head_dim)
     v = v.astype(f32).reshape(batch * heads, kv_tokens, v_dim)
-    v_ones = mx.concatenate([v, mx.ones((batch * heads, kv_tokens, 1), f32)], axis=2)
+    v_ones_t = mx.concatenate([v, mx.ones((batch * heads, kv_tokens, 1), f32)], axis=2).swapaxes(1, 2)
 
     def chunks(streams: tuple[mx.Stream, ...]) -> mx.array:
-        rows = chunk_rows(tokens, kv_tokens)
-        group = max(1, _CHUNK_SCORES // (rows * kv_tokens)) if rows == tokens else 1
-        per_head, turn = [], 0
+        rows, group = _chunking(batch * heads, tokens, kv_tokens)
+        parts = []  # in the order of (head, query): one concatenation gives the whole output
         for h in range(0, batch * heads, group):
-            parts = []
             for r in range(0, tokens, rows):
-                with mx.stream(streams[turn % len(streams)]):
-                    out = softmax_weights(q[h:h + group, r:r + rows] @ k_t[h:h + group]) @ v_ones[h:h + group]
-                    parts.append(out[..., :v_dim] / out[..., v_dim:])
-                turn += 1
-            per_head.append(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1))
-        return per_head[0] if len(per_head) == 1 else mx.concatenate(per_head, axis=0)
+                with mx.stream(streams[len(parts) % len(streams)]):
+                    scores_t = k[h:h + group] @ q_t[h:h + group, :, r:r + rows]
+                    out = (v_ones_t[h:h + group] @ softmax_weights(scores_t, axis=-2)).swapaxes(1, 2)
+                    parts.append((out[..., :v_dim] / out[..., v_dim:]).reshape(1, -1, v_dim))
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
 
-    out = evaluated_in_two_pipelines(chunks, (q, k_t, v_ones)) if kv_tokens >= PIPELINES_FROM_KEYS else None
+    out = None
+    if chunk_count(batch * heads, tokens, kv_tokens) >= PIPELINES_FROM_CHUNKS:
+        out = evaluated_in_two_pipelines(chunks, (q_t, k, v_ones_t))
     if out is None:
         out = chunks((mx.default_stream(mx.cpu),))
     return out.reshape(batch, heads, tokens, v_dim).astype(dtype)

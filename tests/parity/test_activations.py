@@ -111,19 +111,24 @@ def test_cpu_attention_chunks_hold_at_least_min_rows(monkeypatch):
     assert np.abs(ours - expected).max() <= 2e-6 * np.abs(expected).max()
 
 
-def test_cpu_attention_over_many_keys_runs_in_two_pipelines(monkeypatch):
-    """From ``PIPELINES_FROM_KEYS`` keys (scaled down here) the chunks take turns on two streams,
-    with half of BLAS's threads each while they run: the values of one pipeline, bit for bit, and
-    BLAS's threads given back. Under ``mx.compile``, which cannot evaluate, one pipeline."""
-    monkeypatch.setattr(attention, "_CHUNK_SCORES", 1 << 12)  # 13-row chunks: many of them
+def test_cpu_attention_in_several_chunks_runs_in_two_pipelines(monkeypatch):
+    """From ``PIPELINES_FROM_CHUNKS`` chunks they take turns on two streams, with half of
+    BLAS's threads each while they run: the values of one pipeline, bit for bit, and BLAS's
+    threads given back. Below it, and under ``mx.compile``, which cannot evaluate, one pipeline."""
+    monkeypatch.setattr(attention, "_CHUNK_SCORES", 1 << 12)
+    monkeypatch.setattr(attention, "_MIN_ROWS", 1)  # 12-row chunks: many of them
     rng = np.random.default_rng(6)
     q, k, v = (mx.array(rng.normal(0, 1, (2, 3, m, 32)).astype(np.float32)) for m in (300, 320, 320))
-    one = np.array(attention.chunked_attention(q, k, v, 32**-0.5))
     threads = blas.threads()
     set_to = []
     monkeypatch.setattr(blas, "set_threads", lambda count, set_threads=blas.set_threads: (set_to.append(count),
                                                                                         set_threads(count)))
-    monkeypatch.setattr(attention, "PIPELINES_FROM_KEYS", 320)
+    chunks = attention.chunk_count(2 * 3, 300, 320)
+    assert chunks == 6 * 25 and attention.chunk_count(2 * 3, 64, 64) == 6  # a head of 64 x 64 is a chunk
+    monkeypatch.setattr(attention, "PIPELINES_FROM_CHUNKS", chunks + 1)
+    one = np.array(attention.chunked_attention(q, k, v, 32**-0.5))
+    assert set_to == []
+    monkeypatch.setattr(attention, "PIPELINES_FROM_CHUNKS", chunks)
     two = np.array(attention.chunked_attention(q, k, v, 32**-0.5))
     assert np.array_equal(two, one)
     # Without OpenBLAS (MLX_UNET_NO_OPENBLAS=1) there are no threads to share: one pipeline.

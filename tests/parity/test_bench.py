@@ -99,3 +99,17 @@ def test_reference_process_loads_neither_mlx_nor_our_blas():
     after_ours = subprocess.run([sys.executable, "-c", "import mlx_unet; " + code], capture_output=True, text=True,
                                 cwd=ROOT)
     assert after_ours.stdout.split("\n")[:2] == ["True", str(cpu.blas.loaded is not None)]
+
+
+@pytest.mark.slow
+def test_attention_benchmark_times_torchs_attention_beside_ours():
+    """benchmarks/bench_attention.py's torch column: torch's attention timed in its own process."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[1].startswith("torch in its own process, ") and lines[1].endswith(" GFLOP/s"), lines[1]
+    assert lines[2].endswith("torch s ours / torch"), lines[2]
+    row = lines[3][56:].split()
+    assert lines[3].startswith("small (2x2x300x320, 32)") and len(row) == 8, lines[3]
+    assert float(row[6]) > 0 and float(row[7]) > 0  # torch's seconds, and ours over them
