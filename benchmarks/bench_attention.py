@@ -3,10 +3,10 @@ attention shapes alone (beside torch's ``scaled_dot_product_attention``) and in 
 
     python benchmarks/bench_attention.py                            # the shapes
     python benchmarks/bench_attention.py --what unet --latent 128   # a guided 1024 px forward (minutes)
-    python benchmarks/bench_attention.py --quick                    # small shapes, a tiny UNet: checks it runs
+    python benchmarks/bench_attention.py --quick --what shapes unet # a small shape, a tiny UNet: checks it runs
 
 One process, float32, random values drawn in MLX; the two pipelines are held off by raising
-``attention.PIPELINES_FROM_CHUNKS`` out of reach and forced by lowering it to 0, in turns
+``attention.PIPELINES_FROM_SCORES`` out of reach and forced by lowering it to 0, in turns
 (``--rounds``), each turn timing ``--repeats`` calls after a warm-up one (``in_turns.py``); a
 model case switches between out of reach and the shipped threshold instead. Reported per case:
 the median seconds of each way, their ratio, GFLOP/s of the two products (a model case: all its
@@ -14,7 +14,7 @@ products), and the largest difference between the two ways' outputs (none expect
 products and passes, in another order of chunks). For the shapes, torch's attention (what
 diffusers calls) is timed in a process of its own with the same threads (``torch_reference.py``),
 the median of ``--repeats`` calls after a warm-up; "ours / torch" takes the shipped way: two
-pipelines where the shape reaches ``PIPELINES_FROM_CHUNKS``, else one. ``--no-torch`` skips it.
+pipelines where the shape reaches ``PIPELINES_FROM_SCORES``, else one. ``--no-torch`` skips it.
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ QUICK_SHAPES = [(2, 2, 300, 320, 32, "small")]
 
 
 def a_b(call, rounds: int, repeats: int, threshold: int) -> dict:
-    """``call`` with one pipeline and with two (``threshold``: PIPELINES_FROM_CHUNKS then), in turns."""
-    shipped = attention.PIPELINES_FROM_CHUNKS
-    ways = {"one": lambda: setattr(attention, "PIPELINES_FROM_CHUNKS", sys.maxsize),
-            "two": lambda: setattr(attention, "PIPELINES_FROM_CHUNKS", threshold)}
+    """``call`` with one pipeline and with two (``threshold``: PIPELINES_FROM_SCORES then), in turns."""
+    shipped = attention.PIPELINES_FROM_SCORES
+    ways = {"one": lambda: setattr(attention, "PIPELINES_FROM_SCORES", sys.maxsize),
+            "two": lambda: setattr(attention, "PIPELINES_FROM_SCORES", threshold)}
     try:
         r = in_turns(ways, call, rounds, repeats)
     finally:
-        attention.PIPELINES_FROM_CHUNKS = shipped
+        attention.PIPELINES_FROM_SCORES = shipped
     diff = mx.abs(r["outputs"]["two"] - r["outputs"]["one"]).max().item()
     return {"medians": r["medians"], "diff": diff}
 
@@ -64,7 +64,7 @@ def shape_case(batch: int, heads: int, tokens: int, keys: int, width: int, what:
     mx.eval(q, k, v)
     gflop = 4 * batch * heads * tokens * keys * width / 1e9
     name = f"{what} ({batch}x{heads}x{tokens}x{keys}, {width})"
-    shipped = "two" if attention.chunk_count(batch * heads, tokens, keys) >= attention.PIPELINES_FROM_CHUNKS else "one"
+    shipped = "two" if batch * heads * tokens * keys >= attention.PIPELINES_FROM_SCORES else "one"
     return name, lambda: attention.chunked_attention(q, k, v, width**-0.5), gflop, shipped
 
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         unet, made = unet_cases(unet_preset, args.latent, 2)
         cpu.accelerate(unet)
         # The tiny UNet's attention is far below the shipped threshold: forced there.
-        cases += [(*case, None, 0 if args.quick else attention.PIPELINES_FROM_CHUNKS) for case in made]
+        cases += [(*case, None, 0 if args.quick else attention.PIPELINES_FROM_SCORES) for case in made]
         torch_seconds += [None] * len(made)
     for (name, call, gflop, shipped, threshold), theirs in zip(cases, torch_seconds):
         r = a_b(call, args.rounds, args.repeats, threshold)

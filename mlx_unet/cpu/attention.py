@@ -16,7 +16,7 @@ MLX's slow ``exp``. Instead:
 - log2(e) is folded into the queries, so the softmax is base 2 (``activations.softmax_weights``);
 - a row of ones appended to v^T makes the second matmul return each query's weight sum too, and
   the output is divided by it: no pass over the weights to sum or normalise;
-- the chunks take turns on two CPU streams (``streams``) wherever there are two or more: MLX
+- the chunks of a large attention take turns on two CPU streams (``streams``): MLX
   runs a chunk's softmax passes on one thread, and there they take about as long as its two
   products, which BLAS runs on both cores. Each pipeline gets a stream and half of BLAS's
   threads, so one's softmax runs while the other's products do. The chunks' outputs are joined
@@ -39,9 +39,10 @@ _CHUNK_SCORES = 1 << 19
 _MIN_ROWS = 128
 # ...within at most 8 MB of scores: a chunk's are working memory, and MLX runs several at once.
 _MAX_CHUNK_SCORES = 1 << 21
-# Chunks from which they go through in two pipelines: one chunk has nothing to share, and
-# evaluating where called would only cost (measured at 64 tokens).
-PIPELINES_FROM_CHUNKS = 2
+# Scores (batch x heads x queries x keys) from which the chunks go through in two pipelines:
+# four chunks' worth. Evaluating where called and handing BLAS's threads over cost about as much
+# as the second pipeline saves on 0.8-1.6 M scores, measured on SDXL's 512 px shapes in turns.
+PIPELINES_FROM_SCORES = 4 * _CHUNK_SCORES
 
 
 def chunk_rows(tokens: int, kv_tokens: int) -> int:
@@ -54,15 +55,14 @@ def chunk_rows(tokens: int, kv_tokens: int) -> int:
 
 def _chunking(heads: int, tokens: int, kv_tokens: int) -> tuple[int, int]:
     """(query rows, heads) per chunk: whole heads in groups where a head's scores are less than
-    a chunk's."""
+    a chunk's, in an even number of groups of nearly one size, so that the two pipelines get the
+    same work (measured in README, "CPU attention")."""
     rows = chunk_rows(tokens, kv_tokens)
-    return rows, max(1, _CHUNK_SCORES // (rows * kv_tokens)) if rows == tokens else 1
-
-
-def chunk_count(heads: int, tokens: int, kv_tokens: int) -> int:
-    """How many chunks an attention of ``heads`` (batch x heads) goes through."""
-    rows, group = _chunking(heads, tokens, kv_tokens)
-    return -(-heads // group) * -(-tokens // rows)
+    if rows < tokens:
+        return rows, 1
+    groups = -(-heads // max(1, _CHUNK_SCORES // (tokens * kv_tokens)))
+    groups += groups % 2 if groups > 1 else 0
+    return rows, -(-heads // groups)
 
 
 def chunked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
@@ -87,7 +87,7 @@ def chunked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
 
     out = None
-    if chunk_count(batch * heads, tokens, kv_tokens) >= PIPELINES_FROM_CHUNKS:
+    if batch * heads * tokens * kv_tokens >= PIPELINES_FROM_SCORES:
         out = evaluated_in_two_pipelines(chunks, (q_t, k, v_ones_t))
     if out is None:
         out = chunks((mx.default_stream(mx.cpu),))

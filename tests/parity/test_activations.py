@@ -111,8 +111,22 @@ def test_cpu_attention_chunks_hold_at_least_min_rows(monkeypatch):
     assert np.abs(ours - expected).max() <= 2e-6 * np.abs(expected).max()
 
 
-def test_cpu_attention_in_several_chunks_runs_in_two_pipelines(monkeypatch):
-    """From ``PIPELINES_FROM_CHUNKS`` chunks they take turns on two streams, with half of
+def test_cpu_attention_groups_heads_evenly_for_the_two_pipelines():
+    """Whole heads go into an even number of groups of nearly one size, none over a chunk's
+    scores: SDXL's 16x16 level (40 heads of 256 x 256, 8 to a chunk) in 6 groups of 7 (the last
+    5), not 5 of 8; its cross-attention (40 of 256 x 77, 26 to a chunk) in 2 of 20, not 26 + 14."""
+    assert attention._chunking(40, 256, 256) == (256, 7)
+    assert attention._chunking(40, 256, 77) == (256, 20)
+    assert attention._chunking(40, 64, 64) == (64, 40)  # one chunk: nothing to share
+    assert attention._chunking(40, 1024, 1024) == (512, 1)  # a head over two chunks of rows
+    rng = np.random.default_rng(7)
+    q, k, v = (mx.array(rng.normal(0, 1, (2, 20, m, 16)).astype(np.float32)) for m in (256, 256, 256))
+    expected = _torch_attention(q, k, v)
+    assert np.abs(np.array(attention.chunked_attention(q, k, v, 0.25)) - expected).max() <= 2e-6 * np.abs(expected).max()
+
+
+def test_cpu_attention_over_many_scores_runs_in_two_pipelines(monkeypatch):
+    """From ``PIPELINES_FROM_SCORES`` scores the chunks take turns on two streams, with half of
     BLAS's threads each while they run: the values of one pipeline, bit for bit, and BLAS's
     threads given back. Below it, and under ``mx.compile``, which cannot evaluate, one pipeline."""
     monkeypatch.setattr(attention, "_CHUNK_SCORES", 1 << 12)
@@ -123,12 +137,11 @@ def test_cpu_attention_in_several_chunks_runs_in_two_pipelines(monkeypatch):
     set_to = []
     monkeypatch.setattr(blas, "set_threads", lambda count, set_threads=blas.set_threads: (set_to.append(count),
                                                                                         set_threads(count)))
-    chunks = attention.chunk_count(2 * 3, 300, 320)
-    assert chunks == 6 * 25 and attention.chunk_count(2 * 3, 64, 64) == 6  # a head of 64 x 64 is a chunk
-    monkeypatch.setattr(attention, "PIPELINES_FROM_CHUNKS", chunks + 1)
+    scores = 2 * 3 * 300 * 320
+    monkeypatch.setattr(attention, "PIPELINES_FROM_SCORES", scores + 1)
     one = np.array(attention.chunked_attention(q, k, v, 32**-0.5))
     assert set_to == []
-    monkeypatch.setattr(attention, "PIPELINES_FROM_CHUNKS", chunks)
+    monkeypatch.setattr(attention, "PIPELINES_FROM_SCORES", scores)
     two = np.array(attention.chunked_attention(q, k, v, 32**-0.5))
     assert np.array_equal(two, one)
     # Without OpenBLAS (MLX_UNET_NO_OPENBLAS=1) there are no threads to share: one pipeline.
