@@ -12,7 +12,7 @@ MLX's slow ``exp``. Instead:
 - a chunk's scores are computed transposed, keys by queries (k q^T), so the softmax's maximum is
   taken down columns and the passes that subtract it broadcast it along contiguous rows: MLX's
   CPU reduction over a row and its compiled kernels with a per-row broadcast run element by
-  element, where the column forms vectorise (measured in README, "CPU attention");
+  element, where the column forms vectorise (measured in README, "Scores transposed");
 - log2(e) is folded into the queries, so the softmax is base 2 (``activations.softmax_weights``);
 - a row of ones appended to v^T makes the second matmul return each query's weight sum too, and
   the output is divided by it: no pass over the weights to sum or normalise;
@@ -56,7 +56,7 @@ def chunk_rows(tokens: int, kv_tokens: int) -> int:
 def _chunking(heads: int, tokens: int, kv_tokens: int) -> tuple[int, int]:
     """(query rows, heads) per chunk: whole heads in groups where a head's scores are less than
     a chunk's, in an even number of groups of nearly one size, so that the two pipelines get the
-    same work (measured in README, "CPU attention")."""
+    same work (measured in README, "Attention in two pipelines")."""
     rows = chunk_rows(tokens, kv_tokens)
     if rows < tokens:
         return rows, 1
