@@ -64,7 +64,7 @@ def shape_case(batch: int, heads: int, tokens: int, keys: int, width: int, what:
     mx.eval(q, k, v)
     gflop = 4 * batch * heads * tokens * keys * width / 1e9
     name = f"{what} ({batch}x{heads}x{tokens}x{keys}, {width})"
-    shipped = "two" if batch * heads * tokens * keys >= attention.PIPELINES_FROM_SCORES else "one"
+    shipped = "two" if attention.in_two_pipelines(batch * heads, tokens, keys) else "one"
     return name, lambda: attention.chunked_attention(q, k, v, width**-0.5), gflop, shipped
 
 

@@ -16,12 +16,12 @@ MLX's slow ``exp``. Instead:
 - log2(e) is folded into the queries, so the softmax is base 2 (``activations.softmax_weights``);
 - a row of ones appended to v^T makes the second matmul return each query's weight sum too, and
   the output is divided by it: no pass over the weights to sum or normalise;
-- the chunks of a large attention take turns on two CPU streams (``streams``): MLX
-  runs a chunk's softmax passes on one thread, and there they take about as long as its two
-  products, which BLAS runs on both cores. Each pipeline gets a stream and half of BLAS's
-  threads, so one's softmax runs while the other's products do. The chunks' outputs are joined
-  once, at the end, so that neither stream waits on the other before then. The attention is then
-  evaluated where it is called.
+- the chunks of a large attention take turns on two CPU streams (``streams``): MLX runs a
+  chunk's softmax passes on one thread, and there they take about as long as its two products,
+  which BLAS runs on both cores. Each pipeline gets a stream and half of BLAS's threads, so one's
+  softmax runs while the other's products do. The chunks' outputs are joined once, at the end,
+  so that neither stream waits on the other before then. The attention is then evaluated where
+  it is called.
 """
 
 import mlx.core as mx
@@ -40,8 +40,9 @@ _MIN_ROWS = 128
 # ...within at most 8 MB of scores: a chunk's are working memory, and MLX runs several at once.
 _MAX_CHUNK_SCORES = 1 << 21
 # Scores (batch x heads x queries x keys) from which the chunks go through in two pipelines:
-# four chunks' worth. Evaluating where called and handing BLAS's threads over cost about as much
-# as the second pipeline saves on 0.8-1.6 M scores, measured on SDXL's 512 px shapes in turns.
+# four chunks' worth. Below, evaluating where called and handing BLAS's threads over cost more
+# than the second pipeline saves: on SDXL's 512 px shapes in turns, two took 1.08-1.31x the time
+# of one at 0.8-1.3 M scores, 0.69-0.84x at 2.6-3.2 M.
 PIPELINES_FROM_SCORES = 4 * _CHUNK_SCORES
 
 
@@ -51,6 +52,12 @@ def chunk_rows(tokens: int, kv_tokens: int) -> int:
     if rows < _MIN_ROWS:
         rows = min(_MIN_ROWS, _MAX_CHUNK_SCORES // kv_tokens)
     return max(1, min(tokens, rows))
+
+
+def in_two_pipelines(heads: int, tokens: int, kv_tokens: int) -> bool:
+    """Whether an attention over ``heads`` (batch x heads) goes through two pipelines, where it
+    can (not under ``mx.compile``, not without OpenBLAS)."""
+    return heads * tokens * kv_tokens >= PIPELINES_FROM_SCORES
 
 
 def _chunking(heads: int, tokens: int, kv_tokens: int) -> tuple[int, int]:
@@ -87,7 +94,7 @@ def chunked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
 
     out = None
-    if batch * heads * tokens * kv_tokens >= PIPELINES_FROM_SCORES:
+    if in_two_pipelines(batch * heads, tokens, kv_tokens):
         out = evaluated_in_two_pipelines(chunks, (q_t, k, v_ones_t))
     if out is None:
         out = chunks((mx.default_stream(mx.cpu),))
