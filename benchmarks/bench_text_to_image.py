@@ -12,8 +12,9 @@ in a process of its own (``torch_reference.py`` says why), in float32 whatever -
 Per stage (load, text encoders, denoising, VAE decode, and the tiny VAE's decode of the same final
 latents): seconds of ours, of diffusers, and ours/diffusers ("step" is the median denoising step),
 then the peak memory of each stage: MLX's (ours) and the process's RSS (both sides). Ours runs as
-a one-shot ``mlx-unet generate`` does: the UNet released before the decode. A full-size run needs
-about 20 GB of memory and, without --workdir, 30 GB of temporary disk.
+a one-shot ``mlx-unet generate`` does: the UNet released before the decode, and a float16 UNet
+held in float32 while it denoises where the run is long enough to pay (--widen-weights). A
+full-size run needs about 20 GB of memory and, without --workdir, 30 GB of temporary disk.
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ import torch  # noqa: E402
 from mlx_unet import AutoencoderTiny, CLIPTextConfig, SDXLPipeline, TinyVAEConfig, UNetConfig, VAEConfig  # noqa: E402
 from mlx_unet.convert import convert  # noqa: E402
 from mlx_unet.pipelines.pixels import decode as decode_images  # noqa: E402
+from mlx_unet.pipelines.run import WIDEN_FROM_FORWARDS  # noqa: E402
 from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, 35mm"
 GUIDANCE = 5.0
+WIDENING = {"auto": None, "yes": True, "no": False}  # --widen-weights: the pipeline's widen_weights
 # "UNet load": ours loads the UNet when the call first needs it, after the prompt is encoded; its
 # seconds count in "load" (and not in "total"), as diffusers' loading of every part does.
 STAGES = ("load", "UNet load", "text encoders", "denoising", "step", "VAE decode", "total", "tiny VAE decode")
@@ -148,7 +151,8 @@ class Stages(torch_reference.Stages):
         super().end()
 
 
-def run_ours(folder: Path, tiny_folder: Path, latents: np.ndarray, steps: int, dtype: str, tile_vae: bool) -> dict:
+def run_ours(folder: Path, tiny_folder: Path, latents: np.ndarray, steps: int, dtype: str, tile_vae: bool,
+             widen_weights: bool | None) -> dict:
     stages, stamps = Stages(), []
     stages.begin("load")
     pipe = SDXLPipeline.from_pretrained(folder, dtype=getattr(mx, dtype))
@@ -175,7 +179,7 @@ def run_ours(folder: Path, tiny_folder: Path, latents: np.ndarray, steps: int, d
     pipe.encode_prompt, pipe.decode = timed_encode, timed_decode
     start = time.perf_counter()
     image = pipe(PROMPT, steps=steps, guidance=GUIDANCE, latents=mx.array(latents), output="float", release_unet=True,
-                 callback=lambda stage, step: stamps.append(time.perf_counter()))
+                 widen_weights=widen_weights, callback=lambda stage, step: stamps.append(time.perf_counter()))
     stages.end()
     total = time.perf_counter() - start
     pipe = None  # freed before the tiny VAE decode (its closures still name it)
@@ -201,6 +205,9 @@ def main(argv=None) -> int:
                    help="ours (diffusers: float32)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of both sides (default: all cores)")
     p.add_argument("--tile-vae", action="store_true", help="both sides decode in tiles")
+    p.add_argument("--widen-weights", choices=WIDENING, default="auto",
+                   help="ours in float16: the UNet held in float32 while it denoises (auto, the default: as mlx-unet "
+                        f"generate, in runs of {WIDEN_FROM_FORWARDS} steps or more where that fits)")
     p.add_argument("--no-diffusers", action="store_true", help="run ours only")
     p.add_argument("--workdir", type=Path, help="keep the random pipeline here between runs (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="tiny components: a smoke run")
@@ -240,7 +247,7 @@ def main(argv=None) -> int:
     blas = mlx_unet.cpu.blas.loaded or "MLX's bundled BLAS"
     print(f"{kind}, {steps} steps, guidance {GUIDANCE}; MLX {mx.__version__} ({mx.default_device()}, {blas}); "
           f"diffusers {diffusers.__version__} float32 (torch {torch.__version__}, CPU) in its own process; "
-          f"{args.threads} threads{'; tiled VAE' if args.tile_vae else ''}")
+          f"{args.threads} threads{'; tiled VAE' if args.tile_vae else ''}; float16 widened: {args.widen_weights}")
     for size in sizes:
         latents = np.random.default_rng(0).standard_normal((1, size // 8, size // 8, 4), dtype=np.float32)
         theirs = None
@@ -254,7 +261,8 @@ def main(argv=None) -> int:
             theirs["tiny image"] = np.load(workdir / "image.npy.tiny.npy")
         for dtype in args.dtype:
             release_memory()
-            ours = run_ours(workdir / f"{kind}-mlx-{dtype}", tiny_folder, latents, steps, dtype, args.tile_vae)
+            ours = run_ours(workdir / f"{kind}-mlx-{dtype}", tiny_folder, latents, steps, dtype, args.tile_vae,
+                            WIDENING[args.widen_weights])
             print_table(size, dtype, ours, theirs)
     if temp:
         temp.cleanup()

@@ -43,7 +43,7 @@ from ..schedulers.names import sampler_name
 from . import png_record
 from .common import quantization_arguments, run_command
 from .generate_options import (FLAGS, STRENGTH, check_sources, lora_spec, merged_settings, preview_path,
-                               prompts_of, seeds_from, vae_tiling, without_defaults)
+                               prompts_of, seeds_from, vae_tiling, widen_weights, without_defaults)
 
 
 class Progress:
@@ -161,7 +161,8 @@ def _generate(given: dict[str, Any], log, written: list[Path]) -> int:
                          tiled_vae=tiled_vae, vae_tile=tile, vae_memory_budget=vae_budget, low_memory=a.low_memory,
                          quantize=quantize,
                          quantize_text_encoders=quantize_text, image_size=size,
-                         release_unet=len(paths) == 1)  # as _Images: freed before the last image's decode
+                         release_unet=len(paths) == 1,  # as _Images: freed before the last image's decode
+                         widen_weights=widen_weights(a) is True)
         inpaint.check_arguments(base.unet, None if inputs is None else inputs.mask, size, 1, refiner_parts is not None)
         unet_quantization = base.quantization("unet", quantize)
         # LoRAs go live where the UNet is quantized: fusing into quantized weights is refused.
@@ -235,7 +236,7 @@ class _Images:
         self.pipe, self.refiner, self.run, self.a, self.log, self.total = pipe, refiner, run, a, log, total
         self.options = dict(steps=run.steps, guidance=run.guidance, height=None if inputs else run.height,
                             width=None if inputs else run.width, scheduler=sampling[0], sigmas=sampling[1],
-                            low_memory=a.low_memory,
+                            low_memory=a.low_memory, widen_weights=widen_weights(a),
                             callback=callback, preview_every=a.preview_every, vae=a.vae or "full",
                             image=None if inputs is None else inputs.image,
                             mask_image=None if inputs is None else inputs.mask, strength=strength)

@@ -34,6 +34,7 @@ from ..convert.writer import PREDICTION_TYPES
 from ..errors import InputError
 from ..pipelines.arguments import IMG2IMG_STRENGTH, INPAINT_STRENGTH, SEED_LIMIT
 from ..pipelines.preflight import check_prompts
+from ..pipelines.run import NARROW_BACK_FORWARDS, WIDEN_FROM_FORWARDS
 from ..schedulers import SAMPLERS
 from ..schedulers.names import sampler_name
 from ..schedulers.sigmas import SIGMA_SCHEDULES
@@ -128,6 +129,15 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = ArgumentParser) -
                           "the memory still free when the decode starts)")
     run.add_argument("--low-memory", action="store_true",
                      help="for 8-16 GB machines: UNet block by block, guidance halves in turn")
+    widening = run.add_mutually_exclusive_group()
+    widening.add_argument("--widen-weights", action="store_true",
+                          help="on the CPU, hold a float16 / bfloat16 UNet in float32 while it denoises: quicker "
+                               f"steps at float32's memory (default: in runs of {WIDEN_FROM_FORWARDS} steps or more, "
+                               f"{WIDEN_FROM_FORWARDS + NARROW_BACK_FORWARDS} for each image before the last, where "
+                               "that fits)")
+    widening.add_argument("--no-widen-weights", action="store_true",
+                          help="on the CPU, keep a float16 / bfloat16 UNet in half precision throughout, each weight "
+                               "widened to float32 as it is used: least memory")
     draft = p.add_argument_group("previews and drafts")
     draft.add_argument("--vae", choices=("full", "tiny"),
                        help="the VAE that decodes the image: full (default), or tiny (TAESD / TAESDXL: a fraction of "
@@ -280,6 +290,11 @@ def vae_tiling(a: argparse.Namespace) -> tuple[bool | None, int | None]:
     if not 0 < budget < 2**20:
         raise InputError(f"--vae-memory-budget must be a positive number of GiB, got {budget}.")
     return None, int(budget * 2**30)
+
+
+def widen_weights(a: argparse.Namespace) -> bool | None:
+    """The run's ``widen_weights`` from the widening options (None: where it pays and fits)."""
+    return True if a.widen_weights else False if a.no_widen_weights else None
 
 
 def preview_path(a: argparse.Namespace, outputs: list[Path]) -> Path | None:

@@ -43,7 +43,7 @@ RECORD_FORMAT = 1
 # Options that say where the images go or how the command behaves, not what an image is.
 # allow_pickle: a PNG from someone else must not turn on the loading of pickles.
 UNRECORDED = frozenset({"output", "quiet", "batch_size", "prompts", "from_png", "no_cache", "allow_pickle",
-                        "preview", "preview_every"})
+                        "preview", "preview_every", "widen_weights", "no_widen_weights"})
 INPUTS = ("image", "mask")  # the options naming input files, whose contents the record hashes
 # Options recorded only beside the option they qualify: alone they change nothing.
 _QUALIFIES = {"refiner_start": "refiner", "strength": "image", "mask": "image", "lora_mode": "lora",

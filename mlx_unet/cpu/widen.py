@@ -13,9 +13,10 @@ values, which is also more exact than half precision:
   from the start and the model's dtype reads float32. The model takes half of float32's memory.
 - ``widened(model)`` casts the kernels' half weights to float32 too, in place, for a ``with``
   block (a sampling run) and narrows them back after it, which is exact: the model comes back
-  bit for bit. It saves the per-call widening (2.6 G weights per SDXL forward) at float32's
-  memory for the block (``pipelines.run.RunSettings.widen_weights``). Both compute the same
-  values. Quantized layers are left as they are.
+  bit for bit (or stays in float32, for a caller that frees it next). It saves the per-call
+  widening (2.6 G weights per SDXL forward) at float32's memory for the block
+  (``pipelines.run.RunSettings.widen_weights``). Both compute the same values. Quantized layers
+  are left as they are.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import mlx.nn as nn
 
 from .conv import Conv2d
 from .half import HALF, float32
+from .heap import prefault, reused_heap
 from .linear import Linear
 
 
@@ -76,17 +78,24 @@ def held_in_float32(model: nn.Module) -> set[str]:
 
 
 @contextmanager
-def widened(model: nn.Module) -> Iterator[int]:
+def widened(model: nn.Module, narrow_back: bool = True) -> Iterator[int]:
     """``model``'s half-precision parameters in float32 inside the block, back in their own
-    dtypes after it (by an exception too); yields how many were widened."""
+    dtypes after it (by an exception too), or left in float32 where ``narrow_back`` is False (for
+    a caller that frees the model next: narrowing SDXL's UNet back takes seconds); yields how
+    many were widened."""
     parameters = half_parameters(model)
     dtypes = [module[name].dtype for module, name in parameters]
     done = []
-    try:
-        for module, name in parameters:
-            _cast(module, name, mx.float32)
-            done.append((module, name))
-        yield len(parameters)
-    finally:
-        for (module, name), dtype in zip(done, dtypes):
-            _cast(module, name, dtype)
+    with reused_heap():
+        # The float32 copies need this much memory beyond the half weights they replace. Fresh
+        # pages faulted in one at a time on one thread took SDXL's first widening from 1.2 s to
+        # 16.2 s in this VM (README: "Fresh memory"); touched first on every core, 6.9 + 1.5 s.
+        prefault(widening_bytes(model))
+        try:
+            for module, name in parameters:
+                _cast(module, name, mx.float32)
+                done.append((module, name))
+            yield len(parameters)
+        finally:
+            for (module, name), dtype in zip(done if narrow_back else (), dtypes):
+                _cast(module, name, dtype)

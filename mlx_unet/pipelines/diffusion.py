@@ -254,6 +254,7 @@ class DiffusionPipeline:
         refiner: "DiffusionPipeline | None" = None,
         refiner_start: float = 0.8,
         low_memory: bool = False,
+        widen_weights: bool | None = None,
         release_unet: bool = False,
         callback: Callable[[str, Step], None] | None = None,
         preview_every: int | None = None,
@@ -273,6 +274,8 @@ class DiffusionPipeline:
         or floats in [0, 1]; white (1) is repainted, black kept.
         ``refiner``: an SDXL refiner pipeline that takes over at ``refiner_start`` of the
         schedule (diffusers' ensemble of experts: ``denoising_end`` / ``denoising_start``).
+        ``widen_weights``: on the CPU, a half-precision UNet held in float32 for each denoising
+        stage: True, False, or None where that pays and fits (``pipelines.run.RunSettings``).
         ``release_unet``: free the UNet at the end of its denoising (by an exception too), and a
         refiner's at the end of its own, so that the refiner's and the decode do not add to its
         weights (for the last image of a run: a later call loads it again).
@@ -320,7 +323,7 @@ class DiffusionPipeline:
                   sigmas=sigmas,
                   dtype=self.dtype, vae_dtype=decoder.dtype, tiled_vae=decoder.use_tiling, vae_tile=decoder.tile_sample_size,
                   vae_overlap=decoder.tile_overlap, vae_memory_budget=decoder.memory_budget, low_memory=low_memory,
-                  image_size=size, release_unet=release_unet,
+                  image_size=size, release_unet=release_unet, widen_weights=widen_weights is True,
                   quantize=self.quantize, quantize_text_encoders=self.quantize_text_encoders)
         guided = args.guided(self.parts.unet)
         prompt_args = dict(negative_prompt=negative_prompt, prompt_2=prompt_2,
@@ -345,7 +348,7 @@ class DiffusionPipeline:
             elif image is not None:
                 sample.update(image_latents=self.encode_image(image, embeddings.context.shape[0], seed),
                               strength=strength)
-            run = (low_memory, (scheduler, sigmas), release_unet)
+            run = (low_memory, widen_weights, (scheduler, sigmas), release_unet)
             try:
                 x = self._denoise("base", self, embeddings, callback, *run, latents=latents,
                                   denoising_end=refiner_start if refiner is not None else None, **sample)
@@ -363,11 +366,12 @@ class DiffusionPipeline:
             return (refiner or self).decode(x, as_uint8=output == "uint8")
 
     @staticmethod
-    def _denoise(stage, pipe: "DiffusionPipeline", e: PromptEmbeddings, callback, low_memory, sampling, released,
-                 **kwargs):
+    def _denoise(stage, pipe: "DiffusionPipeline", e: PromptEmbeddings, callback, low_memory, widen_weights,
+                 sampling, released, **kwargs):
         """One stage's denoising; ``released``: the stage's UNet is freed at its end (before a
-        refiner's loads, say)."""
-        sampler = Sampler(pipe.unet, pipe.scheduler(*sampling), low_memory=low_memory)
+        refiner's loads, say), so weights widened for it are not narrowed back."""
+        sampler = Sampler(pipe.unet, pipe.scheduler(*sampling), low_memory=low_memory, widen_weights=widen_weights,
+                          narrow_back=not released)
         x = None
         steps = sampler.steps(e.context, e.pooled, negative_prompt_embeds=e.negative_context,
                               negative_pooled_prompt_embeds=e.negative_pooled, **kwargs)

@@ -34,7 +34,9 @@ from ..configs.unet import UNetConfig
 from ..configs.vae import VAEConfig
 from ..cpu import computes_in, kernels_enabled
 from ..cpu.attention import chunk_rows
+from ..cpu.widen import widening_bytes
 from ..errors import InputError
+from ..models.unet import UNet2DConditionModel
 from ..models.vae import tile_sizes
 from .arguments import PIXELS_PER_LATENT
 from .model_sizes import (largest_linear, text_embedding_parameters, text_encoder_bytes, unet_bytes,
@@ -191,7 +193,7 @@ def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextCo
                  low_memory: bool, cpu_kernels: bool | None = None, refiner: UNetConfig | None = None,
                  vae_tile: int | None = None, vae_overlap: float = 0.25, vae_memory_budget: int | None = None,
                  unet_quantization: Quantization | None = None, text_quantization: Quantization | None = None,
-                 release_unet: bool = False) -> RunEstimate:
+                 release_unet: bool = False, widen_weights: bool = False) -> RunEstimate:
     """The memory a run of ``images`` images of ``height`` x ``width`` pixels needs at each stage.
     ``cpu_kernels`` None: whether ``mlx_unet.cpu`` puts its kernels in here (chunked attention).
     ``unet_quantization`` / ``text_quantization``: how the UNets / text encoders are quantized.
@@ -199,7 +201,8 @@ def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextCo
     sample_size; None: tiles by need, as ``AutoencoderKL.decode`` chooses them with
     ``vae_memory_budget``, its ``memory_budget``, and ``vae_tile`` and ``vae_overlap`` as its largest
     tile; False: whole). ``release_unet``: each UNet is freed at the end of its stage (the base
-    one before the refiner's runs, the refiner's before the decode)."""
+    one before the refiner's runs, the refiner's before the decode). ``widen_weights``: on the
+    CPU kernels a half-precision UNet is held in float32 while it denoises (``cpu.widen``)."""
     chunked = kernels_enabled(cpu_kernels)
     unets = [unet] + ([refiner] if refiner is not None else [])
     # Each pipeline (base, refiner) holds its UNet and VAE for as long as it lives.
@@ -217,6 +220,8 @@ def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextCo
     stages = {"text encoders": resident + text + text_activations(encoders, images) + widened}
     for name, config in zip(("denoise", "refine"), unets):
         held = resident - (unet_bytes(unet, dtype.size, unet_quantization) if name == "refine" and release_unet else 0)
+        if widen_weights and chunked and dtype.size == 2:  # its half weights in float32, quantized layers as they are
+            held += unet_bytes(config, F32, unet_quantization) - unet_bytes(config, dtype.size, unet_quantization)
         stages[name] = held + unet_activations(config, latent, batch, computes_in(dtype, chunked), chunked) + widened
     tile = vae.sample_size if vae_tile is None else vae_tile
     decode_resident = resident - unets_held if release_unet else resident
@@ -303,6 +308,15 @@ def available_memory() -> tuple[int, str]:
         return int(value * GIB), BUDGET_ENV
     usable, what = min(_limits())
     return max(usable, 0), what
+
+
+def widening_fits(unet: UNet2DConditionModel, sample: tuple[int, ...]) -> bool:
+    """Whether ``unet``'s half weights held in float32 for a run (``cpu.widen``) leave that run
+    within ``available_memory()``: what MLX holds now, plus the float32 copies, plus a forward
+    of ``sample``'s shape (B, h, w, C)."""
+    batch, height, width = sample[:3]
+    forward = unet_activations(unet.config, (height, width), batch, mx.float32, True)
+    return mx.get_active_memory() + widening_bytes(unet) + forward + STAGE_ALLOWANCE <= available_memory()[0]
 
 
 # --tile-vae's tiles: at most 256 px. The VAE's sample_size, diffusers' default tile (and

@@ -50,7 +50,7 @@ def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder 
               tiled_vae: bool | None, low_memory: bool, vae_tile: int | None = None, vae_overlap: float = 0.25,
               vae_memory_budget: int | None = None, image_size: tuple[int, int] | None = None,
               quantize: Quantization | None = None, quantize_text_encoders: Quantization | None = None,
-              release_unet: bool = False) -> RunPlan:
+              release_unet: bool = False, widen_weights: bool = False) -> RunPlan:
     """Refuse (InputError / PipelineError) a run that cannot start or finish, before loading.
 
     ``image_size``: an img2img input's (height, width), which sets the size. ``vae_dtype`` None
@@ -58,7 +58,9 @@ def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder 
     ``vae_tile``, ``vae_overlap``, ``vae_memory_budget``: the VAE's ``use_tiling``,
     ``tile_sample_size``, ``tile_overlap`` and ``memory_budget`` (``memory.estimate_run`` says how the decode is estimated). ``quantize`` /
     ``quantize_text_encoders``: what the models are quantized to as they load (parts stored
-    quantized count as stored). ``release_unet``: the UNets are freed before the decode."""
+    quantized count as stored). ``release_unet``: the UNets are freed before the decode.
+    ``widen_weights``: half-precision UNets are held in float32 while they denoise, as asked (a run
+    that widens them by itself does so only where that fits, ``memory.widening_fits``)."""
     default = (base.unet.sample_size or 128) * 8
     height, width = image_size or (args.height or default, args.width or default)
     if refiner is not None and not (base.unet.has_text_time_embedding and refiner.unet.has_text_time_embedding):
@@ -88,6 +90,6 @@ def check_run(args: RunArguments, base: PipelineFolder, refiner: PipelineFolder 
         vae_overlap=vae_overlap, vae_memory_budget=vae_memory_budget, low_memory=low_memory,
         refiner=None if refiner is None else refiner.unet, unet_quantization=base.quantization("unet", quantize),
         text_quantization=base.quantization(base.text_encoder_names[-1], quantize_text_encoders),
-        release_unet=release_unet,
+        release_unet=release_unet, widen_weights=widen_weights,
     )
     return RunPlan(height, width, images, estimate)

@@ -1,8 +1,8 @@
 """How a run calls the UNet: compiled or not, in low-memory mode or not, with its half-precision
 weights widened for the run or not. These are settings of the run, not of the model: the UNet
-comes out of a run as it went in (widened weights are narrowed back, bit for bit), and the
-process-wide MLX buffer cache limit that low-memory mode lowers is restored when the run ends (by
-an exception too).
+comes out of a run as it went in (widened weights are narrowed back, bit for bit, unless the
+caller frees the UNet next), and the process-wide MLX buffer cache limit that low-memory mode
+lowers is restored when the run ends (by an exception too).
 """
 
 from __future__ import annotations
@@ -19,6 +19,15 @@ from mlx.utils import tree_flatten
 from ..cpu import is_accelerated, on_cpu
 from ..cpu.widen import widened, widening_bytes
 from ..models.unet import UNet2DConditionModel
+from .memory import widening_fits
+
+# A run widens a half-precision UNet's weights by itself from this many forwards on, and from
+# NARROW_BACK_FORWARDS more where it narrows them back after it: where that pays. Measured in
+# one process on a guided SDXL run at 256 px (README: "Half precision on the CPU"): widening
+# them once cost 7.5 s, most of it faulting in fresh memory in this VM, narrowing them back
+# 5 s, and each step then took 0.9 s less (1.2 s and 1.5 s less a forward at 32x32 and 64x64).
+WIDEN_FROM_FORWARDS = 12
+NARROW_BACK_FORWARDS = 6
 
 Forward = Callable[..., mx.array]  # called as the UNet is: (sample, timestep, context, **conditioning)
 
@@ -100,13 +109,20 @@ class RunSettings:
     run (``cpu.widen``), and the UNet comes back as it was after it. The run computes the same
     values either way (in float32, from the half-precision weights); widened, a step skips
     widening each weight as it is used (measured in README: "Half precision on the CPU") at
-    float32's memory for the weights during the run. For runs of many steps at small sizes.
+    float32's memory for the weights during the run, and the run first pays for widening them
+    once (and narrowing them back after it). None: widened where that pays, a run of
+    ``WIDEN_FROM_FORWARDS`` forwards or more (``NARROW_BACK_FORWARDS`` more where it narrows
+    them back; not in low-memory mode), and fits in the memory this process may use
+    (``memory.widening_fits``).
+    ``narrow_back``: False leaves widened weights in float32 after the run, for a caller that
+    frees the UNet next (a pipeline's ``release_unet``).
     """
 
     compile: bool | None = None
     low_memory: bool = False
     cache_limit_gb: float = 0.25
-    widen_weights: bool = False
+    widen_weights: bool | None = None
+    narrow_back: bool = True
 
     @property
     def compiles(self) -> bool:
@@ -120,19 +136,24 @@ class RunSettings:
             return partial(unet, after_block=mx.eval)
         return compiled_forward(unet) if self.compiles else unet
 
-    def widens(self, unet: UNet2DConditionModel) -> bool:
-        """Whether a run on ``unet`` widens its half-precision weights: where asked, on the CPU
-        kernels (not on MLX's own layers, the code path of Metal and CUDA, where half precision
-        pays), and where something is half."""
-        return (self.widen_weights and any(is_accelerated(module) for _, module in unet.named_modules())
-                and widening_bytes(unet) > 0)
+    def widens(self, unet: UNet2DConditionModel, forwards: int = 0, sample: tuple[int, ...] = (1, 1, 1, 1)) -> bool:
+        """Whether a run of ``forwards`` forwards of ``sample``'s shape (B, h, w, C) on ``unet``
+        widens its half-precision weights: where asked or where it pays (``widen_weights``), on
+        the CPU kernels (not on MLX's own layers, the code path of Metal and CUDA, where half
+        precision pays), and where something is half."""
+        if self.widen_weights is False or not (any(is_accelerated(module) for _, module in unet.named_modules())
+                                               and widening_bytes(unet) > 0):
+            return False
+        enough = WIDEN_FROM_FORWARDS + (NARROW_BACK_FORWARDS if self.narrow_back else 0)
+        return self.widen_weights or (not self.low_memory and forwards >= enough and widening_fits(unet, sample))
 
-    def applied(self, unet: UNet2DConditionModel | None = None) -> AbstractContextManager:
-        """The settings that hold for the run, for a ``with`` block: the cache limit, and
-        ``unet``'s weights widened where ``widens`` says so."""
+    def applied(self, unet: UNet2DConditionModel | None = None, forwards: int = 0,
+                sample: tuple[int, ...] = (1, 1, 1, 1)) -> AbstractContextManager:
+        """The settings that hold for a run of ``forwards`` forwards of ``sample``'s shape, for a
+        ``with`` block: the cache limit, and ``unet``'s weights widened where ``widens`` says so."""
         stack = ExitStack()
         if self.low_memory:
             stack.enter_context(cache_limit(int(self.cache_limit_gb * 2**30)))
-        if unet is not None and self.widens(unet):
-            stack.enter_context(widened(unet))
+        if unet is not None and self.widens(unet, forwards, sample):
+            stack.enter_context(widened(unet, self.narrow_back))
         return stack

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
@@ -34,6 +34,7 @@ from .arguments import (
     check_size,
     strength_steps,
 )
+from .conditioning import Conditioning, micro_conditioning, rescale_guidance
 from .inpaint import Inpainting, KnownRegion, check_unet
 from .run import RunSettings
 from .schedule import schedule
@@ -51,49 +52,6 @@ class Step:
 
 
 @dataclass(frozen=True)
-class Conditioning:
-    """What every step of a run is conditioned on (``Sampler.prepare_conditioning``), as prepared
-    (float32) until ``for_unet`` puts it in the dtype the run computes in. Under classifier-free
-    guidance the batch is doubled, the negative half first as diffusers has it. An LCM
-    distillation takes the guidance scale as an embedding instead, and a batch of one."""
-
-    context: mx.array  # (B or 2B, tokens, width)
-    # SDXL's pooled text embedding and time ids (B or 2B, ...), which make its added embedding;
-    # None for SD 1.x/2.x.
-    added_inputs: tuple[mx.array, mx.array] | None
-    guidance_scale: float
-    guidance_rescale: float = 0.0
-    # A 9-channel inpainting UNet's mask and masked-image latents (B or 2B, h, w, 5), concatenated
-    # after the latents at every step.
-    extra_channels: mx.array | None = None
-    # An LCM distillation's guidance-scale embedding (B, time_cond_proj_dim).
-    timestep_cond: mx.array | None = None
-    # SDXL's added embedding (B or 2B, time_embed_dim), made once by ``for_unet``.
-    added_embedding: mx.array | None = None
-
-    def for_unet(self, unet: UNet2DConditionModel) -> "Conditioning":
-        """In ``unet``'s dtype, with SDXL's added embedding made (once for every step). On the
-        CPU kernels a half-precision UNet's dtype is float32 (``cpu.widen``): its run conditions
-        in float32 as a float32 UNet's does."""
-        dtype = unet.dtype
-        added = None
-        if self.added_inputs is not None:
-            text_embeds, time_ids = self.added_inputs
-            added = unet.added_embedding(text_embeds.astype(dtype), time_ids)
-            mx.eval(added)
-
-        def cast(a):
-            return None if a is None else a.astype(dtype)
-
-        return replace(self, context=cast(self.context), extra_channels=cast(self.extra_channels),
-                       timestep_cond=cast(self.timestep_cond), added_embedding=added)
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance_scale > 1.0 and self.timestep_cond is None
-
-
-@dataclass(frozen=True)
 class Start:
     """Where a run starts (``Sampler.prepare_latents``): float32 latents as the first step takes
     them, the timesteps to run, and the key of the stochastic samplers' per-step noise."""
@@ -108,19 +66,21 @@ class Sampler:
     """A UNet and a scheduler; ``sampler(...)`` returns the final latents, ``sampler.steps(...)``
     yields a ``Step`` after each one (the last one's latents are the result).
 
-    ``compile``, ``low_memory`` and ``widen_weights`` are the settings of its runs
-    (``pipelines.run.RunSettings``): the UNet through ``mx.compile``, by default on Metal and
+    ``compile``, ``low_memory``, ``widen_weights`` and ``narrow_back`` are the settings of its
+    runs (``pipelines.run.RunSettings``): the UNet through ``mx.compile``, by default on Metal and
     CUDA and not on the CPU; for 8-16 GB machines, the UNet evaluated block by block with a small
     buffer cache, and classifier-free guidance's two halves one after the other instead of as
-    one batch of two; on the CPU, where asked, a half-precision UNet held in float32 for the run.
-    The UNet comes out of a run as it went in.
+    one batch of two; on the CPU, a half-precision UNet held in float32 for the run where asked,
+    or by default where that pays and fits. The UNet comes out of a run as it went in
+    (``narrow_back=False``: widened weights stay in float32, for a caller that frees it next).
     """
 
     def __init__(self, unet: UNet2DConditionModel, scheduler, compile: bool | None = None, low_memory: bool = False,
-                 widen_weights: bool = False):
+                 widen_weights: bool | None = None, narrow_back: bool = True):
         self.unet = unet
         self.scheduler = scheduler
-        self.settings = RunSettings(compile=compile, low_memory=low_memory, widen_weights=widen_weights)
+        self.settings = RunSettings(compile=compile, low_memory=low_memory, widen_weights=widen_weights,
+                                    narrow_back=narrow_back)
 
     def __call__(self, *args, **kwargs) -> mx.array:
         for step in self.steps(*args, **kwargs):  # steps() refuses a run of no step
@@ -232,8 +192,8 @@ class Sampler:
         if config.has_text_time_embedding:
             if pooled_prompt_embeds is None:
                 raise InputError("this SDXL UNet needs pooled_prompt_embeds (the pooled text embedding).")
-            time_ids, negative_time_ids = self._time_ids(
-                pooled_prompt_embeds.shape[-1], size, original_size, crops_coords_top_left, target_size,
+            time_ids, negative_time_ids = micro_conditioning(
+                config, pooled_prompt_embeds.shape[-1], size, original_size, crops_coords_top_left, target_size,
                 negative_original_size, negative_crops_coords_top_left, negative_target_size,
                 aesthetic_score, negative_aesthetic_score, img2img,
             )
@@ -313,7 +273,8 @@ class Sampler:
         total = timesteps.shape[0]
         step_keys = mx.random.split(start.key, max(total, 1))
         warned = False
-        with self.settings.applied(self.unet):
+        batch = x.shape[0] * (2 if guided else 1)
+        with self.settings.applied(self.unet, forwards=total, sample=(batch, *x.shape[1:])):
             dtype = self.unet.dtype  # float32 for a half-precision UNet on the CPU kernels
             conditioning = conditioning.for_unet(self.unet)
             forward = self.settings.forward(self.unet)
@@ -332,7 +293,7 @@ class Sampler:
                     uncond, cond = mx.split(prediction, 2)
                     prediction = uncond + scale * (cond - uncond)
                     if conditioning.guidance_rescale > 0:
-                        prediction = _rescale_guidance(prediction, cond, conditioning.guidance_rescale)
+                        prediction = rescale_guidance(prediction, cond, conditioning.guidance_rescale)
                 noise = mx.random.normal(x.shape, key=step_keys[i]) if sched.stochastic else None
                 x = sched.step(prediction, t, x, noise=noise).prev_sample
                 if start.known is not None:
@@ -390,43 +351,3 @@ class Sampler:
                                   added_embedding=one(added), timestep_cond=one(cond)))
             mx.eval(halves[-1])
         return mx.concatenate(halves)
-
-    def _time_ids(self, pooled_width, size, original_size, crops, target_size, negative_original_size,
-                  negative_crops, negative_target_size, aesthetic_score, negative_aesthetic_score, img2img):
-        """SDXL's micro-conditioning: (original h, w, crop top, left, target h, w), or for the
-        refiner, whose add_embedding takes one id less, the aesthetic score instead of the target.
-
-        The negative ids follow diffusers' two pipelines exactly, quirks included: text-to-image
-        uses them only when both negative sizes are given (crops default (0, 0)), else repeats the
-        positive ids; img2img defaults the negative sizes to the positive ones and, with 6 ids,
-        uses the positive crops.
-        """
-        config = self.unet.config
-        n_ids, remainder = divmod(config.projection_class_embeddings_input_dim - pooled_width, config.addition_time_embed_dim)
-        if remainder or n_ids not in (5, 6):
-            raise InputError(
-                f"pooled_prompt_embeds of width {pooled_width} leave {config.projection_class_embeddings_input_dim - pooled_width} "
-                f"features for time ids of width {config.addition_time_embed_dim}: not SDXL's 6 (base) or 5 (refiner)."
-            )
-        original_size, target_size = tuple(original_size or size), tuple(target_size or size)
-        negative_crops = tuple(negative_crops if negative_crops is not None else (0, 0))
-        if n_ids == 5:
-            ids = [*original_size, *crops, aesthetic_score]
-            negative = [*(negative_original_size or original_size), *negative_crops, negative_aesthetic_score]
-        else:
-            ids = [*original_size, *crops, *target_size]
-            if img2img:
-                negative = [*(negative_original_size or original_size), *crops, *(negative_target_size or target_size)]
-            elif negative_original_size is not None and negative_target_size is not None:
-                negative = [*negative_original_size, *negative_crops, *negative_target_size]
-            else:
-                negative = ids
-        return mx.array(ids, dtype=mx.float32), mx.array(negative, dtype=mx.float32)
-
-
-def _rescale_guidance(guided: mx.array, cond: mx.array, factor: float) -> mx.array:
-    """Rescale the guided prediction to the conditional one's spread (Lin et al. 2023, 3.4), mixed
-    by ``factor``. Standard deviations are per sample; diffusers' Bessel correction cancels in the ratio."""
-    axes = tuple(range(1, guided.ndim))
-    rescaled = guided * (mx.std(cond, axis=axes, keepdims=True) / mx.std(guided, axis=axes, keepdims=True))
-    return factor * rescaled + (1 - factor) * guided

@@ -1,7 +1,7 @@
 """``mlx-unet generate`` frees the UNet before the last image's decode (the decode then has the
 memory to itself) and keeps it for the images before, whose denoising needs it again; a pipeline
-loads its UNet only after the first prompt is encoded, runs a call in one reused heap, and does
-not narrow back a UNet it is about to free."""
+loads its UNet only after the first prompt is encoded, runs a call in one reused heap, widens a
+half-precision UNet for runs that pay, and does not narrow back a UNet it is about to free."""
 
 import mlx.core as mx
 import numpy as np
@@ -105,10 +105,12 @@ def test_the_command_encodes_its_prompts_and_loads_the_unet_in_one_reused_heap(t
     assert events == [*RAISED, ("encoders", True), ("UNet", True), *GIVEN_BACK]
 
 
-def test_a_half_precision_unet_is_loaded_once_in_half_precision_and_never_widened(tmp_path, monkeypatch):
+def test_a_half_precision_unet_loads_once_in_half_precision_and_is_widened_only_by_runs_that_pay(tmp_path,
+                                                                                                 monkeypatch):
     """On the CPU kernels a half-precision pipeline's UNet loads in half precision and computes in
-    float32 (``cpu.widen``): no run widens or narrows it, released after it or not, and the
-    images are the same."""
+    float32 (``cpu.widen``). A run too short to pay never widens it; a longer one holds it in
+    float32 while it denoises (not when told not to) and narrows it back after, unless the UNet
+    is released then, which pays from fewer steps; the images are the same."""
     from mlx_unet.cpu import ENV_SWITCH, widen
     from mlx_unet.pipelines import diffusion, run as run_settings
 
@@ -119,8 +121,38 @@ def test_a_half_precision_unet_is_loaded_once_in_half_precision_and_never_widene
     pipe = load_pipeline(write_demo_pipeline(tmp_path / "demo"), dtype=mx.float16)
     kept = pipe(PROMPT, **run)
     assert loads == [mx.float16] and pipe._unet.dtype == mx.float32 and widen.half_parameters(pipe._unet)
-    widened = []
-    monkeypatch.setattr(run_settings, "widened", lambda unet: widened.append(unet))
-    assert np.array_equal(pipe(PROMPT, **run), kept)
+    longer = run | dict(steps=3)
+    kept_longer = pipe(PROMPT, **longer)
+    narrowed_back, widened = [], run_settings.widened
+    monkeypatch.setattr(run_settings, "widened",
+                        lambda unet, narrow_back: narrowed_back.append(narrow_back) or widened(unet, narrow_back))
+    assert np.array_equal(pipe(PROMPT, **longer), kept_longer) and narrowed_back == []
+    # From 2 forwards where the UNet is freed after the run, from 3 where it is narrowed back.
+    monkeypatch.setattr(run_settings, "WIDEN_FROM_FORWARDS", 2)
+    monkeypatch.setattr(run_settings, "NARROW_BACK_FORWARDS", 1)
+    assert np.array_equal(pipe(PROMPT, **run), kept) and narrowed_back == []
+    assert np.array_equal(pipe(PROMPT, **longer), kept_longer) and narrowed_back == [True]
+    assert widen.half_parameters(pipe._unet)  # back in half precision
+    assert np.array_equal(pipe(PROMPT, **longer, widen_weights=False), kept_longer) and narrowed_back == [True]
     assert np.array_equal(pipe(PROMPT, **run, release_unet=True), kept)
-    assert widened == [] and loads == [mx.float16] and pipe._unet is None
+    assert narrowed_back == [True, False] and loads == [mx.float16] and pipe._unet is None
+
+
+@pytest.mark.parametrize("flag, widen_weights", [(None, None), ("--widen-weights", True), ("--no-widen-weights", False)])
+def test_the_widening_options_reach_the_run_and_are_not_recorded(tmp_path, monkeypatch, flag, widen_weights):
+    """They change how fast and in how much memory an image is made, not the image."""
+    seen, call = [], DiffusionPipeline.__call__
+    monkeypatch.setattr(DiffusionPipeline, "__call__",
+                        lambda self, *a, **k: seen.append(k["widen_weights"]) or call(self, *a, **k))
+    out = tmp_path / "out.png"
+    assert cli.main(["generate", PROMPT, "--demo", "--height", "64", "--width", "64", "--steps", "2", "--seed", "3",
+                     "--quiet", *([flag] if flag else []), "-o", str(out)]) == 0
+    assert seen == [widen_weights]
+    with Image.open(out) as image:
+        assert "widen" not in image.text["mlx-unet"] and "mlx-unet" in image.text
+
+
+def test_the_two_widening_options_are_refused_together(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["generate", PROMPT, "--demo", "--widen-weights", "--no-widen-weights"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

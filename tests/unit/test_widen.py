@@ -1,7 +1,8 @@
 """Half precision on the CPU kernels (``cpu.widen``, ``cpu.half``): a half-precision model keeps
 the kernels' weights in half precision, holds the rest in float32 and computes what a float32
 copy of its weights computes, bit for bit; ``RunSettings(widen_weights=True)`` holds the whole
-UNet in float32 for a run, computes the same, and puts it back bit for bit (by an exception too)."""
+UNet in float32 for a run, computes the same, and puts it back bit for bit (by an exception too);
+a run widens it by itself where that pays and fits."""
 
 import mlx.core as mx
 import numpy as np
@@ -122,18 +123,61 @@ def test_weights_come_back_after_an_exception():
     assert all(np.array_equal(after[k], before[k]) for k in before)
 
 
-def test_a_run_widens_only_where_asked():
-    unet = _unet()
-    assert not run.RunSettings().widens(unet)
+def test_a_run_widens_where_asked_or_where_it_pays_and_fits(monkeypatch):
+    unet, sample = _unet(), (2, 8, 8, 4)
+    freed, enough = run.WIDEN_FROM_FORWARDS, run.WIDEN_FROM_FORWARDS + run.NARROW_BACK_FORWARDS
+    monkeypatch.delenv(memory.BUDGET_ENV, raising=False)
+    assert not run.RunSettings().widens(unet, enough - 1, sample)  # too short a run to pay
+    assert run.RunSettings().widens(unet, enough, sample)
+    # A run that need not narrow the weights back (its UNet is freed next) pays from fewer forwards.
+    assert not run.RunSettings(narrow_back=False).widens(unet, freed - 1, sample)
+    assert run.RunSettings(narrow_back=False).widens(unet, freed, sample)
+    assert not run.RunSettings(low_memory=True).widens(unet, enough, sample)
+    assert not run.RunSettings(widen_weights=False).widens(unet, enough, sample)
     assert run.RunSettings(widen_weights=True).widens(unet)
     assert run.RunSettings(low_memory=True, widen_weights=True).widens(unet)
     assert not run.RunSettings(widen_weights=True).widens(_unet(mx.float32))  # nothing is half
     assert not run.RunSettings(widen_weights=True).widens(_unet(kernels=False))  # MLX's own layers: no widening
+    # Where the float32 copies would not fit, a run that was not asked does not widen.
+    needed = (mx.get_active_memory() + widen.widening_bytes(unet) + memory.STAGE_ALLOWANCE
+              + memory.unet_activations(unet.config, sample[1:3], sample[0], mx.float32, True))
+    for budget, widens in ((needed - widen.widening_bytes(unet) // 2, False), (needed + 2**20, True)):
+        monkeypatch.setenv(memory.BUDGET_ENV, repr(budget / 2**30))
+        assert run.RunSettings().widens(unet, enough, sample) == widens
+        assert run.RunSettings(widen_weights=True).widens(unet, enough, sample)
+
+
+def test_a_long_enough_run_widens_by_itself_and_narrows_back_unless_told_not_to(monkeypatch):
+    """Widened in every step of the run, the same latents, and the UNet back bit for bit after it;
+    with ``narrow_back=False`` left in float32, for a caller that frees it next."""
+    monkeypatch.setattr(run, "WIDEN_FROM_FORWARDS", 2)
+    monkeypatch.setattr(run, "NARROW_BACK_FORWARDS", 0)
+    unet = _unet()
+    before, expected = _bits(unet), _run(unet, widen_weights=False)
+    context, pooled = _inputs(unet)
+
+    def run_steps(**settings):
+        sampler = Sampler(unet, make_scheduler("euler", SDXL_SCHEDULER_CONFIG), compile=False, **settings)
+        half, latents = [], None
+        for step in sampler.steps(context, pooled, num_inference_steps=2, guidance_scale=5.0, height=64, width=64,
+                                  seed=3):
+            half.append(len(widen.half_parameters(unet)))
+            latents = np.array(step.latents)
+        return half, latents
+
+    half, latents = run_steps()
+    after = _bits(unet)
+    assert half == [0, 0] and np.array_equal(latents, expected)
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    half, latents = run_steps(narrow_back=False)
+    assert half == [0, 0] and np.array_equal(latents, expected)
+    assert not widen.half_parameters(unet) and unet.dtype == mx.float32
 
 
 def test_the_memory_estimate_counts_half_weights_and_their_float32_copies(monkeypatch):
     """SDXL's UNet in float16 on the kernels: 2 bytes a parameter less than float32, less the
-    transient float32 copies of its widened weights; the same whatever the budget."""
+    transient float32 copies of its widened weights, and 2 bytes a parameter more where a run
+    holds it in float32; the same whatever the budget."""
     unet, vae = UNetConfig.from_preset("sdxl-base"), VAEConfig.from_preset("sdxl")
 
     def denoise(budget_gb: int, **change) -> int:
@@ -144,6 +188,7 @@ def test_the_memory_estimate_counts_half_weights_and_their_float32_copies(monkey
 
     copies = memory.FLOAT32_WEIGHT_COPIES * 4 * largest_linear(unet)
     assert denoise(64, dtype=mx.float32) - denoise(64) == 2 * unet_parameters(unet) - copies
+    assert denoise(64, widen_weights=True) - denoise(64) == 2 * unet_parameters(unet)  # held in float32
     assert denoise(64) == denoise(12)
 
 
