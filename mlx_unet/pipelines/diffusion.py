@@ -296,6 +296,8 @@ class DiffusionPipeline:
             raise InputError(f"output must be 'uint8', 'float' or 'latent', got {output!r}.")
         if not isinstance(release_unet, bool):
             raise InputError(f"release_unet must be True or False, not {release_unet!r}.")
+        if widen_weights is not None and not isinstance(widen_weights, bool):
+            raise InputError(f"widen_weights must be True, False or None (where it pays), not {widen_weights!r}.")
         callback = previews.checked_callback(self.tiny_vae, vae, preview_every, callback)
         texts = (("negative_prompt", negative_prompt), ("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2))
         if prompt_embeds is None:

@@ -93,6 +93,8 @@ BAD_CALLS = [
     (dict(num_images_per_prompt=0), "num_images_per_prompt must be an integer at least 1"),
     (dict(clip_skip=99), "clip_skip must be an integer from 0 to 2"),
     (dict(output="png"), "output must be 'uint8', 'float' or 'latent'"),
+    (dict(release_unet="yes"), "release_unet must be True or False, not 'yes'"),
+    (dict(widen_weights="yes"), "widen_weights must be True, False or None \\(where it pays\\), not 'yes'"),
     (dict(latents=mx.full((1, 8, 8, 4), mx.nan)), "latents holds NaN or infinite values"),
     (dict(image=np.full((1, SIZE, SIZE, 3), np.nan, np.float32), strength=1.0), "image holds NaN or infinite values"),
     (dict(image=np.full((1, SIZE, SIZE, 3), 2.0, np.float32), strength=1.0), "image holds values outside \\[0, 1\\]"),
