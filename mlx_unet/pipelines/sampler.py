@@ -273,7 +273,7 @@ class Sampler:
         total = timesteps.shape[0]
         step_keys = mx.random.split(start.key, max(total, 1))
         warned = False
-        batch = x.shape[0] * (2 if guided else 1)
+        batch = conditioning.context.shape[0]  # the UNet's: doubled under guidance
         with self.settings.applied(self.unet, forwards=total, sample=(batch, *x.shape[1:])):
             dtype = self.unet.dtype  # float32 for a half-precision UNet on the CPU kernels
             conditioning = conditioning.for_unet(self.unet)
