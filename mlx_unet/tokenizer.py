@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import json
 import re
 import unicodedata
@@ -33,18 +32,15 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ConfigError, InputError
-from .jsonfile import read_json, read_text
+from .tokenizer_folder import END_OF_TEXT, START_OF_TEXT, added_tokens, files_digest, read_folder
 
 
 END_OF_WORD = "</w>"
-END_OF_TEXT = "<|endoftext|>"
 # CLIP's BPE merges (OpenAI's bpe_simple_vocab_16e6.txt.gz, MIT license), shipped in mlx_unet/data:
 # see the README there. Every SD and SDXL tokenizer has this vocabulary; only pad tokens differ.
 BUNDLED_MERGES = "bpe_simple_vocab_16e6.txt.gz"
 BUNDLED_DATA = Path(__file__).parent / "data"  # where it lies in a source tree (for messages)
 _VOCAB_SIZE = 49408
-# What ``from_folder`` reads; the first two are the tokenizer itself, the last two are optional.
-FOLDER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 # Folders parsed lately, by their files' digest: a pipeline loaded again, or a copy of its folder,
 # reuses the parse (in pure Python, tens of milliseconds a tokenizer; SDXL loads two).
 _RECENTLY_PARSED: dict[bytes, "CLIPTokenizer"] = {}
@@ -57,15 +53,8 @@ _WHITE_SPACE = frozenset(map(chr, [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680,
 
 # CLIP's pattern tries, at each position, these two literals, then the contractions, then a letter
 # run, one digit, a symbol run. (The byte-level step then splits each literal in three again.)
-_LITERALS = ("<|startoftext|>", "<|endoftext|>")
+_LITERALS = (START_OF_TEXT, END_OF_TEXT)
 _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
-
-# The token attributes transformers reads from the files, in the order it registers them.
-_NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# CLIPTokenizer's defaults for the ones the files leave out.
-_DEFAULT_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": END_OF_TEXT,
-                   "unk_token": END_OF_TEXT, "pad_token": END_OF_TEXT}
-
 
 def _byte_alphabet() -> list[str]:
     """GPT-2's character for each byte: printable Latin-1 bytes stand for themselves, the others
@@ -162,7 +151,7 @@ class CLIPTokenizer:
         folder = Path(folder)
         if not folder.is_dir():
             raise ConfigError(f"{folder} is not a folder; pass a pipeline's tokenizer/ or tokenizer_2/ folder.")
-        digest = _files_digest(folder)
+        digest = files_digest(folder)
         if digest in _RECENTLY_PARSED:
             return _RECENTLY_PARSED[digest]
         tokenizer = cls._parse_folder(folder)
@@ -174,16 +163,7 @@ class CLIPTokenizer:
 
     @classmethod
     def _parse_folder(cls, folder: Path) -> "CLIPTokenizer":
-        vocab = _read_json(folder / "vocab.json")
-        if not all(isinstance(t, str) and type(i) is int for t, i in vocab.items()):
-            raise ConfigError(f"{folder / 'vocab.json'} must map each token to an integer id; download it again.")
-        merges = _read_merges(folder / "merges.txt")
-        config = _read_json(folder / "tokenizer_config.json")
-        special_map = folder / "special_tokens_map.json"
-        added_file = folder / "added_tokens.json"
-        special = _read_json(special_map) if special_map.exists() else {}
-        return cls._from_contents(folder, vocab, merges, config, special,
-                                  _read_json(added_file) if added_file.exists() else {})
+        return cls._from_contents(folder, *read_folder(folder))
 
     @classmethod
     def bundled(cls, pad_token: str = END_OF_TEXT) -> "CLIPTokenizer":
@@ -204,7 +184,7 @@ class CLIPTokenizer:
             if config.get(side, "right") != "right":
                 raise ConfigError(f"{folder / 'tokenizer_config.json'} sets {side} to {config[side]!r}; "
                                      "SD's and SDXL's CLIP tokenizers pad and truncate on the right.")
-        added, named = _added_tokens(config, special_map, added_file)
+        added, named = added_tokens(config, special_map, added_file)
         _check_vocab(folder, vocab, merges, added)
         return cls(vocab, merges, added, named, max_length)
 
@@ -323,89 +303,6 @@ def _token_bytes(token: str) -> bytes:
     if all(c in _CHAR_BYTES for c in token):
         return bytes(_CHAR_BYTES[c] for c in token)
     return token.encode("utf-8")
-
-
-def _files_digest(folder: Path) -> bytes | None:
-    """A digest of the names and bytes of ``folder``'s FOLDER_FILES (a missing one counts as
-    missing); None where one cannot be read, for the parse to say why."""
-    digest = hashlib.sha256()
-    for name in FOLDER_FILES:
-        try:
-            data = (folder / name).read_bytes()
-        except FileNotFoundError:
-            digest.update(f"{name}: missing\n".encode())
-            continue
-        except OSError:
-            return None
-        digest.update(f"{name}: {len(data)}\n".encode())
-        digest.update(data)
-    return digest.digest()
-
-
-def _check_present(path: Path) -> None:
-    if not path.exists():
-        raise ConfigError(f"{path} is missing; copy the tokenizer folder whole from the pipeline.")
-
-
-def _read_json(path: Path) -> dict:
-    _check_present(path)
-    return read_json(path, f"tokenizer's {path.name}", ConfigError)
-
-
-def _read_merges(path: Path) -> list[tuple[str, str]]:
-    _check_present(path)
-    lines = read_text(path, "tokenizer's merges.txt", ConfigError).split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    merges = []
-    for number, line in enumerate(lines, 1):
-        if line.startswith("#version"):
-            continue
-        pair = tuple(line.split(" "))
-        if len(pair) != 2 or "" in pair:
-            raise ConfigError(f"{path} line {number} is {line!r}, not two tokens and a space; download it again.")
-        merges.append(pair)
-    return merges
-
-
-def _added_token(value, special: bool) -> tuple[str, bool]:
-    """(text, normalized) of a token written as a string or as an AddedToken dict.
-
-    A string is matched in the raw text; a dict carries its own ``normalized`` flag (without one,
-    AddedToken's default: ``not special``)."""
-    if isinstance(value, str):
-        return value, False
-    if not isinstance(value, dict) or not isinstance(value.get("content"), str):
-        raise ConfigError(f"a special token must be a string or a dict with its content, not {value!r}.")
-    for flag in ("lstrip", "rstrip", "single_word"):
-        if value.get(flag):
-            raise ConfigError(f"the added token {value['content']!r} sets {flag}, which SD's and SDXL's CLIP "
-                              "tokenizers never do and this tokenizer does not implement.")
-    return value["content"], bool(value.get("normalized", not value.get("special", special)))
-
-
-def _added_tokens(config: dict, special_map: dict, added_file: dict) -> tuple[dict[str, bool], dict[str, str]]:
-    """The added tokens (text -> normalized) and the named ones (attribute -> text), resolved
-    as transformers' from_pretrained does.
-
-    A tokenizer_config.json with ``added_tokens_decoder`` (transformers >= 4.34) is read alone;
-    an older one is overridden by special_tokens_map.json and completed by added_tokens.json. The
-    listed added tokens keep their own flags; among named tokens of the same text, the last wins."""
-    modern = "added_tokens_decoder" in config
-    declared = {}
-    for source in (config,) if modern else (config, special_map):
-        declared.update({key: source[key] for key in _NAMED_TOKENS if source.get(key) is not None})
-        if source.get("additional_special_tokens"):
-            raise ConfigError("the tokenizer declares additional_special_tokens "
-                                 f"{source['additional_special_tokens']}; SD's and SDXL's CLIP tokenizers have none.")
-    named = {key: _added_token(value, special=True) for key, value in {**_DEFAULT_TOKENS, **declared}.items()}
-    if modern:
-        listed = dict(_added_token(value, special=False) for value in config["added_tokens_decoder"].values())
-    else:
-        specials = {_added_token(value, special=True)[0] for value in declared.values()}
-        listed = {text: text not in specials for text in added_file}
-    added = dict(named[key] for key in _NAMED_TOKENS if key in named)
-    return {**added, **listed}, {key: text for key, (text, _) in named.items()}
 
 
 def _check_vocab(folder: Path, vocab: dict[str, int], merges, added: dict[str, bool]) -> None:

@@ -25,13 +25,14 @@ import mlx.core as mx
 import numpy as np
 
 from .. import demo
-from ..cache import converted_pipeline, locate
+from ..cache import converted_pipeline
 from ..convert import convert
 from ..cpu.heap import reused_heap
 from ..configs.base import DTYPES
 from ..errors import InputError, MlxUnetWarning
 from ..lora import read_lora
 from ..lora.apply import checked_scale
+from ..model_source import locate
 from ..pipelines import few_step, inpaint, previews
 from ..pipelines.arguments import RunArguments
 from ..pipelines.diffusion import load_pipeline

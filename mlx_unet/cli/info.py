@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import jsonfile
-from ..cache import locate
 from ..configs.base import DTYPES, FORMAT_KEY, SECTION
 from ..configs.families import text_encoder_family, unet_family
 from ..configs.quantization import Quantization, read_quantization
@@ -34,6 +33,7 @@ from ..convert.single_file import describe_non_unet
 from ..convert.sources import PICKLE_SUFFIXES
 from ..errors import ConversionError, InputError
 from ..linked import has_links, read_links
+from ..model_source import locate
 from ..naming.clip import LDM_TEXT_PREFIX
 from ..naming.ldm_unet import UNET_PREFIX
 from ..naming.ldm_vae import VAE_PREFIX

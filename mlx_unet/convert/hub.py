@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import ConversionError
-from ..tokenizer import FOLDER_FILES
+from ..tokenizer_folder import FOLDER_FILES
 from .layout import MODEL_INDEX, MODELS, SCHEDULER_CONFIG, TOKENIZERS, UNET, WEIGHTS, ModelKind, Options, listed, \
     read_json, unet_folder, weight_candidates, weight_files
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import ConfigError, ConversionError
-from ..tokenizer import FOLDER_FILES, CLIPTokenizer, bundled_tokenizer_files
+from ..tokenizer import CLIPTokenizer, bundled_tokenizer_files
+from ..tokenizer_folder import FOLDER_FILES
 from .layout import TOKENIZERS, read_json
 
 # An added token's entry in tokenizer_config.json's added_tokens_decoder, as transformers 4.34+ writes it.

@@ -220,9 +220,11 @@ def estimate_run(unet: UNetConfig, vae: VAEConfig, encoders: Sequence[CLIPTextCo
     stages = {"text encoders": resident + text + text_activations(encoders, images) + widened}
     for name, config in zip(("denoise", "refine"), unets):
         held = resident - (unet_bytes(unet, dtype.size, unet_quantization) if name == "refine" and release_unet else 0)
+        copies = widened
         if widen_weights and chunked and dtype.size == 2:  # its half weights in float32, quantized layers as they are
             held += unet_bytes(config, F32, unet_quantization) - unet_bytes(config, dtype.size, unet_quantization)
-        stages[name] = held + unet_activations(config, latent, batch, computes_in(dtype, chunked), chunked) + widened
+            copies = widened if unet_quantization is not None else 0  # float32 weights are used as they are
+        stages[name] = held + unet_activations(config, latent, batch, computes_in(dtype, chunked), chunked) + copies
     tile = vae.sample_size if vae_tile is None else vae_tile
     decode_resident = resident - unets_held if release_unet else resident
     if tiled_vae is None:

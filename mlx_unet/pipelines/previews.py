@@ -19,12 +19,12 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from ..cache import locate
 from ..configs.base import named
 from ..configs.vae import TinyVAEConfig
 from ..convert import convert
 from ..convert.hub import is_offline, snapshot
 from ..errors import InputError, PipelineError
+from ..model_source import locate
 from ..models.tiny_vae import AutoencoderTiny
 from .arguments import check_int
 from .folder import PipelineFolder

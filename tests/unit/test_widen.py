@@ -10,12 +10,13 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_unet import CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig, cpu
+from mlx_unet.configs.quantization import Quantization
 from mlx_unet.cpu import widen
 from mlx_unet.cpu.conv import Conv2d
 from mlx_unet.cpu.half import float32
 from mlx_unet.cpu.linear import Linear
 from mlx_unet.pipelines import memory, run
-from mlx_unet.pipelines.model_sizes import largest_linear, unet_parameters
+from mlx_unet.pipelines.model_sizes import largest_linear, unet_bytes, unet_parameters
 from mlx_unet.pipelines.sampler import Sampler
 from mlx_unet.schedulers import SDXL_SCHEDULER_CONFIG, make_scheduler
 
@@ -176,8 +177,10 @@ def test_a_long_enough_run_widens_by_itself_and_narrows_back_unless_told_not_to(
 
 def test_the_memory_estimate_counts_half_weights_and_their_float32_copies(monkeypatch):
     """SDXL's UNet in float16 on the kernels: 2 bytes a parameter less than float32, less the
-    transient float32 copies of its widened weights, and 2 bytes a parameter more where a run
-    holds it in float32; the same whatever the budget."""
+    transient float32 copies of its widened weights; held in float32 for a run, what a float32
+    UNet takes (its weights are used as they are, so no copies), but a quantized UNet keeps its
+    copies (its quantized layers are dequantized at each call, widened or not); the same whatever
+    the budget."""
     unet, vae = UNetConfig.from_preset("sdxl-base"), VAEConfig.from_preset("sdxl")
 
     def denoise(budget_gb: int, **change) -> int:
@@ -188,7 +191,12 @@ def test_the_memory_estimate_counts_half_weights_and_their_float32_copies(monkey
 
     copies = memory.FLOAT32_WEIGHT_COPIES * 4 * largest_linear(unet)
     assert denoise(64, dtype=mx.float32) - denoise(64) == 2 * unet_parameters(unet) - copies
-    assert denoise(64, widen_weights=True) - denoise(64) == 2 * unet_parameters(unet)  # held in float32
+    # Held in float32 for the run, as a float32 UNet is, and so without the per-call float32 copies.
+    assert denoise(64, widen_weights=True) == denoise(64, dtype=mx.float32)
+    q4 = Quantization.make(4)
+    held = unet_bytes(unet, 4, q4) - unet_bytes(unet, 2, q4)
+    assert 0 < held < 2 * unet_parameters(unet)  # the layers left dense, and quantized ones' scales
+    assert denoise(64, widen_weights=True, unet_quantization=q4) - denoise(64, unet_quantization=q4) == held
     assert denoise(64) == denoise(12)
 
 
