@@ -18,9 +18,9 @@ from .errors import ConversionError
 
 @dataclass(frozen=True)
 class Source:
-    """What ``source`` names. ``kind``: "converted" (a pipeline folder mlx-unet wrote), "converted
-    UNet" (a UNet alone that it wrote), "file" (a checkpoint), "folder" (a diffusers folder), or
-    "hub" (a repo id; ``path`` None)."""
+    """What a source the user passed (``text``) names. ``kind``: "converted" (a pipeline folder
+    mlx-unet wrote), "converted UNet" (a UNet alone that it wrote), "file" (a checkpoint),
+    "folder" (a diffusers folder), or "hub" (a repo id; ``path`` None)."""
 
     text: str
     kind: str
