@@ -56,6 +56,7 @@ _WHITE_SPACE = frozenset(map(chr, [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680,
 _LITERALS = (START_OF_TEXT, END_OF_TEXT)
 _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 
+
 def _byte_alphabet() -> list[str]:
     """GPT-2's character for each byte: printable Latin-1 bytes stand for themselves, the others
     (controls, space, soft hyphen) take U+0100 onwards in byte order, so no word holds a space."""
@@ -154,16 +155,12 @@ class CLIPTokenizer:
         digest = files_digest(folder)
         if digest in _RECENTLY_PARSED:
             return _RECENTLY_PARSED[digest]
-        tokenizer = cls._parse_folder(folder)
+        tokenizer = cls._from_contents(folder, *read_folder(folder))
         if digest is not None:
             _RECENTLY_PARSED[digest] = tokenizer
             if len(_RECENTLY_PARSED) > _RECENT_LIMIT:
                 del _RECENTLY_PARSED[next(iter(_RECENTLY_PARSED))]  # the oldest
         return tokenizer
-
-    @classmethod
-    def _parse_folder(cls, folder: Path) -> "CLIPTokenizer":
-        return cls._from_contents(folder, *read_folder(folder))
 
     @classmethod
     def bundled(cls, pad_token: str = END_OF_TEXT) -> "CLIPTokenizer":
